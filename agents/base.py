@@ -1,0 +1,66 @@
+"""The handler interface: what an agent does with one task."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from agents import memory as working_memory
+from schemas.wire import TaskEvent
+
+Result = dict[str, Any]
+
+
+class TaskFailed(Exception):
+    """Raised by a handler for a task that must fail now, without retries."""
+
+
+class TaskContext:
+    """What a handler may use besides the task: the agent's working memory and the clock."""
+
+    __slots__ = ("agent_id", "agent_type", "now_ms", "attempt", "_memory", "_budget", "written")
+
+    def __init__(
+        self,
+        agent_id: str,
+        agent_type: str,
+        now_ms: int,
+        memory: dict[str, Any],
+        budget_tokens: int,
+        attempt: int = 1,
+    ) -> None:
+        self.agent_id = agent_id
+        self.agent_type = agent_type
+        self.now_ms = now_ms
+        self.attempt = attempt
+        self._memory = memory
+        self._budget = budget_tokens
+        self.written: list[dict[str, Any]] = []
+
+    def recall(self, limit: int = 10) -> list[dict[str, Any]]:
+        """The most recent ``limit`` working-memory entries, oldest first."""
+        items = working_memory.entries(self._memory)
+        return items[-limit:] if limit > 0 else []
+
+    def remember(
+        self, content: str, *, role: str = "assistant", memory_type: str = "conversation", key: str | None = None
+    ) -> dict[str, Any]:
+        """Write one entry into the agent's working memory."""
+        entry = working_memory.append(
+            self._memory,
+            self.agent_id,
+            content,
+            role=role,
+            memory_type=memory_type,
+            timestamp_ms=self.now_ms,
+            budget_tokens=self._budget,
+            key=key,
+        )
+        self.written.append(entry)
+        return entry
+
+
+class Handler(Protocol):
+    """Does one task. May be a plain function (fast path) or return an awaitable."""
+
+    def __call__(self, task: TaskEvent, context: TaskContext) -> Result | Awaitable[Result]: ...

@@ -1,0 +1,1 @@
+"""Wire formats and the canonical domain vocabulary of blackroad-streams."""

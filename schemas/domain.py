@@ -1,0 +1,62 @@
+"""Canonical names and values of the domain, and the variants accepted on input."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+TASK_KINDS = frozenset(
+    {"inference", "code_analysis", "memory_operation", "tool_execution", "coordination"}
+)
+AGENT_TYPES = frozenset({"worker", "reasoning", "security", "analytics", "memory", "creative"})
+PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 5, "low": 8, "bulk": 10}
+_PRIORITY_BY_NUMBER = {number: name for name, number in PRIORITIES.items()}
+_PRIORITY_VARIANTS = {"medium": "normal"}
+
+TASK_STATUSES = ("queued", "in_progress", "completed", "failed", "dead", "cancelled")
+TASK_STATUS_VARIANTS = {"pending": "queued", "available": "queued", "running": "in_progress", "claimed": "in_progress"}
+AGENT_STATUSES = ("offline", "idle", "busy", "paused")
+AGENT_STATUS_VARIANTS = {"online": "idle", "ready": "idle", "standby": "offline"}
+
+MEMORY_TYPES = frozenset({"conversation", "task_completion", "decision", "observation", "feedback", "error"})
+
+AGENT_ID = re.compile(r"^agent_[a-z0-9]+(?:_[a-z0-9]+)*_\d{3,}$")
+TASK_ID = re.compile(r"^task_[A-Za-z0-9_\-]{1,64}$")
+
+#: The built-in named agents and their types.
+NAMED_AGENTS = {
+    "lucidia": "reasoning",
+    "alice": "worker",
+    "octavia": "analytics",
+    "prism": "analytics",
+    "echo": "memory",
+    "cipher": "security",
+}
+
+
+def canonical_priority(value: object) -> str | None:
+    """Map a priority name, variant or number to its canonical name (None if unknown)."""
+    if isinstance(value, str):
+        name = value.lower()
+        name = _PRIORITY_VARIANTS.get(name, name)
+        return name if name in PRIORITIES else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _PRIORITY_BY_NUMBER.get(value)
+    return None
+
+
+def canonical_agent_status(value: str) -> str | None:
+    name = value.lower()
+    name = AGENT_STATUS_VARIANTS.get(name, name)
+    return name if name in AGENT_STATUSES else None
+
+
+def canonical_task_status(value: str) -> str | None:
+    name = value.lower()
+    name = TASK_STATUS_VARIANTS.get(name, name)
+    return name if name in TASK_STATUSES else None
+
+
+def new_id(prefix: str) -> str:
+    """A fresh random id such as ``task_3f9a...`` (prefix without the underscore)."""
+    return f"{prefix}_{secrets.token_hex(8)}"

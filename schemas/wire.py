@@ -1,0 +1,178 @@
+"""The Kafka wire format of task events.
+
+Key: the agent id, UTF-8. Value: a msgpack map (see README "Wire format")::
+
+    {"v": 1, "type": "task.created", "event_id": "evt_...", "ts": <ms since epoch>,
+     "task_id": "task_...", "agent_id": "agent_alice_001", "kind": "inference",
+     "priority": "normal", "title": "...", "description": "...", "payload": {...},
+     "agent_type": "worker", "deadline": <ms or nil>, "metadata": {...}}
+
+``decode_task`` validates one value and returns a :class:`TaskEvent` or raises
+:class:`WireError` with a reason fit for the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from schemas import domain
+
+SCHEMA_VERSION = 1
+TASK_CREATED = "task.created"
+LIFECYCLE_EVENTS = (
+    "task.started",
+    "task.completed",
+    "task.failed",
+    "agent.status_changed",
+    "memory.written",
+)
+MAX_TEXT = 16_384
+_OPTIONAL_TEXT = ("title", "description")
+
+
+class WireError(ValueError):
+    """An event that cannot be decoded or is not a valid task event."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """A validated ``task.created`` event."""
+
+    task_id: str
+    agent_id: str
+    kind: str
+    priority: str
+    title: str
+    description: str
+    payload: dict[str, Any]
+    created_ms: int
+    agent_type: str = "worker"
+    deadline_ms: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": SCHEMA_VERSION,
+            "type": TASK_CREATED,
+            "event_id": domain.new_id("evt"),
+            "ts": self.created_ms,
+            "task_id": self.task_id,
+            "agent_id": self.agent_id,
+            "kind": self.kind,
+            "priority": self.priority,
+            "title": self.title,
+            "description": self.description,
+            "payload": self.payload,
+            "agent_type": self.agent_type,
+            "deadline": self.deadline_ms,
+            "metadata": self.metadata,
+        }
+
+
+def encode(value: dict[str, Any]) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def encode_task(event: TaskEvent) -> bytes:
+    return encode(event.to_wire())
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def decode_task(raw: bytes | None) -> TaskEvent:
+    """Decode and validate one ``task.created`` value."""
+    if raw is None:
+        raise WireError("empty value (tombstone) on the tasks topic")
+    try:
+        data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise WireError(f"value is not msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict):
+        raise WireError(f"value must be a msgpack map, got {type(data).__name__}")
+    return task_from_map(data)
+
+
+def task_from_map(data: dict[str, Any]) -> TaskEvent:
+    """Validate a decoded map (also used for HTTP requests after defaults are filled)."""
+    version = data.get("v")
+    if version != SCHEMA_VERSION:
+        raise WireError(f"unsupported schema version {version!r} (expected {SCHEMA_VERSION})")
+    event_type = data.get("type")
+    if event_type != TASK_CREATED:
+        raise WireError(f"unsupported event type {event_type!r} (expected {TASK_CREATED!r})")
+    task_id = data.get("task_id")
+    if not isinstance(task_id, str) or not domain.TASK_ID.match(task_id):
+        raise WireError(f"task_id must look like 'task_<id>', got {task_id!r}")
+    agent_id = data.get("agent_id")
+    if not isinstance(agent_id, str) or not domain.AGENT_ID.match(agent_id):
+        raise WireError(f"agent_id must look like 'agent_<name>_<NNN>', got {agent_id!r}")
+    kind = data.get("kind")
+    if kind not in domain.TASK_KINDS:
+        raise WireError(f"kind must be one of {sorted(domain.TASK_KINDS)}, got {kind!r}")
+    priority = domain.canonical_priority(data.get("priority", "normal"))
+    if priority is None:
+        raise WireError(f"unknown priority {data.get('priority')!r}")
+    created = data.get("ts")
+    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+        raise WireError(f"ts must be milliseconds since the epoch, got {created!r}")
+    texts = []
+    for name in _OPTIONAL_TEXT:
+        text = data.get(name, "")
+        if text is None:
+            text = ""
+        if not isinstance(text, str) or len(text) > MAX_TEXT:
+            raise WireError(f"{name} must be a string of at most {MAX_TEXT} characters")
+        texts.append(text)
+    payload = data.get("payload") or {}
+    if not isinstance(payload, dict):
+        raise WireError(f"payload must be a map, got {type(payload).__name__}")
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise WireError(f"metadata must be a map, got {type(metadata).__name__}")
+    agent_type = data.get("agent_type") or "worker"
+    if agent_type not in domain.AGENT_TYPES:
+        raise WireError(f"agent_type must be one of {sorted(domain.AGENT_TYPES)}, got {agent_type!r}")
+    deadline = data.get("deadline")
+    if deadline is not None and (not isinstance(deadline, int) or isinstance(deadline, bool)):
+        raise WireError(f"deadline must be milliseconds since the epoch or nil, got {deadline!r}")
+    return TaskEvent(
+        task_id=task_id,
+        agent_id=agent_id,
+        kind=kind,
+        priority=priority,
+        title=texts[0],
+        description=texts[1],
+        payload=payload,
+        created_ms=created,
+        agent_type=agent_type,
+        deadline_ms=deadline,
+        metadata=metadata,
+    )
+
+
+def lifecycle_event(event_type: str, ts_ms: int, **fields: Any) -> bytes:
+    """Encode one lifecycle event for the events topic."""
+    return encode({"v": SCHEMA_VERSION, "type": event_type, "event_id": domain.new_id("evt"), "ts": ts_ms, **fields})
+
+
+def dead_letter(reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> bytes:
+    """Encode a dead-letter record: the original bytes, the reason and the source offset."""
+    return encode(
+        {
+            "v": SCHEMA_VERSION,
+            "type": "dead_letter",
+            "reason": reason,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "key": key,
+            "value": value,
+            "ts": now_ms(),
+        }
+    )

@@ -1,0 +1,1 @@
+"""Stream processing: the Faust app, its processors, tables and web views."""

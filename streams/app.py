@@ -1,0 +1,144 @@
+"""The Faust app of one worker: topics, tables, the batch processor and web views."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+from mode import Service
+
+from agents.registry import HandlerRegistry, default_registry
+from streams.metrics import Metrics
+from streams.processor import BatchProcessor
+from streams.settings import Settings
+from streams.stats_view import StatsView
+from streams.tables import RowStore, Tables, TableWriter, define_tables
+from streams.transport import BatchConsumer, BatchTransport
+
+log = logging.getLogger(__name__)
+
+
+class BlackroadApp(faust.App):
+    """A Faust app whose consumer hands whole fetches to :class:`BatchProcessor`."""
+
+    settings: Settings
+    pipeline: Pipeline
+
+    def _new_transport(self) -> Any:
+        return BatchTransport(self.conf.broker_consumer, self)
+
+    async def batch_sink(self, batch: dict[Any, list[Any]]) -> None:
+        await self.pipeline.process(batch)
+
+    async def _on_partitions_revoked(self, revoked: Any) -> None:
+        # Let the batch in flight finish and flush before Faust hands partitions away.
+        async with self.pipeline.lock:
+            await super()._on_partitions_revoked(revoked)
+
+
+class Pipeline(Service):
+    """Owns what processing needs besides Faust: the changelog producer and the stats view."""
+
+    def __init__(self, app: BlackroadApp, tables: Tables, registry: HandlerRegistry, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.app = app
+        self.settings = app.settings
+        self.tables = tables
+        self.registry = registry
+        self.metrics = metrics
+        self.producer: AIOKafkaProducer | None = None
+        self.processor: BatchProcessor | None = None
+        self.stats_view = StatsView(self.settings, tables.stats.changelog_topic.get_topic_name())
+        #: Held while a batch is in flight; a rebalance waits for it.
+        self.lock = asyncio.Lock()
+
+    async def on_start(self) -> None:
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap,
+            acks="all",
+            linger_ms=0,
+            max_batch_size=1024 * 1024,
+            max_request_size=4 * 1024 * 1024,
+            client_id=f"{self.settings.app_id}-tables",
+        )
+        await self.producer.start()
+        stores = {name: RowStore(table) for name, table in self.tables.all().items()}
+        partitions = self.settings.partitions
+        consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
+        self.processor = BatchProcessor(
+            self.settings,
+            TableWriter(self.producer, stores),
+            self.registry,
+            self.metrics,
+            partition_for=lambda key: (murmur2(key) & 0x7FFFFFFF) % partitions,
+            on_processed=consumer.mark_processed,
+            highwater=consumer.highwater,
+            lock=self.lock,
+        )
+        for name in ("events", "deadletter"):
+            topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
+            await topic.maybe_declare()
+        await self.add_runtime_dependency(self.stats_view)
+
+    async def on_stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+
+    async def process(self, batch: dict[Any, list[Any]]) -> None:
+        if self.processor is None:
+            await self.wait_for_started()
+        assert self.processor is not None
+        await self.processor(batch)
+
+    async def wait_for_started(self) -> None:
+        while self.processor is None:
+            await self.sleep(0.01)
+
+
+def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> BlackroadApp:
+    """Build (but do not start) the worker app for ``settings``."""
+    settings.validate()
+    datadir = settings.data_dir / "faust" / f"{settings.web_host}-{settings.web_port}"
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = BlackroadApp(
+        settings.app_id,
+        broker=f"kafka://{settings.bootstrap}",
+        store="memory://",
+        autodiscover=False,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=6.0,
+        broker_heartbeat_interval=1.0,
+        broker_request_timeout=20.0,
+        broker_commit_interval=settings.commit_interval,
+        broker_max_poll_records=settings.batch_max_records,
+        web_enabled=True,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        canonical_url=settings.web_url,
+        datadir=str(datadir),
+        table_cleanup_interval=3600.0,
+        producer_linger=0.0,
+        stream_wait_empty=False,
+    )
+    app.settings = settings
+    tables = define_tables(app, settings.partitions)
+    metrics = Metrics()
+    registry = registry or default_registry(settings.inference_p50_ms, settings.inference_p99_ms)
+    # The consumer subscribes to the tasks topic; records reach the processor in batches.
+    app.topics.add(
+        app.topic(settings.topic("tasks"), partitions=settings.partitions, key_serializer="raw", value_serializer="raw")
+    )
+    app.pipeline = Pipeline(app, tables, registry, metrics, loop=None)
+    app.add_dependency(app.pipeline)
+    from streams.web import register_views
+
+    register_views(app, tables, metrics)
+    return app

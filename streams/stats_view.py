@@ -1,0 +1,114 @@
+"""The global stats snapshot, kept up to date from the stats changelog.
+
+Each partition's stats row is written by whichever worker owns that partition.
+Every worker follows the whole stats changelog (a few records per batch) and
+folds the latest row of each partition into one snapshot, recomputed when rows
+change; ``GET /v1/stats`` only serves it. So any worker answers for all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from mode import Service
+
+from streams import histogram
+from streams.settings import Settings
+
+_REFRESH_SECONDS = 0.1
+
+
+class StatsView(Service):
+    def __init__(self, settings: Settings, changelog_topic: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.topic = changelog_topic
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.snapshot: dict[str, Any] = summarize({}, 0)
+        self.in_progress = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._changed = asyncio.Event()
+
+    async def on_start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
+        )
+        await self._consumer.start()
+        tps = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+
+    async def on_stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    @Service.task
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while not self.should_stop:
+            fetched = await self._consumer.getmany(timeout_ms=500, max_records=5000)
+            for records in fetched.values():
+                for record in records:
+                    if record.value is None:
+                        continue
+                    row = msgpack.unpackb(record.value, raw=False, strict_map_key=False)
+                    self.rows[int(row["partition"])] = row
+            if fetched:
+                self._changed.set()
+
+    @Service.task
+    async def _summarize(self) -> None:
+        while not self.should_stop:
+            await self._changed.wait()
+            self._changed.clear()
+            self.refresh()
+            await self.sleep(_REFRESH_SECONDS)
+
+    @Service.timer(1.0)
+    async def _tick(self) -> None:
+        # Per-minute rates move with the clock even when nothing arrives.
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.snapshot = summarize(self.rows, self.in_progress)
+
+
+def summarize(rows: dict[int, dict[str, Any]], in_progress: int) -> dict[str, Any]:
+    """Fold per-partition stats rows into the ``GET /v1/stats`` document."""
+    import time
+
+    now_s = int(time.time())
+    parts = list(rows.values())
+    task_hist = histogram.merge(r["task_latency"] for r in parts)
+    handler_hist = histogram.merge(r["handler_latency"] for r in parts)
+    tp50, tp95, tp99 = histogram.percentiles(task_hist, (0.5, 0.95, 0.99))
+    hp50, hp95, hp99 = histogram.percentiles(handler_hist, (0.5, 0.95, 0.99))
+    per_minute = sum(
+        count for r in parts for second, count in r["completed_per_second"].items() if now_s - 60 < int(second) <= now_s
+    )
+    memory_ops = sum(
+        count for r in parts for second, count in r["memory_ops_per_second"].items() if now_s - 60 < int(second) <= now_s
+    )
+    total = sum
+    return {
+        "active_agents": total(r["agents_awake"] for r in parts),
+        "pending_tasks": total(r.get("pending", 0) for r in parts),
+        "in_progress_tasks": in_progress,
+        "completed_tasks": total(r["completed"] for r in parts),
+        "failed_tasks": total(r["failed"] for r in parts),
+        "dead_tasks": total(r["dead"] for r in parts),
+        "dead_lettered_events": total(r["invalid_events"] + r["dead"] for r in parts),
+        "duplicate_tasks": total(r["duplicates"] for r in parts),
+        "tasks_per_minute": per_minute,
+        "memory_ops_per_second": round(memory_ops / 60.0, 3),
+        "task_latency_ms": {"p50": tp50, "p95": tp95, "p99": tp99},
+        "handler_latency_ms": {"p50": hp50, "p95": hp95, "p99": hp99},
+        "partitions_reporting": len(parts),
+        "as_of": now_s,
+    }

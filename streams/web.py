@@ -1,0 +1,306 @@
+"""HTTP web views (JSON via orjson) over the materialized tables.
+
+Lookups by agent id are answered by the worker that owns the agent's partition:
+any other worker forwards the request there. Lookups by task id and the agent
+list ask the other workers too when this worker does not hold the answer.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import aiohttp
+import orjson
+from faust import web
+from yarl import URL
+
+from agents.memory import entries
+from schemas import domain, wire
+from schemas.wire import WireError
+from streams.metrics import Metrics
+from streams.tables import Tables
+
+MAX_BODY_BYTES = 256 * 1024
+MAX_BATCH_REQUESTS = 1000
+FORWARDED = "X-Blackroad-Forwarded"
+_TASK_FIELDS = {
+    "title": str,
+    "description": str,
+    "agent_id": str,
+    "priority": (str, int),
+    "kind": str,
+    "payload": dict,
+    "deadline": (int, type(None)),
+    "metadata": dict,
+    "agent_type": str,
+    "id": str,
+}
+_STATUS = {"invalid_request": 400, "not_found": 404, "internal_error": 500, "unavailable": 503}
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, message: str, status: int | None = None, details: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status or _STATUS.get(code, 400)
+        self.details = details or {}
+
+
+def _json(view: web.View, value: Any, status: int = 200) -> Any:
+    return view.bytes(orjson.dumps(value), content_type="application/json", status=status)
+
+
+def _error(view: web.View, exc: ApiError) -> Any:
+    body = {
+        "error": {"code": exc.code, "message": exc.message, "details": exc.details},
+        "request_id": f"req_{secrets.token_hex(8)}",
+    }
+    return _json(view, body, exc.status)
+
+
+class ApiView(web.View):
+    """Turns :class:`ApiError` (and anything unexpected) into the error envelope."""
+
+    name = "api"
+
+    async def dispatch(self, request: Any) -> Any:
+        metrics: Metrics = self.app.pipeline.metrics
+        try:
+            response = await super().dispatch(request)
+        except ApiError as exc:
+            response = _error(self, exc)
+        except KeyError:
+            response = _error(self, ApiError("invalid_request", f"method {request.method} not allowed", 405))
+        except Exception as exc:  # noqa: BLE001 - the envelope is the contract
+            self.app.log.exception("web view failed: %r", exc)
+            response = _error(self, ApiError("internal_error", "internal error"))
+        metrics.http_requests.labels(view=self.name, status=str(response.status)).inc()
+        return response
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "o"}
+
+
+def agent_document(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "type": row["type"],
+        "status": row["status"],
+        "config": row["config"],
+        "stats": {
+            "tasks_completed": row["tasks_completed"],
+            "tasks_failed": row["tasks_failed"],
+            "tasks_dead": row["tasks_dead"],
+            "avg_response_ms": row["avg_response_ms"],
+            "peak_concurrent_tasks": row["peak_concurrent_tasks"],
+            "last_activity": row["last_activity"],
+        },
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def parse_task_request(body: Any, where: str = "body") -> wire.TaskEvent:
+    """Validate one task request (HTTP JSON) and build its event."""
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", f"{where} must be a JSON object")
+    unknown = sorted(set(body) - set(_TASK_FIELDS))
+    if unknown:
+        raise ApiError("invalid_request", f"unknown fields in {where}: {unknown}", details={"fields": unknown})
+    for name, expected in _TASK_FIELDS.items():
+        if name in body and not isinstance(body[name], expected):  # type: ignore[arg-type]
+            raise ApiError("invalid_request", f"{where}.{name} has the wrong type", details={"field": name})
+    for required in ("agent_id", "kind"):
+        if required not in body:
+            raise ApiError("invalid_request", f"{where}.{required} is required", details={"field": required})
+    wire_map = {
+        "v": wire.SCHEMA_VERSION,
+        "type": wire.TASK_CREATED,
+        "ts": wire.now_ms(),
+        "task_id": body.get("id") or domain.new_id("task"),
+        **{k: v for k, v in body.items() if k != "id"},
+    }
+    try:
+        return wire.task_from_map(wire_map)
+    except WireError as exc:
+        raise ApiError("invalid_request", f"{where}: {exc}") from None
+
+
+async def read_json(request: Any) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError("invalid_request", f"body larger than {MAX_BODY_BYTES} bytes", 413)
+    body = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError("invalid_request", f"body larger than {MAX_BODY_BYTES} bytes", 413)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError("invalid_request", f"malformed JSON: {exc}") from None
+
+
+def _int_query(request: Any, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError("invalid_request", f"{name} must be an integer", details={"field": name}) from None
+    if not low <= value <= high:
+        raise ApiError("invalid_request", f"{name} must be between {low} and {high}", details={"field": name})
+    return value
+
+
+def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
+    settings = app.settings
+    agents_rows: dict[str, Any] = tables.agents.data.data
+    tasks_rows: dict[str, Any] = tables.tasks.data.data
+    memory_rows: dict[str, Any] = tables.memory.data.data
+    tasks_topic = settings.topic("tasks")
+    own_url = URL(settings.web_url)
+
+    def peers() -> list[URL]:
+        urls = {URL(str(u)) for u in app.assignor.tables_metadata()}
+        return sorted((u for u in urls if (u.host, u.port) != (own_url.host, own_url.port)), key=str)
+
+    def owner_of(agent_id: str) -> URL | None:
+        try:
+            url = URL(str(app.router.key_store("agents", agent_id)))
+        except KeyError:
+            return None
+        return None if (url.host, url.port) == (own_url.host, own_url.port) else url
+
+    async def fetch(url: URL, path: str, query: dict[str, str] | None = None) -> tuple[int, Any]:
+        target = url.with_path(path).with_query(query or {})
+        async with app.http_client.get(target, headers={FORWARDED: "1"}, timeout=aiohttp.ClientTimeout(total=5)) as response:
+            return response.status, orjson.loads(await response.read())
+
+    async def forward(view: web.View, request: Any, url: URL) -> Any:
+        status, body = await fetch(url, request.path, dict(request.query))
+        return _json(view, body, status)
+
+    async def produce(events: list[wire.TaskEvent]) -> None:
+        producer = app.pipeline.producer
+        if producer is None:
+            raise ApiError("unavailable", "worker is still starting", 503)
+        futures = [
+            await producer.send(tasks_topic, wire.encode_task(event), key=event.agent_id.encode()) for event in events
+        ]
+        for future in futures:
+            await future
+
+    @app.page("/v1/agents")
+    class AgentList(ApiView):
+        name = "agents"
+
+        async def get(self, request: Any) -> Any:
+            limit = _int_query(request, "limit", 20, 1, 100)
+            offset = _int_query(request, "offset", 0, 0, 10_000_000)
+            status = request.query.get("status")
+            if status:
+                status = domain.canonical_agent_status(status)
+                if status is None:
+                    raise ApiError("invalid_request", f"unknown status; expected one of {list(domain.AGENT_STATUSES)}")
+            matching = sorted(
+                (row for row in agents_rows.values() if not status or row["status"] == status), key=lambda r: r["id"]
+            )
+            total = len(matching)
+            if FORWARDED in request.headers:
+                window = _int_query(request, "window", offset + limit, 0, 10_000_000)
+                return _json(self, {"agents": [agent_document(r) for r in matching[:window]], "total": total})
+            docs = [agent_document(r) for r in matching[: offset + limit]]
+            for peer in peers():
+                query = {"window": str(offset + limit)}
+                if status:
+                    query["status"] = status
+                code, body = await fetch(peer, "/v1/agents", query)
+                if code == 200:
+                    docs.extend(body["agents"])
+                    total += body["total"]
+            docs.sort(key=lambda d: d["id"])
+            return _json(self, {"agents": docs[offset : offset + limit], "total": total, "limit": limit, "offset": offset})
+
+    @app.page("/v1/agents/{agent_id}")
+    class AgentDetail(ApiView):
+        name = "agent"
+
+        async def get(self, request: Any, agent_id: str) -> Any:
+            if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
+                return await forward(self, request, owner)
+            row = agents_rows.get(agent_id)
+            if row is None:
+                raise ApiError("not_found", f"no agent {agent_id!r}", details={"agent_id": agent_id})
+            return _json(self, agent_document(row))
+
+    @app.page("/v1/agents/{agent_id}/memory")
+    class AgentMemory(ApiView):
+        name = "memory"
+
+        async def get(self, request: Any, agent_id: str) -> Any:
+            if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
+                return await forward(self, request, owner)
+            row = memory_rows.get(agent_id)
+            if row is None:
+                raise ApiError("not_found", f"no memory for agent {agent_id!r}", details={"agent_id": agent_id})
+            return _json(
+                self,
+                {"agent_id": agent_id, "tier": "working", "entries": entries(row), "tokens": row["tokens"],
+                 "written": row["written"], "head": row["head"]},
+            )
+
+    @app.page("/v1/tasks/{task_id}")
+    class TaskDetail(ApiView):
+        name = "task"
+
+        async def get(self, request: Any, task_id: str) -> Any:
+            row = tasks_rows.get(task_id)
+            if row is not None:
+                return _json(self, _public(row))
+            if FORWARDED not in request.headers:
+                for peer in peers():
+                    code, body = await fetch(peer, request.path)
+                    if code == 200:
+                        return _json(self, body)
+            raise ApiError("not_found", f"no task {task_id!r}", details={"task_id": task_id})
+
+    @app.page("/v1/tasks")
+    class TaskCreate(ApiView):
+        name = "tasks"
+
+        async def post(self, request: Any) -> Any:
+            event = parse_task_request(await read_json(request))
+            await produce([event])
+            return _json(self, {"id": event.task_id, "status": "queued"}, 202)
+
+    @app.page("/v1/batch")
+    class Batch(ApiView):
+        name = "batch"
+
+        async def post(self, request: Any) -> Any:
+            body = await read_json(request)
+            if not isinstance(body, dict) or set(body) != {"requests"} or not isinstance(body["requests"], list):
+                raise ApiError("invalid_request", 'body must be {"requests": [...]}')
+            requests = body["requests"]
+            if not 1 <= len(requests) <= MAX_BATCH_REQUESTS:
+                raise ApiError("invalid_request", f"requests must hold 1 to {MAX_BATCH_REQUESTS} tasks")
+            events = [parse_task_request(r, f"requests[{i}]") for i, r in enumerate(requests)]
+            await produce(events)
+            return _json(self, {"results": [{"id": e.task_id, "status": "queued"} for e in events]}, 202)
+
+    @app.page("/v1/stats")
+    class Stats(ApiView):
+        name = "stats"
+
+        async def get(self, request: Any) -> Any:
+            return _json(self, app.pipeline.stats_view.snapshot)
+
+    @app.page("/metrics")
+    class PrometheusMetrics(ApiView):
+        name = "metrics"
+
+        async def get(self, request: Any) -> Any:
+            return self.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
