@@ -1,0 +1,183 @@
+"""Real processes for the tests: the embedded broker and `blackroad worker` subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from streams.broker import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+class Deployment:
+    """One isolated app (own topic prefix and group) on the shared broker."""
+
+    def __init__(self, bootstrap_port: int, tmp: Path, partitions: int = 4, **settings: str) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.bootstrap = f"127.0.0.1:{bootstrap_port}"
+        self.prefix = f"t{tag}"
+        self.tmp = tmp
+        self.partitions = partitions
+        self.env = {
+            **os.environ,
+            "BLACKROAD_EMBEDDED_BROKER_PORT": str(bootstrap_port),
+            "BLACKROAD_APP_ID": f"app{tag}",
+            "BLACKROAD_TOPIC_PREFIX": self.prefix,
+            "BLACKROAD_PARTITIONS": str(partitions),
+            "BLACKROAD_DATA_DIR": str(tmp / "data"),
+            "BLACKROAD_LOG_LEVEL": "info",
+            **{f"BLACKROAD_{k.upper()}": v for k, v in settings.items()},
+        }
+        self.workers: list[Worker] = []
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def worker(self) -> Worker:
+        worker = Worker(self, free_port(), self.tmp / f"worker-{len(self.workers)}.log")
+        self.workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+class Worker:
+    def __init__(self, deployment: Deployment, port: int, log_path: Path) -> None:
+        self.deployment = deployment
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Worker:
+        env = {**self.deployment.env, "BLACKROAD_WEB_PORT": str(self.port)}
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> Worker:
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}; log:\n{self.log()}")
+            status, _ = self.get("/v1/stats")
+            return status == 200
+
+        wait_until(ready, timeout, what=f"worker on {self.port} to serve")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                raw = response.read()
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            status = exc.code
+        except OSError:
+            return 0, None
+        try:
+            return status, orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return status, raw.decode(errors="replace")
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        return self.request("POST", path, raw)
+
+    def stats(self) -> dict[str, Any]:
+        status, body = self.get("/v1/stats")
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
+        await producer.start()
+        try:
+            futures = [await producer.send(topic, value, key=key) for key, value in records]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def consume_all(bootstrap: str, topic: str, partitions: int, expect: int, timeout: float = 30.0) -> list[Any]:
+    """Read a topic from the beginning until ``expect`` records arrived."""
+
+    async def run() -> list[Any]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            records: list[Any] = []
+            deadline = time.monotonic() + timeout
+            while len(records) < expect and time.monotonic() < deadline:
+                batch = await consumer.getmany(timeout_ms=200)
+                for recs in batch.values():
+                    records.extend(recs)
+            return records
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())

@@ -1,0 +1,119 @@
+"""End to end on the real embedded broker: produce -> batches -> tables -> web views."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import msgpack
+
+from tests.factories import record, task
+from tests.harness import Deployment, consume_all, produce, wait_until
+
+
+def _completed(worker, expected: int):  # type: ignore[no-untyped-def]
+    return lambda: (s := worker.stats())["completed_tasks"] + s["failed_tasks"] + s["dead_tasks"] >= expected and s
+
+
+def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deployment) -> None:
+    worker = deployment.worker().start().wait_ready()
+    agents = [f"agent_order_{i:03d}" for i in range(200)]
+    events = []
+    for step in range(10):
+        for agent in agents:
+            events.append(task(agent, "memory_operation", {"op": "write", "content": f"step {step}"}))
+            events.append(task(agent, "tool_execution", {"tool": "wordcount", "input": "a b c"}))
+    failing = [task(agents[0], "tool_execution", {"tool": "no-such-tool"}) for _ in range(3)]
+    dying = [task(agents[1], "inference", {"latency_ms": 1, "fail_attempts": 99})]
+    events += failing + dying
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+
+    stats = wait_until(_completed(worker, len(events)), 90, what="all tasks finished")
+    assert stats["completed_tasks"] == len(events) - 4
+    assert stats["failed_tasks"] == 3
+    assert stats["dead_tasks"] == 1
+    assert stats["active_agents"] == len(agents)
+    assert stats["duplicate_tasks"] == 0
+    assert stats["task_latency_ms"]["p50"] is not None
+
+    for event in events[:: 37] + failing + dying:
+        status, body = worker.get(f"/v1/tasks/{event.task_id}")
+        assert status == 200, body
+        expected = "failed" if event in failing else "dead" if event in dying else "completed"
+        assert body["status"] == expected
+    status, body = worker.get(f"/v1/tasks/{dying[0].task_id}")
+    assert body["attempts"] == 3 and "simulated model error" in body["error"]
+    status, body = worker.get(f"/v1/tasks/{events[1].task_id}")
+    assert body["result"] == {"tool": "wordcount", "output": 3}
+
+    # Per-agent order: each agent's memory holds its writes in the order they were produced.
+    for agent in agents[:20]:
+        status, memory = worker.get(f"/v1/agents/{agent}/memory")
+        assert status == 200
+        contents = [e["content"] for e in memory["entries"]]
+        assert contents == [f"step {s}" for s in range(10)]
+        assert memory["written"] == 10
+    status, agent_doc = worker.get(f"/v1/agents/{agents[5]}")
+    assert agent_doc["stats"]["tasks_completed"] == 20
+    assert agent_doc["status"] == "idle"
+
+    # Lifecycle events reach their topic: one task.completed per completed task.
+    lifecycle = consume_all(deployment.bootstrap, deployment.topic("events"), 4, expect=3 * len(events))
+    types = defaultdict(int)
+    for rec in lifecycle:
+        types[msgpack.unpackb(rec.value)["type"]] += 1
+    assert types["task.completed"] == len(events) - 4
+    assert types["task.failed"] == 4
+    assert types["agent.status_changed"] == len(agents)
+
+
+def test_per_agent_concurrency_limit(deployment: Deployment) -> None:
+    worker = deployment.worker().start().wait_ready()
+    busy = [task("agent_busy_001", "inference", {"latency_ms": 150}) for _ in range(12)]
+    solo = [task("agent_solo_001", "inference", {"latency_ms": 150})]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in busy + solo])
+    wait_until(_completed(worker, 13), 60, what="inference tasks finished")
+    _, busy_doc = worker.get("/v1/agents/agent_busy_001")
+    _, solo_doc = worker.get("/v1/agents/agent_solo_001")
+    # Five at once (the default limit), never more; a lone task runs alone.
+    assert busy_doc["stats"]["peak_concurrent_tasks"] == 5
+    assert busy_doc["stats"]["tasks_completed"] == 12
+    assert solo_doc["stats"]["peak_concurrent_tasks"] == 1
+    started = sorted(worker.get(f"/v1/tasks/{e.task_id}")[1]["started_at"] for e in busy)
+    in_order = [worker.get(f"/v1/tasks/{e.task_id}")[1]["started_at"] for e in busy]
+    assert in_order == started  # started in the order they were produced
+
+
+def test_bad_events_go_to_dead_letter_and_worker_keeps_going(deployment: Deployment) -> None:
+    worker = deployment.worker().start().wait_ready()
+    good_before = task("agent_dlq_001")
+    bad = [
+        (b"agent_dlq_001", b"\xc1 not msgpack"),
+        (b"agent_dlq_001", msgpack.packb([1, 2, 3])),
+        (b"agent_dlq_001", msgpack.packb({"v": 99, "type": "task.created"})),
+        (b"agent_dlq_001", msgpack.packb({**good_before.to_wire(), "task_id": "nope"})),
+    ]
+    good_after = task("agent_dlq_001")
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(good_before), *bad, record(good_after)])
+    wait_until(_completed(worker, 2), 60, what="valid tasks finished")
+    dead = consume_all(deployment.bootstrap, deployment.topic("deadletter"), 4, expect=len(bad))
+    assert len(dead) == len(bad)
+    letters = sorted((msgpack.unpackb(r.value) for r in dead), key=lambda d: d["offset"])
+    assert [d["value"] for d in letters] == [value for _, value in bad]
+    assert "not msgpack" in letters[0]["reason"]
+    assert "must be a msgpack map" in letters[1]["reason"]
+    assert "schema version" in letters[2]["reason"]
+    assert "task_id" in letters[3]["reason"]
+    assert len({d["offset"] for d in letters}) == len(bad)
+    stats = wait_until(lambda: (s := worker.stats())["dead_lettered_events"] == len(bad) and s, 10, what="dlq stats")
+    assert stats["completed_tasks"] == 2
+    _, metrics = worker.get("/metrics")
+    assert "blackroad_dead_lettered_total" in metrics
+
+
+def test_events_keyed_otherwise_are_repartitioned(deployment: Deployment) -> None:
+    worker = deployment.worker().start().wait_ready()
+    events = [task(f"agent_rekey_{i:03d}") for i in range(20)]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [(b"wrong-key", record(e)[1]) for e in events])
+    wait_until(_completed(worker, 20), 60, what="re-keyed tasks finished")
+    for event in events:
+        assert worker.get(f"/v1/agents/{event.agent_id}")[1]["stats"]["tasks_completed"] == 1
