@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiokafka.partitioner import murmur2
 from faust import web
 from yarl import URL
 
@@ -168,11 +169,13 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         return sorted((u for u in urls if (u.host, u.port) != (own_url.host, own_url.port)), key=str)
 
     def owner_of(agent_id: str) -> URL | None:
-        try:
-            url = URL(str(app.router.key_store("agents", agent_id)))
-        except KeyError:
-            return None
-        return None if (url.host, url.port) == (own_url.host, own_url.port) else url
+        """The web URL of the worker owning the agent's partition, None if it is this one."""
+        partition = (murmur2(agent_id.encode()) & 0x7FFFFFFF) % settings.partitions
+        for host, topics in app.router.table_metadata("agents").items():
+            if any(partition in parts for parts in topics.values()):
+                url = URL(str(host))
+                return None if (url.host, url.port) == (own_url.host, own_url.port) else url
+        return None
 
     async def fetch(url: URL, path: str, query: dict[str, str] | None = None) -> tuple[int, Any]:
         target = url.with_path(path).with_query(query or {})

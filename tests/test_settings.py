@@ -1,0 +1,57 @@
+"""Settings are validated at start-up and name the bad variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams.settings import Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_embedded() -> None:
+    settings = Settings.from_env({})
+    assert settings.embedded
+    assert settings.bootstrap == "127.0.0.1:19092"
+
+
+def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
+    settings = Settings.from_env({"BLACKROAD_KAFKA_BOOTSTRAP": "kafka1:9092,kafka2:9092"})
+    assert not settings.embedded
+    assert settings.bootstrap == "kafka1:9092,kafka2:9092"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BLACKROAD_PARTITIONS", "zero"),
+        ("BLACKROAD_PARTITIONS", "0"),
+        ("BLACKROAD_WEB_PORT", "70000"),
+        ("BLACKROAD_KAFKA_BOOTSTRAP", "not a host"),
+        ("BLACKROAD_DATA_DIR", ""),
+        ("BLACKROAD_LOG_LEVEL", "loud"),
+        ("BLACKROAD_MAX_CONCURRENT_TASKS", "-1"),
+        ("BLACKROAD_NO_SUCH_THING", "1"),
+    ],
+)
+def test_bad_values_name_the_setting(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: value})
+    assert name in str(caught.value)
+
+
+def test_worker_refuses_to_start_with_a_bad_setting() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "worker"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "BLACKROAD_WEB_PORT": "http"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "BLACKROAD_WEB_PORT" in result.stderr
