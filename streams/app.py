@@ -27,6 +27,8 @@ class BlackroadApp(faust.App):
 
     settings: Settings
     pipeline: Pipeline
+    #: Topics whose records go to the batch processor (the rest take Faust's path).
+    batch_topics: frozenset[str] = frozenset()
 
     def _new_transport(self) -> Any:
         return BatchTransport(self.conf.broker_consumer, self)
@@ -129,6 +131,7 @@ def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> B
         stream_wait_empty=False,
     )
     app.settings = settings
+    app.batch_topics = frozenset({settings.topic("tasks")})
     tables = define_tables(app, settings.partitions)
     metrics = Metrics()
     registry = registry or default_registry(settings.inference_p50_ms, settings.inference_p99_ms)

@@ -58,12 +58,18 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
     codecs.register("msgpack", MsgpackCodec())
 
     def table(name: str, help_text: str) -> Any:
-        return app.Table(
-            name,
-            default=None,
+        changelog = app.topic(
+            f"{app.conf.id}-{name}-changelog",
+            key_type=str,
+            key_serializer="raw",
+            value_serializer="msgpack",
             partitions=partitions,
-            schema=faust.Schema(key_type=str, key_serializer="raw", value_serializer="msgpack"),
-            help=help_text,
+            compacting=True,
+            acks=False,
+            internal=True,
+        )
+        return app.Table(
+            name, default=None, key_type=str, partitions=partitions, changelog_topic=changelog, help=help_text
         )
 
     return Tables(

@@ -103,6 +103,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def _drain_messages(self, fetcher: Any) -> None:
         sink: BatchSink = self.app.batch_sink  # type: ignore[attr-defined]
+        batch_topics: frozenset[str] = self.app.batch_topics  # type: ignore[attr-defined]
+        deliver_one = self.callback
         consumer_stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set  # noqa: SLF001 - mode's own service flag
         while not (consumer_stopped() or fetcher_stopped()):
@@ -110,11 +112,17 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if not records or self.should_stop:
                 continue
             assignment = self.assignment()
-            batch = {
-                tp: list(recs)
-                for tp, recs in records.items()
-                if recs and tp in assignment and (active is None or tp in active)
-            }
+            batch: dict[TP, list[Any]] = {}
+            for tp, recs in records.items():
+                if not recs or tp not in assignment or (active is not None and tp not in active):
+                    continue
+                if tp.topic in batch_topics:
+                    batch[tp] = recs
+                    continue
+                # Changelog records during table recovery take Faust's own path.
+                for record in recs:
+                    await deliver_one(self._to_message(tp, record))
+                    self._read_offset[tp] = record.offset
             if batch:
                 await sink(batch)
 

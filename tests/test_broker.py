@@ -1,0 +1,38 @@
+"""The embedded broker and the high-water correction that table recovery relies on."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from faust.types import TP
+
+from streams.broker import EmbeddedBroker
+from streams.transport import fetch_highwaters
+
+
+def test_fetch_highwaters_counts_every_record_of_a_multi_record_batch(broker: EmbeddedBroker) -> None:
+    topic = "highwater-check"
+
+    async def run() -> tuple[int, int]:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=50)
+        await producer.start()
+        try:
+            # Ten records in one produce batch (same partition, inside the linger window).
+            futures = [await producer.send(topic, b"v", key=b"k", partition=0) for _ in range(10)]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap)
+        await consumer.start()
+        try:
+            listed = await consumer.end_offsets([TopicPartition(topic, 0)])
+        finally:
+            await consumer.stop()
+        fetched = await fetch_highwaters(broker.bootstrap, [TP(topic, 0)])
+        return listed[TopicPartition(topic, 0)], fetched[TP(topic, 0)]
+
+    listed, fetched = asyncio.run(run())
+    assert fetched == 10
+    # The broker's ListOffsets answer is the reason the correction exists.
+    assert listed <= fetched

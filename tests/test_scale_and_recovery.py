@@ -1,0 +1,83 @@
+"""Several workers split the partitions; SIGKILLed workers recover exactly."""
+
+from __future__ import annotations
+
+from tests.factories import record, task
+from tests.harness import Deployment, produce, wait_until
+
+
+def _finished(worker, expected: int):  # type: ignore[no-untyped-def]
+    def check():  # type: ignore[no-untyped-def]
+        stats = worker.stats()
+        return stats["completed_tasks"] >= expected and stats
+
+    return check
+
+
+def test_two_workers_split_partitions_and_answer_for_each_other(deployment: Deployment) -> None:
+    first = deployment.worker().start()
+    second = deployment.worker().start()
+    first.wait_ready()
+    second.wait_ready()
+    agents = [f"agent_split_{i:03d}" for i in range(60)]
+    events = [task(agent, "memory_operation", {"op": "write", "content": f"{agent} note"}) for agent in agents]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+    for worker in (first, second):
+        stats = wait_until(_finished(worker, len(events)), 90, what="both workers see all completions")
+        assert stats["completed_tasks"] == len(events)
+        assert stats["active_agents"] == len(agents)
+
+    # Each worker owns some partitions; both answer every key correctly.
+    owners = {first.get("/v1/agents?limit=100")[1]["total"], second.get("/v1/agents?limit=100")[1]["total"]}
+    assert owners == {len(agents)}
+    for worker in (first, second):
+        for event in events:
+            status, agent = worker.get(f"/v1/agents/{event.agent_id}")
+            assert status == 200 and agent["stats"]["tasks_completed"] == 1
+            status, memory = worker.get(f"/v1/agents/{event.agent_id}/memory")
+            assert status == 200 and [e["content"] for e in memory["entries"]] == [f"{event.agent_id} note"]
+            status, task_doc = worker.get(f"/v1/tasks/{event.task_id}")
+            assert status == 200 and task_doc["status"] == "completed"
+        page = worker.get("/v1/agents?limit=50&offset=40")[1]
+        assert [a["id"] for a in page["agents"]] == sorted(agents)[40:]
+    partitions = [
+        worker.get("/metrics")[1].count("blackroad_consumer_lag{") for worker in (first, second)
+    ]
+    assert all(count > 0 for count in partitions), partitions
+
+
+def test_sigkill_and_restart_recovers_tables_exactly(deployment: Deployment) -> None:
+    agents = [f"agent_crash_{i:03d}" for i in range(100)]
+    rounds = 3
+    per_round = 40  # tasks per agent per round
+    worker = deployment.worker().start().wait_ready()
+    produced = 0
+    for crash in range(rounds):
+        events = []
+        for step in range(per_round):
+            for agent in agents:
+                kind = "memory_operation" if step % 2 == 0 else "tool_execution"
+                payload = {"op": "write", "content": f"r{crash} s{step}"} if kind == "memory_operation" else {"tool": "echo", "input": step}
+                events.append(task(agent, kind, payload))
+        produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+        produced += len(events)
+        if crash < rounds - 1:
+            # Kill mid-stream: some of this round is processed, some is not.
+            wait_until(lambda: worker.stats()["completed_tasks"] > produced - len(events) // 2, 60, 0.02, what="progress")
+            worker.kill()
+            worker = deployment.worker().start().wait_ready()
+    stats = wait_until(_finished(worker, produced), 120, what="all tasks after restarts")
+    assert stats["completed_tasks"] == produced
+    assert stats["duplicate_tasks"] == 0
+    assert stats["active_agents"] == len(agents)
+    total = 0
+    for agent in agents:
+        _, doc = worker.get(f"/v1/agents/{agent}")
+        assert doc["stats"]["tasks_completed"] == rounds * per_round, agent
+        total += doc["stats"]["tasks_completed"]
+        _, memory = worker.get(f"/v1/agents/{agent}/memory")
+        assert memory["written"] == rounds * per_round // 2, agent
+        contents = [e["content"] for e in memory["entries"]]
+        expected = [f"r{r} s{s}" for r in range(rounds) for s in range(0, per_round, 2)]
+        assert contents == expected[-len(contents):]
+    assert total == produced
