@@ -18,7 +18,7 @@ class TaskFailed(Exception):
 class TaskContext:
     """What a handler may use besides the task: the agent's working memory and the clock."""
 
-    __slots__ = ("agent_id", "agent_type", "now_ms", "attempt", "_memory", "_budget", "written")
+    __slots__ = ("_budget", "_memory", "agent_id", "agent_type", "attempt", "now_ms", "written")
 
     def __init__(
         self,

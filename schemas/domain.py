@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 
-TASK_KINDS = frozenset(
-    {"inference", "code_analysis", "memory_operation", "tool_execution", "coordination"}
-)
+TASK_KINDS = frozenset({"inference", "code_analysis", "memory_operation", "tool_execution", "coordination"})
 AGENT_TYPES = frozenset({"worker", "reasoning", "security", "analytics", "memory", "creative"})
 PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 5, "low": 8, "bulk": 10}
 _PRIORITY_BY_NUMBER = {number: name for name, number in PRIORITIES.items()}

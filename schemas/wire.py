@@ -91,7 +91,7 @@ def decode_task(raw: bytes | None) -> TaskEvent:
         raise WireError("empty value (tombstone) on the tasks topic")
     try:
         data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise WireError(f"value is not msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict):
         raise WireError(f"value must be a msgpack map, got {type(data).__name__}")

@@ -45,7 +45,9 @@ class BlackroadApp(faust.App):
 class Pipeline(Service):
     """Owns what processing needs besides Faust: the changelog producer and the stats view."""
 
-    def __init__(self, app: BlackroadApp, tables: Tables, registry: HandlerRegistry, metrics: Metrics, **kwargs: Any) -> None:
+    def __init__(
+        self, app: BlackroadApp, tables: Tables, registry: HandlerRegistry, metrics: Metrics, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.app = app
         self.settings = app.settings

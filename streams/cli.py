@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
@@ -90,7 +91,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         job = asyncio.create_task(
-            loadgen.produce(settings.bootstrap, settings.topic("tasks"), args.agents, args.rate, args.count, args.seed, progress)
+            loadgen.produce(
+                settings.bootstrap, settings.topic("tasks"), args.agents, args.rate, args.count, args.seed, progress
+            )
         )
         while not job.done():
             await asyncio.wait({job}, timeout=1.0)
@@ -122,7 +125,7 @@ def _progress_text(progress: object, count: int, settings: Settings | None) -> s
     return text
 
 
-def fetch_stats(settings: Settings) -> dict[str, object] | None:
+def fetch_stats(settings: Settings) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(f"{settings.web_url}/v1/stats", timeout=1) as response:  # noqa: S310 - own URL
             return orjson.loads(response.read())  # type: ignore[no-any-return]
@@ -143,8 +146,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"worker web views: {settings.web_url}/v1/stats  (Ctrl-C stops everything)", flush=True)
         if args.demo:
             command = [
-                sys.executable, "-m", "streams.cli", "produce", "--stats",
-                "--agents", str(args.agents), "--rate", str(args.rate), "--count", str(args.count),
+                sys.executable,
+                "-m",
+                "streams.cli",
+                "produce",
+                "--stats",
+                "--agents",
+                str(args.agents),
+                "--rate",
+                str(args.rate),
+                "--count",
+                str(args.count),
             ]
             demo = subprocess.Popen(command)  # noqa: S603 - our own module
         run_worker(settings)

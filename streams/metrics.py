@@ -22,18 +22,28 @@ class Metrics:
         self.handler_seconds = Histogram(
             "blackroad_handler_seconds", "Agent handler latency.", buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.batch_size = Histogram("blackroad_batch_size", "Events per processing batch.", buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "blackroad_batch_size", "Events per processing batch.", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.batch_seconds = Histogram(
             "blackroad_batch_seconds", "Time to process and flush one batch.", buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.consumer_lag = Gauge("blackroad_consumer_lag", "Records not yet consumed, by partition.", ["partition"], registry=r)
+        self.consumer_lag = Gauge(
+            "blackroad_consumer_lag", "Records not yet consumed, by partition.", ["partition"], registry=r
+        )
         self.dead_lettered = Counter(
             "blackroad_dead_lettered", "Records sent to the dead-letter topic.", ["reason"], registry=r
         )
         self.handler_errors = Counter("blackroad_handler_errors", "Handler attempts that raised.", registry=r)
-        self.repartitioned = Counter("blackroad_repartitioned", "Events re-keyed to their agent's partition.", registry=r)
-        self.duplicates = Counter("blackroad_duplicate_tasks", "Task events whose task id was already seen.", registry=r)
-        self.http_requests = Counter("blackroad_http_requests", "HTTP requests, by view and status.", ["view", "status"], registry=r)
+        self.repartitioned = Counter(
+            "blackroad_repartitioned", "Events re-keyed to their agent's partition.", registry=r
+        )
+        self.duplicates = Counter(
+            "blackroad_duplicate_tasks", "Task events whose task id was already seen.", registry=r
+        )
+        self.http_requests = Counter(
+            "blackroad_http_requests", "HTTP requests, by view and status.", ["view", "status"], registry=r
+        )
 
     def batch_done(self, events: int, produced: int, seconds: float) -> None:
         self.batch_size.observe(events)

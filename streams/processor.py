@@ -251,7 +251,9 @@ class BatchProcessor:
                 run.in_flight = len(window) + 1
                 run.agent["peak_concurrent_tasks"] = max(run.agent["peak_concurrent_tasks"], run.in_flight)
                 started = self._start(item, run)
-                window.append((item, asyncio.ensure_future(started) if inspect.isawaitable(started) else _done(started)))
+                window.append(
+                    (item, asyncio.ensure_future(started) if inspect.isawaitable(started) else _done(started))
+                )
             while window:
                 done_item, future = window.popleft()
                 self._finish(done_item, run, await future)
@@ -291,7 +293,9 @@ class BatchProcessor:
         try:
             result = handler(item.event, context)
         except TaskFailed as exc:
-            return _Outcome("failed", error=str(exc), attempts=attempt, handler_ms=_ms_since(started), finished_ms=wire.now_ms())
+            return _Outcome(
+                "failed", error=str(exc), attempts=attempt, handler_ms=_ms_since(started), finished_ms=wire.now_ms()
+            )
         except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
             return self._retry_or_die(handler, item, run, attempt, exc)
         if inspect.isawaitable(result):
@@ -299,18 +303,29 @@ class BatchProcessor:
         return _Outcome("completed", result, None, attempt, _ms_since(started), context.written, wire.now_ms())
 
     async def _await_attempt(
-        self, handler: Any, item: _Item, run: _AgentRun, attempt: int, pending: Awaitable[Any], context: TaskContext, started: float
+        self,
+        handler: Any,
+        item: _Item,
+        run: _AgentRun,
+        attempt: int,
+        pending: Awaitable[Any],
+        context: TaskContext,
+        started: float,
     ) -> _Outcome:
         try:
             result = await pending
         except TaskFailed as exc:
-            return _Outcome("failed", error=str(exc), attempts=attempt, handler_ms=_ms_since(started), finished_ms=wire.now_ms())
+            return _Outcome(
+                "failed", error=str(exc), attempts=attempt, handler_ms=_ms_since(started), finished_ms=wire.now_ms()
+            )
         except Exception as exc:  # noqa: BLE001
             outcome = self._retry_or_die(handler, item, run, attempt, exc)
             return await outcome if inspect.isawaitable(outcome) else outcome
         return _Outcome("completed", result, None, attempt, _ms_since(started), context.written, wire.now_ms())
 
-    def _retry_or_die(self, handler: Any, item: _Item, run: _AgentRun, attempt: int, exc: Exception) -> _Outcome | Awaitable[_Outcome]:
+    def _retry_or_die(
+        self, handler: Any, item: _Item, run: _AgentRun, attempt: int, exc: Exception
+    ) -> _Outcome | Awaitable[_Outcome]:
         self.metrics.handler_errors.inc()
         if attempt < self.settings.max_attempts:
             return self._attempt(handler, item, run, attempt + 1)
@@ -333,7 +348,12 @@ class BatchProcessor:
                 run.partition,
                 run.agent_id.encode(),
                 wire.lifecycle_event(
-                    event_type, now, task_id=event.task_id, agent_id=run.agent_id, status=outcome.status, error=outcome.error
+                    event_type,
+                    now,
+                    task_id=event.task_id,
+                    agent_id=run.agent_id,
+                    status=outcome.status,
+                    error=outcome.error,
                 ),
             )
             if outcome.status == "dead":
@@ -359,7 +379,9 @@ class BatchProcessor:
                     self.events_topic,
                     run.partition,
                     run.agent_id.encode(),
-                    wire.lifecycle_event("memory.written", now, agent_id=run.agent_id, memory_id=entry["id"], hash=entry["hash"]),
+                    wire.lifecycle_event(
+                        "memory.written", now, agent_id=run.agent_id, memory_id=entry["id"], hash=entry["hash"]
+                    ),
                 )
         if item.apply_agent:
             state.apply_outcome_to_agent(run.agent, task, outcome.handler_ms, now)

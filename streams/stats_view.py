@@ -93,7 +93,10 @@ def summarize(rows: dict[int, dict[str, Any]], in_progress: int) -> dict[str, An
         count for r in parts for second, count in r["completed_per_second"].items() if now_s - 60 < int(second) <= now_s
     )
     memory_ops = sum(
-        count for r in parts for second, count in r["memory_ops_per_second"].items() if now_s - 60 < int(second) <= now_s
+        count
+        for r in parts
+        for second, count in r["memory_ops_per_second"].items()
+        if now_s - 60 < int(second) <= now_s
     )
     total = sum
     return {

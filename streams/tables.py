@@ -111,7 +111,7 @@ class TableWriter:
         # (table, key) -> (partition, value before the batch or _MISSING)
         self._touched: dict[tuple[str, str], tuple[int, Any]] = {}
         # (topic, partition) -> [(key, value)] of other records (lifecycle, dead letters)
-        self._records: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
+        self._records: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
 
     def get(self, table: str, key: str) -> Any:
         return self.stores[table].rows.get(key)
@@ -141,7 +141,7 @@ class TableWriter:
             store = self.stores[table]
             value = store.rows.get(key)
             packed = None if value is None else pack(value)
-            outgoing.setdefault((store.changelog_topic, partition), []).append((key.encode(), packed))  # type: ignore[arg-type]
+            outgoing.setdefault((store.changelog_topic, partition), []).append((key.encode(), packed))
         sent = 0
         futures = []
         for (topic, partition), records in outgoing.items():
@@ -164,7 +164,9 @@ class TableWriter:
         self._touched = {}
         self._records = {}
 
-    async def _send_bulk(self, topic: str, partition: int, records: list[tuple[bytes | None, bytes | None]]) -> list[Any]:
+    async def _send_bulk(
+        self, topic: str, partition: int, records: list[tuple[bytes | None, bytes | None]]
+    ) -> list[Any]:
         producer = self._producer
         futures = []
         batch = producer.create_batch()

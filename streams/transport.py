@@ -94,9 +94,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._processed.update(offsets)
 
     def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
-        return iter(
-            [tp for tp in self._processed if topics is None or tp in topics or tp.topic in topics]
-        )
+        return iter([tp for tp in self._processed if topics is None or tp in topics or tp.topic in topics])
 
     def _new_offset(self, tp: TP) -> int | None:
         return self._processed.pop(tp, None)

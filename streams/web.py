@@ -67,15 +67,16 @@ class ApiView(web.View):
     name = "api"
 
     async def dispatch(self, request: Any) -> Any:
-        metrics: Metrics = self.app.pipeline.metrics
+        app: Any = self.app
+        metrics: Metrics = app.pipeline.metrics
         try:
             response = await super().dispatch(request)
         except ApiError as exc:
             response = _error(self, exc)
         except KeyError:
             response = _error(self, ApiError("invalid_request", f"method {request.method} not allowed", 405))
-        except Exception as exc:  # noqa: BLE001 - the envelope is the contract
-            self.app.log.exception("web view failed: %r", exc)
+        except Exception as exc:
+            app.log.exception("web view failed: %r", exc)
             response = _error(self, ApiError("internal_error", "internal error"))
         metrics.http_requests.labels(view=self.name, status=str(response.status)).inc()
         return response
@@ -179,7 +180,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
     async def fetch(url: URL, path: str, query: dict[str, str] | None = None) -> tuple[int, Any]:
         target = url.with_path(path).with_query(query or {})
-        async with app.http_client.get(target, headers={FORWARDED: "1"}, timeout=aiohttp.ClientTimeout(total=5)) as response:
+        async with app.http_client.get(
+            target, headers={FORWARDED: "1"}, timeout=aiohttp.ClientTimeout(total=5)
+        ) as response:
             return response.status, orjson.loads(await response.read())
 
     async def forward(view: web.View, request: Any, url: URL) -> Any:
@@ -225,7 +228,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                     docs.extend(body["agents"])
                     total += body["total"]
             docs.sort(key=lambda d: d["id"])
-            return _json(self, {"agents": docs[offset : offset + limit], "total": total, "limit": limit, "offset": offset})
+            return _json(
+                self, {"agents": docs[offset : offset + limit], "total": total, "limit": limit, "offset": offset}
+            )
 
     @app.page("/v1/agents/{agent_id}")
     class AgentDetail(ApiView):
@@ -251,8 +256,14 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 raise ApiError("not_found", f"no memory for agent {agent_id!r}", details={"agent_id": agent_id})
             return _json(
                 self,
-                {"agent_id": agent_id, "tier": "working", "entries": entries(row), "tokens": row["tokens"],
-                 "written": row["written"], "head": row["head"]},
+                {
+                    "agent_id": agent_id,
+                    "tier": "working",
+                    "entries": entries(row),
+                    "tokens": row["tokens"],
+                    "written": row["written"],
+                    "head": row["head"],
+                },
             )
 
     @app.page("/v1/tasks/{task_id}")

@@ -10,7 +10,9 @@ from schemas.wire import TaskEvent
 _counter = {"n": 0}
 
 
-def task(agent_id: str, kind: str = "tool_execution", payload: dict[str, Any] | None = None, task_id: str | None = None) -> TaskEvent:
+def task(
+    agent_id: str, kind: str = "tool_execution", payload: dict[str, Any] | None = None, task_id: str | None = None
+) -> TaskEvent:
     _counter["n"] += 1
     return TaskEvent(
         task_id=task_id or f"task_t{_counter['n']:08d}",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from streams.transport import fetch_highwaters
-from tests.harness import Deployment, wait_until
-
 import asyncio
 
 from faust.types import TP
+
+from streams.transport import fetch_highwaters
+from tests.harness import Deployment, wait_until
 
 
 def _topic_size(deployment: Deployment) -> int:
@@ -26,13 +26,25 @@ def _assert_envelope(status: int, body: object, expected_status: int, code: str)
 def test_post_task_and_batch_are_processed(deployment: Deployment) -> None:
     worker = deployment.worker().start().wait_ready()
     status, body = worker.post(
-        "/v1/tasks", {"agent_id": "agent_alice_001", "kind": "tool_execution", "title": "hi", "payload": {"tool": "upper", "input": "hey"}, "priority": "medium"}
+        "/v1/tasks",
+        {
+            "agent_id": "agent_alice_001",
+            "kind": "tool_execution",
+            "title": "hi",
+            "payload": {"tool": "upper", "input": "hey"},
+            "priority": "medium",
+        },
     )
     assert status == 202 and body["status"] == "queued" and body["id"].startswith("task_")
     single = body["id"]
     status, body = worker.post(
         "/v1/batch",
-        {"requests": [{"agent_id": f"agent_bob_{i:03d}", "kind": "code_analysis", "payload": {"code": "def f():\n  pass"}} for i in range(5)]},
+        {
+            "requests": [
+                {"agent_id": f"agent_bob_{i:03d}", "kind": "code_analysis", "payload": {"code": "def f():\n  pass"}}
+                for i in range(5)
+            ]
+        },
     )
     assert status == 202 and len(body["results"]) == 5
     ids = [r["id"] for r in body["results"]]
@@ -41,7 +53,7 @@ def test_post_task_and_batch_are_processed(deployment: Deployment) -> None:
     assert task["result"] == {"tool": "upper", "output": "HEY"}
     assert task["priority"] == "normal"
     for task_id in ids:
-        wait_until(lambda: worker.get(f"/v1/tasks/{task_id}")[1].get("status") == "completed", 30, what=task_id)
+        wait_until(lambda t=task_id: worker.get(f"/v1/tasks/{t}")[1].get("status") == "completed", 30, what=task_id)
     _, alice = worker.get("/v1/agents/agent_alice_001")
     assert alice["type"] == "worker" and alice["name"] == "ALICE"
 
@@ -50,11 +62,23 @@ def test_bad_requests_get_the_error_envelope_and_reach_no_topic(deployment: Depl
     worker = deployment.worker().start().wait_ready()
     before = _topic_size(deployment)
     _assert_envelope(*worker.post("/v1/tasks", b"{not json"), 400, "invalid_request")
-    _assert_envelope(*worker.post("/v1/tasks", {"agent_id": "agent_a_001", "kind": "inference", "colour": "red"}), 400, "invalid_request")
-    _assert_envelope(*worker.post("/v1/tasks", {"agent_id": "agent_a_001", "kind": "inference", "payload": "text"}), 400, "invalid_request")
+    _assert_envelope(
+        *worker.post("/v1/tasks", {"agent_id": "agent_a_001", "kind": "inference", "colour": "red"}),
+        400,
+        "invalid_request",
+    )
+    _assert_envelope(
+        *worker.post("/v1/tasks", {"agent_id": "agent_a_001", "kind": "inference", "payload": "text"}),
+        400,
+        "invalid_request",
+    )
     _assert_envelope(*worker.post("/v1/tasks", {"agent_id": "bob", "kind": "inference"}), 400, "invalid_request")
     _assert_envelope(*worker.post("/v1/tasks", {"agent_id": "agent_a_001", "kind": "dancing"}), 400, "invalid_request")
-    _assert_envelope(*worker.post("/v1/tasks", {"agent_id": "agent_a_001", "kind": "inference", "priority": "urgent"}), 400, "invalid_request")
+    _assert_envelope(
+        *worker.post("/v1/tasks", {"agent_id": "agent_a_001", "kind": "inference", "priority": "urgent"}),
+        400,
+        "invalid_request",
+    )
     _assert_envelope(*worker.post("/v1/tasks", {"kind": "inference"}), 400, "invalid_request")
     _assert_envelope(*worker.post("/v1/tasks", [1, 2]), 400, "invalid_request")
     big = {"agent_id": "agent_a_001", "kind": "inference", "description": "x" * 300_000}

@@ -35,7 +35,7 @@ def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deploy
     assert stats["duplicate_tasks"] == 0
     assert stats["task_latency_ms"]["p50"] is not None
 
-    for event in events[:: 37] + failing + dying:
+    for event in events[::37] + failing + dying:
         status, body = worker.get(f"/v1/tasks/{event.task_id}")
         assert status == 200, body
         expected = "failed" if event in failing else "dead" if event in dying else "completed"

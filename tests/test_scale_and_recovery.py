@@ -14,6 +14,10 @@ def _finished(worker, expected: int):  # type: ignore[no-untyped-def]
     return check
 
 
+def _progressed(worker, beyond: int):  # type: ignore[no-untyped-def]
+    return lambda: worker.stats()["completed_tasks"] > beyond
+
+
 def test_two_workers_split_partitions_and_answer_for_each_other(deployment: Deployment) -> None:
     first = deployment.worker().start()
     second = deployment.worker().start()
@@ -40,9 +44,7 @@ def test_two_workers_split_partitions_and_answer_for_each_other(deployment: Depl
             assert status == 200 and task_doc["status"] == "completed"
         page = worker.get("/v1/agents?limit=50&offset=40")[1]
         assert [a["id"] for a in page["agents"]] == sorted(agents)[40:]
-    partitions = [
-        worker.get("/metrics")[1].count("blackroad_consumer_lag{") for worker in (first, second)
-    ]
+    partitions = [worker.get("/metrics")[1].count("blackroad_consumer_lag{") for worker in (first, second)]
     assert all(count > 0 for count in partitions), partitions
 
 
@@ -57,13 +59,18 @@ def test_sigkill_and_restart_recovers_tables_exactly(deployment: Deployment) -> 
         for step in range(per_round):
             for agent in agents:
                 kind = "memory_operation" if step % 2 == 0 else "tool_execution"
-                payload = {"op": "write", "content": f"r{crash} s{step}"} if kind == "memory_operation" else {"tool": "echo", "input": step}
+                payload = (
+                    {"op": "write", "content": f"r{crash} s{step}"}
+                    if kind == "memory_operation"
+                    else {"tool": "echo", "input": step}
+                )
                 events.append(task(agent, kind, payload))
         produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
         produced += len(events)
         if crash < rounds - 1:
             # Kill mid-stream: some of this round is processed, some is not.
-            wait_until(lambda: worker.stats()["completed_tasks"] > produced - len(events) // 2, 60, 0.02, what="progress")
+            halfway = produced - len(events) // 2
+            wait_until(_progressed(worker, halfway), 60, 0.02, what="progress")
             worker.kill()
             worker = deployment.worker().start().wait_ready()
     stats = wait_until(_finished(worker, produced), 120, what="all tasks after restarts")
@@ -79,5 +86,5 @@ def test_sigkill_and_restart_recovers_tables_exactly(deployment: Deployment) -> 
         assert memory["written"] == rounds * per_round // 2, agent
         contents = [e["content"] for e in memory["entries"]]
         expected = [f"r{r} s{s}" for r in range(rounds) for s in range(0, per_round, 2)]
-        assert contents == expected[-len(contents):]
+        assert contents == expected[-len(contents) :]
     assert total == produced

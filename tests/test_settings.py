@@ -52,6 +52,7 @@ def test_worker_refuses_to_start_with_a_bad_setting() -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        check=False,
     )
     assert result.returncode != 0
     assert "BLACKROAD_WEB_PORT" in result.stderr

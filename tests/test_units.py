@@ -1,0 +1,160 @@
+"""Pure logic: wire format, working memory, histograms, handlers, stats rows."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+
+from agents import memory
+from agents.base import TaskContext, TaskFailed
+from agents.registry import default_registry
+from schemas import domain, wire
+from schemas.wire import WireError
+from streams import histogram, state
+from tests.factories import task
+
+
+def test_wire_round_trip_and_variants() -> None:
+    event = task("agent_alice_001", "inference", {"latency_ms": 0})
+    decoded = wire.decode_task(wire.encode_task(event))
+    assert decoded == event
+    as_map = {**event.to_wire(), "priority": "medium"}
+    assert wire.task_from_map(as_map).priority == "normal"
+    assert wire.task_from_map({**event.to_wire(), "priority": 1}).priority == "high"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"v": 2}, "schema version"),
+        ({"type": "task.deleted"}, "event type"),
+        ({"agent_id": "Alice"}, "agent_id"),
+        ({"task_id": "42"}, "task_id"),
+        ({"kind": "sing"}, "kind"),
+        ({"priority": "asap"}, "priority"),
+        ({"ts": "yesterday"}, "ts"),
+        ({"payload": [1]}, "payload"),
+        ({"title": 5}, "title"),
+        ({"agent_type": "robot"}, "agent_type"),
+    ],
+)
+def test_wire_rejections_say_why(change: dict[str, object], reason: str) -> None:
+    raw = msgpack.packb({**task("agent_alice_001").to_wire(), **change})
+    with pytest.raises(WireError, match=reason):
+        wire.decode_task(raw)
+
+
+def test_undecodable_values() -> None:
+    with pytest.raises(WireError, match="not msgpack"):
+        wire.decode_task(b"\xc1")
+    with pytest.raises(WireError, match="tombstone"):
+        wire.decode_task(None)
+
+
+def test_working_memory_keeps_system_message_and_trims_oldest() -> None:
+    mem = memory.empty_memory()
+    memory.append(
+        mem, "agent_a_001", "s" * 40, role="system", memory_type="conversation", timestamp_ms=1, budget_tokens=30
+    )
+    for i in range(10):
+        memory.append(
+            mem,
+            "agent_a_001",
+            f"turn {i} " + "x" * 12,
+            role="user",
+            memory_type="conversation",
+            timestamp_ms=2 + i,
+            budget_tokens=30,
+        )
+    kept = memory.entries(mem)
+    assert kept[0]["role"] == "system"
+    assert [e["content"][:6] for e in kept[1:]] == [f"turn {i}" for i in range(5, 10)]  # 10 + 5 * 4 tokens
+    assert mem["tokens"] <= 30
+    assert mem["tokens"] == sum(e["tokens"] for e in kept)
+    assert mem["written"] == 11
+    assert memory.verify_chain(mem)
+    mem["turns"][1]["content"] = "tampered"
+    assert not memory.verify_chain(mem)
+
+
+def test_chain_starts_at_genesis() -> None:
+    mem = memory.empty_memory()
+    entry = memory.append(
+        mem, "agent_a_001", "hello", role="user", memory_type="conversation", timestamp_ms=5, budget_tokens=100
+    )
+    assert entry["prev_hash"] == "GENESIS"
+    assert entry["hash"] == memory.chain_hash("hello", 5, "GENESIS")
+
+
+def test_histogram_percentiles_within_resolution() -> None:
+    hist: dict[int, int] = {}
+    for value in range(1, 1001):
+        histogram.record(hist, float(value))
+    p50, p99 = histogram.percentiles(hist, (0.5, 0.99))
+    assert p50 is not None and abs(p50 - 500) / 500 < 0.05
+    assert p99 is not None and abs(p99 - 990) / 990 < 0.05
+    merged = histogram.merge([hist, hist])
+    assert sum(merged.values()) == 2000
+    assert histogram.percentiles({}, (0.5,)) == [None]
+
+
+def _context(agent: str = "agent_a_001", attempt: int = 1) -> TaskContext:
+    return TaskContext(agent, "worker", 1000, memory.empty_memory(), 100, attempt)
+
+
+def test_builtin_handlers_are_deterministic() -> None:
+    registry = default_registry(5.0, 10.0)
+    tool = registry.resolve("tool_execution", "worker")
+    assert tool(task("agent_a_001", payload={"tool": "reverse", "input": "abc"}), _context()) == {
+        "tool": "reverse",
+        "output": "cba",
+    }
+    with pytest.raises(TaskFailed):
+        tool(task("agent_a_001", payload={"tool": "nope"}), _context())
+    code = registry.resolve("code_analysis", "worker")
+    assert (
+        code(task("agent_a_001", "code_analysis", {"code": "def a():\n  pass  # TODO"}), _context())["functions"] == 1
+    )
+    inference = registry.resolve("inference", "worker")
+    event = task("agent_a_001", "inference", {})
+    assert inference.latency_ms(event) == inference.latency_ms(event)  # type: ignore[attr-defined]
+    result = asyncio.run(inference(event, _context()))  # type: ignore[arg-type]
+    assert result["context_turns"] == 0
+    failing = task("agent_a_001", "inference", {"latency_ms": 0, "fail_attempts": 1})
+    with pytest.raises(RuntimeError):
+        asyncio.run(inference(failing, _context(attempt=1)))  # type: ignore[arg-type]
+    assert "text" in asyncio.run(inference(failing, _context(attempt=2)))  # type: ignore[arg-type]
+
+
+def test_memory_operation_write_then_recall() -> None:
+    handler = default_registry().resolve("memory_operation", "memory")
+    context = _context()
+    handler(task("agent_a_001", "memory_operation", {"op": "system", "content": "be brief"}), context)
+    handler(task("agent_a_001", "memory_operation", {"op": "write", "content": "first"}), context)
+    recalled = handler(task("agent_a_001", "memory_operation", {"op": "recall", "limit": 5}), context)
+    assert [e["content"] for e in recalled["entries"]] == ["be brief", "first"]  # type: ignore[index]
+    with pytest.raises(TaskFailed):
+        handler(task("agent_a_001", "memory_operation", {"op": "forget"}), context)
+
+
+def test_stats_rows_count_outcomes() -> None:
+    row = state.new_stats(0)
+    for status in ("completed", "completed", "failed", "dead"):
+        state.apply_outcome_to_stats(row, {"status": status, "created_at": 0}, 2.0, 1, 1500)
+    assert (row["completed"], row["failed"], row["dead"]) == (2, 1, 1)
+    assert row["completed_per_second"] == {1: 2}
+    agent = state.new_agent("agent_alice_001", "reasoning", 0, 5)
+    assert agent["type"] == "worker"  # ALICE is a named worker agent
+    state.apply_outcome_to_agent(agent, {"status": "completed"}, 10.0, 5)
+    state.apply_outcome_to_agent(agent, {"status": "completed"}, 20.0, 6)
+    assert agent["avg_response_ms"] == 15.0 and agent["tasks_completed"] == 2
+
+
+def test_domain_variants() -> None:
+    assert domain.canonical_agent_status("online") == "idle"
+    assert domain.canonical_agent_status("standby") == "offline"
+    assert domain.canonical_task_status("running") == "in_progress"
+    assert domain.canonical_priority("bulk") == "bulk"
+    assert domain.canonical_priority(True) is None
