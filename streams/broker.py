@@ -87,6 +87,9 @@ class EmbeddedBroker:
             stdout=output,
             stderr=output,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, fork-safe
+            # Its own session: a terminal's Ctrl-C reaches the worker, which stops first;
+            # the broker is stopped after it.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while not port_is_open(self.port):

@@ -88,6 +88,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
     settings = _settings()
     _require_broker(settings)
     progress = loadgen.Progress()
+    if args.wait_for_worker:
+        deadline = time.monotonic() + 120
+        while fetch_stats(settings) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     async def main() -> int:
         job = asyncio.create_task(
@@ -95,10 +99,17 @@ def cmd_produce(args: argparse.Namespace) -> int:
                 settings.bootstrap, settings.topic("tasks"), args.agents, args.rate, args.count, args.seed, progress
             )
         )
-        while not job.done():
-            await asyncio.wait({job}, timeout=1.0)
-            loadgen.print_line(_progress_text(progress, args.count, settings if args.stats else None))
-        sys.stderr.write("\n")
+        try:
+            while not job.done():
+                await asyncio.wait({job}, timeout=1.0)
+                loadgen.print_line(_progress_text(progress, args.count, settings if args.stats else None))
+        except asyncio.CancelledError:  # Ctrl-C: stop sending, close the producer cleanly
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+            raise
+        finally:
+            sys.stderr.write("\n")
         return job.result()
 
     try:
@@ -151,6 +162,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "streams.cli",
                 "produce",
                 "--stats",
+                "--wait-for-worker",
                 "--agents",
                 str(args.agents),
                 "--rate",
@@ -197,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--count", type=int, default=10_000, help="tasks to send (0 = until stopped)")
     produce.add_argument("--seed", type=int, default=7)
     produce.add_argument("--stats", action="store_true", help="show the worker's stats in the progress line")
+    produce.add_argument("--wait-for-worker", action="store_true", help="start once the worker's web views answer")
     produce.set_defaults(run=cmd_produce)
     return parser
 
