@@ -83,6 +83,8 @@ class Pipeline(Service):
             highwater=consumer.highwater,
             lock=self.lock,
         )
+        processor = self.processor
+        self.stats_view.in_progress = lambda: processor.in_flight
         for name in ("events", "deadletter"):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()

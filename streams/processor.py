@@ -89,6 +89,8 @@ class BatchProcessor:
         self.on_processed = on_processed
         self.highwater = highwater
         self.lock = lock
+        #: Tasks inside handlers right now on this worker.
+        self.in_flight = 0
         self.tasks_topic = settings.topic("tasks")
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
@@ -264,6 +266,7 @@ class BatchProcessor:
 
     def _start(self, item: _Item, run: _AgentRun) -> _Outcome | Awaitable[_Outcome]:
         event = item.event
+        self.in_flight += 1
         if item.apply_task:
             task = state.new_task(event, item.offset)
             task["status"] = "in_progress"
@@ -333,6 +336,7 @@ class BatchProcessor:
 
     def _finish(self, item: _Item, run: _AgentRun, outcome: _Outcome) -> None:
         event = item.event
+        self.in_flight -= 1
         now = outcome.finished_ms
         self.metrics.handler_seconds.observe(outcome.handler_ms / 1000.0)
         task = self.writer.get("tasks", event.task_id) if item.apply_task else None

@@ -9,6 +9,7 @@ change; ``GET /v1/stats`` only serves it. So any worker answers for all.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -28,7 +29,8 @@ class StatsView(Service):
         self.topic = changelog_topic
         self.rows: dict[int, dict[str, Any]] = {}
         self.snapshot: dict[str, Any] = summarize({}, 0)
-        self.in_progress = 0
+        #: Reads this worker's count of tasks inside handlers.
+        self.in_progress: Callable[[], int] = lambda: 0
         self._consumer: AIOKafkaConsumer | None = None
         self._changed = asyncio.Event()
 
@@ -76,7 +78,7 @@ class StatsView(Service):
         self.refresh()
 
     def refresh(self) -> None:
-        self.snapshot = summarize(self.rows, self.in_progress)
+        self.snapshot = summarize(self.rows, self.in_progress())
 
 
 def summarize(rows: dict[int, dict[str, Any]], in_progress: int) -> dict[str, Any]:

@@ -65,6 +65,13 @@ def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deploy
     assert types["task.failed"] == 4
     assert types["agent.status_changed"] == len(agents)
 
+    # The work really went through in batches (far fewer batches than events).
+    _, metrics = worker.get("/metrics")
+    batches = float(
+        next(line.split()[1] for line in metrics.splitlines() if line.startswith("blackroad_batch_size_count"))
+    )
+    assert 0 < batches < len(events) / 5
+
 
 def test_per_agent_concurrency_limit(deployment: Deployment) -> None:
     worker = deployment.worker().start().wait_ready()
