@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from agents import memory as working_memory
@@ -16,36 +16,48 @@ class TaskFailed(Exception):
 
 
 class TaskContext:
-    """What a handler may use besides the task: the agent's working memory and the clock."""
+    """What a handler may use besides the task: the agent's working memory and the clock.
 
-    __slots__ = ("_budget", "_memory", "agent_id", "agent_type", "attempt", "now_ms", "written")
+    Memory is opened for writing only when a handler writes to it, so handlers that
+    never touch memory cost the memory table nothing.
+    """
+
+    __slots__ = ("_budget", "_memory", "_open_memory", "agent_id", "agent_type", "attempt", "now_ms", "written")
 
     def __init__(
         self,
         agent_id: str,
         agent_type: str,
         now_ms: int,
-        memory: dict[str, Any],
+        memory: dict[str, Any] | None,
         budget_tokens: int,
         attempt: int = 1,
+        open_memory: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.agent_type = agent_type
         self.now_ms = now_ms
         self.attempt = attempt
         self._memory = memory
+        self._open_memory = open_memory
         self._budget = budget_tokens
         self.written: list[dict[str, Any]] = []
 
     def recall(self, limit: int = 10) -> list[dict[str, Any]]:
         """The most recent ``limit`` working-memory entries, oldest first."""
-        items = working_memory.entries(self._memory)
-        return items[-limit:] if limit > 0 else []
+        if self._memory is None or limit <= 0:
+            return []
+        return working_memory.entries(self._memory)[-limit:]
 
     def remember(
         self, content: str, *, role: str = "assistant", memory_type: str = "conversation", key: str | None = None
     ) -> dict[str, Any]:
         """Write one entry into the agent's working memory."""
+        if self._open_memory is not None:
+            self._memory = self._open_memory()
+            self._open_memory = None
+        elif self._memory is None:
+            self._memory = working_memory.empty_memory()
         entry = working_memory.append(
             self._memory,
             self.agent_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 
@@ -55,6 +56,16 @@ def canonical_task_status(value: str) -> str | None:
     return name if name in TASK_STATUSES else None
 
 
-def new_id(prefix: str) -> str:
-    """A fresh random id such as ``task_3f9a...`` (prefix without the underscore)."""
-    return f"{prefix}_{secrets.token_hex(8)}"
+class _IdSource:
+    """Unique ids without a system call each: a random per-process stem and a counter."""
+
+    def __init__(self) -> None:
+        self._stem = secrets.token_hex(6)
+        self._next = itertools.count(1).__next__
+
+    def __call__(self, prefix: str) -> str:
+        return f"{prefix}_{self._stem}{self._next():x}"
+
+
+#: A fresh unique id such as ``evt_3f9a0c21b7d41a`` (prefix without the underscore).
+new_id = _IdSource()

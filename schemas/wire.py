@@ -38,9 +38,9 @@ class WireError(ValueError):
     """An event that cannot be decoded or is not a valid task event."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskEvent:
-    """A validated ``task.created`` event."""
+    """A validated ``task.created`` event (treat as read-only; not frozen, for speed)."""
 
     task_id: str
     agent_id: str
@@ -74,7 +74,18 @@ class TaskEvent:
 
 
 def encode(value: dict[str, Any]) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return _packer().pack(value)
+
+
+def _packer() -> msgpack.Packer:
+    """One reusable packer (``msgpack.packb`` builds a new one per call)."""
+    global _PACKER  # noqa: PLW0603 - a lazily built, stateless-per-call cache
+    if _PACKER is None:
+        _PACKER = msgpack.Packer(use_bin_type=True)
+    return _PACKER
+
+
+_PACKER: msgpack.Packer | None = None
 
 
 def encode_task(event: TaskEvent) -> bytes:

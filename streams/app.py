@@ -37,8 +37,10 @@ class BlackroadApp(faust.App):
         await self.pipeline.process(batch)
 
     async def _on_partitions_revoked(self, revoked: Any) -> None:
-        # Let the batch in flight finish and flush before Faust hands partitions away.
+        # Let the batch in flight finish and reach the broker before Faust commits
+        # and hands partitions away.
         async with self.pipeline.lock:
+            await self.pipeline.drain()
             await super()._on_partitions_revoked(revoked)
 
 
@@ -89,6 +91,16 @@ class Pipeline(Service):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()
         await self.add_runtime_dependency(self.stats_view)
+
+    @Service.task
+    async def _acknowledge(self) -> None:
+        await self.wait_for_started()
+        assert self.processor is not None
+        await self.processor.acknowledge()
+
+    async def drain(self) -> None:
+        if self.processor is not None:
+            await self.processor.drain()
 
     async def on_stop(self) -> None:
         if self.producer is not None:

@@ -45,6 +45,10 @@ class Metrics:
             "blackroad_http_requests", "HTTP requests, by view and status.", ["view", "status"], registry=r
         )
 
+        self.tasks_by_status = {
+            status: self.tasks_done.labels(status=status) for status in ("completed", "failed", "dead")
+        }
+
     def batch_done(self, events: int, produced: int, seconds: float) -> None:
         self.batch_size.observe(events)
         self.batch_seconds.observe(seconds)

@@ -7,8 +7,9 @@ One call handles everything one fetch returned, across partitions:
    ``max_concurrent_tasks`` of one agent in a handler at once, agents concurrently;
    synchronous handlers run inline without creating a task;
 3. fold each outcome into the task, agent, memory and stats rows;
-4. flush the changelogs and lifecycle events in bulk, then mark the offsets
-   processed so the next commit includes them.
+4. send the changelogs and lifecycle events in bulk and go on with the next batch;
+   once the broker has all of a batch's records, its offsets are marked processed
+   so the next commit includes them.
 
 Replays after a crash are idempotent: see :mod:`streams.state`.
 """
@@ -21,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from agents.base import TaskContext, TaskFailed
@@ -45,6 +47,7 @@ class _Item:
     apply_agent: bool = True
     apply_memory: bool = True
     apply_stats: bool = True
+    task: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -63,9 +66,11 @@ class _AgentRun:
     agent_id: str
     partition: int
     agent: dict[str, Any]
-    memory: dict[str, Any]
+    #: The agent's memory row as stored, and the private copy once a handler writes.
+    stored_memory: dict[str, Any] | None
     agent_base: int
     memory_base: int
+    memory: dict[str, Any] | None = None
     in_flight: int = 0
 
 
@@ -91,22 +96,46 @@ class BatchProcessor:
         self.lock = lock
         #: Tasks inside handlers right now on this worker.
         self.in_flight = 0
+        #: Batches sent but not yet acknowledged by the broker (bounded: backpressure).
+        self._unacked: asyncio.Queue[tuple[list[asyncio.Future[Any]], dict[Any, int]]] = asyncio.Queue(8)
         self.tasks_topic = settings.topic("tasks")
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
         self._stats_base: dict[int, int] = {}
+        self._batch_stats: dict[int, dict[str, Any]] = {}
 
     async def __call__(self, batch: dict[Any, list[Any]]) -> None:
         async with self.lock:
             started = time.perf_counter()
             try:
                 offsets, count = await self._process(batch)
-                produced = await self.writer.flush()
+                produced, delivered = await self.writer.send()
             except BaseException:
                 self.writer.rollback()
                 raise
-            self.on_processed(offsets)
+            # The next batch starts while this one's records travel to the broker.
+            await self._unacked.put((delivered, offsets))
             self.metrics.batch_done(count, produced, time.perf_counter() - started)
+
+    async def acknowledge(self) -> None:
+        """Mark batches processed, in order, once the broker has all their records.
+
+        Runs for the life of the worker. A failed delivery raises here and stops the
+        worker: its stores hold effects the changelog may lack, so it must restart
+        from the changelog and the last committed offsets.
+        """
+        while True:
+            delivered, offsets = await self._unacked.get()
+            try:
+                for future in delivered:
+                    await future
+                self.on_processed(offsets)
+            finally:
+                self._unacked.task_done()
+
+    async def drain(self) -> None:
+        """Wait until every batch sent so far is acknowledged (before a rebalance)."""
+        await self._unacked.join()
 
     async def _process(self, batch: dict[Any, list[Any]]) -> tuple[dict[Any, int], int]:
         now = wire.now_ms()
@@ -114,6 +143,7 @@ class BatchProcessor:
         offsets: dict[Any, int] = {}
         count = 0
         self._stats_base = {}
+        self._batch_stats = {}
         for tp, records in batch.items():
             partition = tp.partition
             stats = self._stats_row(partition)
@@ -165,12 +195,16 @@ class BatchProcessor:
     # -- rows -------------------------------------------------------------------
 
     def _stats_row(self, partition: int) -> dict[str, Any]:
+        row = self._batch_stats.get(partition)
+        if row is not None:
+            return row
         key = state.stats_key(partition)
         row = self._writable("stats", key, partition)
         if row is None:
             row = state.new_stats(partition)
             self.writer.put("stats", key, row, partition)
         self._stats_base.setdefault(partition, row["o"])
+        self._batch_stats[partition] = row
         return row
 
     def _writable(self, table: str, key: str, partition: int) -> Any:
@@ -192,11 +226,9 @@ class BatchProcessor:
         if agent is None:
             agent = state.new_agent(agent_id, items[0].event.agent_type, now, self.settings.max_concurrent_tasks)
             self.writer.put("agents", agent_id, agent, partition)
-        memory = self._writable("memory", agent_id, partition)
-        if memory is None:
-            memory = state.new_memory()
-            self.writer.put("memory", agent_id, memory, partition)
-        run = _AgentRun(agent_id, partition, agent, memory, agent["o"], memory["o"])
+        stored_memory = self.writer.get("memory", agent_id)
+        memory_base = -1 if stored_memory is None else stored_memory["o"]
+        run = _AgentRun(agent_id, partition, agent, stored_memory, agent["o"], memory_base)
         stats_base = self._stats_base[partition]
         runnable: list[_Item] = []
         for item in items:
@@ -272,12 +304,7 @@ class BatchProcessor:
             task["status"] = "in_progress"
             task["started_at"] = wire.now_ms()
             self.writer.put("tasks", event.task_id, task, run.partition)
-            self.writer.emit(
-                self.events_topic,
-                run.partition,
-                run.agent_id.encode(),
-                wire.lifecycle_event("task.started", task["started_at"], task_id=event.task_id, agent_id=run.agent_id),
-            )
+            item.task = task
         if run.in_flight == 0:
             run.in_flight = 1
             run.agent["peak_concurrent_tasks"] = max(run.agent["peak_concurrent_tasks"], 1)
@@ -287,10 +314,30 @@ class BatchProcessor:
             return _Outcome("failed", error=str(exc), attempts=1, finished_ms=wire.now_ms())
         return self._attempt(handler, item, run, 1)
 
+    def _open_memory(self, run: _AgentRun) -> dict[str, Any]:
+        """The agent's memory row, writable in this batch (opened on the first write)."""
+        if run.memory is None:
+            row = self._writable("memory", run.agent_id, run.partition)
+            if row is None:
+                row = state.new_memory()
+                self.writer.put("memory", run.agent_id, row, run.partition)
+            run.memory = row
+        return run.memory
+
     def _attempt(self, handler: Any, item: _Item, run: _AgentRun, attempt: int) -> _Outcome | Awaitable[_Outcome]:
-        memory = run.memory if item.apply_memory else state.copy_row(run.memory)
+        current = run.memory if run.memory is not None else run.stored_memory
+        if item.apply_memory:
+            opener = partial(self._open_memory, run)
+        else:  # a replay whose memory writes are already in: write to a scratch copy
+            opener = partial(_scratch_memory, current)
         context = TaskContext(
-            run.agent_id, run.agent["type"], wire.now_ms(), memory, self.settings.working_memory_tokens, attempt
+            run.agent_id,
+            run.agent["type"],
+            wire.now_ms(),
+            current,
+            self.settings.working_memory_tokens,
+            attempt,
+            opener,
         )
         started = time.perf_counter()
         try:
@@ -302,8 +349,21 @@ class BatchProcessor:
         except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
             return self._retry_or_die(handler, item, run, attempt, exc)
         if inspect.isawaitable(result):
+            if attempt == 1 and item.apply_task:
+                self._emit_started(item, run)
             return self._await_attempt(handler, item, run, attempt, result, context, started)
         return _Outcome("completed", result, None, attempt, _ms_since(started), context.written, wire.now_ms())
+
+    def _emit_started(self, item: _Item, run: _AgentRun) -> None:
+        """``task.started`` for a task that waits in its handler (others only complete)."""
+        task = item.task
+        assert task is not None
+        self.writer.emit(
+            self.events_topic,
+            run.partition,
+            run.agent_id.encode(),
+            wire.lifecycle_event("task.started", task["started_at"], task_id=item.event.task_id, agent_id=run.agent_id),
+        )
 
     async def _await_attempt(
         self,
@@ -339,7 +399,7 @@ class BatchProcessor:
         self.in_flight -= 1
         now = outcome.finished_ms
         self.metrics.handler_seconds.observe(outcome.handler_ms / 1000.0)
-        task = self.writer.get("tasks", event.task_id) if item.apply_task else None
+        task = item.task
         if task is not None:
             task["status"] = outcome.status
             task["result"] = outcome.result
@@ -358,6 +418,7 @@ class BatchProcessor:
                     agent_id=run.agent_id,
                     status=outcome.status,
                     error=outcome.error,
+                    started_at=task["started_at"],
                 ),
             )
             if outcome.status == "dead":
@@ -392,13 +453,18 @@ class BatchProcessor:
         if item.apply_stats:
             memory_ops = len(outcome.memory_written) + (1 if event.kind == "memory_operation" else 0)
             state.apply_outcome_to_stats(self._stats_row(run.partition), task, outcome.handler_ms, memory_ops, now)
-        self.metrics.tasks_done.labels(status=outcome.status).inc()
+        self.metrics.tasks_by_status[outcome.status].inc()
 
     def _settle(self, run: _AgentRun, last_offset: int) -> None:
         run.agent["status"] = "idle"
         run.agent["o"] = max(run.agent["o"], last_offset)
-        run.memory["o"] = max(run.memory["o"], last_offset)
+        if run.memory is not None:
+            run.memory["o"] = max(run.memory["o"], last_offset)
         run.in_flight = 0
+
+
+def _scratch_memory(current: dict[str, Any] | None) -> dict[str, Any]:
+    return state.copy_row(current) if current is not None else state.new_memory()
 
 
 def _done(outcome: _Outcome) -> asyncio.Future[_Outcome]:

@@ -11,21 +11,24 @@ All four are Faust tables with changelog topics partitioned like the tasks topic
 A row lives in the partition of the event that wrote it (its agent's partition).
 
 :class:`TableWriter` writes rows straight into the table stores (visible to web views
-at once) and remembers which keys a batch touched. :meth:`TableWriter.flush` then
+at once) and remembers which keys a batch touched. :meth:`TableWriter.send` then
 produces one changelog record per touched key - the row's final value, however many
-events changed it - in bulk, and waits until the broker has them. Only after that are
-the batch's offsets committed. :meth:`TableWriter.rollback` undoes a batch that could
+events changed it - in bulk. The batch's offsets are committed only once the broker has
+all of them (see :class:`streams.processor.BatchProcessor`). :meth:`TableWriter.rollback` undoes a batch that could
 not be flushed, so the stores never hold effects that the changelog lacks.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import faust
 import msgpack
 from faust.serializers import codecs
+
+from schemas import wire
 
 TABLE_NAMES = ("agents", "tasks", "memory", "stats")
 _MISSING = object()
@@ -40,7 +43,7 @@ class MsgpackCodec(codecs.Codec):
 
 
 def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return wire.encode(value)
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,12 @@ class TableWriter:
     def pending(self) -> int:
         return len(self._touched) + sum(len(r) for r in self._records.values())
 
-    async def flush(self) -> int:
-        """Produce the batch's changelog and queued records; return how many were sent."""
+    async def send(self) -> tuple[int, list[asyncio.Future[Any]]]:
+        """Hand the batch's changelog and queued records to the producer.
+
+        Returns how many records were sent and the futures that resolve once the broker
+        has them; the batch's offsets may be committed only after that.
+        """
         outgoing = self._records
         for (table, key), (partition, _) in self._touched.items():
             store = self.stores[table]
@@ -147,11 +154,9 @@ class TableWriter:
         for (topic, partition), records in outgoing.items():
             sent += len(records)
             futures.extend(await self._send_bulk(topic, partition, records))
-        for future in futures:
-            await future
         self._touched = {}
         self._records = {}
-        return sent
+        return sent, futures
 
     def rollback(self) -> None:
         """Put every row the batch touched back as it was before the batch."""
