@@ -31,7 +31,6 @@ LIFECYCLE_EVENTS = (
     "memory.written",
 )
 MAX_TEXT = 16_384
-_OPTIONAL_TEXT = ("title", "description")
 
 
 class WireError(ValueError):
@@ -110,61 +109,61 @@ def decode_task(raw: bytes | None) -> TaskEvent:
 
 
 def task_from_map(data: dict[str, Any]) -> TaskEvent:
-    """Validate a decoded map (also used for HTTP requests after defaults are filled)."""
-    version = data.get("v")
-    if version != SCHEMA_VERSION:
+    """Validate a decoded map (also used for HTTP requests after defaults are filled).
+
+    Written for the hot path: exact type checks, one lookup per field.
+    """
+    get = data.get
+    version = get("v")
+    if version != SCHEMA_VERSION or type(version) is not int:
         raise WireError(f"unsupported schema version {version!r} (expected {SCHEMA_VERSION})")
-    event_type = data.get("type")
+    event_type = get("type")
     if event_type != TASK_CREATED:
         raise WireError(f"unsupported event type {event_type!r} (expected {TASK_CREATED!r})")
-    task_id = data.get("task_id")
-    if not isinstance(task_id, str) or not domain.TASK_ID.match(task_id):
+    task_id = get("task_id")
+    if type(task_id) is not str or not _TASK_ID_MATCH(task_id):
         raise WireError(f"task_id must look like 'task_<id>', got {task_id!r}")
-    agent_id = data.get("agent_id")
-    if not isinstance(agent_id, str) or not domain.AGENT_ID.match(agent_id):
+    agent_id = get("agent_id")
+    if type(agent_id) is not str or not _AGENT_ID_MATCH(agent_id):
         raise WireError(f"agent_id must look like 'agent_<name>_<NNN>', got {agent_id!r}")
-    kind = data.get("kind")
-    if kind not in domain.TASK_KINDS:
+    kind = get("kind")
+    if type(kind) is not str or kind not in domain.TASK_KINDS:
         raise WireError(f"kind must be one of {sorted(domain.TASK_KINDS)}, got {kind!r}")
-    priority = domain.canonical_priority(data.get("priority", "normal"))
-    if priority is None:
-        raise WireError(f"unknown priority {data.get('priority')!r}")
-    created = data.get("ts")
-    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+    priority = get("priority", "normal")
+    if type(priority) is not str or priority not in _CANONICAL_PRIORITIES:
+        canonical = domain.canonical_priority(priority)
+        if canonical is None:
+            raise WireError(f"unknown priority {priority!r}")
+        priority = canonical
+    created = get("ts")
+    if type(created) is not int or created < 0:
         raise WireError(f"ts must be milliseconds since the epoch, got {created!r}")
-    texts = []
-    for name in _OPTIONAL_TEXT:
-        text = data.get(name, "")
-        if text is None:
-            text = ""
-        if not isinstance(text, str) or len(text) > MAX_TEXT:
-            raise WireError(f"{name} must be a string of at most {MAX_TEXT} characters")
-        texts.append(text)
-    payload = data.get("payload") or {}
-    if not isinstance(payload, dict):
+    title = get("title") or ""
+    if type(title) is not str or len(title) > MAX_TEXT:
+        raise WireError(f"title must be a string of at most {MAX_TEXT} characters")
+    description = get("description") or ""
+    if type(description) is not str or len(description) > MAX_TEXT:
+        raise WireError(f"description must be a string of at most {MAX_TEXT} characters")
+    payload = get("payload") or {}
+    if type(payload) is not dict:
         raise WireError(f"payload must be a map, got {type(payload).__name__}")
-    metadata = data.get("metadata") or {}
-    if not isinstance(metadata, dict):
+    metadata = get("metadata") or {}
+    if type(metadata) is not dict:
         raise WireError(f"metadata must be a map, got {type(metadata).__name__}")
-    agent_type = data.get("agent_type") or "worker"
-    if agent_type not in domain.AGENT_TYPES:
+    agent_type = get("agent_type") or "worker"
+    if type(agent_type) is not str or agent_type not in domain.AGENT_TYPES:
         raise WireError(f"agent_type must be one of {sorted(domain.AGENT_TYPES)}, got {agent_type!r}")
-    deadline = data.get("deadline")
-    if deadline is not None and (not isinstance(deadline, int) or isinstance(deadline, bool)):
+    deadline = get("deadline")
+    if deadline is not None and type(deadline) is not int:
         raise WireError(f"deadline must be milliseconds since the epoch or nil, got {deadline!r}")
     return TaskEvent(
-        task_id=task_id,
-        agent_id=agent_id,
-        kind=kind,
-        priority=priority,
-        title=texts[0],
-        description=texts[1],
-        payload=payload,
-        created_ms=created,
-        agent_type=agent_type,
-        deadline_ms=deadline,
-        metadata=metadata,
+        task_id, agent_id, kind, priority, title, description, payload, created, agent_type, deadline, metadata
     )
+
+
+_TASK_ID_MATCH = domain.TASK_ID.match
+_AGENT_ID_MATCH = domain.AGENT_ID.match
+_CANONICAL_PRIORITIES = frozenset(domain.PRIORITIES)
 
 
 def lifecycle_event(event_type: str, ts_ms: int, **fields: Any) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,10 +51,17 @@ class Metrics:
             status: self.tasks_done.labels(status=status) for status in ("completed", "failed", "dead")
         }
 
-    def batch_done(self, events: int, produced: int, seconds: float) -> None:
+    def batch_done(
+        self, events: int, produced: int, seconds: float, finished: Mapping[str, int], handler_ms: Iterable[float]
+    ) -> None:
         self.batch_size.observe(events)
         self.batch_seconds.observe(seconds)
         self.events_out.inc(produced)
+        for status, count in finished.items():
+            self.tasks_by_status[status].inc(count)
+        observe = self.handler_seconds.observe
+        for value in handler_ms:
+            observe(value / 1000.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

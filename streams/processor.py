@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -96,6 +96,9 @@ class BatchProcessor:
         self.lock = lock
         #: Tasks inside handlers right now on this worker.
         self.in_flight = 0
+        # Per-batch tallies, handed to the metrics once per batch.
+        self._finished: Counter[str] = Counter()
+        self._handler_ms: list[float] = []
         #: Batches sent but not yet acknowledged by the broker (bounded: backpressure).
         self._unacked: asyncio.Queue[tuple[list[asyncio.Future[Any]], dict[Any, int]]] = asyncio.Queue(8)
         self.tasks_topic = settings.topic("tasks")
@@ -115,7 +118,9 @@ class BatchProcessor:
                 raise
             # The next batch starts while this one's records travel to the broker.
             await self._unacked.put((delivered, offsets))
-            self.metrics.batch_done(count, produced, time.perf_counter() - started)
+            self.metrics.batch_done(count, produced, time.perf_counter() - started, self._finished, self._handler_ms)
+            self._finished = Counter()
+            self._handler_ms = []
 
     async def acknowledge(self) -> None:
         """Mark batches processed, in order, once the broker has all their records.
@@ -214,7 +219,7 @@ class BatchProcessor:
         current = self.writer.get(table, key)
         if current is None:
             return None
-        row = state.copy_row(current)
+        row = _COPY[table](current)
         self.writer.put(table, key, row, partition)
         return row
 
@@ -241,7 +246,7 @@ class BatchProcessor:
         agent["status"] = "busy"
         for index, item in enumerate(runnable):
             started = self._start(item, run)
-            if inspect.isawaitable(started):
+            if type(started) is not _Outcome:
                 return self._run_rest(run, runnable, index, started)
             self._finish(item, run, started)
         self._settle(run, runnable[-1].offset)
@@ -286,7 +291,7 @@ class BatchProcessor:
                 run.agent["peak_concurrent_tasks"] = max(run.agent["peak_concurrent_tasks"], run.in_flight)
                 started = self._start(item, run)
                 window.append(
-                    (item, asyncio.ensure_future(started) if inspect.isawaitable(started) else _done(started))
+                    (item, _done(started) if type(started) is _Outcome else asyncio.ensure_future(started))
                 )
             while window:
                 done_item, future = window.popleft()
@@ -348,7 +353,7 @@ class BatchProcessor:
             )
         except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
             return self._retry_or_die(handler, item, run, attempt, exc)
-        if inspect.isawaitable(result):
+        if type(result) is not dict and inspect.isawaitable(result):
             if attempt == 1 and item.apply_task:
                 self._emit_started(item, run)
             return self._await_attempt(handler, item, run, attempt, result, context, started)
@@ -383,7 +388,7 @@ class BatchProcessor:
             )
         except Exception as exc:  # noqa: BLE001
             outcome = self._retry_or_die(handler, item, run, attempt, exc)
-            return await outcome if inspect.isawaitable(outcome) else outcome
+            return outcome if type(outcome) is _Outcome else await outcome
         return _Outcome("completed", result, None, attempt, _ms_since(started), context.written, wire.now_ms())
 
     def _retry_or_die(
@@ -398,7 +403,7 @@ class BatchProcessor:
         event = item.event
         self.in_flight -= 1
         now = outcome.finished_ms
-        self.metrics.handler_seconds.observe(outcome.handler_ms / 1000.0)
+        self._handler_ms.append(outcome.handler_ms)
         task = item.task
         if task is not None:
             task["status"] = outcome.status
@@ -453,7 +458,7 @@ class BatchProcessor:
         if item.apply_stats:
             memory_ops = len(outcome.memory_written) + (1 if event.kind == "memory_operation" else 0)
             state.apply_outcome_to_stats(self._stats_row(run.partition), task, outcome.handler_ms, memory_ops, now)
-        self.metrics.tasks_by_status[outcome.status].inc()
+        self._finished[outcome.status] += 1
 
     def _settle(self, run: _AgentRun, last_offset: int) -> None:
         run.agent["status"] = "idle"
@@ -461,6 +466,15 @@ class BatchProcessor:
         if run.memory is not None:
             run.memory["o"] = max(run.memory["o"], last_offset)
         run.in_flight = 0
+
+
+#: How each table's row is copied on its first change in a batch (only what changes).
+_COPY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "agents": dict,  # flat apart from "config", which the processor never changes
+    "memory": state.copy_row,
+    "stats": state.copy_row,
+    "tasks": state.copy_row,
+}
 
 
 def _scratch_memory(current: dict[str, Any] | None) -> dict[str, Any]:

@@ -38,6 +38,11 @@ def test_wire_round_trip_and_variants() -> None:
         ({"payload": [1]}, "payload"),
         ({"title": 5}, "title"),
         ({"agent_type": "robot"}, "agent_type"),
+        ({"kind": ["inference"]}, "kind"),
+        ({"agent_type": {"a": 1}}, "agent_type"),
+        ({"priority": [1]}, "priority"),
+        ({"ts": True}, "ts"),
+        ({"v": True}, "schema version"),
     ],
 )
 def test_wire_rejections_say_why(change: dict[str, object], reason: str) -> None:
