@@ -87,7 +87,7 @@ class Pipeline(Service):
         )
         processor = self.processor
         self.stats_view.in_progress = lambda: processor.in_flight
-        for name in ("events", "deadletter"):
+        for name in ("tasks", "events", "deadletter"):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()
         await self.add_runtime_dependency(self.stats_view)
