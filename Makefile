@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test lint clean
+.PHONY: install run demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ run: $(STAMP)
 ## The whole test suite against a real (embedded) broker.
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+## Throughput and latency against the baselines (installs the bench extra).
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/blackroad bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -189,6 +190,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from streams import bench
+
+    include_quix = importlib.util.find_spec("quixstreams") is not None
+    if not include_quix:
+        print("quixstreams is not installed (pip install -e '.[bench]'); skipping it", flush=True)
+    bench.run(args.count, args.agents, args.rate, args.seconds, Path(args.out), include_quix)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blackroad", description="BlackRoad agent/task streams on Kafka.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -215,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--stats", action="store_true", help="show the worker's stats in the progress line")
     produce.add_argument("--wait-for-worker", action="store_true", help="start once the worker's web views answer")
     produce.set_defaults(run=cmd_produce)
+
+    bench = commands.add_parser("bench", help="throughput and latency against the baselines, in one run")
+    bench.add_argument("--count", type=int, default=300_000, help="backlog tasks per system")
+    bench.add_argument("--agents", type=int, default=30_000)
+    bench.add_argument("--rate", type=float, default=500.0, help="tasks per second of the latency phase")
+    bench.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
+    bench.add_argument("--out", default="bench-results/latest.json")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -75,7 +75,9 @@ async def produce(
     ids = agent_ids(agents)
     progress = progress or Progress()
     progress.started = time.monotonic()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=512 * 1024, acks=1)
+    # Throttled loads send at once (latency); backlogs linger a little to batch (throughput).
+    linger_ms = 0 if rate > 0 else 5
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=512 * 1024, acks=1)
     await producer.start()
     try:
         pending = []

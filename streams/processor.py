@@ -290,9 +290,7 @@ class BatchProcessor:
                 run.in_flight = len(window) + 1
                 run.agent["peak_concurrent_tasks"] = max(run.agent["peak_concurrent_tasks"], run.in_flight)
                 started = self._start(item, run)
-                window.append(
-                    (item, _done(started) if type(started) is _Outcome else asyncio.ensure_future(started))
-                )
+                window.append((item, _done(started) if type(started) is _Outcome else asyncio.ensure_future(started)))
             while window:
                 done_item, future = window.popleft()
                 self._finish(done_item, run, await future)

