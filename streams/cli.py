@@ -62,18 +62,34 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_worker(settings: Settings) -> None:
-    """Run one worker in this process until it is stopped (SIGINT/SIGTERM)."""
+def _worker_class() -> type:
     import faust
 
+    class Worker(faust.Worker):  # type: ignore[misc]
+        """Faust's worker without its start-up spinner.
+
+        The spinner lowers the root logger to DEBUG for good, so every library builds
+        a log record for each debug call on the hot path only to have it filtered out.
+        """
+
+        def on_setup_root_logger(self, logger: Any, level: int) -> None:
+            self.spinner = None
+            super().on_setup_root_logger(logger, level)
+
+    return Worker
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one worker in this process until it is stopped (SIGINT/SIGTERM)."""
     from streams.app import create_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
+    _Worker = _worker_class()
     # Tables hold many small long-lived containers; collecting the young generation less
     # often keeps the collector from rescanning them on the hot path.
     gc.set_threshold(50_000, 20, 100)
-    worker = faust.Worker(app, loglevel=settings.log_level.upper(), redirect_stdouts=False)
+    worker = _Worker(app, loglevel=settings.log_level.upper(), redirect_stdouts=False)
     worker.execute_from_commandline()
 
 
