@@ -98,11 +98,22 @@ class Pipeline(Service):
         assert self.processor is not None
         await self.processor.acknowledge()
 
+    @Service.task
+    async def _flush_on_time(self) -> None:
+        await self.wait_for_started()
+        assert self.processor is not None
+        while not self.should_stop:
+            await self.sleep(self.settings.flush_interval / 2)
+            await self.processor.flush_if_due()
+
     async def drain(self) -> None:
         if self.processor is not None:
             await self.processor.drain()
 
     async def on_stop(self) -> None:
+        if self.processor is not None:
+            async with self.lock:
+                await self.processor.flush_changed_rows()
         if self.producer is not None:
             await self.producer.stop()
 

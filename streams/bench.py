@@ -277,6 +277,7 @@ def measure_latency(system: System, rate: float, seconds: float, agents: int, wo
             warm_up.join()
             if not warmed.wait(120):
                 raise TimeoutError(f"{system.name} processed no warm-up task")
+            time.sleep(3)  # past the first moments after the group join, for every system alike
             probe.restart()
             started = time.monotonic()
             _produce(broker.bootstrap, agents, rate, count)

@@ -7,9 +7,10 @@ One call handles everything one fetch returned, across partitions:
    ``max_concurrent_tasks`` of one agent in a handler at once, agents concurrently;
    synchronous handlers run inline without creating a task;
 3. fold each outcome into the task, agent, memory and stats rows;
-4. send the changelogs and lifecycle events in bulk and go on with the next batch;
-   once the broker has all of a batch's records, its offsets are marked processed
-   so the next commit includes them.
+4. send the lifecycle events and dead letters, and go on with the next batch; changed
+   rows reach their changelogs in bulk once per flush interval (see
+   :class:`streams.tables.TableWriter`). Once the broker has all the records a batch
+   depends on, its offsets are marked processed so the next commit includes them.
 
 Replays after a crash are idempotent: see :mod:`streams.state`.
 """
@@ -35,6 +36,8 @@ from streams.settings import Settings
 from streams.tables import TableWriter
 
 Partitioner = Callable[[bytes], int]
+#: Changed rows that force a changelog flush before the flush interval is up.
+_MAX_DIRTY_ROWS = 50_000
 
 
 @dataclass(slots=True)
@@ -99,8 +102,9 @@ class BatchProcessor:
         # Per-batch tallies, handed to the metrics once per batch.
         self._finished: Counter[str] = Counter()
         self._handler_ms: list[float] = []
-        #: Batches sent but not yet acknowledged by the broker (bounded: backpressure).
-        self._unacked: asyncio.Queue[tuple[list[asyncio.Future[Any]], dict[Any, int]]] = asyncio.Queue(8)
+        #: Batches whose records are not all acknowledged by the broker yet.
+        self._unacked: asyncio.Queue[tuple[list[asyncio.Future[Any]], dict[Any, int]]] = asyncio.Queue()
+        self._last_flush = time.monotonic()
         self.tasks_topic = settings.topic("tasks")
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
@@ -112,15 +116,33 @@ class BatchProcessor:
             started = time.perf_counter()
             try:
                 offsets, count = await self._process(batch)
-                produced, delivered = await self.writer.send()
+                produced, waits = await self.writer.end_batch()
             except BaseException:
                 self.writer.rollback()
                 raise
             # The next batch starts while this one's records travel to the broker.
-            await self._unacked.put((delivered, offsets))
+            self._unacked.put_nowait((waits, offsets))
+            if self._flush_due():
+                produced += await self._flush()
             self.metrics.batch_done(count, produced, time.perf_counter() - started, self._finished, self._handler_ms)
             self._finished = Counter()
             self._handler_ms = []
+
+    def _flush_due(self) -> bool:
+        dirty = self.writer.dirty
+        return dirty > 0 and (
+            dirty >= _MAX_DIRTY_ROWS or time.monotonic() - self._last_flush >= self.settings.flush_interval
+        )
+
+    async def _flush(self) -> int:
+        self._last_flush = time.monotonic()
+        return await self.writer.flush()
+
+    async def flush_if_due(self) -> None:
+        """Called on a timer, so rows changed by the last batch of a burst reach the changelog."""
+        async with self.lock:
+            if self._flush_due():
+                self.metrics.events_out.inc(await self._flush())
 
     async def acknowledge(self) -> None:
         """Mark batches processed, in order, once the broker has all their records.
@@ -130,16 +152,21 @@ class BatchProcessor:
         from the changelog and the last committed offsets.
         """
         while True:
-            delivered, offsets = await self._unacked.get()
+            waits, offsets = await self._unacked.get()
             try:
-                for future in delivered:
+                for future in waits:
                     await future
                 self.on_processed(offsets)
             finally:
                 self._unacked.task_done()
 
+    async def flush_changed_rows(self) -> None:
+        """Send every changed row now (on shutdown; caller holds the lock)."""
+        await self._flush()
+
     async def drain(self) -> None:
-        """Wait until every batch sent so far is acknowledged (before a rebalance)."""
+        """Flush and wait until every batch so far is acknowledged (caller holds the lock)."""
+        await self._flush()
         await self._unacked.join()
 
     async def _process(self, batch: dict[Any, list[Any]]) -> tuple[dict[Any, int], int]:
@@ -246,7 +273,7 @@ class BatchProcessor:
         agent["status"] = "busy"
         for index, item in enumerate(runnable):
             started = self._start(item, run)
-            if type(started) is not _Outcome:
+            if not isinstance(started, _Outcome):
                 return self._run_rest(run, runnable, index, started)
             self._finish(item, run, started)
         self._settle(run, runnable[-1].offset)
@@ -290,7 +317,7 @@ class BatchProcessor:
                 run.in_flight = len(window) + 1
                 run.agent["peak_concurrent_tasks"] = max(run.agent["peak_concurrent_tasks"], run.in_flight)
                 started = self._start(item, run)
-                window.append((item, _done(started) if type(started) is _Outcome else asyncio.ensure_future(started)))
+                window.append((item, _done(started) if isinstance(started, _Outcome) else asyncio.ensure_future(started)))
             while window:
                 done_item, future = window.popleft()
                 self._finish(done_item, run, await future)
@@ -386,7 +413,7 @@ class BatchProcessor:
             )
         except Exception as exc:  # noqa: BLE001
             outcome = self._retry_or_die(handler, item, run, attempt, exc)
-            return outcome if type(outcome) is _Outcome else await outcome
+            return outcome if isinstance(outcome, _Outcome) else await outcome
         return _Outcome("completed", result, None, attempt, _ms_since(started), context.written, wire.now_ms())
 
     def _retry_or_die(

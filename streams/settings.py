@@ -49,6 +49,8 @@ class Settings:
     fetch_max_wait_ms: int = 10
     #: Seconds between offset commits.
     commit_interval: float = 1.0
+    #: Seconds between changelog flushes: a row changed many times in between is written once.
+    flush_interval: float = 0.2
     #: Token budget of an agent's working memory (about 4 characters per token).
     working_memory_tokens: int = 2048
     #: Median and 99th percentile of the simulated inference handler, in milliseconds.
@@ -97,6 +99,7 @@ class Settings:
         _check_range("BATCH_MAX_RECORDS", self.batch_max_records, 1, 100_000)
         _check_range("FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 1, 60_000)
         _check_range("COMMIT_INTERVAL", self.commit_interval, 0.05, 600.0)
+        _check_range("FLUSH_INTERVAL", self.flush_interval, 0.001, 60.0)
         _check_range("WORKING_MEMORY_TOKENS", self.working_memory_tokens, 16, 10_000_000)
         _check_range("INFERENCE_P50_MS", self.inference_p50_ms, 0.0, 600_000.0)
         _check_range("INFERENCE_P99_MS", self.inference_p99_ms, 0.0, 600_000.0)

@@ -10,12 +10,9 @@
 All four are Faust tables with changelog topics partitioned like the tasks topic.
 A row lives in the partition of the event that wrote it (its agent's partition).
 
-:class:`TableWriter` writes rows straight into the table stores (visible to web views
-at once) and remembers which keys a batch touched. :meth:`TableWriter.send` then
-produces one changelog record per touched key - the row's final value, however many
-events changed it - in bulk. The batch's offsets are committed only once the broker has
-all of them (see :class:`streams.processor.BatchProcessor`). :meth:`TableWriter.rollback` undoes a batch that could
-not be flushed, so the stores never hold effects that the changelog lacks.
+Faust writes one changelog record per table write, each awaited; :class:`TableWriter`
+instead keeps a record cache like Kafka Streams: rows change in the stores at once and
+their changelog records are produced in bulk, one per changed key per flush interval.
 """
 
 from __future__ import annotations
@@ -106,72 +103,105 @@ class RowStore:
 
 
 class TableWriter:
-    """Coalesced table writes within a batch, flushed to the changelogs in bulk."""
+    """A record cache over the table stores: writes coalesce per key across batches.
+
+    * :meth:`put` changes a row in its store at once (web views see it) and marks the key
+      dirty; the first change of a key in a batch remembers its old value for
+      :meth:`rollback`.
+    * :meth:`end_batch` sends the batch's other records (lifecycle events, dead letters)
+      and returns what the batch's offsets must wait for: those records and the next
+      changelog flush.
+    * :meth:`flush` produces one changelog record per dirty key, the row's latest value
+      however many events changed it since the last flush, and resolves the waiting
+      batches once the broker has them all.
+    """
 
     def __init__(self, producer: Any, stores: dict[str, RowStore]) -> None:
         self._producer = producer
         self.stores = stores
-        # (table, key) -> (partition, value before the batch or _MISSING)
-        self._touched: dict[tuple[str, str], tuple[int, Any]] = {}
+        # (table, key) -> partition, for rows changed since the last flush
+        self._dirty: dict[tuple[str, str], int] = {}
+        # (table, key) -> (partition, value before this batch or _MISSING)
+        self._undo: dict[tuple[str, str], tuple[int, Any]] = {}
         # (topic, partition) -> [(key, value)] of other records (lifecycle, dead letters)
         self._records: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        self._next_flush: asyncio.Future[None] | None = None
 
     def get(self, table: str, key: str) -> Any:
         return self.stores[table].rows.get(key)
 
     def touched(self, table: str, key: str) -> bool:
-        return (table, key) in self._touched
+        """Whether this batch already changed the row (and so owns a private copy)."""
+        return (table, key) in self._undo
 
     def put(self, table: str, key: str, value: Any, partition: int) -> None:
         store = self.stores[table]
         marker = (table, key)
-        if marker not in self._touched:
-            self._touched[marker] = (partition, store.rows.get(key, _MISSING))
+        if marker not in self._undo:
+            self._undo[marker] = (partition, store.rows.get(key, _MISSING))
+            self._dirty[marker] = partition
         store.put(key, value, partition)
 
     def emit(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
-        """Queue one record for another topic, sent with the batch's changelog."""
+        """Queue one record for another topic, sent at the end of the batch."""
         self._records.setdefault((topic, partition), []).append((key, value))
 
     @property
-    def pending(self) -> int:
-        return len(self._touched) + sum(len(r) for r in self._records.values())
+    def dirty(self) -> int:
+        return len(self._dirty)
 
-    async def send(self) -> tuple[int, list[asyncio.Future[Any]]]:
-        """Hand the batch's changelog and queued records to the producer.
+    async def end_batch(self) -> tuple[int, list[asyncio.Future[Any]]]:
+        """Send the batch's queued records; return their count and what to wait for."""
+        sent = 0
+        waits: list[asyncio.Future[Any]] = []
+        for (topic, partition), records in self._records.items():
+            sent += len(records)
+            waits.extend(await self._send_bulk(topic, partition, records))
+        self._records = {}
+        if self._undo:
+            if self._next_flush is None:
+                self._next_flush = asyncio.get_running_loop().create_future()
+            waits.append(self._next_flush)
+        self._undo = {}
+        return sent, waits
 
-        Returns how many records were sent and the futures that resolve once the broker
-        has them; the batch's offsets may be committed only after that.
-        """
-        outgoing = self._records
-        for (table, key), (partition, _) in self._touched.items():
+    async def flush(self) -> int:
+        """Produce the changelog of every dirty row; return how many records were sent."""
+        outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        for (table, key), partition in self._dirty.items():
             store = self.stores[table]
             value = store.rows.get(key)
             packed = None if value is None else pack(value)
             outgoing.setdefault((store.changelog_topic, partition), []).append((key.encode(), packed))
-        sent = 0
-        futures = []
-        for (topic, partition), records in outgoing.items():
-            sent += len(records)
-            futures.extend(await self._send_bulk(topic, partition, records))
-        self._touched = {}
-        self._records = {}
-        return sent, futures
+        self._dirty = {}
+        waiting, self._next_flush = self._next_flush, None
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for (topic, partition), records in outgoing.items():
+                futures.extend(await self._send_bulk(topic, partition, records))
+        except BaseException as exc:
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(exc)
+            raise
+        if waiting is not None:
+            _resolve_when_all_done(waiting, futures)
+        return sum(len(records) for records in outgoing.values())
 
     def rollback(self) -> None:
-        """Put every row the batch touched back as it was before the batch."""
-        for (table, key), (partition, before) in self._touched.items():
+        """Put every row this batch changed back as it was before the batch."""
+        for (table, key), (partition, before) in self._undo.items():
             store = self.stores[table]
             if before is _MISSING:
                 store.delete(key)
             else:
                 store.put(key, before, partition)
-        self._touched = {}
+        # Rows stay dirty: re-sending a restored value is harmless.
+        self._undo = {}
         self._records = {}
 
     async def _send_bulk(
         self, topic: str, partition: int, records: list[tuple[bytes | None, bytes | None]]
-    ) -> list[Any]:
+    ) -> list[asyncio.Future[Any]]:
         producer = self._producer
         futures = []
         batch = producer.create_batch()
@@ -184,3 +214,19 @@ class TableWriter:
         if batch.record_count():
             futures.append(await producer.send_batch(batch, topic, partition=partition))
         return futures
+
+
+def _resolve_when_all_done(target: asyncio.Future[None], futures: list[asyncio.Future[Any]]) -> None:
+    """Resolve ``target`` once every future is done (failing it if any failed)."""
+
+    def copy_outcome(gathered: asyncio.Future[Any]) -> None:
+        if target.done():
+            return
+        if gathered.cancelled():
+            target.cancel()
+        elif gathered.exception() is not None:
+            target.set_exception(gathered.exception())  # type: ignore[arg-type]
+        else:
+            target.set_result(None)
+
+    asyncio.gather(*futures).add_done_callback(copy_outcome)
