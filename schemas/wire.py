@@ -18,11 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from aiokafka.partitioner import murmur2
 
 from schemas import domain
 
 SCHEMA_VERSION = 1
 TASK_CREATED = "task.created"
+TASK_BATCH = "task.batch"
+#: Most tasks one ``task.batch`` event may carry.
+MAX_BATCH_TASKS = 10_000
 LIFECYCLE_EVENTS = (
     "task.started",
     "task.completed",
@@ -91,21 +95,79 @@ def encode_task(event: TaskEvent) -> bytes:
     return encode(event.to_wire())
 
 
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for ``key`` (murmur2)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def decode_task(raw: bytes | None) -> TaskEvent:
-    """Decode and validate one ``task.created`` value."""
+def decode_tasks(raw: bytes | None) -> tuple[list[TaskEvent], list[str]]:
+    """Decode one value of the tasks topic: a ``task.created`` or a ``task.batch`` event.
+
+    Returns the valid tasks and, for a batch, the reasons its invalid tasks were refused
+    (the valid ones still run). A value that is not a task event at all raises WireError.
+    """
+    data = _unpack_map(raw)
+    if data.get("type") != TASK_BATCH:
+        return [task_from_map(data)], []
+    if data.get("v") != SCHEMA_VERSION or type(data.get("v")) is not int:
+        raise WireError(f"unsupported schema version {data.get('v')!r} (expected {SCHEMA_VERSION})")
+    tasks = data.get("tasks")
+    if type(tasks) is not list or not 1 <= len(tasks) <= MAX_BATCH_TASKS:
+        raise WireError(f"a task.batch needs 'tasks': a list of 1 to {MAX_BATCH_TASKS} task maps")
+    events: list[TaskEvent] = []
+    errors: list[str] = []
+    seen: set[str] = set()
+    for index, task in enumerate(tasks):
+        if type(task) is not dict:
+            errors.append(f"tasks[{index}]: must be a map")
+            continue
+        task.setdefault("v", SCHEMA_VERSION)
+        task.setdefault("type", TASK_CREATED)
+        task.setdefault("ts", data.get("ts"))
+        try:
+            event = task_from_map(task)
+        except WireError as exc:
+            errors.append(f"tasks[{index}]: {exc}")
+            continue
+        if event.task_id in seen:
+            errors.append(f"tasks[{index}]: task_id {event.task_id!r} repeated in the batch")
+            continue
+        seen.add(event.task_id)
+        events.append(event)
+    return events, errors
+
+
+def encode_batch(events: list[TaskEvent]) -> bytes:
+    """One ``task.batch`` value carrying ``events`` (all for agents of one partition)."""
+    tasks = []
+    for event in events:
+        task = event.to_wire()
+        del task["v"], task["type"], task["event_id"]
+        tasks.append(task)
+    return encode(
+        {"v": SCHEMA_VERSION, "type": TASK_BATCH, "event_id": domain.new_id("evt"), "ts": now_ms(), "tasks": tasks}
+    )
+
+
+def _unpack_map(raw: bytes | None) -> dict[str, Any]:
     if raw is None:
         raise WireError("empty value (tombstone) on the tasks topic")
     try:
         data = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise WireError(f"value is not msgpack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         raise WireError(f"value must be a msgpack map, got {type(data).__name__}")
-    return task_from_map(data)
+    return data
+
+
+def decode_task(raw: bytes | None) -> TaskEvent:
+    """Decode and validate one ``task.created`` value."""
+    return task_from_map(_unpack_map(raw))
 
 
 def task_from_map(data: dict[str, Any]) -> TaskEvent:

@@ -8,10 +8,10 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 from mode import Service
 
 from agents.registry import HandlerRegistry, default_registry
+from schemas import wire
 from streams.metrics import Metrics
 from streams.processor import BatchProcessor
 from streams.settings import Settings
@@ -80,7 +80,7 @@ class Pipeline(Service):
             TableWriter(self.producer, stores),
             self.registry,
             self.metrics,
-            partition_for=lambda key: (murmur2(key) & 0x7FFFFFFF) % partitions,
+            partition_for=lambda key: wire.partition_for(key, partitions),
             on_processed=consumer.mark_processed,
             highwater=consumer.highwater,
             lock=self.lock,

@@ -117,7 +117,15 @@ def cmd_produce(args: argparse.Namespace) -> int:
     async def main() -> int:
         job = asyncio.create_task(
             loadgen.produce(
-                settings.bootstrap, settings.topic("tasks"), args.agents, args.rate, args.count, args.seed, progress
+                settings.bootstrap,
+                settings.topic("tasks"),
+                args.agents,
+                args.rate,
+                args.count,
+                args.seed,
+                progress,
+                pack=args.pack,
+                partitions=settings.partitions,
             )
         )
         try:
@@ -241,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--rate", type=float, default=500.0, help="tasks per second (0 = unthrottled)")
     produce.add_argument("--count", type=int, default=10_000, help="tasks to send (0 = until stopped)")
     produce.add_argument("--seed", type=int, default=7)
+    produce.add_argument("--pack", type=int, default=1, help="tasks per task.batch event (1 = one task per event)")
     produce.add_argument("--stats", action="store_true", help="show the worker's stats in the progress line")
     produce.add_argument("--wait-for-worker", action="store_true", help="start once the worker's web views answer")
     produce.set_defaults(run=cmd_produce)

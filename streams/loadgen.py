@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 
 from schemas import domain, wire
-from schemas.wire import TaskEvent
+from schemas.wire import TaskEvent, partition_for
 
 _KIND_MIX = (
     ("tool_execution", 40),
@@ -69,8 +69,14 @@ async def produce(
     seed: int = 7,
     progress: Progress | None = None,
     kind: str | None = None,
+    pack: int = 1,
+    partitions: int = 4,
 ) -> int:
-    """Send ``count`` tasks (0 = until cancelled) at ``rate`` per second (0 = as fast as possible)."""
+    """Send ``count`` tasks (0 = until cancelled) at ``rate`` per second (0 = as fast as possible).
+
+    With ``pack`` > 1, tasks of one partition travel together as ``task.batch`` events of up
+    to ``pack`` tasks (``partitions`` must match the topic's).
+    """
     rng = random.Random(seed)  # noqa: S311 - load generation, not security
     ids = agent_ids(agents)
     progress = progress or Progress()
@@ -81,10 +87,19 @@ async def produce(
     await producer.start()
     try:
         pending = []
+        packs: dict[int, list[TaskEvent]] = {}
         for sequence in itertools.count(1) if count == 0 else range(1, count + 1):
             agent_id = ids[(sequence - 1) % len(ids)]
             event = make_task(agent_id, sequence, rng, kind)
-            pending.append(await producer.send(topic, wire.encode_task(event), key=agent_id.encode()))
+            if pack > 1:
+                key = agent_id.encode()
+                partition = partition_for(key, partitions)
+                packed = packs.setdefault(partition, [])
+                packed.append(event)
+                if len(packed) >= pack or sequence == count:
+                    pending.extend(await _send_packs(producer, topic, packs, only=partition))
+            else:
+                pending.append(await producer.send(topic, wire.encode_task(event), key=agent_id.encode()))
             progress.sent = sequence
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)
@@ -93,11 +108,24 @@ async def produce(
                 ahead = sequence / rate - (time.monotonic() - progress.started)
                 if ahead > 0.002:
                     await asyncio.sleep(ahead)
+        pending.extend(await _send_packs(producer, topic, packs))
         await asyncio.gather(*pending)
         await producer.flush()
     finally:
         await producer.stop()
     return progress.sent
+
+
+async def _send_packs(
+    producer: AIOKafkaProducer, topic: str, packs: dict[int, list[TaskEvent]], only: int | None = None
+) -> list[asyncio.Future[object]]:
+    sent = []
+    for partition in [only] if only is not None else list(packs):
+        events = packs.pop(partition, [])
+        if events:
+            value = wire.encode_batch(events)
+            sent.append(await producer.send(topic, value, key=events[0].agent_id.encode(), partition=partition))
+    return sent
 
 
 def print_line(text: str) -> None:

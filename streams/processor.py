@@ -204,18 +204,21 @@ class BatchProcessor:
         self, record: Any, partition: int, stats: dict[str, Any], stats_base: int, by_agent: dict[str, list[_Item]]
     ) -> None:
         try:
-            event = wire.decode_task(record.value)
+            events, refused = wire.decode_tasks(record.value)
         except WireError as exc:
             self._dead_letter(record, partition, str(exc), stats, stats_base)
             return
-        key = event.agent_id.encode()
-        if record.key != key:
-            # Keyed by something else: send it on to its agent's partition.
-            self.writer.emit(self.tasks_topic, self.partition_for(key), key, record.value)
-            self.metrics.repartitioned.inc()
-            return
-        item = _Item(partition, record.offset, event)
-        by_agent.setdefault(event.agent_id, []).append(item)
+        for reason in refused:
+            self._dead_letter(record, partition, reason, stats, stats_base)
+        single = len(events) == 1 and not refused
+        for event in events:
+            key = event.agent_id.encode()
+            if (record.key != key) if single else (self.partition_for(key) != partition):
+                # Keyed by something else: send it on to its agent's partition.
+                self.writer.emit(self.tasks_topic, self.partition_for(key), key, wire.encode_task(event))
+                self.metrics.repartitioned.inc()
+                continue
+            by_agent.setdefault(event.agent_id, []).append(_Item(partition, record.offset, event))
 
     def _dead_letter(self, record: Any, partition: int, reason: str, stats: dict[str, Any], stats_base: int) -> None:
         value = wire.dead_letter(reason, record.topic, partition, record.offset, record.key, record.value)
@@ -317,7 +320,9 @@ class BatchProcessor:
                 run.in_flight = len(window) + 1
                 run.agent["peak_concurrent_tasks"] = max(run.agent["peak_concurrent_tasks"], run.in_flight)
                 started = self._start(item, run)
-                window.append((item, _done(started) if isinstance(started, _Outcome) else asyncio.ensure_future(started)))
+                window.append(
+                    (item, _done(started) if isinstance(started, _Outcome) else asyncio.ensure_future(started))
+                )
             while window:
                 done_item, future = window.popleft()
                 self._finish(done_item, run, await future)

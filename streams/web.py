@@ -12,7 +12,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka.partitioner import murmur2
 from faust import web
 from yarl import URL
 
@@ -171,7 +170,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
     def owner_of(agent_id: str) -> URL | None:
         """The web URL of the worker owning the agent's partition, None if it is this one."""
-        partition = (murmur2(agent_id.encode()) & 0x7FFFFFFF) % settings.partitions
+        partition = wire.partition_for(agent_id.encode(), settings.partitions)
         for host, topics in app.router.table_metadata("agents").items():
             if any(partition in parts for parts in topics.values()):
                 url = URL(str(host))
@@ -190,12 +189,17 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         return _json(view, body, status)
 
     async def produce(events: list[wire.TaskEvent]) -> None:
+        """Send tasks; several for one partition travel as one ``task.batch`` event."""
         producer = app.pipeline.producer
         if producer is None:
             raise ApiError("unavailable", "worker is still starting", 503)
-        futures = [
-            await producer.send(tasks_topic, wire.encode_task(event), key=event.agent_id.encode()) for event in events
-        ]
+        by_partition: dict[int, list[wire.TaskEvent]] = {}
+        for event in events:
+            by_partition.setdefault(wire.partition_for(event.agent_id.encode(), settings.partitions), []).append(event)
+        futures = []
+        for partition, group in by_partition.items():
+            value = wire.encode_task(group[0]) if len(group) == 1 else wire.encode_batch(group)
+            futures.append(await producer.send(tasks_topic, value, key=group[0].agent_id.encode(), partition=partition))
         for future in futures:
             await future
 

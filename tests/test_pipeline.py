@@ -124,3 +124,34 @@ def test_events_keyed_otherwise_are_repartitioned(deployment: Deployment) -> Non
     wait_until(_completed(worker, 20), 60, what="re-keyed tasks finished")
     for event in events:
         assert worker.get(f"/v1/agents/{event.agent_id}")[1]["stats"]["tasks_completed"] == 1
+
+
+def test_batch_events_carry_many_tasks_and_refuse_bad_ones_alone(deployment: Deployment) -> None:
+    from schemas import wire
+
+    worker = deployment.worker().start().wait_ready()
+    agents = [f"agent_pack_{i:03d}" for i in range(40)]
+    by_partition: dict[int, list] = defaultdict(list)  # type: ignore[type-arg]
+    events = [task(agent, "tool_execution", {"tool": "upper", "input": agent}) for agent in agents for _ in range(3)]
+    for event in events:
+        by_partition[wire.partition_for(event.agent_id.encode(), deployment.partitions)].append(event)
+    records = []
+    for group in by_partition.values():
+        value = msgpack.unpackb(wire.encode_batch(group))
+        value["tasks"].append({"task_id": "task_bad", "agent_id": group[0].agent_id, "kind": "nope"})
+        records.append((group[0].agent_id.encode(), msgpack.packb(value)))
+    # A task whose agent lives in another partition is re-keyed, not lost.
+    stray = task("agent_stray_001")
+    other = next(p for p in by_partition if p != wire.partition_for(b"agent_stray_001", deployment.partitions))
+    records.append((by_partition[other][0].agent_id.encode(), wire.encode_batch([stray])))
+    produce(deployment.bootstrap, deployment.topic("tasks"), records)
+
+    stats = wait_until(_completed(worker, len(events) + 1), 60, what="packed tasks finished")
+    assert stats["completed_tasks"] == len(events) + 1
+    for agent in agents:
+        assert worker.get(f"/v1/agents/{agent}")[1]["stats"]["tasks_completed"] == 3
+    assert worker.get(f"/v1/tasks/{stray.task_id}")[1]["status"] == "completed"
+    dead = consume_all(deployment.bootstrap, deployment.topic("deadletter"), 4, expect=len(by_partition))
+    reasons = sorted(msgpack.unpackb(r.value)["reason"] for r in dead)
+    assert len(reasons) == len(by_partition)
+    assert all(r.startswith("tasks[") and "kind" in r for r in reasons)
