@@ -90,14 +90,18 @@ async def _create_topic(bootstrap: str) -> None:
         await admin.close()
 
 
-def _produce(bootstrap: str, agents: int, rate: float, count: int) -> None:
-    asyncio.run(loadgen.produce(bootstrap, TOPIC, agents, rate, count, kind="tool_execution"))
+def _produce(bootstrap: str, agents: int, rate: float, count: int, pack: int = 1) -> None:
+    asyncio.run(
+        loadgen.produce(bootstrap, TOPIC, agents, rate, count, kind="tool_execution", pack=pack, partitions=PARTITIONS)
+    )
 
 
 class System:
     """One contender: how to start it and how to tell it has finished."""
 
     name = ""
+    #: Tasks per Kafka record in its backlog: 1 is load shape (a); more is shape (b).
+    pack = 1
 
     def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
         raise NotImplementedError
@@ -171,6 +175,11 @@ class Project(System):
 
     name = "blackroad-streams"
 
+    def __init__(self, pack: int = 1) -> None:
+        self.pack = pack
+        if pack > 1:
+            self.name = f"blackroad-streams, task.batch of {pack}"
+
     def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
         self.web_port = free_port()
         self.expected = expected
@@ -235,7 +244,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def measure_backlog(system: System, count: int, agents: int, workdir: Path) -> Measurement:
     with EmbeddedBroker(free_port()) as broker:
         asyncio.run(_create_topic(broker.bootstrap))
-        _produce(broker.bootstrap, agents, 0, count)
+        _produce(broker.bootstrap, agents, 0, count, system.pack)
         process = system.start(broker.bootstrap, count, workdir)
         probe = ProcessProbe(process.pid)
         try:
@@ -324,6 +333,7 @@ def systems(include_quix: bool) -> list[tuple[System, int]]:
         (BaselineApp("ceiling (raw aiokafka + dicts)", "ceiling.py", []), 0),
         (BaselineApp("naive faust-streaming", "naive_faust.py", ["{port}", "{dir}"]), 40_000),
         (Project(), 0),
+        (Project(pack=100), 0),
     ]
     if include_quix:
         chosen.insert(2, (BaselineApp("quix streams", "quix_app.py", ["{dir}"]), 0))
@@ -353,6 +363,8 @@ def run(count: int, agents: int, rate: float, seconds: float, out: Path, include
             print(f"== {system.name}: backlog", flush=True)
             results.append(measure_backlog(system, own_count or count, agents, workdir))
             print(table(results[-1:]).splitlines()[-1], flush=True)
+            if system.pack > 1:
+                continue  # the light-load phase sends single tasks: shape (a) covers it
             workdir = Path(tmp) / f"{index}-latency"
             workdir.mkdir()
             print(f"== {system.name}: latency at {rate:g} tasks/s", flush=True)

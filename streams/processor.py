@@ -38,6 +38,9 @@ from streams.tables import TableWriter
 Partitioner = Callable[[bytes], int]
 #: Changed rows that force a changelog flush before the flush interval is up.
 _MAX_DIRTY_ROWS = 50_000
+#: Bytes of record values processed in one go: a fetch of packed ``task.batch`` events
+#: can hold far more tasks than records, and web views must not wait for all of them.
+_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -112,6 +115,10 @@ class BatchProcessor:
         self._batch_stats: dict[int, dict[str, Any]] = {}
 
     async def __call__(self, batch: dict[Any, list[Any]]) -> None:
+        for chunk in _chunks(batch, _CHUNK_BYTES):
+            await self._process_chunk(chunk)
+
+    async def _process_chunk(self, batch: dict[Any, list[Any]]) -> None:
         async with self.lock:
             started = time.perf_counter()
             try:
@@ -505,6 +512,23 @@ _COPY: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "stats": state.copy_row,
     "tasks": state.copy_row,
 }
+
+
+def _chunks(batch: dict[Any, list[Any]], budget: int) -> list[dict[Any, list[Any]]]:
+    """Split a fetch into pieces of about ``budget`` bytes, keeping each partition in order."""
+    chunks: list[dict[Any, list[Any]]] = []
+    current: dict[Any, list[Any]] = {}
+    size = 0
+    for tp, records in batch.items():
+        for record in records:
+            if size >= budget and current:
+                chunks.append(current)
+                current, size = {}, 0
+            current.setdefault(tp, []).append(record)
+            size += len(record.value or b"")
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _scratch_memory(current: dict[str, Any] | None) -> dict[str, Any]:
