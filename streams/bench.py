@@ -370,11 +370,13 @@ def run(count: int, agents: int, rate: float, seconds: float, out: Path, include
             print(f"== {system.name}: latency at {rate:g} tasks/s", flush=True)
             results.append(measure_latency(system, rate, seconds, agents, workdir))
             print(table(results[-1:]).splitlines()[-1], flush=True)
-    project = next(r for r in results if r.system == Project.name and r.phase == "backlog")
+    backlogs = {r.system: r.tasks_per_second for r in results if r.phase == "backlog"}
+    ours = {name: rate for name, rate in backlogs.items() if name.startswith(Project.name)}
     ratios = {
-        r.system: round(project.tasks_per_second / r.tasks_per_second, 2)
-        for r in results
-        if r.phase == "backlog" and r.system != Project.name and r.tasks_per_second
+        f"{mine} / {other}": round(mine_rate / other_rate, 2)
+        for mine, mine_rate in ours.items()
+        for other, other_rate in backlogs.items()
+        if other not in ours and other_rate
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -391,7 +393,7 @@ def run(count: int, agents: int, rate: float, seconds: float, out: Path, include
     print()
     print(table(results))
     print()
-    print("project throughput / other:", ", ".join(f"{k}: {v}x" for k, v in ratios.items()))
+    print("throughput ratios:", "; ".join(f"{k}: {v}x" for k, v in ratios.items()))
     print(f"machine: {machine()}")
     print(f"written to {out}")
     return results
