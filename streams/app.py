@@ -106,6 +106,17 @@ class Pipeline(Service):
             await self.sleep(self.settings.flush_interval / 2)
             await self.processor.flush_if_due()
 
+    @Service.task
+    async def _expire_finished_tasks(self) -> None:
+        await self.wait_for_started()
+        assert self.processor is not None
+        period = min(60.0, max(0.5, self.settings.task_retention / 10))
+        while not self.should_stop:
+            await self.sleep(period)
+            cutoff = wire.now_ms() - int(self.settings.task_retention * 1000)
+            while await self.processor.expire_tasks(cutoff) >= 20_000:
+                await self.sleep(0)
+
     async def drain(self) -> None:
         if self.processor is not None:
             await self.processor.drain()

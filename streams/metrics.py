@@ -40,6 +40,9 @@ class Metrics:
         self.repartitioned = Counter(
             "blackroad_repartitioned", "Events re-keyed to their agent's partition.", registry=r
         )
+        self.tasks_expired = Counter(
+            "blackroad_tasks_expired", "Finished tasks removed from the live tasks table.", registry=r
+        )
         self.duplicates = Counter(
             "blackroad_duplicate_tasks", "Task events whose task id was already seen.", registry=r
         )

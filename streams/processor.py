@@ -167,6 +167,26 @@ class BatchProcessor:
             finally:
                 self._unacked.task_done()
 
+    async def expire_tasks(self, older_than_ms: int, limit: int = 20_000) -> int:
+        """Remove finished tasks completed before ``older_than_ms`` from the live table.
+
+        Takes at most ``limit`` rows per call so the event loop is never held for long.
+        """
+        async with self.lock:
+            rows = self.writer.stores["tasks"].rows
+            expired = []
+            for task_id, row in rows.items():
+                finished = row["completed_at"]
+                if finished is not None and finished < older_than_ms and row["status"] in state.TERMINAL_TASK_STATUSES:
+                    expired.append(task_id)
+                    if len(expired) >= limit:
+                        break
+            for task_id in expired:
+                self.writer.delete("tasks", task_id)
+            await self.writer.end_batch()
+            self.metrics.tasks_expired.inc(len(expired))
+            return len(expired)
+
     async def flush_changed_rows(self) -> None:
         """Send every changed row now (on shutdown; caller holds the lock)."""
         await self._flush()

@@ -101,6 +101,9 @@ class RowStore:
         self.rows.pop(key, None)
         self._key_partition.pop(key, None)
 
+    def partition_of(self, key: str) -> int | None:
+        return self._key_partition.get(key)
+
 
 class TableWriter:
     """A record cache over the table stores: writes coalesce per key across batches.
@@ -141,6 +144,18 @@ class TableWriter:
             self._undo[marker] = (partition, store.rows.get(key, _MISSING))
             self._dirty[marker] = partition
         store.put(key, value, partition)
+
+    def delete(self, table: str, key: str) -> None:
+        """Remove a row; its changelog gets a tombstone at the next flush."""
+        store = self.stores[table]
+        partition = store.partition_of(key)
+        if partition is None:
+            return
+        marker = (table, key)
+        if marker not in self._undo:
+            self._undo[marker] = (partition, store.rows.get(key, _MISSING))
+            self._dirty[marker] = partition
+        store.delete(key)
 
     def emit(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
         """Queue one record for another topic, sent at the end of the batch."""

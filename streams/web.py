@@ -36,7 +36,7 @@ _TASK_FIELDS = {
     "agent_type": str,
     "id": str,
 }
-_STATUS = {"invalid_request": 400, "not_found": 404, "internal_error": 500, "unavailable": 503}
+_STATUS = {"invalid_request": 400, "not_found": 404, "internal_error": 500}
 
 
 class ApiError(Exception):
@@ -64,11 +64,15 @@ class ApiView(web.View):
     """Turns :class:`ApiError` (and anything unexpected) into the error envelope."""
 
     name = "api"
+    #: Views that read tables answer 503 until the worker's tables are recovered.
+    reads_tables = True
 
     async def dispatch(self, request: Any) -> Any:
         app: Any = self.app
         metrics: Metrics = app.pipeline.metrics
         try:
+            if self.reads_tables and request.method == "GET" and not _tables_ready(app):
+                raise ApiError("internal_error", "the worker is recovering its tables; retry shortly", 503)
             response = await super().dispatch(request)
         except ApiError as exc:
             response = _error(self, exc)
@@ -79,6 +83,11 @@ class ApiView(web.View):
             response = _error(self, ApiError("internal_error", "internal error"))
         metrics.http_requests.labels(view=self.name, status=str(response.status)).inc()
         return response
+
+
+def _tables_ready(app: Any) -> bool:
+    """True once table recovery has completed and none is running (e.g. after a rebalance)."""
+    return bool(app.tables.recovery.completed.is_set() and not app.in_recovery)
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +201,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         """Send tasks; several for one partition travel as one ``task.batch`` event."""
         producer = app.pipeline.producer
         if producer is None:
-            raise ApiError("unavailable", "worker is still starting", 503)
+            raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
         by_partition: dict[int, list[wire.TaskEvent]] = {}
         for event in events:
             by_partition.setdefault(wire.partition_for(event.agent_id.encode(), settings.partitions), []).append(event)
@@ -319,6 +328,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     @app.page("/metrics")
     class PrometheusMetrics(ApiView):
         name = "metrics"
+        reads_tables = False
 
         async def get(self, request: Any) -> Any:
             return self.bytes(metrics.render(), content_type="text/plain; version=0.0.4")

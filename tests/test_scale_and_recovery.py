@@ -88,3 +88,20 @@ def test_sigkill_and_restart_recovers_tables_exactly(deployment: Deployment) -> 
         expected = [f"r{r} s{s}" for r in range(rounds) for s in range(0, per_round, 2)]
         assert contents == expected[-len(contents) :]
     assert total == produced
+
+
+def test_finished_tasks_leave_the_live_table_and_stay_gone_after_restart(deployment: Deployment) -> None:
+    deployment.env["BLACKROAD_TASK_RETENTION"] = "1"
+    worker = deployment.worker().start().wait_ready()
+    events = [task(f"agent_old_{i:03d}") for i in range(50)]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+    wait_until(_finished(worker, len(events)), 60, what="tasks finished")
+    wait_until(lambda: all(worker.get(f"/v1/tasks/{e.task_id}")[0] == 404 for e in events), 30, what="tasks expired")
+    _, metrics = worker.get("/metrics")
+    assert "blackroad_tasks_expired_total 50.0" in metrics
+    worker.kill()
+    worker = deployment.worker().start().wait_ready()
+    for event in events:
+        assert worker.get(f"/v1/tasks/{event.task_id}")[0] == 404
+        assert worker.get(f"/v1/agents/{event.agent_id}")[1]["stats"]["tasks_completed"] == 1
+    assert worker.stats()["completed_tasks"] == len(events)
