@@ -165,6 +165,9 @@ def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> B
         canonical_url=settings.web_url,
         datadir=str(datadir),
         table_cleanup_interval=3600.0,
+        # No standby copies: a worker's stores then hold only the partitions it owns,
+        # which the agent list and task lookups rely on; recovery is bulk and quick.
+        table_standby_replicas=0,
         producer_linger=0.0,
         stream_wait_empty=False,
     )
