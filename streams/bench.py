@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,7 +196,7 @@ class Project(System):
             [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
         )
 
-    def _stats(self) -> dict[str, Any] | None:
+    def stats(self) -> dict[str, Any] | None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/v1/stats", timeout=2) as response:
                 return json.loads(response.read())  # type: ignore[no-any-return]
@@ -204,7 +205,7 @@ class Project(System):
 
     def wait_first(self, process: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self._stats() is None:
+        while self.stats() is None:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("worker did not start")
             time.sleep(0.05)
@@ -215,7 +216,7 @@ class Project(System):
         deadline = time.monotonic() + timeout
         first: float | None = None
         while time.monotonic() < deadline:
-            stats = self._stats() or {"completed_tasks": 0}
+            stats = self.stats() or {"completed_tasks": 0}
             now = time.time()
             if first is None and stats["completed_tasks"] > 0:
                 first = now
@@ -306,6 +307,65 @@ def measure_latency(system: System, rate: float, seconds: float, agents: int, wo
             _stop(process)
 
 
+def measure_web(agents: int, rate: float, seconds: float, workdir: Path) -> list[dict[str, Any]]:
+    """GET /v1/agents/{id} and /v1/stats under wrk while the pipeline runs at ``rate``."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("wrk is not installed (apt-get install wrk); skipping the web-view phase", flush=True)
+        return []
+    project = Project()
+    results = []
+    with EmbeddedBroker(free_port()) as broker:
+        asyncio.run(_create_topic(broker.bootstrap))
+        _produce(broker.bootstrap, agents, 0, agents)  # every agent exists
+        process = project.start(broker.bootstrap, agents, workdir)
+        try:
+            project.wait_first(process, 120)
+            project.wait_done(process, 300)
+            sent = int(rate * seconds * 2.5)
+            before = (project.stats() or {}).get("completed_tasks", 0)
+            load = threading.Thread(target=_produce, args=(broker.bootstrap, agents, rate, sent))
+            load.start()
+            base = f"http://127.0.0.1:{project.web_port}"
+            for path in ("/v1/agents/agent_load_00042", "/v1/stats"):
+                output = subprocess.run(  # noqa: S603 - fixed argv
+                    [wrk, "-t2", "-c32", f"-d{seconds:g}s", "--latency", base + path],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                results.append({"path": path, **_parse_wrk(output)})
+                print(f"web {path}: {results[-1]}", flush=True)
+            load.join()
+            time.sleep(1)
+            done = (project.stats() or {}).get("completed_tasks", 0) - before
+            results.append({"path": "pipeline during the web load", "tasks_sent": sent, "tasks_completed": done})
+        finally:
+            _stop(process)
+    return results
+
+
+def _parse_wrk(output: str) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for line in output.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            parsed["requests_per_second"] = float(words[1])
+        elif len(words) == 2 and words[0] in ("50%", "99%"):
+            parsed[f"p{words[0][:-1]}_ms"] = _wrk_ms(words[1])
+        elif "Non-2xx" in line:
+            parsed["non_2xx"] = int(words[-1])
+    return parsed
+
+
+def _wrk_ms(text: str) -> float:
+    """wrk prints latencies as ``850.00us``, ``3.39ms`` or ``1.20s``."""
+    for suffix, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(suffix):
+            return round(float(text[: -len(suffix)]) * factor, 3)
+    raise ValueError(f"unexpected wrk latency {text!r}")
+
+
 def machine() -> dict[str, Any]:
     model = next(
         (
@@ -356,6 +416,7 @@ def table(results: list[Measurement]) -> str:
 
 def run(count: int, agents: int, rate: float, seconds: float, out: Path, include_quix: bool) -> list[Measurement]:
     results: list[Measurement] = []
+    tmp_web = tempfile.TemporaryDirectory(prefix="blackroad-bench-web-")
     with tempfile.TemporaryDirectory(prefix="blackroad-bench-") as tmp:
         for index, (system, own_count) in enumerate(systems(include_quix)):
             workdir = Path(tmp) / f"{index}-backlog"
@@ -370,6 +431,10 @@ def run(count: int, agents: int, rate: float, seconds: float, out: Path, include
             print(f"== {system.name}: latency at {rate:g} tasks/s", flush=True)
             results.append(measure_latency(system, rate, seconds, agents, workdir))
             print(table(results[-1:]).splitlines()[-1], flush=True)
+    web_dir = Path(tmp_web.name)
+    print("== web views under load", flush=True)
+    web = measure_web(agents, rate, 10.0, web_dir)
+    tmp_web.cleanup()
     backlogs = {r.system: r.tasks_per_second for r in results if r.phase == "backlog"}
     ours = {name: rate for name, rate in backlogs.items() if name.startswith(Project.name)}
     ratios = {
@@ -393,6 +458,8 @@ def run(count: int, agents: int, rate: float, seconds: float, out: Path, include
     print()
     print(table(results))
     print()
+    for row in web:
+        print("web:", row)
     print("throughput ratios:", "; ".join(f"{k}: {v}x" for k, v in ratios.items()))
     print(f"machine: {machine()}")
     print(f"written to {out}")
