@@ -27,7 +27,7 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams import loadgen
-from streams.broker import EmbeddedBroker, free_port
+from streams.broker import EmbeddedBroker, free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "blackroad.tasks"
@@ -233,13 +233,7 @@ class Project(System):
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    terminate(process, timeout=15)
 
 
 def measure_backlog(system: System, count: int, agents: int, workdir: Path) -> Measurement:
