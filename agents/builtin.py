@@ -7,7 +7,6 @@ import hashlib
 import math
 import random
 from statistics import NormalDist
-from typing import Any
 
 from agents.base import Result, TaskContext, TaskFailed
 from schemas.domain import MEMORY_TYPES
@@ -114,6 +113,3 @@ class SimulatedInference:
         context.remember(answer, role="assistant")
         return {"text": answer, "latency_ms": round(delay, 3), "context_turns": len(recalled)}
 
-
-def describe(handler: Any) -> str:
-    return getattr(handler, "__name__", type(handler).__name__)

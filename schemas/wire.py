@@ -76,19 +76,12 @@ class TaskEvent:
         }
 
 
+#: One reusable packer: ``msgpack.packb`` builds a new one per call.
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
 def encode(value: dict[str, Any]) -> bytes:
-    return _packer().pack(value)
-
-
-def _packer() -> msgpack.Packer:
-    """One reusable packer (``msgpack.packb`` builds a new one per call)."""
-    global _PACKER  # noqa: PLW0603 - a lazily built, stateless-per-call cache
-    if _PACKER is None:
-        _PACKER = msgpack.Packer(use_bin_type=True)
-    return _PACKER
-
-
-_PACKER: msgpack.Packer | None = None
+    return _pack(value)
 
 
 def encode_task(event: TaskEvent) -> bytes:
