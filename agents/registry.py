@@ -26,9 +26,6 @@ class HandlerRegistry:
             raise UnknownHandler(f"no handler for task kind {kind!r} (agent type {agent_type!r})")
         return handler
 
-    def kinds(self) -> list[str]:
-        return sorted(self._by_kind)
-
 
 def default_registry(inference_p50_ms: float = 20.0, inference_p99_ms: float = 80.0) -> HandlerRegistry:
     """The built-in handlers, one per task kind."""

@@ -61,6 +61,7 @@ class Pipeline(Service):
         self.stats_view = StatsView(self.settings, tables.stats.changelog_topic.get_topic_name())
         #: Held while a batch is in flight; a rebalance waits for it.
         self.lock = asyncio.Lock()
+        self._started_event = asyncio.Event()
 
     async def on_start(self) -> None:
         self.producer = AIOKafkaProducer(
@@ -91,6 +92,7 @@ class Pipeline(Service):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()
         await self.add_runtime_dependency(self.stats_view)
+        self._started_event.set()
 
     @Service.task
     async def _acknowledge(self) -> None:
@@ -129,14 +131,12 @@ class Pipeline(Service):
             await self.producer.stop()
 
     async def process(self, batch: dict[Any, list[Any]]) -> None:
-        if self.processor is None:
-            await self.wait_for_started()
+        await self.wait_for_started()
         assert self.processor is not None
         await self.processor(batch)
 
     async def wait_for_started(self) -> None:
-        while self.processor is None:
-            await self.sleep(0.01)
+        await self._started_event.wait()
 
 
 def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> BlackroadApp:

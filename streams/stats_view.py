@@ -9,6 +9,7 @@ change; ``GET /v1/stats`` only serves it. So any worker answers for all.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -83,8 +84,6 @@ class StatsView(Service):
 
 def summarize(rows: dict[int, dict[str, Any]], in_progress: int) -> dict[str, Any]:
     """Fold per-partition stats rows into the ``GET /v1/stats`` document."""
-    import time
-
     now_s = int(time.time())
     parts = list(rows.values())
     task_hist = histogram.merge(r["task_latency"] for r in parts)
@@ -100,16 +99,15 @@ def summarize(rows: dict[int, dict[str, Any]], in_progress: int) -> dict[str, An
         for second, count in r["memory_ops_per_second"].items()
         if now_s - 60 < int(second) <= now_s
     )
-    total = sum
     return {
-        "active_agents": total(r["agents_awake"] for r in parts),
-        "pending_tasks": total(r.get("pending", 0) for r in parts),
+        "active_agents": sum(r["agents_awake"] for r in parts),
+        "pending_tasks": sum(r.get("pending", 0) for r in parts),
         "in_progress_tasks": in_progress,
-        "completed_tasks": total(r["completed"] for r in parts),
-        "failed_tasks": total(r["failed"] for r in parts),
-        "dead_tasks": total(r["dead"] for r in parts),
-        "dead_lettered_events": total(r["invalid_events"] + r["dead"] for r in parts),
-        "duplicate_tasks": total(r["duplicates"] for r in parts),
+        "completed_tasks": sum(r["completed"] for r in parts),
+        "failed_tasks": sum(r["failed"] for r in parts),
+        "dead_tasks": sum(r["dead"] for r in parts),
+        "dead_lettered_events": sum(r["invalid_events"] + r["dead"] for r in parts),
+        "duplicate_tasks": sum(r["duplicates"] for r in parts),
         "tasks_per_minute": per_minute,
         "memory_ops_per_second": round(memory_ops / 60.0, 3),
         "task_latency_ms": {"p50": tp50, "p95": tp95, "p99": tp99},

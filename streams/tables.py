@@ -90,9 +90,6 @@ class RowStore:
         self._key_partition: dict[str, int] = store._key_partition  # noqa: SLF001
         self.changelog_topic: str = table.changelog_topic.get_topic_name()
 
-    def get(self, key: str) -> Any:
-        return self.rows.get(key)
-
     def put(self, key: str, value: Any, partition: int) -> None:
         self.rows[key] = value
         self._key_partition[key] = partition
