@@ -112,4 +112,3 @@ class SimulatedInference:
         context.remember(prompt, role="user")
         context.remember(answer, role="assistant")
         return {"text": answer, "latency_ms": round(delay, 3), "context_turns": len(recalled)}
-

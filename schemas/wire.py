@@ -226,6 +226,28 @@ def lifecycle_event(event_type: str, ts_ms: int, **fields: Any) -> bytes:
     return encode({"v": SCHEMA_VERSION, "type": event_type, "event_id": domain.new_id("evt"), "ts": ts_ms, **fields})
 
 
+def task_finished_event(
+    task_id: str, agent_id: str, status: str, error: str | None, started_at: int | None, ts_ms: int
+) -> bytes:
+    """``task.completed`` or ``task.failed`` (failed and dead tasks) for the events topic."""
+    return _pack(
+        {
+            "v": SCHEMA_VERSION,
+            "type": "task.completed" if status == "completed" else "task.failed",
+            "event_id": _new_id("evt"),
+            "ts": ts_ms,
+            "task_id": task_id,
+            "agent_id": agent_id,
+            "status": status,
+            "error": error,
+            "started_at": started_at,
+        }
+    )
+
+
+_new_id = domain.new_id
+
+
 def dead_letter(reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> bytes:
     """Encode a dead-letter record: the original bytes, the reason and the source offset."""
     return encode(

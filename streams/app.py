@@ -16,7 +16,7 @@ from streams.metrics import Metrics
 from streams.processor import BatchProcessor
 from streams.settings import Settings
 from streams.stats_view import StatsView
-from streams.tables import RowStore, Tables, TableWriter, define_tables
+from streams.tables import CachedTable, Tables, TableWriter, define_tables
 from streams.transport import BatchConsumer, BatchTransport
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,12 @@ class Pipeline(Service):
             client_id=f"{self.settings.app_id}-tables",
         )
         await self.producer.start()
-        stores = {name: RowStore(table) for name, table in self.tables.all().items()}
+        cached = {name: CachedTable(name, table) for name, table in self.tables.all().items()}
         partitions = self.settings.partitions
         consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
         self.processor = BatchProcessor(
             self.settings,
-            TableWriter(self.producer, stores),
+            TableWriter(self.producer, cached),
             self.registry,
             self.metrics,
             partition_for=lambda key: wire.partition_for(key, partitions),

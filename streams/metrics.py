@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from streams import histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
@@ -21,9 +25,10 @@ class Metrics:
             "blackroad_events_out", "Records produced (changelog, lifecycle, dead letters).", registry=r
         )
         self.tasks_done = Counter("blackroad_tasks", "Tasks finished, by final status.", ["status"], registry=r)
-        self.handler_seconds = Histogram(
-            "blackroad_handler_seconds", "Agent handler latency.", buckets=_LATENCY_BUCKETS, registry=r
-        )
+        #: Handler latency in the project's log buckets (ms), recorded per task on the hot
+        #: path and turned into a Prometheus histogram only when scraped.
+        self.handler_ms: dict[int, int] = {}
+        r.register(_LogHistogramCollector("blackroad_handler_seconds", "Agent handler latency.", self.handler_ms))
         self.batch_size = Histogram(
             "blackroad_batch_size", "Events per processing batch.", buckets=_BATCH_BUCKETS, registry=r
         )
@@ -54,17 +59,42 @@ class Metrics:
             status: self.tasks_done.labels(status=status) for status in ("completed", "failed", "dead")
         }
 
-    def batch_done(
-        self, events: int, produced: int, seconds: float, finished: Mapping[str, int], handler_ms: Iterable[float]
-    ) -> None:
+    def batch_done(self, events: int, produced: int, seconds: float, finished: Mapping[str, int]) -> None:
         self.batch_size.observe(events)
         self.batch_seconds.observe(seconds)
         self.events_out.inc(produced)
         for status, count in finished.items():
             self.tasks_by_status[status].inc(count)
-        observe = self.handler_seconds.observe
-        for value in handler_ms:
-            observe(value / 1000.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LogHistogramCollector(Collector):
+    """Exposes a :mod:`streams.histogram` map (ms) as a Prometheus histogram in seconds.
+
+    Each log bucket (about 4% wide) is counted under the first bound at or above its
+    middle, so counts near a bound may land one bucket off.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: dict[int, int]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._buckets = buckets
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        total_seconds = 0.0
+        for index, count in list(self._buckets.items()):
+            seconds = histogram.bucket_value(index) / 1000.0
+            total_seconds += seconds * count
+            slot = next((i for i, bound in enumerate(_LATENCY_BUCKETS) if seconds <= bound), len(_LATENCY_BUCKETS))
+            counts[slot] += count
+        cumulative = 0
+        buckets = []
+        for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), counts, strict=True):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        family = HistogramMetricFamily(self._name, self._documentation)
+        family.add_metric([], buckets, total_seconds)
+        yield family

@@ -48,7 +48,7 @@ def new_agent(agent_id: str, agent_type: str, now_ms: int, max_concurrent_tasks:
     }
 
 
-def new_task(event: TaskEvent, offset: int) -> dict[str, Any]:
+def new_task(event: TaskEvent, offset: int, status: str = "queued", started_at: int | None = None) -> dict[str, Any]:
     return {
         "o": offset,
         "id": event.task_id,
@@ -58,12 +58,12 @@ def new_task(event: TaskEvent, offset: int) -> dict[str, Any]:
         "kind": event.kind,
         "priority": event.priority,
         "payload": event.payload,
-        "status": "queued",
+        "status": status,
         "result": None,
         "error": None,
         "attempts": 0,
         "created_at": event.created_ms,
-        "started_at": None,
+        "started_at": started_at,
         "completed_at": None,
         "deadline": event.deadline_ms,
         "metadata": event.metadata,
@@ -92,9 +92,8 @@ def new_stats(partition: int) -> dict[str, Any]:
     }
 
 
-def apply_outcome_to_agent(agent: dict[str, Any], task: dict[str, Any], handler_ms: float, now_ms: int) -> None:
-    """Fold one finished task into its agent's counters."""
-    status = task["status"]
+def apply_outcome_to_agent(agent: dict[str, Any], status: str, handler_ms: float, now_ms: int) -> None:
+    """Fold one finished task (its final ``status``) into its agent's counters."""
     if status == "completed":
         done = agent["tasks_completed"] + 1
         agent["tasks_completed"] = done
@@ -108,12 +107,12 @@ def apply_outcome_to_agent(agent: dict[str, Any], task: dict[str, Any], handler_
 
 
 def apply_outcome_to_stats(
-    stats: dict[str, Any], task: dict[str, Any], handler_ms: float, memory_ops: int, now_ms: int
+    stats: dict[str, Any], status: str, created_at: int, handler_ms: float, memory_ops: int, now_ms: int
 ) -> None:
-    status = task["status"]
+    """Fold one finished task into its partition's stats (latency = created to finished)."""
     if status == "completed":
         stats["completed"] += 1
-        histogram.record(stats["task_latency"], max(0, now_ms - task["created_at"]))
+        histogram.record(stats["task_latency"], max(0, now_ms - created_at))
         _bump_second(stats["completed_per_second"], now_ms)
     elif status == "failed":
         stats["failed"] += 1

@@ -18,6 +18,7 @@ their changelog records are produced in bulk, one per changed key per flush inte
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +40,7 @@ class MsgpackCodec(codecs.Codec):
         return msgpack.unpackb(s, raw=False, strict_map_key=False)
 
 
-def pack(value: Any) -> bytes:
-    return wire.encode(value)
+_pack = wire.encode
 
 
 @dataclass(frozen=True)
@@ -80,87 +80,108 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
     )
 
 
-class RowStore:
-    """Direct access to one table's in-memory rows, keeping Faust's key->partition index."""
+class CachedTable:
+    """One table's in-memory rows, with what the writer tracks for it.
 
-    def __init__(self, table: Any) -> None:
-        self.table = table
+    Keeps Faust's key->partition index, so Faust still knows which partition each row
+    belongs to. ``undo`` holds each row's value from before the current batch (for
+    :meth:`TableWriter.rollback`); ``dirty`` the keys changed since the last flush.
+    """
+
+    __slots__ = ("_key_partition", "changelog_topic", "dirty", "name", "rows", "undo")
+
+    def __init__(self, name: str, table: Any) -> None:
         store = table.data
+        self.name = name
         self.rows: dict[str, Any] = store.data
         self._key_partition: dict[str, int] = store._key_partition  # noqa: SLF001
         self.changelog_topic: str = table.changelog_topic.get_topic_name()
+        self.undo: dict[str, tuple[int, Any]] = {}
+        self.dirty: dict[str, int] = {}
+
+    def get(self, key: str) -> Any:
+        return self.rows.get(key)
+
+    def touched(self, key: str) -> bool:
+        """Whether this batch already changed the row (and so owns a private copy)."""
+        return key in self.undo
 
     def put(self, key: str, value: Any, partition: int) -> None:
+        """Change a row now (web views see it at once); its changelog record follows at the next flush."""
+        if key not in self.undo:
+            self.undo[key] = (partition, self.rows.get(key, _MISSING))
+            self.dirty[key] = partition
         self.rows[key] = value
         self._key_partition[key] = partition
 
+    def writable(self, key: str, partition: int, copy: Callable[[Any], Any]) -> Any:
+        """The row to change in this batch: a private ``copy`` on first touch; None if absent."""
+        if key in self.undo:
+            return self.rows.get(key)
+        current = self.rows.get(key)
+        if current is None:
+            return None
+        row = copy(current)
+        self.put(key, row, partition)
+        return row
+
     def delete(self, key: str) -> None:
+        """Remove a row; its changelog gets a tombstone at the next flush."""
+        partition = self._key_partition.get(key)
+        if partition is None:
+            return
+        if key not in self.undo:
+            self.undo[key] = (partition, self.rows.get(key, _MISSING))
+            self.dirty[key] = partition
         self.rows.pop(key, None)
         self._key_partition.pop(key, None)
 
-    def partition_of(self, key: str) -> int | None:
-        return self._key_partition.get(key)
+    def rollback(self) -> None:
+        for key, (partition, before) in self.undo.items():
+            if before is _MISSING:
+                self.rows.pop(key, None)
+                self._key_partition.pop(key, None)
+            else:
+                self.rows[key] = before
+                self._key_partition[key] = partition
+        # Rows stay dirty: re-sending a restored value is harmless.
+        self.undo = {}
 
 
 class TableWriter:
     """A record cache over the table stores: writes coalesce per key across batches.
 
-    * :meth:`put` changes a row in its store at once (web views see it) and marks the key
-      dirty; the first change of a key in a batch remembers its old value for
-      :meth:`rollback`.
-    * :meth:`end_batch` sends the batch's other records (lifecycle events, dead letters)
-      and returns what the batch's offsets must wait for: those records and the next
-      changelog flush.
+    * rows change in their :class:`CachedTable` at once; the first change of a key in a
+      batch remembers its old value for :meth:`rollback`;
+    * :meth:`emit` queues records for other topics (lifecycle events, dead letters);
+    * :meth:`end_batch` sends those and returns what the batch's offsets must wait for:
+      those records and the next changelog flush;
     * :meth:`flush` produces one changelog record per dirty key, the row's latest value
       however many events changed it since the last flush, and resolves the waiting
       batches once the broker has them all.
     """
 
-    def __init__(self, producer: Any, stores: dict[str, RowStore]) -> None:
+    def __init__(self, producer: Any, tables: dict[str, CachedTable]) -> None:
         self._producer = producer
-        self.stores = stores
-        # (table, key) -> partition, for rows changed since the last flush
-        self._dirty: dict[tuple[str, str], int] = {}
-        # (table, key) -> (partition, value before this batch or _MISSING)
-        self._undo: dict[tuple[str, str], tuple[int, Any]] = {}
+        self.tables = tables
         # (topic, partition) -> [(key, value)] of other records (lifecycle, dead letters)
         self._records: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
         self._next_flush: asyncio.Future[None] | None = None
 
-    def get(self, table: str, key: str) -> Any:
-        return self.stores[table].rows.get(key)
-
-    def touched(self, table: str, key: str) -> bool:
-        """Whether this batch already changed the row (and so owns a private copy)."""
-        return (table, key) in self._undo
-
-    def put(self, table: str, key: str, value: Any, partition: int) -> None:
-        store = self.stores[table]
-        marker = (table, key)
-        if marker not in self._undo:
-            self._undo[marker] = (partition, store.rows.get(key, _MISSING))
-            self._dirty[marker] = partition
-        store.put(key, value, partition)
-
-    def delete(self, table: str, key: str) -> None:
-        """Remove a row; its changelog gets a tombstone at the next flush."""
-        store = self.stores[table]
-        partition = store.partition_of(key)
-        if partition is None:
-            return
-        marker = (table, key)
-        if marker not in self._undo:
-            self._undo[marker] = (partition, store.rows.get(key, _MISSING))
-            self._dirty[marker] = partition
-        store.delete(key)
+    def outbox(self, topic: str, partition: int) -> list[tuple[bytes | None, bytes | None]]:
+        """The list of records queued for ``topic``/``partition`` in this batch (append to it)."""
+        records = self._records.get((topic, partition))
+        if records is None:
+            records = self._records[(topic, partition)] = []
+        return records
 
     def emit(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
         """Queue one record for another topic, sent at the end of the batch."""
-        self._records.setdefault((topic, partition), []).append((key, value))
+        self.outbox(topic, partition).append((key, value))
 
     @property
     def dirty(self) -> int:
-        return len(self._dirty)
+        return sum(len(table.dirty) for table in self.tables.values())
 
     async def end_batch(self) -> tuple[int, list[asyncio.Future[Any]]]:
         """Send the batch's queued records; return their count and what to wait for."""
@@ -170,22 +191,31 @@ class TableWriter:
             sent += len(records)
             waits.extend(await self._send_bulk(topic, partition, records))
         self._records = {}
-        if self._undo:
+        changed = False
+        for table in self.tables.values():
+            if table.undo:
+                changed = True
+                table.undo = {}
+        if changed:
             if self._next_flush is None:
                 self._next_flush = asyncio.get_running_loop().create_future()
             waits.append(self._next_flush)
-        self._undo = {}
         return sent, waits
 
     async def flush(self) -> int:
         """Produce the changelog of every dirty row; return how many records were sent."""
         outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
-        for (table, key), partition in self._dirty.items():
-            store = self.stores[table]
-            value = store.rows.get(key)
-            packed = None if value is None else pack(value)
-            outgoing.setdefault((store.changelog_topic, partition), []).append((key.encode(), packed))
-        self._dirty = {}
+        for table in self.tables.values():
+            rows = table.rows
+            topic = table.changelog_topic
+            by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+            for key, partition in table.dirty.items():
+                records = by_partition.get(partition)
+                if records is None:
+                    records = by_partition[partition] = outgoing[(topic, partition)] = []
+                value = rows.get(key)
+                records.append((key.encode(), None if value is None else _pack(value)))
+            table.dirty = {}
         waiting, self._next_flush = self._next_flush, None
         futures: list[asyncio.Future[Any]] = []
         try:
@@ -201,14 +231,8 @@ class TableWriter:
 
     def rollback(self) -> None:
         """Put every row this batch changed back as it was before the batch."""
-        for (table, key), (partition, before) in self._undo.items():
-            store = self.stores[table]
-            if before is _MISSING:
-                store.delete(key)
-            else:
-                store.put(key, before, partition)
-        # Rows stay dirty: re-sending a restored value is harmless.
-        self._undo = {}
+        for table in self.tables.values():
+            table.rollback()
         self._records = {}
 
     async def _send_bulk(
@@ -217,11 +241,13 @@ class TableWriter:
         producer = self._producer
         futures = []
         batch = producer.create_batch()
+        append = batch.append
         for key, value in records:
-            if batch.append(key=key, value=value, timestamp=None) is None:
+            if append(key=key, value=value, timestamp=None) is None:
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
                 batch = producer.create_batch()
-                if batch.append(key=key, value=value, timestamp=None) is None:
+                append = batch.append
+                if append(key=key, value=value, timestamp=None) is None:
                     raise ValueError(f"record for {topic} larger than the producer's max batch size")
         if batch.record_count():
             futures.append(await producer.send_batch(batch, topic, partition=partition))

@@ -147,13 +147,13 @@ def test_memory_operation_write_then_recall() -> None:
 def test_stats_rows_count_outcomes() -> None:
     row = state.new_stats(0)
     for status in ("completed", "completed", "failed", "dead"):
-        state.apply_outcome_to_stats(row, {"status": status, "created_at": 0}, 2.0, 1, 1500)
+        state.apply_outcome_to_stats(row, status, 0, 2.0, 1, 1500)
     assert (row["completed"], row["failed"], row["dead"]) == (2, 1, 1)
     assert row["completed_per_second"] == {1: 2}
     agent = state.new_agent("agent_alice_001", "reasoning", 0, 5)
     assert agent["type"] == "worker"  # ALICE is a named worker agent
-    state.apply_outcome_to_agent(agent, {"status": "completed"}, 10.0, 5)
-    state.apply_outcome_to_agent(agent, {"status": "completed"}, 20.0, 6)
+    state.apply_outcome_to_agent(agent, "completed", 10.0, 5)
+    state.apply_outcome_to_agent(agent, "completed", 20.0, 6)
     assert agent["avg_response_ms"] == 15.0 and agent["tasks_completed"] == 2
 
 

@@ -1,0 +1,393 @@
+"""Running one agent's tasks of a batch and folding each outcome into the rows.
+
+An agent's tasks start in offset order, at most ``max_concurrent_tasks`` of them inside
+a handler at once. A handler that returns a plain result (a synchronous handler) runs
+inline with no asyncio task; one that returns an awaitable gets a window of concurrent
+attempts. Each outcome changes the task row, the agent's counters, its memory and its
+partition's stats row, unless a crash replay finds that row already has the event
+(see :mod:`streams.state`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agents.base import Handler, TaskContext, TaskFailed
+from agents.registry import HandlerRegistry, UnknownHandler
+from schemas import wire
+from schemas.wire import TaskEvent
+from streams import histogram, state
+from streams.metrics import Metrics
+from streams.settings import Settings
+from streams.tables import CachedTable, TableWriter
+
+_now_ms = wire.now_ms
+_perf = time.perf_counter
+
+
+@dataclass(slots=True)
+class Item:
+    """One task event of a batch and which rows still lack its effects."""
+
+    partition: int
+    offset: int
+    event: TaskEvent
+    apply_task: bool = True
+    apply_agent: bool = True
+    apply_memory: bool = True
+    apply_stats: bool = True
+    task: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: str
+    result: Any = None
+    error: str | None = None
+    attempts: int = 1
+    handler_ms: float = 0.0
+    memory_written: list[dict[str, Any]] = field(default_factory=list)
+    finished_ms: int = 0
+
+
+class BatchStats:
+    """The stats rows one batch changes (one per partition) and their offsets before it."""
+
+    def __init__(self, table: CachedTable) -> None:
+        self._table = table
+        self.rows: dict[int, dict[str, Any]] = {}
+        #: The row's ``"o"`` before this batch: events at or below it are already counted.
+        self.base: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self.rows = {}
+        self.base = {}
+
+    def row(self, partition: int) -> dict[str, Any]:
+        row = self.rows.get(partition)
+        if row is not None:
+            return row
+        key = state.stats_key(partition)
+        row = self._table.writable(key, partition, state.copy_row)
+        if row is None:
+            row = state.new_stats(partition)
+            self._table.put(key, row, partition)
+        self.base[partition] = row["o"]
+        self.rows[partition] = row
+        return row
+
+
+class _AgentRun:
+    """One agent's part of a batch: its rows and how far its earlier events got."""
+
+    __slots__ = (
+        "agent",
+        "agent_base",
+        "agent_id",
+        "agent_type",
+        "events",
+        "in_flight",
+        "key",
+        "memory",
+        "memory_base",
+        "memory_table",
+        "partition",
+        "stored_memory",
+    )
+
+    def __init__(
+        self,
+        agent_id: str,
+        partition: int,
+        agent: dict[str, Any],
+        memory_table: CachedTable,
+        events: list[tuple[bytes | None, bytes | None]],
+    ) -> None:
+        self.agent_id = agent_id
+        self.key = agent_id.encode()
+        self.partition = partition
+        self.agent = agent
+        self.agent_type: str = agent["type"]
+        self.agent_base: int = agent["o"]
+        self.memory_table = memory_table
+        #: The agent's memory row as stored, and the private copy once a handler writes.
+        self.stored_memory: dict[str, Any] | None = memory_table.rows.get(agent_id)
+        self.memory_base = -1 if self.stored_memory is None else self.stored_memory["o"]
+        self.memory: dict[str, Any] | None = None
+        self.events = events
+        self.in_flight = 0
+
+    def current_memory(self) -> dict[str, Any] | None:
+        return self.memory if self.memory is not None else self.stored_memory
+
+    def open_memory(self) -> dict[str, Any]:
+        """The agent's memory row, writable in this batch (opened on the first write)."""
+        if self.memory is None:
+            row = self.memory_table.writable(self.agent_id, self.partition, state.copy_row)
+            if row is None:
+                row = state.new_memory()
+                self.memory_table.put(self.agent_id, row, self.partition)
+            self.memory = row
+        return self.memory
+
+    def scratch_memory(self) -> dict[str, Any]:
+        """For a replay whose memory writes are already in: a copy nobody keeps."""
+        current = self.current_memory()
+        return state.copy_row(current) if current is not None else state.new_memory()
+
+
+class AgentRunner:
+    def __init__(
+        self,
+        settings: Settings,
+        writer: TableWriter,
+        registry: HandlerRegistry,
+        metrics: Metrics,
+        stats: BatchStats,
+    ) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.registry = registry
+        self.metrics = metrics
+        self.stats = stats
+        self.agents = writer.tables["agents"]
+        self.tasks = writer.tables["tasks"]
+        self.memory = writer.tables["memory"]
+        self.tasks_topic = settings.topic("tasks")
+        self.events_topic = settings.topic("events")
+        self.dead_letter_topic = settings.topic("deadletter")
+        self._max_concurrent = settings.max_concurrent_tasks
+        self._memory_budget = settings.working_memory_tokens
+        self._handlers: dict[tuple[str, str], Handler | None] = {}
+        #: Tasks inside handlers right now on this worker.
+        self.in_flight = 0
+        #: Tallies of the current batch, handed to the metrics once per batch.
+        self.finished: Counter[str] = Counter()
+
+    def run(self, agent_id: str, items: list[Item], now: int) -> Awaitable[None] | None:
+        """Run ``items`` (one agent's tasks, in offset order); an awaitable if any must wait."""
+        partition = items[0].partition
+        agent = self.agents.writable(agent_id, partition, dict)
+        if agent is None:
+            agent = state.new_agent(agent_id, items[0].event.agent_type, now, self._max_concurrent)
+            self.agents.put(agent_id, agent, partition)
+        run = _AgentRun(agent_id, partition, agent, self.memory, self.writer.outbox(self.events_topic, partition))
+        stats_base = self.stats.base[partition]
+        runnable = [item for item in items if self._prepare(item, run, stats_base)]
+        if not runnable:
+            return None
+        if agent["status"] == "offline" and run.agent_base < runnable[0].offset:
+            self._wake(run, runnable[0], now)
+        agent["status"] = "busy"
+        for index, item in enumerate(runnable):
+            started = self._start(item, run)
+            if type(started) is not Outcome:
+                return self._run_rest(run, runnable, index, started)  # type: ignore[arg-type]
+            self._finish(item, run, started)
+        self._settle(run, runnable[-1].offset)
+        return None
+
+    def _prepare(self, item: Item, run: _AgentRun, stats_base: int) -> bool:
+        """Decide which rows this event still has to change; False when none."""
+        task = self.tasks.rows.get(item.event.task_id)
+        offset = item.offset
+        if task is not None and task["o"] != offset:
+            # The same task id again (a client retry): the first one counts.
+            if offset > stats_base:
+                self.stats.row(run.partition)["duplicates"] += 1
+            self.metrics.duplicates.inc()
+            return False
+        item.apply_task = task is None or task["status"] not in state.TERMINAL_TASK_STATUSES
+        item.apply_agent = offset > run.agent_base
+        item.apply_memory = offset > run.memory_base
+        item.apply_stats = offset > stats_base
+        return item.apply_task or item.apply_agent or item.apply_memory or item.apply_stats
+
+    def _wake(self, run: _AgentRun, item: Item, now: int) -> None:
+        run.agent["status"] = "idle"
+        if item.apply_stats:
+            self.stats.row(run.partition)["agents_awake"] += 1
+        event = wire.lifecycle_event("agent.status_changed", now, agent_id=run.agent_id, old="offline", new="idle")
+        run.events.append((run.key, event))
+
+    async def _run_rest(self, run: _AgentRun, items: list[Item], index: int, first: Awaitable[Outcome]) -> None:
+        window: deque[tuple[Item, asyncio.Future[Outcome]]] = deque()
+        window.append((items[index], asyncio.ensure_future(first)))
+        try:
+            for item in items[index + 1 :]:
+                if len(window) >= self._max_concurrent:
+                    done_item, future = window.popleft()
+                    self._finish(done_item, run, await future)
+                run.in_flight = len(window) + 1
+                run.agent["peak_concurrent_tasks"] = max(run.agent["peak_concurrent_tasks"], run.in_flight)
+                started = self._start(item, run)
+                window.append((item, _done(started) if type(started) is Outcome else asyncio.ensure_future(started)))  # type: ignore[arg-type]
+            while window:
+                done_item, future = window.popleft()
+                self._finish(done_item, run, await future)
+        finally:
+            for _, future in window:
+                future.cancel()
+        self._settle(run, items[-1].offset)
+
+    def _handler(self, kind: str, agent_type: str) -> Handler | None:
+        key = (kind, agent_type)
+        try:
+            return self._handlers[key]
+        except KeyError:
+            try:
+                handler: Handler | None = self.registry.resolve(kind, agent_type)
+            except UnknownHandler:
+                handler = None
+            self._handlers[key] = handler
+            return handler
+
+    def _start(self, item: Item, run: _AgentRun) -> Outcome | Awaitable[Outcome]:
+        event = item.event
+        self.in_flight += 1
+        started_ms = _now_ms()
+        if item.apply_task:
+            task = state.new_task(event, item.offset, "in_progress", started_ms)
+            self.tasks.put(event.task_id, task, run.partition)
+            item.task = task
+        if run.in_flight == 0:
+            run.in_flight = 1
+            if run.agent["peak_concurrent_tasks"] < 1:
+                run.agent["peak_concurrent_tasks"] = 1
+        handler = self._handler(event.kind, run.agent_type)
+        if handler is None:
+            error = f"no handler for task kind {event.kind!r} (agent type {run.agent_type!r})"
+            return Outcome("failed", error=error, finished_ms=_now_ms())
+        return self._attempt(handler, item, run, 1, started_ms)
+
+    def _attempt(
+        self, handler: Handler, item: Item, run: _AgentRun, attempt: int, now: int
+    ) -> Outcome | Awaitable[Outcome]:
+        opener = run.open_memory if item.apply_memory else run.scratch_memory
+        context = TaskContext(
+            run.agent_id, run.agent_type, now, run.current_memory(), self._memory_budget, attempt, opener
+        )
+        started = _perf()
+        try:
+            result = handler(item.event, context)
+        except TaskFailed as exc:
+            return Outcome("failed", None, str(exc), attempt, (_perf() - started) * 1000.0, [], _now_ms())
+        except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
+            return self._retry_or_die(handler, item, run, attempt, exc)
+        if type(result) is not dict and inspect.isawaitable(result):
+            if attempt == 1 and item.apply_task:
+                self._emit_started(item, run)
+            return self._await_attempt(handler, item, run, attempt, result, context, started)
+        return Outcome("completed", result, None, attempt, (_perf() - started) * 1000.0, context.written, _now_ms())
+
+    def _emit_started(self, item: Item, run: _AgentRun) -> None:
+        """``task.started`` for a task that waits in its handler (others only complete)."""
+        task = item.task
+        assert task is not None
+        event = wire.lifecycle_event(
+            "task.started", task["started_at"], task_id=item.event.task_id, agent_id=run.agent_id
+        )
+        run.events.append((run.key, event))
+
+    async def _await_attempt(
+        self,
+        handler: Handler,
+        item: Item,
+        run: _AgentRun,
+        attempt: int,
+        pending: Awaitable[Any],
+        context: TaskContext,
+        started: float,
+    ) -> Outcome:
+        try:
+            result = await pending
+        except TaskFailed as exc:
+            return Outcome("failed", None, str(exc), attempt, (_perf() - started) * 1000.0, [], _now_ms())
+        except Exception as exc:  # noqa: BLE001
+            outcome = self._retry_or_die(handler, item, run, attempt, exc)
+            return outcome if type(outcome) is Outcome else await outcome  # type: ignore[misc]
+        return Outcome("completed", result, None, attempt, (_perf() - started) * 1000.0, context.written, _now_ms())
+
+    def _retry_or_die(
+        self, handler: Handler, item: Item, run: _AgentRun, attempt: int, exc: Exception
+    ) -> Outcome | Awaitable[Outcome]:
+        self.metrics.handler_errors.inc()
+        if attempt < self.settings.max_attempts:
+            return self._attempt(handler, item, run, attempt + 1, _now_ms())
+        return Outcome("dead", error=f"{type(exc).__name__}: {exc}", attempts=attempt, finished_ms=_now_ms())
+
+    def _finish(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
+        self.in_flight -= 1
+        event = item.event
+        now = outcome.finished_ms
+        handler_ms = outcome.handler_ms
+        histogram.record(self.metrics.handler_ms, handler_ms)
+        task = item.task
+        if task is not None:
+            status = outcome.status
+            task["status"] = status
+            task["result"] = outcome.result
+            task["error"] = outcome.error
+            task["attempts"] = outcome.attempts
+            task["completed_at"] = now
+            run.events.append(
+                (
+                    run.key,
+                    wire.task_finished_event(
+                        event.task_id, run.agent_id, status, outcome.error, task["started_at"], now
+                    ),
+                )
+            )
+            if status == "dead":
+                self._dead_letter_task(item, run, outcome)
+            created_at = task["created_at"]
+        else:  # a replay: the task row already has its outcome, which is what counts
+            stored = self.tasks.rows.get(event.task_id)
+            status = stored["status"] if stored is not None else outcome.status
+            created_at = stored["created_at"] if stored is not None else event.created_ms
+        written = outcome.memory_written
+        if written and item.apply_memory:
+            for entry in written:
+                memory_event = wire.lifecycle_event(
+                    "memory.written", now, agent_id=run.agent_id, memory_id=entry["id"], hash=entry["hash"]
+                )
+                run.events.append((run.key, memory_event))
+        if item.apply_agent:
+            state.apply_outcome_to_agent(run.agent, status, handler_ms, now)
+        if item.apply_stats:
+            memory_ops = len(written) + (1 if event.kind == "memory_operation" else 0)
+            state.apply_outcome_to_stats(self.stats.row(run.partition), status, created_at, handler_ms, memory_ops, now)
+        self.finished[status] += 1
+
+    def _dead_letter_task(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
+        value = wire.dead_letter(
+            f"handler failed after {outcome.attempts} attempts: {outcome.error}",
+            self.tasks_topic,
+            run.partition,
+            item.offset,
+            run.key,
+            wire.encode_task(item.event),
+        )
+        self.writer.emit(self.dead_letter_topic, run.partition, run.key, value)
+        self.metrics.dead_lettered.labels(reason="handler").inc()
+
+    def _settle(self, run: _AgentRun, last_offset: int) -> None:
+        agent = run.agent
+        agent["status"] = "idle"
+        if last_offset > agent["o"]:
+            agent["o"] = last_offset
+        if run.memory is not None and last_offset > run.memory["o"]:
+            run.memory["o"] = last_offset
+        run.in_flight = 0
+
+
+def _done(outcome: Outcome) -> asyncio.Future[Outcome]:
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    future.set_result(outcome)
+    return future
