@@ -48,28 +48,43 @@ class Measurement:
 
 
 class ProcessProbe:
-    """CPU time and peak RSS of one process, read from /proc."""
+    """CPU time and peak RSS of a process and its children (worker processes), from /proc."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.started = time.monotonic()
         self.cpu_start = self.cpu_seconds()
 
+    def pids(self) -> list[int]:
+        found = [self.pid]
+        for pid in found:
+            try:
+                found.extend(int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+            except OSError:
+                continue
+        return found
+
     def cpu_seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        total = 0.0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+        return total
 
     def peak_rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-        except OSError:
-            pass
-        return 0.0
+        """The peak RSS of the largest process (each worker process holds its own tables)."""
+        peak = 0.0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) / 1024.0)
+            except OSError:
+                continue
+        return peak
 
     def restart(self) -> None:
         """Count CPU from now (the work starts) rather than from process start."""
@@ -176,10 +191,13 @@ class Project(System):
 
     name = "blackroad-streams"
 
-    def __init__(self, pack: int = 1) -> None:
+    def __init__(self, pack: int = 1, processes: int = 0) -> None:
         self.pack = pack
+        #: Worker processes (0: the default, one per core).
+        self.processes = processes or max(1, min(os.cpu_count() or 1, PARTITIONS))
+        self.name = f"blackroad-streams, {self.processes} process{'es' if self.processes > 1 else ''}"
         if pack > 1:
-            self.name = f"blackroad-streams, task.batch of {pack}"
+            self.name += f", task.batch of {pack}"
 
     def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
         self.web_port = free_port()
@@ -190,6 +208,7 @@ class Project(System):
             "BLACKROAD_WEB_PORT": str(self.web_port),
             "BLACKROAD_DATA_DIR": str(workdir),
             "BLACKROAD_PARTITIONS": str(PARTITIONS),
+            "BLACKROAD_WORKER_PROCESSES": str(self.processes),
         }
         log = (workdir / "worker.log").open("wb")
         return subprocess.Popen(
@@ -386,9 +405,12 @@ def systems(include_quix: bool) -> list[tuple[System, int]]:
     chosen: list[tuple[System, int]] = [
         (BaselineApp("ceiling (raw aiokafka + dicts)", "ceiling.py", []), 0),
         (BaselineApp("naive faust-streaming", "naive_faust.py", ["{port}", "{dir}"]), 40_000),
+        (Project(processes=1), 0),
         (Project(), 0),
         (Project(pack=100), 0),
     ]
+    if Project().processes == 1:  # one core: the default is the single-process run
+        chosen.pop(3)
     if include_quix:
         chosen.insert(2, (BaselineApp("quix streams", "quix_app.py", ["{dir}"]), 0))
     return chosen

@@ -93,14 +93,28 @@ def run_worker(settings: Settings) -> None:
     worker.execute_from_commandline()
 
 
+def run_workers(settings: Settings) -> int:
+    """Run ``settings.process_count`` workers: in this process, or supervised children."""
+    if settings.process_count == 1:
+        run_worker(settings)
+        return 0
+    from streams.supervisor import Supervisor
+
+    return Supervisor(settings, settings.process_count).run()
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
-    if args.web_port:
-        settings = settings.replace(web_port=args.web_port)
+    try:
+        if args.web_port:
+            settings = settings.replace(web_port=args.web_port)
+        if args.processes is not None:
+            settings = settings.replace(worker_processes=args.processes)
+    except SettingsError as exc:
+        raise SystemExit(f"blackroad: bad option: {exc}") from None
     _require_broker(settings)
     asyncio.run(wait_for_broker(settings.bootstrap))
-    run_worker(settings)
-    return 0
+    return run_workers(settings)
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -183,7 +197,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     demo: subprocess.Popen[bytes] | None = None
     try:
         asyncio.run(wait_for_broker(settings.bootstrap))
-        print(f"worker web views: {settings.web_url}/v1/stats  (Ctrl-C stops everything)", flush=True)
+        count = settings.process_count
+        ports = f"{settings.web_port}" if count == 1 else f"{settings.web_port}-{settings.web_port + count - 1}"
+        print(
+            f"{count} worker process(es), web views on ports {ports}: {settings.web_url}/v1/stats"
+            "  (Ctrl-C stops everything)",
+            flush=True,
+        )
         if args.demo:
             command = [
                 sys.executable,
@@ -200,7 +220,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 str(args.count),
             ]
             demo = subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: S603, PLW1509 - own module; prctl only
-        run_worker(settings)
+        return run_workers(settings)
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1
     finally:
@@ -211,7 +231,6 @@ def cmd_up(args: argparse.Namespace) -> int:
                 demo.wait(timeout=5)
         if broker is not None:
             broker.stop()
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -240,8 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="just the embedded broker")
     broker.set_defaults(run=cmd_broker)
 
-    worker = commands.add_parser("worker", help="one stream-processing worker")
+    worker = commands.add_parser("worker", help="stream-processing workers (BLACKROAD_WORKER_PROCESSES of them)")
     worker.add_argument("--web-port", type=int, default=0, help="overrides BLACKROAD_WEB_PORT")
+    worker.add_argument(
+        "--processes", type=int, default=None, help="overrides BLACKROAD_WORKER_PROCESSES (0 = one per core)"
+    )
     worker.set_defaults(run=cmd_worker)
 
     produce = commands.add_parser("produce", help="load generator")

@@ -7,6 +7,7 @@ naming the variable, so a worker never starts half-configured.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     partitions: int = 4
+    #: Worker processes on this machine (each its own web port from WEB_PORT on);
+    #: 0 means one per CPU core, at most one per partition.
+    worker_processes: int = 0
     data_dir: Path = Path("data")
     app_id: str = "blackroad"
     topic_prefix: str = "blackroad"
@@ -76,6 +80,13 @@ class Settings:
     def web_url(self) -> str:
         return f"http://{self.web_host}:{self.web_port}"
 
+    @property
+    def process_count(self) -> int:
+        """How many worker processes ``blackroad worker`` / ``up`` run on this machine."""
+        if self.worker_processes:
+            return self.worker_processes
+        return max(1, min(os.cpu_count() or 1, self.partitions))
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
 
@@ -96,6 +107,8 @@ class Settings:
         _check_range("EMBEDDED_BROKER_PORT", self.embedded_broker_port, 1, 65535)
         _check_range("WEB_PORT", self.web_port, 1, 65535)
         _check_range("PARTITIONS", self.partitions, 1, 1024)
+        _check_range("WORKER_PROCESSES", self.worker_processes, 0, self.partitions)
+        _check_range("WEB_PORT", self.web_port + self.process_count - 1, 1, 65535)
         _check_range("MAX_CONCURRENT_TASKS", self.max_concurrent_tasks, 1, 10_000)
         _check_range("MAX_ATTEMPTS", self.max_attempts, 1, 100)
         _check_range("BATCH_MAX_RECORDS", self.batch_max_records, 1, 100_000)

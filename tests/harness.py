@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.broker import free_port
+from streams.broker import free_port, port_is_open
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,7 @@ class Deployment:
             "BLACKROAD_PARTITIONS": str(partitions),
             "BLACKROAD_DATA_DIR": str(tmp / "data"),
             "BLACKROAD_LOG_LEVEL": "info",
+            "BLACKROAD_WORKER_PROCESSES": "1",
             **{f"BLACKROAD_{k.upper()}": v for k, v in settings.items()},
         }
         self.workers: list[Worker] = []
@@ -61,8 +62,10 @@ class Deployment:
     def topic(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    def worker(self) -> Worker:
-        worker = Worker(self, free_port(), self.tmp / f"worker-{len(self.workers)}.log")
+    def worker(self, processes: int = 1) -> Worker:
+        """A ``blackroad worker``; with ``processes`` > 1, a supervisor of that many worker processes."""
+        port = free_port() if processes == 1 else free_port_run(processes)
+        worker = Worker(self, port, self.tmp / f"worker-{len(self.workers)}.log", processes)
         self.workers.append(worker)
         return worker
 
@@ -72,18 +75,35 @@ class Deployment:
 
 
 class Worker:
-    def __init__(self, deployment: Deployment, port: int, log_path: Path) -> None:
+    def __init__(self, deployment: Deployment, port: int, log_path: Path, processes: int = 1) -> None:
         self.deployment = deployment
         self.port = port
         self.log_path = log_path
+        self.processes = processes
         self.process: subprocess.Popen[bytes] | None = None
+
+    def at(self, port: int) -> Worker:
+        """A handle on another web port of the same worker processes (for requests only)."""
+        other = Worker(self.deployment, port, self.log_path, self.processes)
+        other.process = self.process
+        return other
+
+    def children(self) -> list[int]:
+        """Pids of the worker processes a supervisor runs."""
+        assert self.process is not None
+        pid = self.process.pid
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Worker:
-        env = {**self.deployment.env, "BLACKROAD_WEB_PORT": str(self.port)}
+        env = {
+            **self.deployment.env,
+            "BLACKROAD_WEB_PORT": str(self.port),
+            "BLACKROAD_WORKER_PROCESSES": str(self.processes),
+        }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
@@ -147,6 +167,15 @@ class Worker:
         status, body = self.get("/v1/stats")
         assert status == 200, body
         return body  # type: ignore[no-any-return]
+
+
+def free_port_run(length: int) -> int:
+    """The first of ``length`` consecutive free ports."""
+    for _ in range(100):
+        first = free_port()
+        if first + length <= 65536 and all(port_is_open(first + i) is False for i in range(1, length)):
+            return first
+    raise AssertionError(f"no run of {length} free ports found")
 
 
 def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:

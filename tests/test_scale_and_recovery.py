@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 from tests.factories import record, task
 from tests.harness import Deployment, produce, wait_until
 
 
 def _finished(worker, expected: int):  # type: ignore[no-untyped-def]
     def check():  # type: ignore[no-untyped-def]
-        stats = worker.stats()
-        return stats["completed_tasks"] >= expected and stats
+        status, stats = worker.get("/v1/stats")  # not serving yet (restarting): keep waiting
+        return status == 200 and stats["completed_tasks"] >= expected and stats
 
     return check
 
@@ -105,3 +108,37 @@ def test_finished_tasks_leave_the_live_table_and_stay_gone_after_restart(deploym
         assert worker.get(f"/v1/tasks/{event.task_id}")[0] == 404
         assert worker.get(f"/v1/agents/{event.agent_id}")[1]["stats"]["tasks_completed"] == 1
     assert worker.stats()["completed_tasks"] == len(events)
+
+
+def test_worker_processes_split_partitions_and_a_killed_one_is_restarted(deployment: Deployment) -> None:
+    supervisor = deployment.worker(processes=2).start()
+    ports = [supervisor, supervisor.at(supervisor.port + 1)]
+    for worker in ports:
+        worker.wait_ready()
+    agents = [f"agent_proc_{i:03d}" for i in range(40)]
+    first = [task(agent, "tool_execution", {"tool": "upper", "input": agent}) for agent in agents]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in first])
+    for worker in ports:
+        wait_until(_finished(worker, len(first)), 90, what="both processes see all completions")
+    # Each process owns some agents (the list is per worker) and forwards the rest.
+    totals = [worker.get("/v1/agents?limit=100")[1]["total"] for worker in ports]
+    assert totals == [len(agents)] * 2
+
+    children = supervisor.children()
+    assert len(children) == 2
+    os.kill(children[0], signal.SIGKILL)
+    second = [task(agent, "tool_execution", {"tool": "reverse", "input": agent}) for agent in agents]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in second])
+    total = len(first) + len(second)
+    wait_until(
+        lambda: len(supervisor.children()) == 2 and children[0] not in supervisor.children(),
+        30,
+        what="the supervisor to start the killed process again",
+    )
+    for worker in ports:
+        stats = wait_until(_finished(worker, total), 120, what="all tasks after the restart")
+        assert stats["completed_tasks"] == total
+    for worker in ports:
+        for agent in agents:
+            status, body = worker.get(f"/v1/agents/{agent}")
+            assert status == 200 and body["stats"]["tasks_completed"] == 2, body

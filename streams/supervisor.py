@@ -1,0 +1,97 @@
+"""Several worker processes on one machine, each a full worker with its own web port.
+
+Python runs one core per process, so a machine with more cores runs more workers. They
+join one consumer group and split the partitions like workers on separate machines do;
+their web views forward to each other (see :mod:`streams.web`). A worker that exits
+unexpectedly is started again after a short pause and recovers its tables from the
+changelogs.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from streams.broker import die_with_parent, terminate
+from streams.settings import Settings
+
+#: Pause before starting a worker that exited again, doubling up to the maximum.
+_FIRST_BACKOFF = 1.0
+_MAX_BACKOFF = 30.0
+#: A worker that ran this long before exiting restarts after the first pause again.
+_HEALTHY_SECONDS = 60.0
+
+
+@dataclass
+class _Child:
+    index: int
+    web_port: int
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    backoff: float = _FIRST_BACKOFF
+    restart_at: float | None = None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.children = [_Child(i, settings.web_port + i) for i in range(count)]
+        self._stopping = False
+
+    def command(self, child: _Child) -> list[str]:
+        return [sys.executable, "-m", "streams.cli", "worker", "--web-port", str(child.web_port), "--processes", "1"]
+
+    def _start(self, child: _Child) -> None:
+        child.process = subprocess.Popen(  # noqa: S603 - our own module
+            self.command(child),
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, fork-safe
+        )
+        child.started = time.monotonic()
+        child.restart_at = None
+
+    def stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        """Start every worker and keep them running until SIGINT or SIGTERM."""
+        previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for child in self.children:
+                self._start(child)
+            while not self._stopping:
+                self._watch()
+                time.sleep(0.2)
+        finally:
+            for child in self.children:
+                if child.process is not None and child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
+            for child in self.children:
+                if child.process is not None:
+                    terminate(child.process, timeout=30)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            process = child.process
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    self._start(child)
+                continue
+            if process is None or process.poll() is None:
+                continue
+            if now - child.started >= _HEALTHY_SECONDS:
+                child.backoff = _FIRST_BACKOFF
+            child.restart_at = now + child.backoff
+            print(
+                f"blackroad: worker on web port {child.web_port} exited with code {process.returncode}; "
+                f"starting it again in {child.backoff:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+            child.backoff = min(_MAX_BACKOFF, child.backoff * 2)
