@@ -93,6 +93,27 @@ def partition_for(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+class Partitioner:
+    """:func:`partition_for` with a fixed partition count, remembering the keys it has seen.
+
+    murmur2 is pure Python in aiokafka (microseconds a key); agent ids repeat, so most
+    lookups are one dict hit. The memo is cleared when it reaches ``memo_size`` keys.
+    """
+
+    def __init__(self, partitions: int, memo_size: int = 1 << 20) -> None:
+        self.partitions = partitions
+        self._memo: dict[bytes, int] = {}
+        self._memo_size = memo_size
+
+    def __call__(self, key: bytes) -> int:
+        partition = self._memo.get(key)
+        if partition is None:
+            if len(self._memo) >= self._memo_size:
+                self._memo.clear()
+            partition = self._memo[key] = partition_for(key, self.partitions)
+        return partition
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

@@ -81,7 +81,7 @@ class Pipeline(Service):
             TableWriter(self.producer, cached),
             self.registry,
             self.metrics,
-            partition_for=lambda key: wire.partition_for(key, partitions),
+            partition_for=wire.Partitioner(partitions),
             on_processed=consumer.mark_processed,
             highwater=consumer.highwater,
             lock=self.lock,

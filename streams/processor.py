@@ -193,12 +193,13 @@ class BatchProcessor:
             self._dead_letter(record, partition, reason, stats, stats_base)
         single = len(events) == 1 and not refused
         offset = record.offset
+        partition_for = self.partition_for
         for event in events:
             agent_id = event.agent_id
             key = agent_id.encode()
-            if (record.key != key) if single else (self.partition_for(key) != partition):
+            if (record.key != key) if single else (partition_for(key) != partition):
                 # Keyed by something else: send it on to its agent's partition.
-                self.writer.emit(self.tasks_topic, self.partition_for(key), key, wire.encode_task(event))
+                self.writer.emit(self.tasks_topic, partition_for(key), key, wire.encode_task(event))
                 self.metrics.repartitioned.inc()
                 continue
             items = by_agent.get(agent_id)
