@@ -191,9 +191,9 @@ class Project(System):
 
     name = "blackroad-streams"
 
-    def __init__(self, pack: int = 1, processes: int = 0) -> None:
+    def __init__(self, pack: int = 1, processes: int = 1) -> None:
         self.pack = pack
-        #: Worker processes (0: the default, one per core).
+        #: Worker processes (0: one per core).
         self.processes = processes or max(1, min(os.cpu_count() or 1, PARTITIONS))
         self.name = f"blackroad-streams, {self.processes} process{'es' if self.processes > 1 else ''}"
         if pack > 1:
@@ -405,11 +405,11 @@ def systems(include_quix: bool) -> list[tuple[System, int]]:
     chosen: list[tuple[System, int]] = [
         (BaselineApp("ceiling (raw aiokafka + dicts)", "ceiling.py", []), 0),
         (BaselineApp("naive faust-streaming", "naive_faust.py", ["{port}", "{dir}"]), 40_000),
-        (Project(processes=1), 0),
         (Project(), 0),
-        (Project(pack=100), 0),
+        (Project(processes=0), 0),
+        (Project(pack=100, processes=0), 0),
     ]
-    if Project().processes == 1:  # one core: the default is the single-process run
+    if Project(processes=0).processes == 1:  # one core: one process per core is the default
         chosen.pop(3)
     if include_quix:
         chosen.insert(2, (BaselineApp("quix streams", "quix_app.py", ["{dir}"]), 0))

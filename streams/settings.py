@@ -39,7 +39,7 @@ class Settings:
     partitions: int = 4
     #: Worker processes on this machine (each its own web port from WEB_PORT on);
     #: 0 means one per CPU core, at most one per partition.
-    worker_processes: int = 0
+    worker_processes: int = 1
     data_dir: Path = Path("data")
     app_id: str = "blackroad"
     topic_prefix: str = "blackroad"
