@@ -164,7 +164,7 @@ class AgentRunner:
         self.dead_letter_topic = settings.topic("deadletter")
         self._max_concurrent = settings.max_concurrent_tasks
         self._memory_budget = settings.working_memory_tokens
-        self._handlers: dict[tuple[str, str], Handler | None] = {}
+        self._handlers: dict[tuple[str, str], Handler | UnknownHandler] = {}
         #: Tasks inside handlers right now on this worker.
         self.in_flight = 0
         #: Tallies of the current batch, handed to the metrics once per batch.
@@ -236,17 +236,18 @@ class AgentRunner:
                 future.cancel()
         self._settle(run, items[-1].offset)
 
-    def _handler(self, kind: str, agent_type: str) -> Handler | None:
+    def _handler(self, kind: str, agent_type: str) -> Handler | UnknownHandler:
+        """The registry's answer for this kind and agent type (remembered, errors too)."""
         key = (kind, agent_type)
         try:
             return self._handlers[key]
         except KeyError:
             try:
-                handler: Handler | None = self.registry.resolve(kind, agent_type)
-            except UnknownHandler:
-                handler = None
-            self._handlers[key] = handler
-            return handler
+                found: Handler | UnknownHandler = self.registry.resolve(kind, agent_type)
+            except UnknownHandler as exc:
+                found = exc
+            self._handlers[key] = found
+            return found
 
     def _start(self, item: Item, run: _AgentRun) -> Outcome | Awaitable[Outcome]:
         event = item.event
@@ -261,9 +262,8 @@ class AgentRunner:
             if run.agent["peak_concurrent_tasks"] < 1:
                 run.agent["peak_concurrent_tasks"] = 1
         handler = self._handler(event.kind, run.agent_type)
-        if handler is None:
-            error = f"no handler for task kind {event.kind!r} (agent type {run.agent_type!r})"
-            return Outcome("failed", error=error, finished_ms=_now_ms())
+        if isinstance(handler, UnknownHandler):
+            return Outcome("failed", error=str(handler), finished_ms=_now_ms())
         return self._attempt(handler, item, run, 1, started_ms)
 
     def _attempt(
