@@ -76,6 +76,7 @@ class TaskEvent:
         }
 
 
+_new_id = domain.new_id
 #: One reusable packer: ``msgpack.packb`` builds a new one per call.
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -242,20 +243,32 @@ _AGENT_ID_MATCH = domain.AGENT_ID.match
 _CANONICAL_PRIORITIES = frozenset(domain.PRIORITIES)
 
 
-def lifecycle_event(event_type: str, ts_ms: int, **fields: Any) -> bytes:
-    """Encode one lifecycle event for the events topic."""
-    return encode({"v": SCHEMA_VERSION, "type": event_type, "event_id": domain.new_id("evt"), "ts": ts_ms, **fields})
+def lifecycle_event(event_type: str, ts_ms: int, event_id: str | None = None, **fields: Any) -> bytes:
+    """Encode one lifecycle event for the events topic (a fresh ``event_id`` unless given)."""
+    return encode(
+        {"v": SCHEMA_VERSION, "type": event_type, "event_id": event_id or _new_id("evt"), "ts": ts_ms, **fields}
+    )
+
+
+def task_event_id(task_id: str, step: str) -> str:
+    """The id of a task's ``step`` event (started, completed, failed): the same on every delivery.
+
+    A record replayed after a crash sends its lifecycle events again; their ids repeat,
+    so consumers can drop the copies.
+    """
+    return f"evt_{task_id[5:]}-{step}"
 
 
 def task_finished_event(
     task_id: str, agent_id: str, status: str, error: str | None, started_at: int | None, ts_ms: int
 ) -> bytes:
     """``task.completed`` or ``task.failed`` (failed and dead tasks) for the events topic."""
+    step = "completed" if status == "completed" else "failed"
     return _pack(
         {
             "v": SCHEMA_VERSION,
-            "type": "task.completed" if status == "completed" else "task.failed",
-            "event_id": _new_id("evt"),
+            "type": "task." + step,
+            "event_id": task_event_id(task_id, step),
             "ts": ts_ms,
             "task_id": task_id,
             "agent_id": agent_id,
@@ -264,9 +277,6 @@ def task_finished_event(
             "started_at": started_at,
         }
     )
-
-
-_new_id = domain.new_id
 
 
 def dead_letter(reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> bytes:

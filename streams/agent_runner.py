@@ -290,8 +290,13 @@ class AgentRunner:
         """``task.started`` for a task that waits in its handler (others only complete)."""
         task = item.task
         assert task is not None
+        task_id = item.event.task_id
         event = wire.lifecycle_event(
-            "task.started", task["started_at"], task_id=item.event.task_id, agent_id=run.agent_id
+            "task.started",
+            task["started_at"],
+            wire.task_event_id(task_id, "started"),
+            task_id=task_id,
+            agent_id=run.agent_id,
         )
         run.events.append((run.key, event))
 

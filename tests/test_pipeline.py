@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import msgpack
 
+from schemas import wire
 from tests.factories import record, task
 from tests.harness import Deployment, consume_all, produce, wait_until
 
@@ -59,9 +60,16 @@ def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deploy
     # Lifecycle events reach their topic: one task.completed per completed task.
     lifecycle = consume_all(deployment.bootstrap, deployment.topic("events"), 4, expect=3 * len(events))
     types = defaultdict(int)
+    completed_ids = set()
     for rec in lifecycle:
-        types[msgpack.unpackb(rec.value)["type"]] += 1
+        event = msgpack.unpackb(rec.value)
+        types[event["type"]] += 1
+        if event["type"] == "task.completed":
+            completed_ids.add(event["event_id"])
     assert types["task.completed"] == len(events) - 4
+    # Task event ids derive from the task id, so a redelivered copy is recognisable.
+    finished = {e.task_id for e in events if e not in failing and e not in dying}
+    assert completed_ids == {wire.task_event_id(task_id, "completed") for task_id in finished}
     assert types["task.failed"] == 4
     assert types["agent.status_changed"] == len(agents)
 
