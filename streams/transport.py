@@ -103,6 +103,8 @@ class InLoopConsumerThread(TunedConsumerThread):
         self._thread_started.set()
         self._thread_running = self.parent_loop.create_future()
         self._serving = asyncio.ensure_future(self._serve())
+        # A crash is reported by ``_serve`` itself (to start() and to the worker).
+        self._serving.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             await self._thread_running
         finally:
