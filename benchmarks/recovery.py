@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--writes-per-agent", type=int, default=6)
     args = parser.parse_args()
     processes = args.processes or max(1, min(os.cpu_count() or 1, 4))
-    web = free_port()
+    web = free_port(processes)
     ports = [web + i for i in range(processes)]
     with tempfile.TemporaryDirectory(prefix="blackroad-recovery-") as tmp, EmbeddedBroker(free_port()) as broker:
         env = {

@@ -200,7 +200,7 @@ class Project(System):
             self.name += f", task.batch of {pack}"
 
     def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
-        self.web_port = free_port()
+        self.web_port = free_port(self.processes)
         self.expected = expected
         env = {
             **os.environ,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import random
 import signal
 import socket
 import subprocess
@@ -55,10 +56,36 @@ def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def free_port() -> int:
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive ports free on 127.0.0.1, below the ephemeral range.
+
+    The kernel hands ports of the ephemeral range to outgoing connections at any moment,
+    so a port picked there and bound later by another process (a worker's web ports
+    P..P+N-1) can be taken in between by any client socket. Below that range it cannot.
+    """
+    below = _ephemeral_low()
+    chooser = random.Random()  # noqa: S311 - picking a port, not a secret
+    for _ in range(500):
+        first = chooser.randrange(10_000, below - count)
+        if all(_can_bind(first + offset) for offset in range(count)):
+            return first
+    raise BrokerError(f"no run of {count} free ports found between 10000 and {below}")
+
+
+def _ephemeral_low(default: int = 32768) -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def _can_bind(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class EmbeddedBroker:

@@ -132,14 +132,18 @@ class BatchProcessor:
             tasks = self.writer.tables["tasks"]
             expired = []
             for task_id, row in tasks.rows.items():
-                finished = row["completed_at"]
-                if finished is not None and finished < older_than_ms and row["status"] in state.TERMINAL_TASK_STATUSES:
+                if state.task_expired(row, older_than_ms):
                     expired.append(task_id)
                     if len(expired) >= limit:
                         break
             for task_id in expired:
                 tasks.delete(task_id)
-            await self.writer.end_batch()
+            _, waits = await self.writer.end_batch()
+            if expired:
+                # The tombstones go out now and are on the broker before the rows count as expired.
+                await self._flush()
+                for wait in waits:
+                    await wait
             self.metrics.tasks_expired.inc(len(expired))
             return len(expired)
 

@@ -19,6 +19,17 @@ STATS_WINDOW_SECONDS = 120
 TERMINAL_TASK_STATUSES = frozenset({"completed", "failed", "dead", "cancelled"})
 
 
+def task_expired(row: dict[str, Any], cutoff_ms: int) -> bool:
+    """Whether a task row is past retention: finished before ``cutoff_ms``.
+
+    Expired rows are swept from the live table now and then; until they are, every reader
+    treats them as gone, so a lookup answers the same before and after a sweep (and after
+    a restart that restored rows whose tombstones had not reached the changelog yet).
+    """
+    finished = row["completed_at"]
+    return finished is not None and finished < cutoff_ms and row["status"] in TERMINAL_TASK_STATUSES
+
+
 def stats_key(partition: int) -> str:
     return f"partition-{partition:04d}"
 

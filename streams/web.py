@@ -18,6 +18,7 @@ from yarl import URL
 from agents.memory import entries
 from schemas import domain, wire
 from schemas.wire import WireError
+from streams import state
 from streams.metrics import Metrics
 from streams.tables import Tables
 
@@ -171,6 +172,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     tasks_rows: dict[str, Any] = tables.tasks.data.data
     memory_rows: dict[str, Any] = tables.memory.data.data
     tasks_topic = settings.topic("tasks")
+    retention_ms = int(settings.task_retention * 1000)
     own_url = URL(settings.web_url)
 
     def peers() -> list[URL]:
@@ -285,7 +287,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
         async def get(self, request: Any, task_id: str) -> Any:
             row = tasks_rows.get(task_id)
-            if row is not None:
+            if row is not None and not state.task_expired(row, wire.now_ms() - retention_ms):
                 return _json(self, _public(row))
             if FORWARDED not in request.headers:
                 for peer in peers():

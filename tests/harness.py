@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.broker import free_port, port_is_open
+from streams.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ class Deployment:
 
     def worker(self, processes: int = 1) -> Worker:
         """A ``blackroad worker``; with ``processes`` > 1, a supervisor of that many worker processes."""
-        port = free_port() if processes == 1 else free_port_run(processes)
+        port = free_port(processes)
         worker = Worker(self, port, self.tmp / f"worker-{len(self.workers)}.log", processes)
         self.workers.append(worker)
         return worker
@@ -167,15 +167,6 @@ class Worker:
         status, body = self.get("/v1/stats")
         assert status == 200, body
         return body  # type: ignore[no-any-return]
-
-
-def free_port_run(length: int) -> int:
-    """The first of ``length`` consecutive free ports."""
-    for _ in range(100):
-        first = free_port()
-        if first + length <= 65536 and all(port_is_open(first + i) is False for i in range(1, length)):
-            return first
-    raise AssertionError(f"no run of {length} free ports found")
 
 
 def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:

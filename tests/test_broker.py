@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.types import TP
 
-from streams.broker import EmbeddedBroker
+from streams.broker import EmbeddedBroker, free_port
 from streams.transport import fetch_highwaters
 
 
@@ -36,3 +38,16 @@ def test_fetch_highwaters_counts_every_record_of_a_multi_record_batch(broker: Em
     assert fetched == 10
     # The broker's ListOffsets answer is the reason the correction exists.
     assert listed <= fetched
+
+
+def test_free_port_gives_a_bindable_run_below_the_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    first = free_port(3)
+    assert 10_000 <= first and first + 3 <= low
+    sockets = [socket.socket() for _ in range(3)]
+    try:
+        for offset, sock in enumerate(sockets):
+            sock.bind(("127.0.0.1", first + offset))
+    finally:
+        for sock in sockets:
+            sock.close()

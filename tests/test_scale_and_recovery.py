@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from tests.factories import record, task
 from tests.harness import Deployment, produce, wait_until
@@ -100,10 +101,13 @@ def test_finished_tasks_leave_the_live_table_and_stay_gone_after_restart(deploym
     produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
     wait_until(_finished(worker, len(events)), 60, what="tasks finished")
     wait_until(lambda: all(worker.get(f"/v1/tasks/{e.task_id}")[0] == 404 for e in events), 30, what="tasks expired")
-    _, metrics = worker.get("/metrics")
-    assert "blackroad_tasks_expired_total 50.0" in metrics
+    wait_until(
+        lambda: "blackroad_tasks_expired_total 50.0" in worker.get("/metrics")[1], 30, what="the sweep to drop them"
+    )
     worker.kill()
     worker = deployment.worker().start().wait_ready()
+    time.sleep(1.5)  # three sweep periods: rows restored without their tombstones would be swept again
+    assert "blackroad_tasks_expired_total 0.0" in worker.get("/metrics")[1]
     for event in events:
         assert worker.get(f"/v1/tasks/{event.task_id}")[0] == 404
         assert worker.get(f"/v1/agents/{event.agent_id}")[1]["stats"]["tasks_completed"] == 1

@@ -163,3 +163,11 @@ def test_domain_variants() -> None:
     assert domain.canonical_task_status("running") == "in_progress"
     assert domain.canonical_priority("bulk") == "bulk"
     assert domain.canonical_priority(True) is None
+
+
+def test_a_task_is_expired_only_when_finished_before_the_cutoff() -> None:
+    row = state.new_task(task("agent_x_001"), 0, "in_progress", 1_000)
+    assert not state.task_expired(row, 5_000)  # still running, however old
+    row.update(status="completed", completed_at=2_000)
+    assert state.task_expired(row, 5_000)
+    assert not state.task_expired(row, 2_000)  # finished exactly at the cutoff: kept
