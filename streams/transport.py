@@ -93,10 +93,8 @@ class InLoopConsumerThread(TunedConsumerThread):
     on the GIL. Here each call is a plain await on one loop.
     """
 
-    def __init__(self, consumer: Any, **kwargs: Any) -> None:
-        loop = kwargs.get("loop") or asyncio.get_event_loop_policy().get_event_loop()
-        kwargs["loop"] = loop
-        super().__init__(consumer, thread_loop=loop, **kwargs)
+    def __init__(self, consumer: Any, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
+        super().__init__(consumer, loop=loop, thread_loop=loop, **kwargs)
         self._serving: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
@@ -132,7 +130,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         self._processed: dict[TP, int] = {}
 
-    def _new_consumer_thread(self) -> TunedConsumerThread:
+    def _new_consumer_thread(self) -> InLoopConsumerThread:
         return InLoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def pause_partitions(self, tps: Iterable[TP]) -> None:
