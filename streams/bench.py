@@ -431,6 +431,7 @@ def table(results: list[Measurement]) -> str:
 
 
 def run(count: int, agents: int, rate: float, seconds: float, out: Path, include_quix: bool) -> list[Measurement]:
+    began = time.monotonic()
     results: list[Measurement] = []
     tmp_web = tempfile.TemporaryDirectory(prefix="blackroad-bench-web-")
     with tempfile.TemporaryDirectory(prefix="blackroad-bench-") as tmp:
@@ -466,7 +467,9 @@ def run(count: int, agents: int, rate: float, seconds: float, out: Path, include
                 "machine": machine(),
                 "load": {"backlog_tasks": count, "agents": agents, "rate": rate, "seconds": seconds},
                 "results": [asdict(r) for r in results],
+                "web_views": web,
                 "project_throughput_ratio": ratios,
+                "minutes": round((time.monotonic() - began) / 60, 1),
             },
             indent=2,
         )
@@ -478,5 +481,5 @@ def run(count: int, agents: int, rate: float, seconds: float, out: Path, include
         print("web:", row)
     print("throughput ratios:", "; ".join(f"{k}: {v}x" for k, v in ratios.items()))
     print(f"machine: {machine()}")
-    print(f"written to {out}")
+    print(f"written to {out}; the whole run took {(time.monotonic() - began) / 60:.1f} min")
     return results
