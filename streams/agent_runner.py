@@ -195,7 +195,7 @@ class AgentRunner:
 
     def _prepare(self, item: Item, run: _AgentRun, stats_base: int) -> bool:
         """Decide which rows this event still has to change; False when none."""
-        task = self.tasks.rows.get(item.event.task_id)
+        task = self.tasks.get(item.event.task_id)
         offset = item.offset
         if task is not None and task["o"] != offset:
             # The same task id again (a client retry): the first one counts.
@@ -353,7 +353,7 @@ class AgentRunner:
                 self._dead_letter_task(item, run, outcome)
             created_at = task["created_at"]
         else:  # a replay: the task row already has its outcome, which is what counts
-            stored = self.tasks.rows.get(event.task_id)
+            stored = self.tasks.get(event.task_id)
             status = stored["status"] if stored is not None else outcome.status
             created_at = stored["created_at"] if stored is not None else event.created_ms
         written = outcome.memory_written

@@ -27,9 +27,46 @@ import msgpack
 from faust.serializers import codecs
 
 from schemas import wire
+from streams.state import TERMINAL_TASK_STATUSES
 
 TABLE_NAMES = ("agents", "tasks", "memory", "stats")
 _MISSING = object()
+
+
+class FrozenRow:
+    """A row that will not change again, kept as its changelog bytes.
+
+    A finished task is read rarely (a lookup, a duplicate, the retention sweep) but
+    stays for the whole retention period: one bytes object instead of a tree of dicts
+    and strings cuts its memory several times and leaves the garbage collector and the
+    caches far less to walk, which keeps a worker holding hundreds of thousands of
+    tasks nearly as fast as an empty one. ``finished_at`` lets the sweep skip decoding.
+    """
+
+    __slots__ = ("finished_at", "packed")
+
+    def __init__(self, finished_at: int, packed: bytes) -> None:
+        self.finished_at = finished_at
+        self.packed = packed
+
+
+def thaw(value: Any) -> Any:
+    """A row as a plain value (a :class:`FrozenRow` decoded; anything else as is)."""
+    if type(value) is FrozenRow:
+        return msgpack.unpackb(value.packed, raw=False, strict_map_key=False)
+    return value
+
+
+def _task_finished_at(row: Any) -> int | None:
+    """When a task row stopped changing: its completion time once it is terminal."""
+    if row.get("status") in TERMINAL_TASK_STATUSES:
+        finished: int | None = row.get("completed_at")
+        return finished
+    return None
+
+
+#: Per table: which rows freeze once written to the changelog, and when they finished.
+FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {"tasks": _task_finished_at}
 
 
 class MsgpackCodec(codecs.Codec):
@@ -88,11 +125,12 @@ class CachedTable:
     :meth:`TableWriter.rollback`); ``dirty`` the keys changed since the last flush.
     """
 
-    __slots__ = ("_key_partition", "changelog_topic", "dirty", "name", "rows", "undo")
+    __slots__ = ("_key_partition", "changelog_topic", "dirty", "freeze_when", "name", "rows", "undo")
 
     def __init__(self, name: str, table: Any) -> None:
         store = table.data
         self.name = name
+        self.freeze_when = FREEZE_WHEN.get(name)
         self.rows: dict[str, Any] = store.data
         self._key_partition: dict[str, int] = store._key_partition  # noqa: SLF001
         self.changelog_topic: str = table.changelog_topic.get_topic_name()
@@ -100,7 +138,8 @@ class CachedTable:
         self.dirty: dict[str, int] = {}
 
     def get(self, key: str) -> Any:
-        return self.rows.get(key)
+        """The row as a plain value (frozen rows decoded), or None."""
+        return thaw(self.rows.get(key))
 
     def touched(self, key: str) -> bool:
         """Whether this batch already changed the row (and so owns a private copy)."""
@@ -208,13 +247,24 @@ class TableWriter:
         for table in self.tables.values():
             rows = table.rows
             topic = table.changelog_topic
+            freeze_when = table.freeze_when
             by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
             for key, partition in table.dirty.items():
                 records = by_partition.get(partition)
                 if records is None:
                     records = by_partition[partition] = outgoing[(topic, partition)] = []
                 value = rows.get(key)
-                records.append((key.encode(), None if value is None else _pack(value)))
+                if value is None:
+                    packed = None
+                elif type(value) is FrozenRow:
+                    packed = value.packed
+                else:
+                    packed = _pack(value)
+                    if freeze_when is not None:
+                        finished_at = freeze_when(value)
+                        if finished_at is not None:
+                            rows[key] = FrozenRow(finished_at, packed)
+                records.append((key.encode(), packed))
             table.dirty = {}
         waiting, self._next_flush = self._next_flush, None
         futures: list[asyncio.Future[Any]] = []

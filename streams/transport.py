@@ -29,6 +29,8 @@ import msgpack
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from streams.tables import FREEZE_WHEN, FrozenRow
+
 BatchSink = Callable[[dict[TP, list[Any]]], Awaitable[None]]
 
 
@@ -222,19 +224,24 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> None:
     if not fresh:
         return
     recovery.flush_buffers()  # older records Faust still holds must not land after these
-    store = recovery.tp_to_table[tp].data
+    table = recovery.tp_to_table[tp]
+    store = table.data
     rows = store.data
     key_partition = store._key_partition  # noqa: SLF001 - the memory store's own index
     partition = tp.partition
     unpack = msgpack.unpackb
+    freeze_when = FREEZE_WHEN.get(table.name)
     for record in fresh:
         key = record.key.decode()
-        if record.value is None:
+        value = record.value
+        if value is None:
             rows.pop(key, None)
             key_partition.pop(key, None)
-        else:
-            rows[key] = unpack(record.value, raw=False, strict_map_key=False)
-            key_partition[key] = partition
+            continue
+        row = unpack(value, raw=False, strict_map_key=False)
+        finished_at = freeze_when(row) if freeze_when is not None else None
+        rows[key] = row if finished_at is None else FrozenRow(finished_at, value)
+        key_partition[key] = partition
     offsets[tp] = fresh[-1].offset
 
 

@@ -20,7 +20,7 @@ from schemas import domain, wire
 from schemas.wire import WireError
 from streams import state
 from streams.metrics import Metrics
-from streams.tables import Tables
+from streams.tables import Tables, thaw
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_BATCH_REQUESTS = 1000
@@ -286,7 +286,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "task"
 
         async def get(self, request: Any, task_id: str) -> Any:
-            row = tasks_rows.get(task_id)
+            row = thaw(tasks_rows.get(task_id))
             if row is not None and not state.task_expired(row, wire.now_ms() - retention_ms):
                 return _json(self, _public(row))
             if FORWARDED not in request.headers:

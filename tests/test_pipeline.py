@@ -71,6 +71,9 @@ def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deploy
     finished = {e.task_id for e in events if e not in failing and e not in dying}
     assert completed_ids == {wire.task_event_id(task_id, "completed") for task_id in finished}
     assert types["task.failed"] == 4
+    # Finished rows are kept frozen once flushed; a lookup still gets the whole task.
+    status, body = worker.get(f"/v1/tasks/{events[1].task_id}")
+    assert body["result"] == {"tool": "wordcount", "output": 3} and body["title"] == events[1].title
     assert types["agent.status_changed"] == len(agents)
 
     # The work really went through in batches (far fewer batches than events).

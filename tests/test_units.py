@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 
 import msgpack
 import pytest
@@ -12,7 +13,7 @@ from agents.base import TaskContext, TaskFailed
 from agents.registry import default_registry
 from schemas import domain, wire
 from schemas.wire import WireError
-from streams import histogram, state
+from streams import histogram, state, tables
 from tests.factories import task
 
 
@@ -171,3 +172,60 @@ def test_a_task_is_expired_only_when_finished_before_the_cutoff() -> None:
     row.update(status="completed", completed_at=2_000)
     assert state.task_expired(row, 5_000)
     assert not state.task_expired(row, 2_000)  # finished exactly at the cutoff: kept
+
+
+class _Batch:
+    """Stands in for aiokafka's batch builder: keeps what was appended."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes | None]] = []
+
+    def append(self, key: bytes | None, value: bytes | None, timestamp: int | None) -> int:
+        self.records.append((key, value))
+        return len(self.records)
+
+    def record_count(self) -> int:
+        return len(self.records)
+
+
+class _Producer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, bytes | None, bytes | None]] = []
+
+    def create_batch(self) -> _Batch:
+        return _Batch()
+
+    async def send_batch(self, batch: _Batch, topic: str, partition: int) -> asyncio.Future[None]:
+        self.sent.extend((topic, partition, key, value) for key, value in batch.records)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def _cached_table(name: str) -> tables.CachedTable:
+    store = types.SimpleNamespace(data={}, _key_partition={})
+    topic = types.SimpleNamespace(get_topic_name=lambda: f"{name}-changelog")
+    return tables.CachedTable(name, types.SimpleNamespace(data=store, changelog_topic=topic))
+
+
+def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:
+    producer = _Producer()
+    tasks = _cached_table("tasks")
+    writer = tables.TableWriter(producer, {"tasks": tasks})
+    running = state.new_task(task("agent_x_001"), 7, "in_progress", 1_000)
+    finished = state.new_task(task("agent_x_001"), 8, "in_progress", 1_000)
+    finished.update(status="completed", result={"ok": 1}, completed_at=2_000)
+    tasks.put(running["id"], running, 0)
+    tasks.put(finished["id"], finished, 0)
+
+    async def flush() -> int:
+        await writer.end_batch()
+        return await writer.flush()
+
+    assert asyncio.run(flush()) == 2
+    assert tasks.rows[running["id"]] is running  # still changing: stays a dict
+    frozen = tasks.rows[finished["id"]]
+    assert isinstance(frozen, tables.FrozenRow) and frozen.finished_at == 2_000
+    assert tasks.get(finished["id"]) == finished
+    sent = {key: value for _, _, key, value in producer.sent}
+    assert msgpack.unpackb(sent[finished["id"].encode()]) == finished
