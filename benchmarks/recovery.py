@@ -1,6 +1,6 @@
 """State size and recovery: 30,000 agents with working memory, then SIGKILL and restart.
 
-Usage: python benchmarks/recovery.py [--processes N] [--agents 30000] [--writes-per-agent 6]
+Usage: python benchmarks/recovery.py [--processes N] [--agents 30000] [--writes-per-agent 6] [--task-retention 5]
 
 Starts a fresh embedded broker and ``blackroad worker`` (N processes), writes
 ``agents * writes-per-agent`` memory entries, reports each worker process's RSS, SIGKILLs
@@ -85,6 +85,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=0, help="worker processes (0 = one per core)")
     parser.add_argument("--agents", type=int, default=30_000)
     parser.add_argument("--writes-per-agent", type=int, default=6)
+    parser.add_argument(
+        "--task-retention", type=float, default=5, help="seconds finished tasks stay live (long: they count in RSS)"
+    )
     args = parser.parse_args()
     processes = args.processes or max(1, min(os.cpu_count() or 1, 4))
     web = free_port(processes)
@@ -96,7 +99,7 @@ def main() -> int:
             "BLACKROAD_WEB_PORT": str(web),
             "BLACKROAD_DATA_DIR": tmp,
             "BLACKROAD_WORKER_PROCESSES": str(processes),
-            "BLACKROAD_TASK_RETENTION": "5",
+            "BLACKROAD_TASK_RETENTION": f"{args.task_retention:g}",
         }
         command = [sys.executable, "-m", "streams.cli", "worker"]
         worker = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603
@@ -107,7 +110,8 @@ def main() -> int:
             while (get(web, "/v1/stats") or {}).get("completed_tasks", 0) < sent:
                 time.sleep(0.2)
             print(f"{sent:,} memory writes over {args.agents:,} agents done in {time.monotonic() - started:.1f} s")
-            time.sleep(8)  # past the task retention: finished tasks leave the live table
+            if args.task_retention < 60:
+                time.sleep(args.task_retention + 3)  # past the retention: finished tasks leave the live table
             pids = children(worker.pid) if processes > 1 else [worker.pid]
             for pid in pids:
                 rss, peak = rss_mb(pid)

@@ -56,7 +56,7 @@ class Settings:
     #: Seconds between changelog flushes: a row changed many times in between is written once.
     flush_interval: float = 0.2
     #: Seconds a finished task stays in the live tasks table (and GET /v1/tasks/{id}).
-    task_retention: float = 3600.0
+    task_retention: float = 600.0
     #: Token budget of an agent's working memory (about 4 characters per token).
     working_memory_tokens: int = 2048
     #: Median and 99th percentile of the simulated inference handler, in milliseconds.
