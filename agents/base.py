@@ -18,11 +18,22 @@ class TaskFailed(Exception):
 class TaskContext:
     """What a handler may use besides the task: the agent's working memory and the clock.
 
-    Memory is opened for writing only when a handler writes to it, so handlers that
-    never touch memory cost the memory table nothing.
+    Memory is read (``read_memory``) only when a handler recalls it and opened for
+    writing only when a handler writes to it, so handlers that never touch memory cost
+    the memory table nothing.
     """
 
-    __slots__ = ("_budget", "_memory", "_open_memory", "agent_id", "agent_type", "attempt", "now_ms", "written")
+    __slots__ = (
+        "_budget",
+        "_memory",
+        "_open_memory",
+        "_read_memory",
+        "agent_id",
+        "agent_type",
+        "attempt",
+        "now_ms",
+        "written",
+    )
 
     def __init__(
         self,
@@ -33,6 +44,7 @@ class TaskContext:
         budget_tokens: int,
         attempt: int = 1,
         open_memory: Callable[[], dict[str, Any]] | None = None,
+        read_memory: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.agent_type = agent_type
@@ -40,11 +52,15 @@ class TaskContext:
         self.attempt = attempt
         self._memory = memory
         self._open_memory = open_memory
+        self._read_memory = read_memory
         self._budget = budget_tokens
         self.written: list[dict[str, Any]] = []
 
     def recall(self, limit: int = 10) -> list[dict[str, Any]]:
         """The most recent ``limit`` working-memory entries, oldest first."""
+        if self._memory is None and self._read_memory is not None:
+            self._memory = self._read_memory()
+            self._read_memory = None
         if self._memory is None or limit <= 0:
             return []
         return working_memory.entries(self._memory)[-limit:]

@@ -25,7 +25,7 @@ from schemas.wire import TaskEvent
 from streams import histogram, state
 from streams.metrics import Metrics
 from streams.settings import Settings
-from streams.tables import CachedTable, TableWriter
+from streams.tables import CachedTable, FrozenRow, TableWriter, thaw
 
 _now_ms = wire.now_ms
 _perf = time.perf_counter
@@ -98,7 +98,7 @@ class _AgentRun:
         "memory_base",
         "memory_table",
         "partition",
-        "stored_memory",
+        "stored",
     )
 
     def __init__(
@@ -116,15 +116,22 @@ class _AgentRun:
         self.agent_type: str = agent["type"]
         self.agent_base: int = agent["o"]
         self.memory_table = memory_table
-        #: The agent's memory row as stored, and the private copy once a handler writes.
-        self.stored_memory: dict[str, Any] | None = memory_table.rows.get(agent_id)
-        self.memory_base = -1 if self.stored_memory is None else self.stored_memory["o"]
+        #: The agent's memory row as stored (perhaps frozen), and the private copy once a handler writes.
+        self.stored: Any = memory_table.rows.get(agent_id)
+        stored = self.stored
+        self.memory_base = -1 if stored is None else stored.offset if type(stored) is FrozenRow else stored["o"]
         self.memory: dict[str, Any] | None = None
         self.events = events
         self.in_flight = 0
 
     def current_memory(self) -> dict[str, Any] | None:
-        return self.memory if self.memory is not None else self.stored_memory
+        """The memory as a handler sees it: this batch's copy, else the stored row (decoded once)."""
+        if self.memory is not None:
+            return self.memory
+        if type(self.stored) is FrozenRow:
+            self.stored = thaw(self.stored)
+        stored: dict[str, Any] | None = self.stored
+        return stored
 
     def open_memory(self) -> dict[str, Any]:
         """The agent's memory row, writable in this batch (opened on the first write)."""
@@ -271,7 +278,7 @@ class AgentRunner:
     ) -> Outcome | Awaitable[Outcome]:
         opener = run.open_memory if item.apply_memory else run.scratch_memory
         context = TaskContext(
-            run.agent_id, run.agent_type, now, run.current_memory(), self._memory_budget, attempt, opener
+            run.agent_id, run.agent_type, now, run.memory, self._memory_budget, attempt, opener, run.current_memory
         )
         started = _perf()
         try:

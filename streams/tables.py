@@ -34,18 +34,20 @@ _MISSING = object()
 
 
 class FrozenRow:
-    """A row that will not change again, kept as its changelog bytes.
+    """A row kept as its changelog bytes between the batches that change it.
 
     A finished task is read rarely (a lookup, a duplicate, the retention sweep) but
-    stays for the whole retention period: one bytes object instead of a tree of dicts
-    and strings cuts its memory several times and leaves the garbage collector and the
-    caches far less to walk, which keeps a worker holding hundreds of thousands of
-    tasks nearly as fast as an empty one. ``finished_at`` lets the sweep skip decoding.
+    stays for the whole retention period; an agent's working memory is read only by
+    the tasks that use it. One bytes object instead of a tree of dicts and strings cuts
+    their memory several times and leaves the garbage collector far less to walk.
+    ``offset`` is the row's ``"o"`` and ``finished_at`` a task's completion time, so
+    neither replay checks nor the retention sweep need to decode it.
     """
 
-    __slots__ = ("finished_at", "packed")
+    __slots__ = ("finished_at", "offset", "packed")
 
-    def __init__(self, finished_at: int, packed: bytes) -> None:
+    def __init__(self, offset: int, finished_at: int, packed: bytes) -> None:
+        self.offset = offset
         self.finished_at = finished_at
         self.packed = packed
 
@@ -65,8 +67,13 @@ def _task_finished_at(row: Any) -> int | None:
     return None
 
 
-#: Per table: which rows freeze once written to the changelog, and when they finished.
-FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {"tasks": _task_finished_at}
+def _always(row: Any) -> int:
+    return 0
+
+
+#: Per table: which rows freeze once written to the changelog (and a task's finish time);
+#: None leaves a row as it is. Agent and stats rows change with nearly every batch.
+FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {"tasks": _task_finished_at, "memory": _always}
 
 
 class MsgpackCodec(codecs.Codec):
@@ -160,7 +167,7 @@ class CachedTable:
         current = self.rows.get(key)
         if current is None:
             return None
-        row = copy(current)
+        row = thaw(current) if type(current) is FrozenRow else copy(current)
         self.put(key, row, partition)
         return row
 
@@ -263,7 +270,7 @@ class TableWriter:
                     if freeze_when is not None:
                         finished_at = freeze_when(value)
                         if finished_at is not None:
-                            rows[key] = FrozenRow(finished_at, packed)
+                            rows[key] = FrozenRow(value["o"], finished_at, packed)
                 records.append((key.encode(), packed))
             table.dirty = {}
         waiting, self._next_flush = self._next_flush, None

@@ -240,7 +240,7 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> None:
             continue
         row = unpack(value, raw=False, strict_map_key=False)
         finished_at = freeze_when(row) if freeze_when is not None else None
-        rows[key] = row if finished_at is None else FrozenRow(finished_at, value)
+        rows[key] = row if finished_at is None else FrozenRow(row["o"], finished_at, value)
         key_partition[key] = partition
     offsets[tp] = fresh[-1].offset
 

@@ -266,7 +266,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         async def get(self, request: Any, agent_id: str) -> Any:
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
-            row = memory_rows.get(agent_id)
+            row = thaw(memory_rows.get(agent_id))
             if row is None:
                 raise ApiError("not_found", f"no memory for agent {agent_id!r}", details={"agent_id": agent_id})
             return _json(

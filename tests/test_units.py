@@ -229,3 +229,45 @@ def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:
     assert tasks.get(finished["id"]) == finished
     sent = {key: value for _, _, key, value in producer.sent}
     assert msgpack.unpackb(sent[finished["id"].encode()]) == finished
+
+
+def test_a_memory_row_freezes_at_flush_and_thaws_into_a_private_copy_to_write() -> None:
+    memory_table = _cached_table("memory")
+    writer = tables.TableWriter(_Producer(), {"memory": memory_table})
+    row = state.new_memory()
+    memory.append(
+        row, "agent_x_001", "hello", role="user", memory_type="conversation", timestamp_ms=1, budget_tokens=100
+    )
+    row["o"] = 41
+    memory_table.put("agent_x_001", row, 0)
+
+    async def flush() -> int:
+        await writer.end_batch()
+        return await writer.flush()
+
+    asyncio.run(flush())
+    frozen = memory_table.rows["agent_x_001"]
+    assert isinstance(frozen, tables.FrozenRow) and frozen.offset == 41
+    writable = memory_table.writable("agent_x_001", 0, state.copy_row)
+    assert writable == row and writable is not row
+    assert memory_table.rows["agent_x_001"] is writable  # the batch's copy replaces the frozen row
+    memory_table.rollback()
+    assert memory_table.rows["agent_x_001"] is frozen
+
+
+def test_a_task_context_reads_memory_only_when_a_handler_recalls() -> None:
+    reads = []
+
+    def read() -> dict[str, object]:
+        reads.append(1)
+        stored = memory.empty_memory()
+        memory.append(
+            stored, "agent_x_001", "kept", role="user", memory_type="conversation", timestamp_ms=1, budget_tokens=100
+        )
+        return stored
+
+    context = TaskContext("agent_x_001", "worker", 1000, None, 100, read_memory=read)
+    assert reads == []
+    assert [e["content"] for e in context.recall()] == ["kept"]
+    context.recall()
+    assert reads == [1]
