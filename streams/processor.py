@@ -25,11 +25,10 @@ from typing import Any
 from agents.registry import HandlerRegistry
 from schemas import wire
 from schemas.wire import WireError
-from streams import state
 from streams.agent_runner import AgentRunner, BatchStats, Item
 from streams.metrics import Metrics
 from streams.settings import Settings
-from streams.tables import FrozenRow, TableWriter
+from streams.tables import TableWriter, task_expired
 
 Partitioner = Callable[[bytes], int]
 #: Changed rows that force a changelog flush before the flush interval is up.
@@ -132,11 +131,7 @@ class BatchProcessor:
             tasks = self.writer.tables["tasks"]
             expired = []
             for task_id, row in tasks.rows.items():
-                if (
-                    row.finished_at < older_than_ms
-                    if type(row) is FrozenRow
-                    else state.task_expired(row, older_than_ms)
-                ):
+                if task_expired(row, older_than_ms):
                     expired.append(task_id)
                     if len(expired) >= limit:
                         break

@@ -27,6 +27,7 @@ import msgpack
 from faust.serializers import codecs
 
 from schemas import wire
+from streams import state
 from streams.state import TERMINAL_TASK_STATUSES
 
 TABLE_NAMES = ("agents", "tasks", "memory", "stats")
@@ -57,6 +58,13 @@ def thaw(value: Any) -> Any:
     if type(value) is FrozenRow:
         return msgpack.unpackb(value.packed, raw=False, strict_map_key=False)
     return value
+
+
+def task_expired(value: Any, cutoff_ms: int) -> bool:
+    """Whether a stored task (frozen or not) is past retention; frozen ones are not decoded."""
+    if type(value) is FrozenRow:
+        return value.finished_at < cutoff_ms
+    return state.task_expired(value, cutoff_ms)
 
 
 def _task_finished_at(row: Any) -> int | None:

@@ -18,9 +18,8 @@ from yarl import URL
 from agents.memory import entries
 from schemas import domain, wire
 from schemas.wire import WireError
-from streams import state
 from streams.metrics import Metrics
-from streams.tables import Tables, thaw
+from streams.tables import Tables, task_expired, thaw
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_BATCH_REQUESTS = 1000
@@ -286,9 +285,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "task"
 
         async def get(self, request: Any, task_id: str) -> Any:
-            row = thaw(tasks_rows.get(task_id))
-            if row is not None and not state.task_expired(row, wire.now_ms() - retention_ms):
-                return _json(self, _public(row))
+            row = tasks_rows.get(task_id)
+            if row is not None and not task_expired(row, wire.now_ms() - retention_ms):
+                return _json(self, _public(thaw(row)))
             if FORWARDED not in request.headers:
                 for peer in peers():
                     code, body = await fetch(peer, request.path)
