@@ -100,6 +100,11 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, timeout: float = 10.0) -> None:
         if port_is_open(self.port):
             raise BrokerError(
