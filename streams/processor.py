@@ -6,8 +6,8 @@ One call handles everything one fetch returned, across partitions:
    by something other than their agent go on to the agent's partition;
 2. group tasks by agent and hand each agent's tasks to :class:`AgentRunner`, which
    runs them and folds the outcomes into the task, agent, memory and stats rows;
-3. send the lifecycle events and dead letters, and go on with the next batch; changed
-   rows reach their changelogs in bulk once per flush interval (see
+3. go on with the next batch: changed rows reach their changelogs, and lifecycle events
+   and dead letters their topics, in bulk once per flush interval (see
    :class:`streams.tables.TableWriter`). Once the broker has all the records a batch
    depends on, its offsets are marked processed so the next commit includes them.
 
@@ -79,14 +79,13 @@ class BatchProcessor:
             started = time.perf_counter()
             try:
                 offsets, count = await self._process(batch)
-                produced, waits = await self.writer.end_batch()
+                waits = self.writer.end_batch()
             except BaseException:
                 self.writer.rollback()
                 raise
-            # The next batch starts while this one's records travel to the broker.
+            # The next batch starts while this one's records wait for the flush.
             self._unacked.put_nowait((waits, offsets))
-            if self._flush_due():
-                produced += await self._flush()
+            produced = await self._flush() if self._flush_due() else 0
             self.metrics.batch_done(count, produced, time.perf_counter() - started, self.runner.finished)
             self.runner.finished = Counter()
 
@@ -137,7 +136,7 @@ class BatchProcessor:
                         break
             for task_id in expired:
                 tasks.delete(task_id)
-            _, waits = await self.writer.end_batch()
+            waits = self.writer.end_batch()
             if expired:
                 # The tombstones go out now and are on the broker before the rows count as expired.
                 await self._flush()

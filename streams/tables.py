@@ -208,57 +208,64 @@ class TableWriter:
 
     * rows change in their :class:`CachedTable` at once; the first change of a key in a
       batch remembers its old value for :meth:`rollback`;
-    * :meth:`emit` queues records for other topics (lifecycle events, dead letters);
-    * :meth:`end_batch` sends those and returns what the batch's offsets must wait for:
-      those records and the next changelog flush;
+    * :meth:`outbox` queues records for other topics (lifecycle events, dead letters);
+    * :meth:`end_batch` closes a batch and returns what its offsets must wait for: the
+      next flush;
     * :meth:`flush` produces one changelog record per dirty key, the row's latest value
-      however many events changed it since the last flush, and resolves the waiting
-      batches once the broker has them all.
+      however many events changed it since the last flush, and the queued records of
+      every batch since, then resolves the waiting batches once the broker has them all.
+
+    Outgoing records wait for the flush like Kafka Streams' producer lingers: a few
+    large produce requests instead of one per batch, which costs the broker and the
+    worker far less at a light load.
     """
 
     def __init__(self, producer: Any, tables: dict[str, CachedTable]) -> None:
         self._producer = producer
         self.tables = tables
-        # (topic, partition) -> [(key, value)] of other records (lifecycle, dead letters)
-        self._records: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        # (topic, partition) -> [(key, value)] of other records (lifecycle, dead letters):
+        # those of the batch in progress, and those of finished batches waiting for the flush.
+        self._batch: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        self._outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        self._outgoing_count = 0
         self._next_flush: asyncio.Future[None] | None = None
 
     def outbox(self, topic: str, partition: int) -> list[tuple[bytes | None, bytes | None]]:
         """The list of records queued for ``topic``/``partition`` in this batch (append to it)."""
-        records = self._records.get((topic, partition))
+        records = self._batch.get((topic, partition))
         if records is None:
-            records = self._records[(topic, partition)] = []
+            records = self._batch[(topic, partition)] = []
         return records
 
     def emit(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
-        """Queue one record for another topic, sent at the end of the batch."""
+        """Queue one record for another topic, sent with the next flush."""
         self.outbox(topic, partition).append((key, value))
 
     @property
     def dirty(self) -> int:
-        return sum(len(table.dirty) for table in self.tables.values())
+        """Changed rows and queued records waiting for the next flush."""
+        return sum(len(table.dirty) for table in self.tables.values()) + self._outgoing_count
 
-    async def end_batch(self) -> tuple[int, list[asyncio.Future[Any]]]:
-        """Send the batch's queued records; return their count and what to wait for."""
-        sent = 0
-        waits: list[asyncio.Future[Any]] = []
-        for (topic, partition), records in self._records.items():
-            sent += len(records)
-            waits.extend(await self._send_bulk(topic, partition, records))
-        self._records = {}
-        changed = False
+    def end_batch(self) -> list[asyncio.Future[Any]]:
+        """Close the batch; return what its offsets wait for (the next flush), if anything."""
+        changed = bool(self._batch)
+        for key, records in self._batch.items():
+            if records:
+                self._outgoing.setdefault(key, []).extend(records)
+                self._outgoing_count += len(records)
+        self._batch = {}
         for table in self.tables.values():
             if table.undo:
                 changed = True
                 table.undo = {}
-        if changed:
-            if self._next_flush is None:
-                self._next_flush = asyncio.get_running_loop().create_future()
-            waits.append(self._next_flush)
-        return sent, waits
+        if not changed:
+            return []
+        if self._next_flush is None:
+            self._next_flush = asyncio.get_running_loop().create_future()
+        return [self._next_flush]
 
     async def flush(self) -> int:
-        """Produce the changelog of every dirty row; return how many records were sent."""
+        """Produce the changelog of every dirty row and the queued records; return how many were sent."""
         outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
         for table in self.tables.values():
             rows = table.rows
@@ -282,6 +289,9 @@ class TableWriter:
                             rows[key] = FrozenRow(value["o"], finished_at, packed)
                 records.append((key.encode(), packed))
             table.dirty = {}
+        outgoing.update(self._outgoing)
+        self._outgoing = {}
+        self._outgoing_count = 0
         waiting, self._next_flush = self._next_flush, None
         futures: list[asyncio.Future[Any]] = []
         try:
@@ -299,7 +309,7 @@ class TableWriter:
         """Put every row this batch changed back as it was before the batch."""
         for table in self.tables.values():
             table.rollback()
-        self._records = {}
+        self._batch = {}
 
     async def _send_bulk(
         self, topic: str, partition: int, records: list[tuple[bytes | None, bytes | None]]

@@ -219,7 +219,7 @@ def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:
     tasks.put(finished["id"], finished, 0)
 
     async def flush() -> int:
-        await writer.end_batch()
+        writer.end_batch()
         return await writer.flush()
 
     assert asyncio.run(flush()) == 2
@@ -242,7 +242,7 @@ def test_a_memory_row_freezes_at_flush_and_thaws_into_a_private_copy_to_write() 
     memory_table.put("agent_x_001", row, 0)
 
     async def flush() -> int:
-        await writer.end_batch()
+        writer.end_batch()
         return await writer.flush()
 
     asyncio.run(flush())
@@ -253,6 +253,26 @@ def test_a_memory_row_freezes_at_flush_and_thaws_into_a_private_copy_to_write() 
     assert memory_table.rows["agent_x_001"] is writable  # the batch's copy replaces the frozen row
     memory_table.rollback()
     assert memory_table.rows["agent_x_001"] is frozen
+
+
+def test_outgoing_records_leave_with_the_flush_and_a_rollback_drops_only_its_batch() -> None:
+    producer = _Producer()
+    writer = tables.TableWriter(producer, {"stats": _cached_table("stats")})
+
+    async def scenario() -> None:
+        writer.emit("events", 1, b"a", b"first")
+        waits = writer.end_batch()
+        writer.emit("events", 1, b"a", b"rolled back")
+        writer.rollback()
+        writer.emit("events", 1, b"a", b"second")
+        assert writer.end_batch() == waits  # both batches wait for the same flush
+        assert producer.sent == [] and writer.dirty == 2 and not waits[0].done()
+        assert await writer.flush() == 2
+        await waits[0]
+
+    asyncio.run(scenario())
+    assert [value for _, _, _, value in producer.sent] == [b"first", b"second"]
+    assert writer.end_batch() == []  # nothing new: nothing to wait for
 
 
 def test_a_task_context_reads_memory_only_when_a_handler_recalls() -> None:
