@@ -13,7 +13,7 @@ from mode import Service
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
 from streams.metrics import Metrics
-from streams.processor import BatchProcessor
+from streams.processor import EXPIRY_CHUNK, BatchProcessor
 from streams.settings import Settings
 from streams.stats_view import StatsView
 from streams.tables import CachedTable, Tables, TableWriter, define_tables
@@ -116,7 +116,7 @@ class Pipeline(Service):
         while not self.should_stop:
             await self.sleep(period)
             cutoff = wire.now_ms() - int(self.settings.task_retention * 1000)
-            while await self.processor.expire_tasks(cutoff) >= 20_000:
+            while await self.processor.expire_tasks(cutoff) >= EXPIRY_CHUNK:
                 await self.sleep(0)
 
     async def drain(self) -> None:

@@ -28,7 +28,7 @@ from schemas.wire import WireError
 from streams.agent_runner import AgentRunner, BatchStats, Item
 from streams.metrics import Metrics
 from streams.settings import Settings
-from streams.tables import TableWriter, task_expired
+from streams.tables import TableWriter, expired_task_ids
 
 Partitioner = Callable[[bytes], int]
 #: Changed rows that force a changelog flush before the flush interval is up.
@@ -36,6 +36,8 @@ _MAX_DIRTY_ROWS = 50_000
 #: Bytes of record values processed in one go: a fetch of packed ``task.batch`` events
 #: can hold far more tasks than records, and web views must not wait for all of them.
 _CHUNK_BYTES = 1024 * 1024
+#: Expired tasks removed per call of :meth:`BatchProcessor.expire_tasks`.
+EXPIRY_CHUNK = 5_000
 
 
 class BatchProcessor:
@@ -121,29 +123,25 @@ class BatchProcessor:
             finally:
                 self._unacked.task_done()
 
-    async def expire_tasks(self, older_than_ms: int, limit: int = 20_000) -> int:
+    async def expire_tasks(self, older_than_ms: int, limit: int = EXPIRY_CHUNK) -> int:
         """Remove finished tasks completed before ``older_than_ms`` from the live table.
 
-        Takes at most ``limit`` rows per call so the event loop is never held for long.
+        Takes at most ``limit`` rows per call and holds the batch lock only while it finds
+        and deletes them, so processing is never held up for long.
         """
         async with self.lock:
             tasks = self.writer.tables["tasks"]
-            expired = []
-            for task_id, row in tasks.rows.items():
-                if task_expired(row, older_than_ms):
-                    expired.append(task_id)
-                    if len(expired) >= limit:
-                        break
+            expired = expired_task_ids(tasks.rows, older_than_ms, limit)
             for task_id in expired:
                 tasks.delete(task_id)
             waits = self.writer.end_batch()
             if expired:
-                # The tombstones go out now and are on the broker before the rows count as expired.
                 await self._flush()
-                for wait in waits:
-                    await wait
-            self.metrics.tasks_expired.inc(len(expired))
-            return len(expired)
+        # The tombstones are on the broker before the rows count as expired.
+        for wait in waits:
+            await wait
+        self.metrics.tasks_expired.inc(len(expired))
+        return len(expired)
 
     async def flush_changed_rows(self) -> None:
         """Send every changed row now (on shutdown; caller holds the lock)."""

@@ -67,6 +67,25 @@ def task_expired(value: Any, cutoff_ms: int) -> bool:
     return state.task_expired(value, cutoff_ms)
 
 
+def expired_task_ids(rows: dict[str, Any], cutoff_ms: int, limit: int) -> list[str]:
+    """Up to ``limit`` ids of tasks past retention, oldest first, without scanning every row.
+
+    Rows sit in the order tasks started (and, after a restore, finished), so the scan
+    stops at the first finished task that is not expired yet and skips running ones. A
+    task that finished sooner but started later waits for a later sweep; until then
+    readers already treat it as gone (:func:`task_expired`).
+    """
+    expired: list[str] = []
+    for task_id, row in rows.items():
+        if task_expired(row, cutoff_ms):
+            expired.append(task_id)
+            if len(expired) >= limit:
+                break
+        elif type(row) is FrozenRow or row["status"] in TERMINAL_TASK_STATUSES:
+            break
+    return expired
+
+
 def _task_finished_at(row: Any) -> int | None:
     """When a task row stopped changing: its completion time once it is terminal."""
     if row.get("status") in TERMINAL_TASK_STATUSES:

@@ -174,6 +174,22 @@ def test_a_task_is_expired_only_when_finished_before_the_cutoff() -> None:
     assert not state.task_expired(row, 2_000)  # finished exactly at the cutoff: kept
 
 
+def test_the_expiry_scan_stops_at_the_first_finished_task_still_within_retention() -> None:
+    running = state.new_task(task("agent_x_001"), 1, "in_progress", 1_000)
+    finished_early = state.new_task(task("agent_x_001"), 2, "in_progress", 1_000)
+    finished_early.update(status="failed", completed_at=1_500)
+    rows = {
+        "old": tables.FrozenRow(0, 1_200, b""),
+        "running": running,
+        "finished early": finished_early,
+        "recent": tables.FrozenRow(3, 9_000, b""),
+        "old but later": tables.FrozenRow(4, 1_300, b""),
+    }
+    assert tables.expired_task_ids(rows, 5_000, limit=10) == ["old", "finished early"]
+    assert tables.expired_task_ids(rows, 5_000, limit=1) == ["old"]
+    assert tables.expired_task_ids(rows, 10_000, limit=10) == ["old", "finished early", "recent", "old but later"]
+
+
 class _Batch:
     """Stands in for aiokafka's batch builder: keeps what was appended."""
 
