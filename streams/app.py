@@ -170,6 +170,7 @@ def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> B
         table_standby_replicas=0,
         producer_linger=0.0,
         stream_wait_empty=False,
+        stream_processing_timeout=settings.stall_timeout,
     )
     app.settings = settings
     app.batch_topics = frozenset({settings.topic("tasks")})

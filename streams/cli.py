@@ -127,6 +127,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + 120
         while fetch_stats(settings) is None and time.monotonic() < deadline:
             time.sleep(0.2)
+    finished_before = _finished_tasks(settings) if args.stats else 0
 
     async def main() -> int:
         job = asyncio.create_task(
@@ -146,6 +147,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
             while not job.done():
                 await asyncio.wait({job}, timeout=1.0)
                 loadgen.print_line(_progress_text(progress, args.count, settings if args.stats else None))
+            if args.stats:  # the last line shows the tasks in flight finished too
+                deadline = time.monotonic() + 10
+                while _finished_tasks(settings) - finished_before < progress.sent and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                loadgen.print_line(_progress_text(progress, args.count, settings))
         except asyncio.CancelledError:  # Ctrl-C: stop sending, close the producer cleanly
             job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -177,6 +183,11 @@ def _progress_text(progress: object, count: int, settings: Settings | None) -> s
                 f" | latency p50 {latency['p50']} ms p99 {latency['p99']} ms | agents {stats['active_agents']}"
             )
     return text
+
+
+def _finished_tasks(settings: Settings) -> int:
+    stats = fetch_stats(settings) or {}
+    return int(stats.get("completed_tasks", 0) + stats.get("failed_tasks", 0) + stats.get("dead_tasks", 0))
 
 
 def fetch_stats(settings: Settings) -> dict[str, Any] | None:

@@ -55,6 +55,9 @@ class Settings:
     commit_interval: float = 1.0
     #: Seconds between changelog flushes: a row changed many times in between is written once.
     flush_interval: float = 0.2
+    #: Seconds a partition may have records waiting with none processed before the
+    #: worker logs it as stalled (Faust's liveness check).
+    stall_timeout: float = 300.0
     #: Seconds a finished task stays in the live tasks table (and GET /v1/tasks/{id}).
     task_retention: float = 600.0
     #: Token budget of an agent's working memory (about 4 characters per token).
@@ -115,6 +118,7 @@ class Settings:
         _check_range("FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 1, 60_000)
         _check_range("COMMIT_INTERVAL", self.commit_interval, 0.05, 600.0)
         _check_range("FLUSH_INTERVAL", self.flush_interval, 0.001, 60.0)
+        _check_range("STALL_TIMEOUT", self.stall_timeout, 1.0, 86400.0)
         _check_range("TASK_RETENTION", self.task_retention, 1.0, 365 * 86400.0)
         _check_range("WORKING_MEMORY_TOKENS", self.working_memory_tokens, 16, 10_000_000)
         _check_range("INFERENCE_P50_MS", self.inference_p50_ms, 0.0, 600_000.0)

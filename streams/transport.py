@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from time import monotonic
 from typing import Any
 
 import aiokafka
@@ -166,6 +167,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
         else:
             consumer.pause(*chosen)
 
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        """Faust's periodic liveness check, for the partitions this worker does fetch.
+
+        Paused partitions (table changelogs once recovered) are left unfetched on
+        purpose; Faust would report each one as an error every few seconds.
+        """
+        if tp not in self._paused_partitions:
+            super().verify_event_path(now, tp)
+
     def mark_processed(self, offsets: Mapping[TP, int]) -> None:
         """Record the next offset to commit for each partition (effects are in the tables)."""
         self._processed.update(offsets)
@@ -201,7 +211,20 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 await deliver_one(self._to_message(tp, recs[-1]))
                 self._read_offset[tp] = recs[-1].offset
             if batch:
+                self._mark_inbound(batch)
                 await sink(batch)
+
+    def _mark_inbound(self, batch: Mapping[TP, list[Any]]) -> None:
+        """Tell Faust's monitor the batch's partitions are being processed.
+
+        Faust's liveness check reports a partition with records waiting but none
+        processed for ``BLACKROAD_STALL_TIMEOUT``; batches bypass the per-event
+        streams that would otherwise record this.
+        """
+        now = monotonic()
+        inbound = self.app.monitor.stream_inbound_time
+        for tp in batch:
+            inbound[tp] = now
 
 
 def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import msgpack
@@ -166,3 +167,22 @@ def test_batch_events_carry_many_tasks_and_refuse_bad_ones_alone(deployment: Dep
     reasons = sorted(msgpack.unpackb(r.value)["reason"] for r in dead)
     assert len(reasons) == len(by_partition)
     assert all(r.startswith("tasks[") and "kind" in r for r in reasons)
+
+
+def test_the_liveness_check_reports_no_stalls_for_a_healthy_worker(deployment: Deployment) -> None:
+    """Faust checks every assigned partition; changelogs are paused on purpose once recovered."""
+    deployment.env["BLACKROAD_STALL_TIMEOUT"] = "1"
+    worker = deployment.worker().start().wait_ready()
+    sent = 0
+    for round_ in range(4):  # records keep arriving across several checks (one each 2.5 s)
+        events = [
+            task(f"agent_live_{i:03d}", "tool_execution", {"tool": "echo", "input": str(round_)}) for i in range(50)
+        ]
+        produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+        sent += len(events)
+        time.sleep(2)
+    wait_until(_completed(worker, sent), 60, what="all tasks finished")
+    log = worker.log_path.read_text(errors="replace")
+    assert "has not sent fetch request" not in log
+    assert "Stream has not started processing" not in log
+    assert "Stream stopped processing" not in log
