@@ -340,9 +340,11 @@ def measure_web(agents: int, rate: float, seconds: float, workdir: Path) -> list
             load = threading.Thread(target=_produce, args=(broker.bootstrap, agents, rate, sent))
             load.start()
             base = f"http://127.0.0.1:{project.web_port}"
-            for path in ("/v1/agents/agent_load_00042", "/v1/stats"):
+            random_agents = ["-s", str(ROOT / "benchmarks" / "wrk_agents.lua"), base, "--", str(agents)]
+            views = {f"/v1/agents/{{one of {agents:,} at random}}": random_agents, "/v1/stats": [base + "/v1/stats"]}
+            for path, target in views.items():
                 output = subprocess.run(  # noqa: S603 - fixed argv
-                    [wrk, "-t2", "-c32", f"-d{seconds:g}s", "--latency", base + path],
+                    [wrk, "-t2", "-c32", f"-d{seconds:g}s", "--latency", *target],
                     capture_output=True,
                     text=True,
                     check=True,
