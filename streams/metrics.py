@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -58,6 +59,14 @@ class Metrics:
         self.tasks_by_status = {
             status: self.tasks_done.labels(status=status) for status in ("completed", "failed", "dead")
         }
+        self._http_counters: dict[tuple[str, int], Any] = {}
+
+    def http_request(self, view: str, status: int) -> None:
+        """Count one answered request (the labelled counter is looked up once per view and status)."""
+        counter = self._http_counters.get((view, status))
+        if counter is None:
+            counter = self._http_counters[(view, status)] = self.http_requests.labels(view=view, status=str(status))
+        counter.inc()
 
     def batch_done(self, events: int, produced: int, seconds: float, finished: Mapping[str, int]) -> None:
         self.batch_size.observe(events)

@@ -81,8 +81,34 @@ class ApiView(web.View):
         except Exception as exc:
             app.log.exception("web view failed: %r", exc)
             response = _error(self, ApiError("internal_error", "internal error"))
-        metrics.http_requests.labels(view=self.name, status=str(response.status)).inc()
+        metrics.http_request(self.name, response.status)
         return response
+
+
+class PartitionOwners:
+    """Which worker serves each partition of a table, as the group's assignment says.
+
+    The map is rebuilt when a rebalance hands out a new assignment, not per request.
+    """
+
+    def __init__(self, assignor: Any, changelog_topic: str, own_url: URL) -> None:
+        self._assignor = assignor
+        self._topic = changelog_topic
+        self._own = (own_url.host, own_url.port)
+        self._built_from: Any = None
+        self._urls: dict[int, URL | None] = {}
+
+    def url(self, partition: int) -> URL | None:
+        """The owner's web URL; None when it is this worker or no one owns the partition now."""
+        distribution = self._assignor.changelog_distribution
+        if distribution is not self._built_from:
+            urls: dict[int, URL | None] = {}
+            for host, topics in distribution.items():
+                url = URL(str(host))
+                for owned in topics.get(self._topic, ()):
+                    urls[owned] = None if (url.host, url.port) == self._own else url
+            self._urls, self._built_from = urls, distribution
+        return self._urls.get(partition)
 
 
 def _tables_ready(app: Any) -> bool:
@@ -178,14 +204,12 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         urls = {URL(str(u)) for u in app.assignor.tables_metadata()}
         return sorted((u for u in urls if (u.host, u.port) != (own_url.host, own_url.port)), key=str)
 
+    owners = PartitionOwners(app.assignor, tables.agents.changelog_topic.get_topic_name(), own_url)
+    partition_of = wire.Partitioner(settings.partitions)
+
     def owner_of(agent_id: str) -> URL | None:
         """The web URL of the worker owning the agent's partition, None if it is this one."""
-        partition = wire.partition_for(agent_id.encode(), settings.partitions)
-        for host, topics in app.router.table_metadata("agents").items():
-            if any(partition in parts for parts in topics.values()):
-                url = URL(str(host))
-                return None if (url.host, url.port) == (own_url.host, own_url.port) else url
-        return None
+        return owners.url(partition_of(agent_id.encode()))
 
     async def fetch(url: URL, path: str, query: dict[str, str] | None = None) -> tuple[int, Any]:
         target = url.with_path(path).with_query(query or {})

@@ -7,6 +7,7 @@ import types
 
 import msgpack
 import pytest
+from yarl import URL
 
 from agents import memory
 from agents.base import TaskContext, TaskFailed
@@ -14,6 +15,7 @@ from agents.registry import default_registry
 from schemas import domain, wire
 from schemas.wire import WireError
 from streams import histogram, state, tables
+from streams.web import PartitionOwners
 from tests.factories import task
 
 
@@ -307,3 +309,18 @@ def test_a_task_context_reads_memory_only_when_a_handler_recalls() -> None:
     assert [e["content"] for e in context.recall()] == ["kept"]
     context.recall()
     assert reads == [1]
+
+
+def test_partition_owners_follow_the_latest_assignment() -> None:
+    assignor = types.SimpleNamespace(
+        changelog_distribution={
+            "http://127.0.0.1:7001": {"app-agents-changelog": [0, 2], "app-tasks-changelog": [0, 2]},
+            "http://127.0.0.1:7002": {"app-agents-changelog": [1, 3], "app-tasks-changelog": [1, 3]},
+        }
+    )
+    owners = PartitionOwners(assignor, "app-agents-changelog", URL("http://127.0.0.1:7001"))
+    assert owners.url(0) is None and owners.url(2) is None  # this worker's own partitions
+    assert owners.url(1) == URL("http://127.0.0.1:7002")
+    assert owners.url(9) is None  # owned by no one (yet)
+    assignor.changelog_distribution = {"http://127.0.0.1:7002": {"app-agents-changelog": [0, 1, 2, 3]}}
+    assert owners.url(0) == URL("http://127.0.0.1:7002")  # a rebalance moved it
