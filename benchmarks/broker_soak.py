@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import struct
 import time
-from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -30,15 +28,11 @@ from streams.broker import EmbeddedBroker, free_port
 from streams.histogram import percentiles, record
 
 TOPIC = "soak"
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-async def soak(bootstrap: str, broker_pid: int, rate: float, seconds: float, window: float, partitions: int) -> None:
+async def soak(
+    bootstrap: str, broker: bench.ProcessProbe, rate: float, seconds: float, window: float, partitions: int
+) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -68,7 +62,7 @@ async def soak(bootstrap: str, broker_pid: int, rate: float, seconds: float, win
     padding = b"x" * 200
     started = time.monotonic()
     window_end = started + window
-    cpu_before = cpu_seconds(broker_pid)
+    cpu_before = broker.cpu_seconds()
     sent = 0
     try:
         while time.monotonic() - started < seconds:
@@ -79,7 +73,7 @@ async def soak(bootstrap: str, broker_pid: int, rate: float, seconds: float, win
             await producer.send(TOPIC, struct.pack(">q", time.time_ns()) + padding, partition=sent % partitions)
             sent += 1
             if time.monotonic() >= window_end:
-                cpu_now = cpu_seconds(broker_pid)
+                cpu_now = broker.cpu_seconds()
                 p50, p99 = percentiles(current, (0.5, 0.99))
                 busy = (cpu_now - cpu_before) / window * 100
                 print(
@@ -106,7 +100,11 @@ def main() -> None:
     print("machine:", ", ".join(f"{key} {value}" for key, value in bench.machine().items()))
     with EmbeddedBroker(free_port()) as broker:
         assert broker.pid is not None
-        asyncio.run(soak(broker.bootstrap, broker.pid, args.rate, args.seconds, args.window, args.partitions))
+        asyncio.run(
+            soak(
+                broker.bootstrap, bench.ProcessProbe(broker.pid), args.rate, args.seconds, args.window, args.partitions
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
         by_partition: dict[int, list[wire.TaskEvent]] = {}
         for event in events:
-            by_partition.setdefault(wire.partition_for(event.agent_id.encode(), settings.partitions), []).append(event)
+            by_partition.setdefault(partition_of(event.agent_id.encode()), []).append(event)
         futures = []
         for partition, group in by_partition.items():
             value = wire.encode_task(group[0]) if len(group) == 1 else wire.encode_batch(group)
