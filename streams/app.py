@@ -13,6 +13,7 @@ from mode import Service
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
 from streams.metrics import Metrics
+from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
 from streams.settings import Settings
 from streams.stats_view import StatsView
@@ -58,6 +59,8 @@ class Pipeline(Service):
         self.metrics = metrics
         self.producer: AIOKafkaProducer | None = None
         self.processor: BatchProcessor | None = None
+        #: Forwards web lookups to the workers that own them.
+        self.peers = PeerClient()
         self.stats_view = StatsView(self.settings, tables.stats.changelog_topic.get_topic_name())
         #: Held while a batch is in flight; a rebalance waits for it.
         self.lock = asyncio.Lock()
@@ -124,6 +127,7 @@ class Pipeline(Service):
             await self.processor.drain()
 
     async def on_stop(self) -> None:
+        self.peers.close()
         if self.processor is not None:
             async with self.lock:
                 await self.processor.flush_changed_rows()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-import aiohttp
 import orjson
 from faust import web
 from yarl import URL
@@ -19,11 +18,13 @@ from agents.memory import entries
 from schemas import domain, wire
 from schemas.wire import WireError
 from streams.metrics import Metrics
+from streams.peers import PeerClient, PeerError
 from streams.tables import Tables, task_expired, thaw
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_BATCH_REQUESTS = 1000
 FORWARDED = "X-Blackroad-Forwarded"
+_FORWARD_HEADERS = {FORWARDED: "1"}
 _TASK_FIELDS = {
     "title": str,
     "description": str,
@@ -211,16 +212,21 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         """The web URL of the worker owning the agent's partition, None if it is this one."""
         return owners.url(partition_of(agent_id.encode()))
 
+    peers_client: PeerClient = app.pipeline.peers
+
+    async def fetch_raw(url: URL, path_qs: str) -> tuple[int, bytes]:
+        try:
+            return await peers_client.get(url, path_qs, _FORWARD_HEADERS)
+        except PeerError as exc:
+            raise ApiError("internal_error", f"worker {url} cannot be reached; retry shortly ({exc})", 503) from None
+
     async def fetch(url: URL, path: str, query: dict[str, str] | None = None) -> tuple[int, Any]:
-        target = url.with_path(path).with_query(query or {})
-        async with app.http_client.get(
-            target, headers={FORWARDED: "1"}, timeout=aiohttp.ClientTimeout(total=5)
-        ) as response:
-            return response.status, orjson.loads(await response.read())
+        status, body = await fetch_raw(url, str(URL(path).with_query(query or {})))
+        return status, orjson.loads(body)
 
     async def forward(view: web.View, request: Any, url: URL) -> Any:
-        status, body = await fetch(url, request.path, dict(request.query))
-        return _json(view, body, status)
+        status, body = await fetch_raw(url, request.path_qs)
+        return view.bytes(body, content_type="application/json", status=status)
 
     async def produce(events: list[wire.TaskEvent]) -> None:
         """Send tasks; several for one partition travel as one ``task.batch`` event."""
