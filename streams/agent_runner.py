@@ -42,6 +42,9 @@ class Item:
     apply_agent: bool = True
     apply_memory: bool = True
     apply_stats: bool = True
+    #: When the first attempt started (ms since the epoch).
+    started_ms: int = 0
+    #: The task's row while it waits in its handler (``in_progress``); None otherwise.
     task: dict[str, Any] | None = None
 
 
@@ -259,11 +262,7 @@ class AgentRunner:
     def _start(self, item: Item, run: _AgentRun) -> Outcome | Awaitable[Outcome]:
         event = item.event
         self.in_flight += 1
-        started_ms = _now_ms()
-        if item.apply_task:
-            task = state.new_task(event, item.offset, "in_progress", started_ms)
-            self.tasks.put(event.task_id, task, run.partition)
-            item.task = task
+        started_ms = item.started_ms = _now_ms()
         if run.in_flight == 0:
             run.in_flight = 1
             if run.agent["peak_concurrent_tasks"] < 1:
@@ -288,24 +287,28 @@ class AgentRunner:
         except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
             return self._retry_or_die(handler, item, run, attempt, exc)
         if type(result) is not dict and inspect.isawaitable(result):
-            if attempt == 1 and item.apply_task:
-                self._emit_started(item, run)
+            if item.apply_task and item.task is None:
+                self._open_task(item, run)
             return self._await_attempt(handler, item, run, attempt, result, context, started)
         return Outcome("completed", result, None, attempt, (_perf() - started) * 1000.0, context.written, _now_ms())
 
-    def _emit_started(self, item: Item, run: _AgentRun) -> None:
-        """``task.started`` for a task that waits in its handler (others only complete)."""
-        task = item.task
-        assert task is not None
-        task_id = item.event.task_id
-        event = wire.lifecycle_event(
+    def _open_task(self, item: Item, run: _AgentRun) -> None:
+        """A task that waits in its handler: its ``in_progress`` row and ``task.started`` event.
+
+        A task whose handler answers at once gets only its finished row (see :meth:`_finish`).
+        """
+        event = item.event
+        task_id = event.task_id
+        item.task = state.new_task(event, item.offset, "in_progress", item.started_ms)
+        self.tasks.put(task_id, item.task, run.partition)
+        started = wire.lifecycle_event(
             "task.started",
-            task["started_at"],
+            item.started_ms,
             wire.task_event_id(task_id, "started"),
             task_id=task_id,
             agent_id=run.agent_id,
         )
-        run.events.append((run.key, event))
+        run.events.append((run.key, started))
 
     async def _await_attempt(
         self,
@@ -340,25 +343,27 @@ class AgentRunner:
         now = outcome.finished_ms
         handler_ms = outcome.handler_ms
         histogram.record(self.metrics.handler_ms, handler_ms)
-        task = item.task
-        if task is not None:
+        if item.apply_task:
             status = outcome.status
-            task["status"] = status
+            task = item.task
+            if task is None:
+                task = state.new_task(event, item.offset, status, item.started_ms)
+            else:
+                task["status"] = status
             task["result"] = outcome.result
             task["error"] = outcome.error
             task["attempts"] = outcome.attempts
             task["completed_at"] = now
+            self.tasks.put(event.task_id, FrozenRow(item.offset, now, wire.encode(task)), run.partition)
             run.events.append(
                 (
                     run.key,
-                    wire.task_finished_event(
-                        event.task_id, run.agent_id, status, outcome.error, task["started_at"], now
-                    ),
+                    wire.task_finished_event(event.task_id, run.agent_id, status, outcome.error, item.started_ms, now),
                 )
             )
             if status == "dead":
                 self._dead_letter_task(item, run, outcome)
-            created_at = task["created_at"]
+            created_at = event.created_ms
         else:  # a replay: the task row already has its outcome, which is what counts
             stored = self.tasks.get(event.task_id)
             status = stored["status"] if stored is not None else outcome.status
