@@ -205,15 +205,17 @@ class AgentRunner:
 
     def _prepare(self, item: Item, run: _AgentRun, stats_base: int) -> bool:
         """Decide which rows this event still has to change; False when none."""
-        task = self.tasks.get(item.event.task_id)
+        stored = self.tasks.rows.get(item.event.task_id)
         offset = item.offset
-        if task is not None and task["o"] != offset:
-            # The same task id again (a client retry): the first one counts.
-            if offset > stats_base:
-                self.stats.row(run.partition)["duplicates"] += 1
-            self.metrics.duplicates.inc()
-            return False
-        item.apply_task = task is None or task["status"] not in state.TERMINAL_TASK_STATUSES
+        if stored is not None:
+            task = thaw(stored)
+            if task["o"] != offset:
+                # The same task id again (a client retry): the first one counts.
+                if offset > stats_base:
+                    self.stats.row(run.partition)["duplicates"] += 1
+                self.metrics.duplicates.inc()
+                return False
+            item.apply_task = task["status"] not in state.TERMINAL_TASK_STATUSES
         item.apply_agent = offset > run.agent_base
         item.apply_memory = offset > run.memory_base
         item.apply_stats = offset > stats_base

@@ -123,7 +123,7 @@ def apply_outcome_to_stats(
     """Fold one finished task into its partition's stats (latency = created to finished)."""
     if status == "completed":
         stats["completed"] += 1
-        histogram.record(stats["task_latency"], max(0, now_ms - created_at))
+        histogram.record(stats["task_latency"], now_ms - created_at)
         _bump_second(stats["completed_per_second"], now_ms)
     elif status == "failed":
         stats["failed"] += 1
