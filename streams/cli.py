@@ -88,7 +88,7 @@ def run_worker(settings: Settings) -> None:
     _Worker = _worker_class()
     # Tables hold many small long-lived containers; collecting the young generation less
     # often keeps the collector from rescanning them on the hot path.
-    gc.set_threshold(200_000, 20, 100)
+    gc.set_threshold(50_000, 20, 100)
     worker = _Worker(app, loglevel=settings.log_level.upper(), redirect_stdouts=False)
     worker.execute_from_commandline()
 
