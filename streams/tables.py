@@ -189,15 +189,24 @@ class CachedTable:
         self._key_partition[key] = partition
 
     def writable(self, key: str, partition: int, copy: Callable[[Any], Any]) -> Any:
-        """The row to change in this batch: a private ``copy`` on first touch; None if absent."""
+        """The row to change in this batch, in place; None if absent.
+
+        On first touch in a batch a ``copy`` of the row goes to the undo log. The live row
+        keeps its identity: a long-lived row stays in the collector's old generation, and
+        only the copy, dropped when the batch ends, is young.
+        """
         if key in self.undo:
             return self.rows.get(key)
         current = self.rows.get(key)
         if current is None:
             return None
-        row = thaw(current) if type(current) is FrozenRow else copy(current)
-        self.put(key, row, partition)
-        return row
+        if type(current) is FrozenRow:
+            row = thaw(current)
+            self.put(key, row, partition)
+            return row
+        self.undo[key] = (partition, copy(current))
+        self.dirty[key] = partition
+        return current
 
     def delete(self, key: str) -> None:
         """Remove a row; its changelog gets a tombstone at the next flush."""
