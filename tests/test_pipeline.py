@@ -59,7 +59,10 @@ def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deploy
     assert agent_doc["status"] == "idle"
 
     # Lifecycle events reach their topic: one task.completed per completed task.
-    lifecycle = consume_all(deployment.bootstrap, deployment.topic("events"), 4, expect=3 * len(events))
+    # One finished event per task, a memory.written per write, a wake-up per agent, one task.started.
+    expected_lifecycle = len(events) + 10 * len(agents) + len(agents) + 1
+    lifecycle = consume_all(deployment.bootstrap, deployment.topic("events"), 4, expect=expected_lifecycle)
+    assert len(lifecycle) == expected_lifecycle
     types = defaultdict(int)
     completed_ids = set()
     for rec in lifecycle:
@@ -72,6 +75,8 @@ def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deploy
     finished = {e.task_id for e in events if e not in failing and e not in dying}
     assert completed_ids == {wire.task_event_id(task_id, "completed") for task_id in finished}
     assert types["task.failed"] == 4
+    # Only a task that waits in its handler (the inference task here) is reported as started.
+    assert types["task.started"] == 1
     # Finished rows are kept frozen once flushed; a lookup still gets the whole task.
     status, body = worker.get(f"/v1/tasks/{events[1].task_id}")
     assert body["result"] == {"tool": "wordcount", "output": 3} and body["title"] == events[1].title
