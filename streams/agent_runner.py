@@ -205,17 +205,15 @@ class AgentRunner:
 
     def _prepare(self, item: Item, run: _AgentRun, stats_base: int) -> bool:
         """Decide which rows this event still has to change; False when none."""
-        stored = self.tasks.rows.get(item.event.task_id)
+        task = self.tasks.get(item.event.task_id)
         offset = item.offset
-        if stored is not None:
-            task = thaw(stored)
-            if task["o"] != offset:
-                # The same task id again (a client retry): the first one counts.
-                if offset > stats_base:
-                    self.stats.row(run.partition)["duplicates"] += 1
-                self.metrics.duplicates.inc()
-                return False
-            item.apply_task = task["status"] not in state.TERMINAL_TASK_STATUSES
+        if task is not None and task["o"] != offset:
+            # The same task id again (a client retry): the first one counts.
+            if offset > stats_base:
+                self.stats.row(run.partition)["duplicates"] += 1
+            self.metrics.duplicates.inc()
+            return False
+        item.apply_task = task is None or task["status"] not in state.TERMINAL_TASK_STATUSES
         item.apply_agent = offset > run.agent_base
         item.apply_memory = offset > run.memory_base
         item.apply_stats = offset > stats_base
@@ -356,7 +354,7 @@ class AgentRunner:
             task["error"] = outcome.error
             task["attempts"] = outcome.attempts
             task["completed_at"] = now
-            self.tasks.put(event.task_id, FrozenRow(item.offset, now, wire.encode(task)), run.partition)
+            self.tasks.put_final(event.task_id, task, run.partition)
             run.events.append(
                 (
                     run.key,

@@ -10,8 +10,6 @@ import math
 from collections.abc import Iterable, Mapping
 
 _SCALE = 24.0
-
-
 _log1p = math.log1p
 
 
@@ -25,7 +23,7 @@ def bucket_value(index: int) -> float:
 
 
 def record(histogram: dict[int, int], value_ms: float) -> None:
-    index = int(_log1p(value_ms) * _SCALE) if value_ms > 0 else 0  # bucket(), inlined: a call per task
+    index = bucket(value_ms)
     histogram[index] = histogram.get(index, 0) + 1
 
 

@@ -188,6 +188,18 @@ class CachedTable:
         self.rows[key] = value
         self._key_partition[key] = partition
 
+    def put_final(self, key: str, value: Any, partition: int) -> None:
+        """Put a row this batch will not change again, frozen at once if the table's rule says so.
+
+        Its dicts then die with the batch instead of living until the next flush.
+        """
+        self.put(key, self.frozen(value, _pack(value)), partition)
+
+    def frozen(self, value: Any, packed: bytes) -> Any:
+        """``value`` as a :class:`FrozenRow` of ``packed`` if this table freezes it now, else as is."""
+        finished_at = self.freeze_when(value) if self.freeze_when is not None else None
+        return value if finished_at is None else FrozenRow(value["o"], finished_at, packed)
+
     def writable(self, key: str, partition: int, copy: Callable[[Any], Any]) -> Any:
         """The row to change in this batch, in place; None if absent.
 
@@ -298,7 +310,7 @@ class TableWriter:
         for table in self.tables.values():
             rows = table.rows
             topic = table.changelog_topic
-            freeze_when = table.freeze_when
+            freezes = table.freeze_when is not None
             by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
             for key, partition in table.dirty.items():
                 records = by_partition.get(partition)
@@ -311,10 +323,8 @@ class TableWriter:
                     packed = value.packed
                 else:
                     packed = _pack(value)
-                    if freeze_when is not None:
-                        finished_at = freeze_when(value)
-                        if finished_at is not None:
-                            rows[key] = FrozenRow(value["o"], finished_at, packed)
+                    if freezes:
+                        rows[key] = table.frozen(value, packed)
                 records.append((key.encode(), packed))
             table.dirty = {}
         outgoing.update(self._outgoing)
