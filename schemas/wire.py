@@ -81,7 +81,7 @@ _new_id = domain.new_id
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
-def encode(value: dict[str, Any]) -> bytes:
+def encode(value: Any) -> bytes:
     return _pack(value)
 
 

@@ -347,14 +347,17 @@ class AgentRunner:
             status = outcome.status
             task = item.task
             if task is None:
-                task = state.new_task(event, item.offset, status, item.started_ms)
+                values = state.finished_task_values(
+                    event, item.offset, status, outcome.result, outcome.error, outcome.attempts, item.started_ms, now
+                )
+                self.tasks.put_finished(event.task_id, values, now, run.partition)
             else:
                 task["status"] = status
-            task["result"] = outcome.result
-            task["error"] = outcome.error
-            task["attempts"] = outcome.attempts
-            task["completed_at"] = now
-            self.tasks.put_final(event.task_id, task, run.partition)
+                task["result"] = outcome.result
+                task["error"] = outcome.error
+                task["attempts"] = outcome.attempts
+                task["completed_at"] = now
+                self.tasks.put_final(event.task_id, task, run.partition)
             run.events.append(
                 (
                     run.key,

@@ -59,6 +59,74 @@ def new_agent(agent_id: str, agent_type: str, now_ms: int, max_concurrent_tasks:
     }
 
 
+#: A task row's fields in the order of its changelog value, a msgpack array: a finished
+#: task is written once and kept as those bytes, and an array packs in half the time of a
+#: map and takes fewer bytes. Other rows are maps.
+TASK_FIELDS = (
+    "o",
+    "id",
+    "agent_id",
+    "title",
+    "description",
+    "kind",
+    "priority",
+    "payload",
+    "status",
+    "result",
+    "error",
+    "attempts",
+    "created_at",
+    "started_at",
+    "completed_at",
+    "deadline",
+    "metadata",
+)
+
+
+def task_values(row: dict[str, Any]) -> list[Any]:
+    """A task row as its changelog array (see :data:`TASK_FIELDS`)."""
+    return [row[name] for name in TASK_FIELDS]
+
+
+def task_from_values(values: list[Any]) -> dict[str, Any]:
+    """A task row from its changelog array."""
+    if len(values) != len(TASK_FIELDS):
+        raise ValueError(f"a task row has {len(TASK_FIELDS)} fields, got an array of {len(values)}")
+    return dict(zip(TASK_FIELDS, values, strict=True))
+
+
+def finished_task_values(
+    event: TaskEvent,
+    offset: int,
+    status: str,
+    result: Any,
+    error: str | None,
+    attempts: int,
+    started_at: int,
+    completed_at: int,
+) -> list[Any]:
+    """A finished task's row as its changelog array, built without the map (the hot path)."""
+    return [
+        offset,
+        event.task_id,
+        event.agent_id,
+        event.title,
+        event.description,
+        event.kind,
+        event.priority,
+        event.payload,
+        status,
+        result,
+        error,
+        attempts,
+        event.created_ms,
+        started_at,
+        completed_at,
+        event.deadline_ms,
+        event.metadata,
+    ]
+
+
 def new_task(event: TaskEvent, offset: int, status: str = "queued", started_at: int | None = None) -> dict[str, Any]:
     return {
         "o": offset,

@@ -1,6 +1,6 @@
 """The materialized tables and the writer that keeps their changelogs.
 
-| table   | key                  | value (msgpack map)                                          |
+| table   | key                  | value (msgpack map; tasks: an array of ``state.TASK_FIELDS``) |
 |---------|----------------------|--------------------------------------------------------------|
 | agents  | agent id             | status, type, counters, avg response, last activity          |
 | tasks   | task id              | status, result or error, attempts, timestamps, request       |
@@ -53,10 +53,16 @@ class FrozenRow:
         self.packed = packed
 
 
+def decode_row(packed: bytes) -> Any:
+    """A changelog value as a row: a map as it is, a task row's array as its map."""
+    row = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return state.task_from_values(row) if type(row) is list else row
+
+
 def thaw(value: Any) -> Any:
     """A row as a plain value (a :class:`FrozenRow` decoded; anything else as is)."""
     if type(value) is FrozenRow:
-        return msgpack.unpackb(value.packed, raw=False, strict_map_key=False)
+        return decode_row(value.packed)
     return value
 
 
@@ -102,6 +108,8 @@ def _memory_finished_at(row: Any) -> int:
 #: Per table: which rows freeze once written to the changelog (and a task's finish time);
 #: None leaves a row as it is. Agent and stats rows change with nearly every batch.
 FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {"tasks": _task_finished_at, "memory": _memory_finished_at}
+#: Per table whose changelog values are arrays rather than maps: a row as its array.
+AS_ARRAY: dict[str, Callable[[dict[str, Any]], list[Any]]] = {"tasks": state.task_values}
 
 
 class MsgpackCodec(codecs.Codec):
@@ -109,7 +117,7 @@ class MsgpackCodec(codecs.Codec):
         return msgpack.packb(obj, use_bin_type=True)
 
     def _loads(self, s: bytes) -> Any:
-        return msgpack.unpackb(s, raw=False, strict_map_key=False)
+        return decode_row(s)
 
 
 _pack = wire.encode
@@ -160,12 +168,13 @@ class CachedTable:
     :meth:`TableWriter.rollback`); ``dirty`` the keys changed since the last flush.
     """
 
-    __slots__ = ("_key_partition", "changelog_topic", "dirty", "freeze_when", "name", "rows", "undo")
+    __slots__ = ("_as_array", "_key_partition", "changelog_topic", "dirty", "freeze_when", "name", "rows", "undo")
 
     def __init__(self, name: str, table: Any) -> None:
         store = table.data
         self.name = name
         self.freeze_when = FREEZE_WHEN.get(name)
+        self._as_array = AS_ARRAY.get(name)
         self.rows: dict[str, Any] = store.data
         self._key_partition: dict[str, int] = store._key_partition  # noqa: SLF001
         self.changelog_topic: str = table.changelog_topic.get_topic_name()
@@ -193,7 +202,16 @@ class CachedTable:
 
         Its dicts then die with the batch instead of living until the next flush.
         """
-        self.put(key, self.frozen(value, _pack(value)), partition)
+        self.put(key, self.frozen(value, self.pack(value)), partition)
+
+    def put_finished(self, key: str, values: list[Any], finished_at: int, partition: int) -> None:
+        """Put a row that is finished for good, given as its changelog array (``values[0]`` is
+        its ``"o"``): frozen at once, without a map ever being built."""
+        self.put(key, FrozenRow(values[0], finished_at, _pack(values)), partition)
+
+    def pack(self, row: dict[str, Any]) -> bytes:
+        """A row as its changelog value."""
+        return _pack(row) if self._as_array is None else _pack(self._as_array(row))
 
     def frozen(self, value: Any, packed: bytes) -> Any:
         """``value`` as a :class:`FrozenRow` of ``packed`` if this table freezes it now, else as is."""
@@ -344,7 +362,7 @@ class TableWriter:
                 elif type(value) is FrozenRow:
                     packed = value.packed
                 else:
-                    packed = _pack(value)
+                    packed = table.pack(value)
                     if freezes:
                         rows[key] = table.frozen(value, packed)
                 records.append((key.encode(), packed))

@@ -26,11 +26,10 @@ from time import monotonic
 from typing import Any
 
 import aiokafka
-import msgpack
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from streams.tables import FREEZE_WHEN, FrozenRow
+from streams.tables import FREEZE_WHEN, FrozenRow, decode_row
 
 BatchSink = Callable[[dict[TP, list[Any]]], Awaitable[None]]
 
@@ -252,7 +251,6 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> None:
     rows = store.data
     key_partition = store._key_partition  # noqa: SLF001 - the memory store's own index
     partition = tp.partition
-    unpack = msgpack.unpackb
     freeze_when = FREEZE_WHEN.get(table.name)
     for record in fresh:
         key = record.key.decode()
@@ -261,7 +259,7 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> None:
             rows.pop(key, None)
             key_partition.pop(key, None)
             continue
-        row = unpack(value, raw=False, strict_map_key=False)
+        row = decode_row(value)
         finished_at = freeze_when(row) if freeze_when is not None else None
         rows[key] = row if finished_at is None else FrozenRow(row["o"], finished_at, value)
         key_partition[key] = partition

@@ -248,7 +248,25 @@ def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:
     assert isinstance(frozen, tables.FrozenRow) and frozen.finished_at == 2_000
     assert tasks.get(finished["id"]) == finished
     sent = {key: value for _, _, key, value in producer.sent}
-    assert msgpack.unpackb(sent[finished["id"].encode()]) == finished
+    value = sent[finished["id"].encode()]
+    assert msgpack.unpackb(value) == [finished[name] for name in state.TASK_FIELDS]  # an array, not a map
+    assert tables.decode_row(value) == finished
+    assert tables.decode_row(sent[running["id"].encode()]) == running
+
+
+def test_a_task_finished_at_once_is_stored_frozen_as_its_changelog_array() -> None:
+    tasks = _cached_table("tasks")
+    event = task("agent_x_001")
+    values = state.finished_task_values(event, 9, "completed", {"ok": 1}, None, 1, 1_000, 1_500)
+    tasks.put_finished(event.task_id, values, 1_500, 2)
+    frozen = tasks.rows[event.task_id]
+    assert isinstance(frozen, tables.FrozenRow) and (frozen.offset, frozen.finished_at) == (9, 1_500)
+    expected = state.new_task(event, 9, "completed", 1_000)
+    expected.update(result={"ok": 1}, attempts=1, completed_at=1_500)
+    assert tasks.get(event.task_id) == expected
+    assert tasks.dirty == {event.task_id: 2}
+    with pytest.raises(ValueError, match="17 fields"):
+        tables.decode_row(msgpack.packb([1, 2, 3]))
 
 
 def test_a_memory_row_freezes_at_flush_and_thaws_into_a_private_copy_to_write() -> None:
