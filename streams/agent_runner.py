@@ -282,8 +282,8 @@ class AgentRunner:
         started = _perf()
         try:
             result = handler(item.event, context)
-        except TaskFailed as exc:
-            return Outcome("failed", None, str(exc), attempt, (_perf() - started) * 1000.0, [], _now_ms())
+        except TaskFailed as failed:
+            return Outcome("failed", None, str(failed), attempt, (_perf() - started) * 1000.0, [], _now_ms())
         except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
             return self._retry_or_die(handler, item, run, attempt, exc)
         if type(result) is not dict and inspect.isawaitable(result):
@@ -322,8 +322,8 @@ class AgentRunner:
     ) -> Outcome:
         try:
             result = await pending
-        except TaskFailed as exc:
-            return Outcome("failed", None, str(exc), attempt, (_perf() - started) * 1000.0, [], _now_ms())
+        except TaskFailed as failed:
+            return Outcome("failed", None, str(failed), attempt, (_perf() - started) * 1000.0, [], _now_ms())
         except Exception as exc:  # noqa: BLE001
             outcome = self._retry_or_die(handler, item, run, attempt, exc)
             return outcome if type(outcome) is Outcome else await outcome  # type: ignore[misc]

