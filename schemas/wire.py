@@ -14,7 +14,7 @@ Key: the agent id, UTF-8. Value: a msgpack map (see README "Wire format")::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -41,9 +41,13 @@ class WireError(ValueError):
     """An event that cannot be decoded or is not a valid task event."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class TaskEvent:
-    """A validated ``task.created`` event (treat as read-only; not frozen, for speed)."""
+    """A validated ``task.created`` event (treat as read-only; not frozen, for speed).
+
+    Its ``__init__`` is written out: compiled (see :mod:`streams.native`), it runs
+    natively, while a dataclass's generated one stays interpreted.
+    """
 
     task_id: str
     agent_id: str
@@ -53,9 +57,35 @@ class TaskEvent:
     description: str
     payload: dict[str, Any]
     created_ms: int
-    agent_type: str = "worker"
-    deadline_ms: int | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    agent_type: str
+    deadline_ms: int | None
+    metadata: dict[str, Any]
+
+    def __init__(
+        self,
+        task_id: str,
+        agent_id: str,
+        kind: str,
+        priority: str,
+        title: str,
+        description: str,
+        payload: dict[str, Any],
+        created_ms: int,
+        agent_type: str = "worker",
+        deadline_ms: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.agent_id = agent_id
+        self.kind = kind
+        self.priority = priority
+        self.title = title
+        self.description = description
+        self.payload = payload
+        self.created_ms = created_ms
+        self.agent_type = agent_type
+        self.deadline_ms = deadline_ms
+        self.metadata = metadata if metadata is not None else {}
 
     def to_wire(self) -> dict[str, Any]:
         return {

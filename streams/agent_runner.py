@@ -15,7 +15,6 @@ import inspect
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
 from typing import Any
 
 from agents.base import Handler, TaskContext, TaskFailed
@@ -31,32 +30,62 @@ _now_ms = wire.now_ms
 _perf = time.perf_counter
 
 
-@dataclass(slots=True)
 class Item:
-    """One task event of a batch and which rows still lack its effects."""
+    """One task event of a batch and which rows still lack its effects.
 
-    partition: int
-    offset: int
-    event: TaskEvent
-    apply_task: bool = True
-    apply_agent: bool = True
-    apply_memory: bool = True
-    apply_stats: bool = True
-    #: When the first attempt started (ms since the epoch).
-    started_ms: int = 0
-    #: The task's row while it waits in its handler (``in_progress``); None otherwise.
-    task: dict[str, Any] | None = None
+    Plain classes with their own ``__init__`` (not dataclasses) here and in
+    :class:`Outcome`: compiled (see :mod:`streams.native`), they are built natively,
+    while a dataclass's generated ``__init__`` stays interpreted.
+    """
+
+    __slots__ = (
+        "apply_agent",
+        "apply_memory",
+        "apply_stats",
+        "apply_task",
+        "event",
+        "offset",
+        "partition",
+        "started_ms",
+        "task",
+    )
+
+    def __init__(self, partition: int, offset: int, event: TaskEvent) -> None:
+        self.partition = partition
+        self.offset = offset
+        self.event = event
+        self.apply_task = True
+        self.apply_agent = True
+        self.apply_memory = True
+        self.apply_stats = True
+        #: When the first attempt started (ms since the epoch).
+        self.started_ms = 0
+        #: The task's row while it waits in its handler (``in_progress``); None otherwise.
+        self.task: dict[str, Any] | None = None
 
 
-@dataclass(slots=True)
 class Outcome:
-    status: str
-    result: Any = None
-    error: str | None = None
-    attempts: int = 1
-    handler_ms: float = 0.0
-    memory_written: list[dict[str, Any]] = field(default_factory=list)
-    finished_ms: int = 0
+    """How one attempt (or the last of them) ended."""
+
+    __slots__ = ("attempts", "error", "finished_ms", "handler_ms", "memory_written", "result", "status")
+
+    def __init__(
+        self,
+        status: str,
+        result: Any = None,
+        error: str | None = None,
+        attempts: int = 1,
+        handler_ms: float = 0.0,
+        memory_written: list[dict[str, Any]] | None = None,
+        finished_ms: int = 0,
+    ) -> None:
+        self.status = status
+        self.result = result
+        self.error = error
+        self.attempts = attempts
+        self.handler_ms = handler_ms
+        self.memory_written: list[dict[str, Any]] = memory_written if memory_written is not None else []
+        self.finished_ms = finished_ms
 
 
 class BatchStats:
