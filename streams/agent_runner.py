@@ -310,7 +310,8 @@ class AgentRunner:
         )
         started = _perf()
         try:
-            result = handler(item.event, context)
+            # Any: a handler may break its contract; a result that cannot be stored fails the task.
+            result: Any = handler(item.event, context)
         except TaskFailed as failed:
             return Outcome("failed", None, str(failed), attempt, (_perf() - started) * 1000.0, [], _now_ms())
         except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
@@ -350,7 +351,7 @@ class AgentRunner:
         started: float,
     ) -> Outcome:
         try:
-            result = await pending
+            result: Any = await pending
         except TaskFailed as failed:
             return Outcome("failed", None, str(failed), attempt, (_perf() - started) * 1000.0, [], _now_ms())
         except Exception as exc:  # noqa: BLE001
@@ -373,20 +374,8 @@ class AgentRunner:
         handler_ms = outcome.handler_ms
         histogram.record(self.metrics.handler_ms, handler_ms)
         if item.apply_task:
+            outcome = self._store_task(item, run, outcome)
             status = outcome.status
-            task = item.task
-            if task is None:
-                values = state.finished_task_values(
-                    event, item.offset, status, outcome.result, outcome.error, outcome.attempts, item.started_ms, now
-                )
-                self.tasks.put_finished(event.task_id, values, now, run.partition)
-            else:
-                task["status"] = status
-                task["result"] = outcome.result
-                task["error"] = outcome.error
-                task["attempts"] = outcome.attempts
-                task["completed_at"] = now
-                self.tasks.put_final(event.task_id, task, run.partition)
             run.events.append(
                 (
                     run.key,
@@ -413,6 +402,39 @@ class AgentRunner:
             memory_ops = len(written) + (1 if event.kind == "memory_operation" else 0)
             state.apply_outcome_to_stats(self.stats.row(run.partition), status, created_at, handler_ms, memory_ops, now)
         self.finished[status] += 1
+
+    def _store_task(self, item: Item, run: _AgentRun, outcome: Outcome) -> Outcome:
+        """Write the finished task's row; a result msgpack cannot encode fails the task instead.
+
+        Returns the outcome as stored.
+        """
+        try:
+            self._put_task(item, run, outcome)
+            return outcome
+        except (TypeError, ValueError, OverflowError) as exc:  # what msgpack raises for such values
+            error = f"the handler's result cannot be stored: {exc}"
+            written = outcome.memory_written  # the memory writes did happen
+            failed = Outcome("failed", None, error, outcome.attempts, outcome.handler_ms, written, outcome.finished_ms)
+            self._put_task(item, run, failed)
+            return failed
+
+    def _put_task(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
+        event = item.event
+        now = outcome.finished_ms
+        task = item.task
+        if task is None:
+            status, result, error = outcome.status, outcome.result, outcome.error
+            values = state.finished_task_values(
+                event, item.offset, status, result, error, outcome.attempts, item.started_ms, now
+            )
+            self.tasks.put_finished(event.task_id, values, now, run.partition)
+        else:
+            task["status"] = outcome.status
+            task["result"] = outcome.result
+            task["error"] = outcome.error
+            task["attempts"] = outcome.attempts
+            task["completed_at"] = now
+            self.tasks.put_final(event.task_id, task, run.partition)
 
     def _dead_letter_task(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
         value = wire.dead_letter(

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from faust.types import TP
 from yarl import URL
 
 from agents import memory
 from agents.base import TaskContext, TaskFailed
-from agents.registry import default_registry
+from agents.registry import HandlerRegistry, default_registry
 from schemas import domain, wire
 from schemas.wire import WireError
 from streams import histogram, native, state, tables
+from streams.metrics import Metrics
+from streams.processor import BatchProcessor
+from streams.settings import Settings
 from streams.web import PartitionOwners
 from tests.factories import task
 
@@ -421,3 +425,42 @@ def test_a_compiled_module_older_than_its_source_is_reported(tmp_path: Path) -> 
     assert native.stale(tmp_path, ("pkg/hot.py",)) == []
     os.utime(source, (3_000, 3_000))  # the source changed after the build
     assert native.stale(tmp_path, ("pkg/hot.py",)) == ["pkg/hot.py"]
+
+
+def test_a_handler_result_that_cannot_be_stored_fails_its_task_and_processing_goes_on() -> None:
+    """Results are stored as the handler gives them; one msgpack cannot encode fails the task."""
+    registry = HandlerRegistry()
+    registry.register("tool_execution", lambda event, context: [1, 2, 3])
+    registry.register("coordination", lambda event, context: None)
+    registry.register("code_analysis", lambda event, context: {"lines": {1, 2}})  # a set: not encodable
+
+    async def later(event: wire.TaskEvent, context: TaskContext) -> object:
+        return {"when": object()}
+
+    registry.register("inference", later)
+    stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
+    processor = BatchProcessor(
+        Settings(),
+        tables.TableWriter(_Producer(), stores),
+        registry,
+        Metrics(),
+        wire.Partitioner(1),
+        lambda offsets: None,
+        lambda tp: None,
+        asyncio.Lock(),
+    )
+    kinds = ["tool_execution", "coordination", "code_analysis", "inference", "tool_execution"]
+    events = [task("agent_x_001", kind) for kind in kinds]
+    tp = TP("tasks", 0)
+    records = [
+        types.SimpleNamespace(topic="tasks", partition=0, offset=i, key=b"agent_x_001", value=wire.encode_task(e))
+        for i, e in enumerate(events)
+    ]
+    asyncio.run(processor({tp: records}))
+    rows = [stores["tasks"].get(event.task_id) for event in events]
+    assert [row["status"] for row in rows] == ["completed", "completed", "failed", "failed", "completed"]
+    assert rows[0]["result"] == [1, 2, 3] and rows[1]["result"] is None
+    assert rows[2]["error"].startswith("the handler's result cannot be stored") and rows[2]["result"] is None
+    assert rows[3]["error"].startswith("the handler's result cannot be stored")
+    agent = stores["agents"].get("agent_x_001")
+    assert (agent["tasks_completed"], agent["tasks_failed"]) == (3, 2)
