@@ -1,10 +1,11 @@
 """The hot path compiled ahead of time with mypyc: the same source, as C extension modules.
 
-``make`` runs ``python -m streams.native build`` whenever one of :data:`MODULES` changes;
-mypyc turns each module into a C extension beside its source, which Python then imports
-instead of the ``.py`` file. The code stays plain, type-checked Python and runs unchanged
-without the build (``python -m streams.native clean`` removes it); compiled, the
-per-task work costs about a quarter less CPU (see README, "Performance").
+``make`` runs ``python -m streams.native build`` whenever a source file of the three
+packages changes; mypyc turns each of :data:`MODULES` into a C extension beside its
+source, which Python then imports instead of the ``.py`` file. The code stays plain,
+type-checked Python and runs unchanged without the build (``python -m streams.native
+clean`` removes it); compiled, the per-task work costs about a quarter less CPU (see
+README, "A compiled hot path").
 
 A compiled module older than its source would run code that is no longer there, so the
 worker and the test suite refuse to start on one (:func:`check`).
@@ -71,6 +72,7 @@ def check() -> None:
 
 
 def clean() -> None:
+    """Remove the build: every module runs as plain Python again."""
     for name in MODULES:
         for built in compiled(ROOT / name):
             built.unlink()
