@@ -423,9 +423,15 @@ class AgentRunner:
         now = outcome.finished_ms
         task = item.task
         if task is None:
-            status, result, error = outcome.status, outcome.result, outcome.error
             values = state.finished_task_values(
-                event, item.offset, status, result, error, outcome.attempts, item.started_ms, now
+                event,
+                item.offset,
+                outcome.status,
+                outcome.result,
+                outcome.error,
+                outcome.attempts,
+                item.started_ms,
+                now,
             )
             self.tasks.put_finished(event.task_id, values, now, run.partition)
         else:

@@ -108,6 +108,14 @@ def _memory_finished_at(row: Any) -> int:
 #: Per table: which rows freeze once written to the changelog (and a task's finish time);
 #: None leaves a row as it is. Agent and stats rows change with nearly every batch.
 FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {"tasks": _task_finished_at, "memory": _memory_finished_at}
+
+
+def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: bytes) -> Any:
+    """``row`` as a :class:`FrozenRow` of ``packed`` if its table's rule freezes it, else as is."""
+    finished_at = freeze_when(row) if freeze_when is not None else None
+    return row if finished_at is None else FrozenRow(row["o"], finished_at, packed)
+
+
 #: Per table whose changelog values are arrays rather than maps: a row as its array.
 AS_ARRAY: dict[str, Callable[[dict[str, Any]], list[Any]]] = {"tasks": state.task_values}
 
@@ -215,8 +223,7 @@ class CachedTable:
 
     def frozen(self, value: Any, packed: bytes) -> Any:
         """``value`` as a :class:`FrozenRow` of ``packed`` if this table freezes it now, else as is."""
-        finished_at = self.freeze_when(value) if self.freeze_when is not None else None
-        return value if finished_at is None else FrozenRow(value["o"], finished_at, packed)
+        return freeze(self.freeze_when, value, packed)
 
     def writable(self, key: str, partition: int, copy: Callable[[Any], Any]) -> Any:
         """The row to change in this batch, in place; None if absent.

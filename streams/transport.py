@@ -29,7 +29,7 @@ import aiokafka
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from streams.tables import FREEZE_WHEN, FrozenRow, decode_row
+from streams.tables import FREEZE_WHEN, decode_row, freeze
 
 BatchSink = Callable[[dict[TP, list[Any]]], Awaitable[None]]
 
@@ -259,9 +259,7 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> None:
             rows.pop(key, None)
             key_partition.pop(key, None)
             continue
-        row = decode_row(value)
-        finished_at = freeze_when(row) if freeze_when is not None else None
-        rows[key] = row if finished_at is None else FrozenRow(row["o"], finished_at, value)
+        rows[key] = freeze(freeze_when, decode_row(value), value)
         key_partition[key] = partition
     offsets[tp] = fresh[-1].offset
 
