@@ -144,12 +144,14 @@ class BatchProcessor:
         return len(expired)
 
     async def flush_changed_rows(self) -> None:
-        """Send every changed row now (on shutdown; caller holds the lock)."""
+        """Hand every changed row to the producer now (on shutdown; caller holds the lock)."""
         await self._flush()
+        await self.writer.sent()
 
     async def drain(self) -> None:
         """Flush and wait until every batch so far is acknowledged (caller holds the lock)."""
         await self._flush()
+        await self.writer.sent()
         await self._unacked.join()
 
     async def _process(self, batch: dict[Any, list[Any]]) -> tuple[dict[Any, int], int]:

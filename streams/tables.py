@@ -294,6 +294,8 @@ class TableWriter:
         self._outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
         self._outgoing_count = 0
         self._next_flush: asyncio.Future[None] | None = None
+        #: The last flush's records on their way to the producer.
+        self._sending: asyncio.Future[None] | None = None
 
     def outbox(self, topic: str, partition: int) -> list[tuple[bytes | None, bytes | None]]:
         """The list of records queued for ``topic``/``partition`` in this batch (append to it)."""
@@ -330,7 +332,27 @@ class TableWriter:
         return [self._next_flush]
 
     async def flush(self) -> int:
-        """Produce the changelog of every dirty row and the queued records; return how many were sent."""
+        """Hand the changelog of every dirty row and the queued records to the producer.
+
+        Rows are packed now; the records go to the producer in the background, in flush
+        order, so the next batch is processed while the broker takes this one. Only when
+        the previous flush is still being handed over does this wait for it. Returns how
+        many records this flush sends.
+        """
+        outgoing = self._take_outgoing()
+        waiting, self._next_flush = self._next_flush, None
+        await self.sent()
+        self._sending = asyncio.ensure_future(self._send_all(outgoing, waiting))
+        return sum(len(records) for records in outgoing.values())
+
+    async def sent(self) -> None:
+        """Wait until every flush so far is with the producer (raising if one failed)."""
+        sending, self._sending = self._sending, None
+        if sending is not None:
+            await sending
+
+    def _take_outgoing(self) -> dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]]:
+        """Pack every dirty row (freezing those the table freezes) and take the queued records."""
         outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
         for table in self.tables.values():
             rows = table.rows
@@ -355,7 +377,13 @@ class TableWriter:
         outgoing.update(self._outgoing)
         self._outgoing = {}
         self._outgoing_count = 0
-        waiting, self._next_flush = self._next_flush, None
+        return outgoing
+
+    async def _send_all(
+        self,
+        outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]],
+        waiting: asyncio.Future[None] | None,
+    ) -> None:
         futures: list[asyncio.Future[Any]] = []
         try:
             for (topic, partition), records in outgoing.items():
@@ -366,7 +394,6 @@ class TableWriter:
             raise
         if waiting is not None:
             _resolve_when_all_done(waiting, futures)
-        return sum(len(records) for records in outgoing.values())
 
     def rollback(self) -> None:
         """Put every row this batch changed back as it was before the batch."""

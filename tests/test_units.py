@@ -244,7 +244,9 @@ def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:
 
     async def flush() -> int:
         writer.end_batch()
-        return await writer.flush()
+        count = await writer.flush()
+        await writer.sent()
+        return count
 
     assert asyncio.run(flush()) == 2
     assert tasks.rows[running["id"]] is running  # still changing: stays a dict
@@ -311,10 +313,71 @@ def test_outgoing_records_leave_with_the_flush_and_a_rollback_drops_only_its_bat
         assert producer.sent == [] and writer.dirty == 2 and not waits[0].done()
         assert await writer.flush() == 2
         await waits[0]
+        await writer.sent()
 
     asyncio.run(scenario())
     assert [value for _, _, _, value in producer.sent] == [b"first", b"second"]
     assert writer.end_batch() == []  # nothing new: nothing to wait for
+
+
+class _SlowProducer(_Producer):
+    """Takes a batch only when let through (a broker still busy with the last request)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.failure: Exception | None = None
+
+    async def send_batch(self, batch: _Batch, topic: str, partition: int) -> asyncio.Future[None]:
+        await self.gate.wait()
+        if self.failure is not None:
+            raise self.failure
+        return await super().send_batch(batch, topic, partition)
+
+
+def test_a_flush_hands_records_over_in_the_background_and_in_order() -> None:
+    producer = _SlowProducer()
+    writer = tables.TableWriter(producer, {"stats": _cached_table("stats")})
+
+    async def scenario() -> None:
+        writer.emit("events", 0, b"a", b"first")
+        first = writer.end_batch()
+        assert await asyncio.wait_for(writer.flush(), 1.0) == 1  # returns while the producer is busy
+        writer.emit("events", 0, b"a", b"second")
+        second = writer.end_batch()
+        assert producer.sent == [] and not first[0].done()
+        next_flush = asyncio.ensure_future(writer.flush())
+        await asyncio.sleep(0.01)
+        assert not next_flush.done()  # waits for the first flush's hand-over, not beside it
+        producer.gate.set()
+        assert await next_flush == 1
+        await writer.sent()
+        await first[0]
+        await second[0]
+
+    asyncio.run(scenario())
+    assert [value for _, _, _, value in producer.sent] == [b"first", b"second"]
+
+
+def test_a_failed_hand_over_fails_its_batches_and_the_next_flush() -> None:
+    producer = _SlowProducer()
+    producer.failure = RuntimeError("broker gone")
+    producer.gate.set()
+    writer = tables.TableWriter(producer, {"stats": _cached_table("stats")})
+
+    async def scenario() -> None:
+        writer.emit("events", 0, b"a", b"lost")
+        waits = writer.end_batch()
+        await writer.flush()
+        with pytest.raises(RuntimeError, match="broker gone"):
+            await waits[0]
+        writer.emit("events", 0, b"a", b"next")
+        writer.end_batch()
+        with pytest.raises(RuntimeError, match="broker gone"):
+            await writer.flush()
+
+    asyncio.run(scenario())
+    assert producer.sent == []
 
 
 def test_a_task_context_reads_memory_only_when_a_handler_recalls() -> None:
