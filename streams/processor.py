@@ -11,6 +11,11 @@ One call handles everything one fetch returned, across partitions:
    :class:`streams.tables.TableWriter`). Once the broker has all the records a batch
    depends on, its offsets are marked processed so the next commit includes them.
 
+Flushes are frequent (``flush_interval``) while the worker keeps up with its input, so
+events and stats follow the tasks closely, and five times rarer by default
+(``backlog_flush_interval``) while a batch leaves records waiting on the broker: then
+most rows change several times between flushes and each is written once.
+
 Replays after a crash are idempotent: see :mod:`streams.state`.
 """
 
@@ -31,8 +36,8 @@ from streams.settings import Settings
 from streams.tables import TableWriter, expired_task_ids
 
 Partitioner = Callable[[bytes], int]
-#: Changed rows that force a changelog flush before the flush interval is up.
-_MAX_DIRTY_ROWS = 50_000
+#: Changed rows and queued records that force a flush before the flush interval is up.
+_MAX_DIRTY_ROWS = 100_000
 #: Bytes of record values processed in one go: a fetch of packed ``task.batch`` events
 #: can hold far more tasks than records, and web views must not wait for all of them.
 _CHUNK_BYTES = 1024 * 1024
@@ -64,6 +69,8 @@ class BatchProcessor:
         #: Batches whose records are not all acknowledged by the broker yet.
         self._unacked: asyncio.Queue[tuple[list[asyncio.Future[Any]], dict[Any, int]]] = asyncio.Queue()
         self._last_flush = time.monotonic()
+        #: Whether the last batch left records waiting on the broker (then flushes are rarer).
+        self.behind = False
         self.tasks_topic = settings.topic("tasks")
         self.dead_letter_topic = settings.topic("deadletter")
 
@@ -93,9 +100,9 @@ class BatchProcessor:
 
     def _flush_due(self) -> bool:
         dirty = self.writer.dirty
-        return dirty > 0 and (
-            dirty >= _MAX_DIRTY_ROWS or time.monotonic() - self._last_flush >= self.settings.flush_interval
-        )
+        settings = self.settings
+        interval = settings.backlog_flush_interval if self.behind else settings.flush_interval
+        return dirty > 0 and (dirty >= _MAX_DIRTY_ROWS or time.monotonic() - self._last_flush >= interval)
 
     async def _flush(self) -> int:
         self._last_flush = time.monotonic()
@@ -159,6 +166,7 @@ class BatchProcessor:
         by_agent: dict[str, list[Item]] = {}
         offsets: dict[Any, int] = {}
         count = 0
+        behind = False
         self.stats.reset()
         for tp, records in batch.items():
             partition = tp.partition
@@ -171,7 +179,9 @@ class BatchProcessor:
             stats["o"] = max(stats["o"], records[-1].offset)
             end = self.highwater(tp)
             stats["pending"] = max(0, end - offsets[tp]) if end is not None else 0
+            behind = behind or stats["pending"] > 0
             self.metrics.consumer_lag.labels(partition=str(partition)).set(stats["pending"])
+        self.behind = behind
         self.metrics.events_in.inc(count)
         pending: list[Awaitable[None]] = []
         run = self.runner.run

@@ -53,8 +53,11 @@ class Settings:
     fetch_max_wait_ms: int = 10
     #: Seconds between offset commits.
     commit_interval: float = 1.0
-    #: Seconds between changelog flushes: a row changed many times in between is written once.
+    #: Seconds between changelog flushes while the worker keeps up with its input: a row
+    #: changed many times in between is written once.
     flush_interval: float = 0.2
+    #: Seconds between flushes while the worker has a backlog: fewer, larger flushes.
+    backlog_flush_interval: float = 1.0
     #: Seconds a partition may have records waiting with none processed before the
     #: worker logs it as stalled (Faust's liveness check).
     stall_timeout: float = 300.0
@@ -118,6 +121,9 @@ class Settings:
         _check_range("FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 1, 60_000)
         _check_range("COMMIT_INTERVAL", self.commit_interval, 0.05, 600.0)
         _check_range("FLUSH_INTERVAL", self.flush_interval, 0.001, 60.0)
+        _check_range("BACKLOG_FLUSH_INTERVAL", self.backlog_flush_interval, 0.001, 60.0)
+        if self.backlog_flush_interval < self.flush_interval:
+            raise SettingsError("BACKLOG_FLUSH_INTERVAL", "must be >= BLACKROAD_FLUSH_INTERVAL")
         _check_range("STALL_TIMEOUT", self.stall_timeout, 1.0, 86400.0)
         _check_range("TASK_RETENTION", self.task_retention, 1.0, 365 * 86400.0)
         _check_range("WORKING_MEMORY_TOKENS", self.working_memory_tokens, 16, 10_000_000)

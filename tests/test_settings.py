@@ -36,6 +36,7 @@ def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
         ("BLACKROAD_LOG_LEVEL", "loud"),
         ("BLACKROAD_MAX_CONCURRENT_TASKS", "-1"),
         ("BLACKROAD_NO_SUCH_THING", "1"),
+        ("BLACKROAD_BACKLOG_FLUSH_INTERVAL", "0.1"),  # shorter than the flush interval
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -378,6 +380,56 @@ def test_a_failed_hand_over_fails_its_batches_and_the_next_flush() -> None:
 
     asyncio.run(scenario())
     assert producer.sent == []
+
+
+def _processor(producer: _Producer, highwater: Callable[[TP], int | None]) -> BatchProcessor:
+    stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
+    return BatchProcessor(
+        Settings(),
+        tables.TableWriter(producer, stores),
+        default_registry(),
+        Metrics(),
+        wire.Partitioner(1),
+        lambda offsets: None,
+        highwater,
+        asyncio.Lock(),
+    )
+
+
+def _batch(first_offset: int, count: int) -> dict[TP, list[types.SimpleNamespace]]:
+    records = []
+    for offset in range(first_offset, first_offset + count):
+        value = wire.encode_task(task("agent_x_001", "tool_execution"))
+        records.append(
+            types.SimpleNamespace(topic="tasks", partition=0, offset=offset, key=b"agent_x_001", value=value)
+        )
+    return {TP("tasks", 0): records}
+
+
+@pytest.mark.parametrize("waiting", [0, None, 1_000])
+def test_flushes_are_rarer_while_a_backlog_waits(waiting: int | None) -> None:
+    """Caught up (or end unknown): a flush every FLUSH_INTERVAL (0.2 s); with records
+    ``waiting`` on the broker after the batch: every BACKLOG_FLUSH_INTERVAL (1 s)."""
+    producer = _Producer()
+    end: dict[str, int | None] = {}
+    processor = _processor(producer, lambda tp: end["offset"])
+    flushes_after = 1.0 if waiting else 0.2
+
+    async def scenario() -> list[int]:
+        sent_after = []
+        for offset, age in ((0, 0.0), (1, 0.3), (2, 1.1)):
+            end["offset"] = None if waiting is None else offset + 1 + waiting
+            processor._last_flush = time.monotonic() - age  # the flush clock
+            await processor(_batch(offset, 1))
+            await processor.writer.sent()
+            sent_after.append(len(producer.sent))
+            producer.sent.clear()
+        return sent_after
+
+    sent_after = asyncio.run(scenario())
+    assert processor.behind is bool(waiting)
+    flushed = [count > 0 for count in sent_after]
+    assert flushed == [False, flushes_after < 0.3, True]
 
 
 def test_a_task_context_reads_memory_only_when_a_handler_recalls() -> None:
