@@ -155,7 +155,9 @@ def test_batch_events_carry_many_tasks_and_refuse_bad_ones_alone(deployment: Dep
     records = []
     for group in by_partition.values():
         value = msgpack.unpackb(wire.encode_batch(group))
-        value["tasks"].append({"task_id": "task_bad", "agent_id": group[0].agent_id, "kind": "nope"})
+        bad = {"task_id": "task_bad", "agent_id": group[0].agent_id, "kind": "nope"}
+        for name, values in value["columns"].items():
+            values.append(bad.get(name))
         records.append((group[0].agent_id.encode(), msgpack.packb(value)))
     # A task whose agent lives in another partition is re-keyed, not lost.
     stray = task("agent_stray_001")

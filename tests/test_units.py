@@ -36,6 +36,56 @@ def test_wire_round_trip_and_variants() -> None:
     assert wire.task_from_map({**event.to_wire(), "priority": 1}).priority == "high"
 
 
+def test_a_task_batch_reads_the_same_as_columns_or_as_task_maps() -> None:
+    events = [task(f"agent_pack_{i:03d}", "tool_execution", {"tool": "echo", "input": i}) for i in range(3)]
+    columnar = msgpack.unpackb(wire.encode_batch(events))
+    assert set(columnar["columns"]) == set(wire.BATCH_COLUMNS)
+    as_maps = {key: value for key, value in columnar.items() if key != "columns"}
+    as_maps["tasks"] = [{k: v for k, v in e.to_wire().items() if k not in ("v", "type")} for e in events]
+    assert wire.decode_tasks(msgpack.packb(columnar)) == (events, [])
+    assert wire.decode_tasks(msgpack.packb(as_maps)) == (events, [])
+    # Columns left out, and nils, take the defaults; the batch's ts stands in for the tasks'.
+    minimal = {"v": 1, "type": "task.batch", "ts": 5, "columns": {}}
+    minimal["columns"] = {
+        "task_id": ["task_a1", "task_a2"],
+        "agent_id": ["agent_a_001"] * 2,
+        "kind": ["coordination"] * 2,
+    }
+    minimal["columns"]["priority"] = [None, "high"]
+    decoded, refused = wire.decode_tasks(msgpack.packb(minimal))
+    assert refused == [] and [(e.priority, e.created_ms, e.payload, e.agent_type) for e in decoded] == [
+        ("normal", 5, {}, "worker"),
+        ("high", 5, {}, "worker"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("columns", "reason"),
+    [
+        ({"task_id": ["task_a1"], "agent_id": ["agent_a_001", "agent_a_001"]}, "as long as the others"),
+        ({"task_id": "task_a1"}, "as long as the others"),
+        ({"task_id": ["task_a1"], "colour": ["red"]}, "unknown task.batch columns"),
+        ({"task_id": []}, "1 to 10000 tasks"),
+        ([["task_a1"]], "must be a map"),
+    ],
+)
+def test_a_malformed_column_batch_is_refused_whole(columns: object, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        wire.decode_tasks(msgpack.packb({"v": 1, "type": "task.batch", "ts": 5, "columns": columns}))
+
+
+def test_bad_tasks_in_a_column_batch_are_refused_alone() -> None:
+    columns = {
+        "task_id": ["task_a1", "task_a2", "task_a1", None],
+        "agent_id": ["agent_a_001"] * 4,
+        "kind": ["coordination", "sing", "coordination", "coordination"],
+    }
+    decoded, refused = wire.decode_tasks(msgpack.packb({"v": 1, "type": "task.batch", "ts": 5, "columns": columns}))
+    assert [e.task_id for e in decoded] == ["task_a1"]
+    assert [r.split(":")[0] for r in refused] == ["tasks[1]", "tasks[2]", "tasks[3]"]
+    assert "kind" in refused[0] and "repeated" in refused[1] and "task_id" in refused[2]
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
