@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from agents import memory as working_memory
@@ -15,19 +15,34 @@ class TaskFailed(Exception):
     """Raised by a handler for a task that must fail now, without retries."""
 
 
+class MemorySource(Protocol):
+    """Where a context gets the agent's working memory, asked only when a handler uses it."""
+
+    def read_memory(self) -> dict[str, Any] | None:
+        """The memory as stored (None: the agent has none yet)."""
+        ...
+
+    def open_memory(self, keep: bool) -> dict[str, Any]:
+        """The memory to write to; with ``keep`` False a copy nobody keeps (a replay whose
+        writes are already in)."""
+        ...
+
+
 class TaskContext:
     """What a handler may use besides the task: the agent's working memory and the clock.
 
-    Memory is read (``read_memory``) only when a handler recalls it and opened for
-    writing only when a handler writes to it, so handlers that never touch memory cost
-    the memory table nothing.
+    Memory is read only when a handler recalls it and opened for writing only when a
+    handler writes to it, so handlers that never touch memory cost the memory table
+    nothing.
     """
 
     __slots__ = (
         "_budget",
+        "_keep",
         "_memory",
-        "_open_memory",
-        "_read_memory",
+        "_source",
+        "_unopened",
+        "_unread",
         "agent_id",
         "agent_type",
         "attempt",
@@ -43,24 +58,27 @@ class TaskContext:
         memory: dict[str, Any] | None,
         budget_tokens: int,
         attempt: int = 1,
-        open_memory: Callable[[], dict[str, Any]] | None = None,
-        read_memory: Callable[[], dict[str, Any] | None] | None = None,
+        source: MemorySource | None = None,
+        keep_writes: bool = True,
     ) -> None:
         self.agent_id = agent_id
         self.agent_type = agent_type
         self.now_ms = now_ms
         self.attempt = attempt
         self._memory = memory
-        self._open_memory = open_memory
-        self._read_memory = read_memory
+        self._source = source
+        self._keep = keep_writes
+        self._unread = source is not None
+        self._unopened = source is not None
         self._budget = budget_tokens
         self.written: list[dict[str, Any]] = []
 
     def recall(self, limit: int = 10) -> list[dict[str, Any]]:
         """The most recent ``limit`` working-memory entries, oldest first."""
-        if self._memory is None and self._read_memory is not None:
-            self._memory = self._read_memory()
-            self._read_memory = None
+        if self._unread:
+            self._unread = False
+            if self._memory is None and self._source is not None:
+                self._memory = self._source.read_memory()
         if self._memory is None or limit <= 0:
             return []
         return working_memory.entries(self._memory)[-limit:]
@@ -69,11 +87,11 @@ class TaskContext:
         self, content: str, *, role: str = "assistant", memory_type: str = "conversation", key: str | None = None
     ) -> dict[str, Any]:
         """Write one entry into the agent's working memory."""
-        if self._open_memory is not None:
-            self._memory = self._open_memory()
-            self._open_memory = None
+        if self._unopened and self._source is not None:
+            self._memory = self._source.open_memory(self._keep)
         elif self._memory is None:
             self._memory = working_memory.empty_memory()
+        self._unopened = False
         entry = working_memory.append(
             self._memory,
             self.agent_id,

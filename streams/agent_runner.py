@@ -156,7 +156,7 @@ class _AgentRun:
         self.events = events
         self.in_flight = 0
 
-    def current_memory(self) -> dict[str, Any] | None:
+    def read_memory(self) -> dict[str, Any] | None:
         """The memory as a handler sees it: this batch's copy, else the stored row (decoded once)."""
         if self.memory is not None:
             return self.memory
@@ -165,8 +165,12 @@ class _AgentRun:
         stored: dict[str, Any] | None = self.stored
         return stored
 
-    def open_memory(self) -> dict[str, Any]:
-        """The agent's memory row, writable in this batch (opened on the first write)."""
+    def open_memory(self, keep: bool) -> dict[str, Any]:
+        """The agent's memory row, writable in this batch (opened on the first write); with
+        ``keep`` False, for a replay whose memory writes are already in, a copy nobody keeps."""
+        if not keep:
+            current = self.read_memory()
+            return state.copy_row(current) if current is not None else state.new_memory()
         if self.memory is None:
             row = self.memory_table.writable(self.agent_id, self.partition, state.copy_row)
             if row is None:
@@ -174,11 +178,6 @@ class _AgentRun:
                 self.memory_table.put(self.agent_id, row, self.partition)
             self.memory = row
         return self.memory
-
-    def scratch_memory(self) -> dict[str, Any]:
-        """For a replay whose memory writes are already in: a copy nobody keeps."""
-        current = self.current_memory()
-        return state.copy_row(current) if current is not None else state.new_memory()
 
 
 class AgentRunner:
@@ -304,9 +303,8 @@ class AgentRunner:
     def _attempt(
         self, handler: Handler, item: Item, run: _AgentRun, attempt: int, now: int
     ) -> Outcome | Awaitable[Outcome]:
-        opener = run.open_memory if item.apply_memory else run.scratch_memory
         context = TaskContext(
-            run.agent_id, run.agent_type, now, run.memory, self._memory_budget, attempt, opener, run.current_memory
+            run.agent_id, run.agent_type, now, run.memory, self._memory_budget, attempt, run, item.apply_memory
         )
         started = _perf()
         try:

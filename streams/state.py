@@ -176,7 +176,9 @@ def apply_outcome_to_agent(agent: dict[str, Any], status: str, handler_ms: float
     if status == "completed":
         done = agent["tasks_completed"] + 1
         agent["tasks_completed"] = done
-        agent["avg_response_ms"] = round(agent["avg_response_ms"] + (handler_ms - agent["avg_response_ms"]) / done, 3)
+        # Kept unrounded (rounding a float costs more than the rest of this function);
+        # the agent view rounds it.
+        agent["avg_response_ms"] += (handler_ms - agent["avg_response_ms"]) / done
     elif status == "failed":
         agent["tasks_failed"] += 1
     elif status == "dead":

@@ -132,7 +132,7 @@ def agent_document(row: dict[str, Any]) -> dict[str, Any]:
             "tasks_completed": row["tasks_completed"],
             "tasks_failed": row["tasks_failed"],
             "tasks_dead": row["tasks_dead"],
-            "avg_response_ms": row["avg_response_ms"],
+            "avg_response_ms": round(row["avg_response_ms"], 3),
             "peak_concurrent_tasks": row["peak_concurrent_tasks"],
             "last_activity": row["last_activity"],
         },

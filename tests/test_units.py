@@ -8,6 +8,7 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -482,22 +483,49 @@ def test_flushes_are_rarer_while_a_backlog_waits(waiting: int | None) -> None:
     assert flushed == [False, flushes_after < 0.3, True]
 
 
-def test_a_task_context_reads_memory_only_when_a_handler_recalls() -> None:
-    reads = []
-
-    def read() -> dict[str, object]:
-        reads.append(1)
-        stored = memory.empty_memory()
+class _MemorySource:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.stored = memory.empty_memory()
         memory.append(
-            stored, "agent_x_001", "kept", role="user", memory_type="conversation", timestamp_ms=1, budget_tokens=100
+            self.stored,
+            "agent_x_001",
+            "kept",
+            role="user",
+            memory_type="conversation",
+            timestamp_ms=1,
+            budget_tokens=100,
         )
-        return stored
 
-    context = TaskContext("agent_x_001", "worker", 1000, None, 100, read_memory=read)
-    assert reads == []
+    def read_memory(self) -> dict[str, Any] | None:
+        self.calls.append("read")
+        return self.stored
+
+    def open_memory(self, keep: bool) -> dict[str, Any]:
+        self.calls.append(f"open keep={keep}")
+        return self.stored if keep else state.copy_row(self.stored)
+
+
+def test_a_task_context_reads_memory_only_when_a_handler_recalls() -> None:
+    source = _MemorySource()
+    context = TaskContext("agent_x_001", "worker", 1000, None, 100, source=source)
+    assert source.calls == []
     assert [e["content"] for e in context.recall()] == ["kept"]
     context.recall()
-    assert reads == [1]
+    assert source.calls == ["read"]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_task_context_opens_memory_at_the_first_write_and_a_replay_keeps_nothing(keep: bool) -> None:
+    source = _MemorySource()
+    context = TaskContext("agent_x_001", "worker", 1000, None, 100, source=source, keep_writes=keep)
+    context.recall()
+    context.remember("one")
+    context.remember("two")
+    assert source.calls == ["read", f"open keep={keep}"]
+    assert [e["content"] for e in context.recall()] == ["kept", "one", "two"]
+    kept = [e["content"] for e in memory.entries(source.stored)]
+    assert kept == (["kept", "one", "two"] if keep else ["kept"])
 
 
 def test_partition_owners_follow_the_latest_assignment() -> None:
