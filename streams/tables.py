@@ -18,6 +18,7 @@ their changelog records are produced in bulk, one per changed key per flush inte
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ from streams.state import TERMINAL_TASK_STATUSES
 
 TABLE_NAMES = ("agents", "tasks", "memory", "stats")
 _MISSING = object()
+#: Flushes that may be on their way to the producer at once; the next waits for the oldest.
+MAX_HANDOVERS = 2
 
 
 class FrozenRow:
@@ -294,8 +297,8 @@ class TableWriter:
         self._outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
         self._outgoing_count = 0
         self._next_flush: asyncio.Future[None] | None = None
-        #: The last flush's records on their way to the producer.
-        self._sending: asyncio.Future[None] | None = None
+        #: Flushes whose records are on their way to the producer, oldest first.
+        self._handovers: deque[asyncio.Future[None]] = deque()
 
     def outbox(self, topic: str, partition: int) -> list[tuple[bytes | None, bytes | None]]:
         """The list of records queued for ``topic``/``partition`` in this batch (append to it)."""
@@ -335,21 +338,28 @@ class TableWriter:
         """Hand the changelog of every dirty row and the queued records to the producer.
 
         Rows are packed now; the records go to the producer in the background, in flush
-        order, so the next batch is processed while the broker takes this one. Only when
-        the previous flush is still being handed over does this wait for it. Returns how
-        many records this flush sends.
+        order, so the next batches are processed while the broker takes this one. A flush
+        waits only while ``MAX_HANDOVERS`` earlier ones are still being handed over.
+        Returns how many records this flush sends.
         """
         outgoing = self._take_outgoing()
         waiting, self._next_flush = self._next_flush, None
-        await self.sent()
-        self._sending = asyncio.ensure_future(self._send_all(outgoing, waiting))
+        while len(self._handovers) >= MAX_HANDOVERS:
+            await self._handovers.popleft()
+        previous = self._handovers[-1] if self._handovers else None
+        self._handovers.append(asyncio.ensure_future(self._send_all(outgoing, waiting, previous)))
         return sum(len(records) for records in outgoing.values())
 
     async def sent(self) -> None:
-        """Wait until every flush so far is with the producer (raising if one failed)."""
-        sending, self._sending = self._sending, None
-        if sending is not None:
-            await sending
+        """Wait until every flush so far is with the producer (raising the first failure)."""
+        failure: Exception | None = None
+        while self._handovers:
+            try:
+                await self._handovers.popleft()
+            except Exception as exc:  # noqa: BLE001 - the rest are still awaited, then it is raised
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _take_outgoing(self) -> dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]]:
         """Pack every dirty row (freezing those the table freezes) and take the queued records."""
@@ -383,9 +393,13 @@ class TableWriter:
         self,
         outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]],
         waiting: asyncio.Future[None] | None,
+        previous: asyncio.Future[None] | None,
     ) -> None:
+        """Send one flush's records after the previous flush's (a failed one fails this too)."""
         futures: list[asyncio.Future[Any]] = []
         try:
+            if previous is not None:
+                await asyncio.shield(previous)
             for (topic, partition), records in outgoing.items():
                 futures.extend(await self._send_bulk(topic, partition, records))
         except BaseException as exc:

@@ -391,25 +391,29 @@ class _SlowProducer(_Producer):
 def test_a_flush_hands_records_over_in_the_background_and_in_order() -> None:
     producer = _SlowProducer()
     writer = tables.TableWriter(producer, {"stats": _cached_table("stats")})
+    names = [b"first", b"second", b"third"][: tables.MAX_HANDOVERS + 1]
 
     async def scenario() -> None:
-        writer.emit("events", 0, b"a", b"first")
-        first = writer.end_batch()
-        assert await asyncio.wait_for(writer.flush(), 1.0) == 1  # returns while the producer is busy
-        writer.emit("events", 0, b"a", b"second")
-        second = writer.end_batch()
-        assert producer.sent == [] and not first[0].done()
+        waits = []
+        for name in names[:-1]:
+            writer.emit("events", 0, b"a", name)
+            waits.append(writer.end_batch()[0])
+            # Returns while the producer is busy with the flushes before it.
+            assert await asyncio.wait_for(writer.flush(), 1.0) == 1
+        writer.emit("events", 0, b"a", names[-1])
+        waits.append(writer.end_batch()[0])
+        assert producer.sent == [] and not any(wait.done() for wait in waits)
         next_flush = asyncio.ensure_future(writer.flush())
         await asyncio.sleep(0.01)
-        assert not next_flush.done()  # waits for the first flush's hand-over, not beside it
+        assert not next_flush.done()  # MAX_HANDOVERS flushes are on their way: it waits for the oldest
         producer.gate.set()
         assert await next_flush == 1
         await writer.sent()
-        await first[0]
-        await second[0]
+        for wait in waits:
+            await wait
 
     asyncio.run(scenario())
-    assert [value for _, _, _, value in producer.sent] == [b"first", b"second"]
+    assert [value for _, _, _, value in producer.sent] == names
 
 
 def test_a_failed_hand_over_fails_its_batches_and_the_next_flush() -> None:
@@ -424,10 +428,14 @@ def test_a_failed_hand_over_fails_its_batches_and_the_next_flush() -> None:
         await writer.flush()
         with pytest.raises(RuntimeError, match="broker gone"):
             await waits[0]
+        # Records after a failed flush are never sent: their batches fail too.
         writer.emit("events", 0, b"a", b"next")
-        writer.end_batch()
+        next_waits = writer.end_batch()
+        await writer.flush()
         with pytest.raises(RuntimeError, match="broker gone"):
-            await writer.flush()
+            await next_waits[0]
+        with pytest.raises(RuntimeError, match="broker gone"):
+            await writer.sent()
 
     asyncio.run(scenario())
     assert producer.sent == []
