@@ -113,6 +113,11 @@ def _memory_finished_at(row: Any) -> int:
 FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {"tasks": _task_finished_at, "memory": _memory_finished_at}
 
 
+#: Tables whose changed rows freeze when their batch ends, not at the flush. Task rows
+#: that freeze are put frozen as they finish (:meth:`CachedTable.put_final`).
+FREEZE_AT_BATCH_END = frozenset({"memory"})
+
+
 def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: bytes) -> Any:
     """``row`` as a :class:`FrozenRow` of ``packed`` if its table's rule freezes it, else as is."""
     finished_at = freeze_when(row) if freeze_when is not None else None
@@ -228,6 +233,19 @@ class CachedTable:
         """``value`` as a :class:`FrozenRow` of ``packed`` if this table freezes it now, else as is."""
         return freeze(self.freeze_when, value, packed)
 
+    def freeze_changed(self) -> None:
+        """Freeze the rows this batch changed that the table's rule freezes (at the batch's end).
+
+        Frozen at once rather than at the flush, a second or more later under load: an
+        agent's working memory is read and written again only by its next tasks, and
+        thousands of them live as dicts meanwhile would hold over 100 MB.
+        """
+        rows = self.rows
+        for key in self.undo:
+            value = rows.get(key)
+            if type(value) is dict:
+                rows[key] = self.frozen(value, self.pack(value))
+
     def writable(self, key: str, partition: int, copy: Callable[[Any], Any]) -> Any:
         """The row to change in this batch, in place; None if absent.
 
@@ -327,6 +345,8 @@ class TableWriter:
         for table in self.tables.values():
             if table.undo:
                 changed = True
+                if table.name in FREEZE_AT_BATCH_END:
+                    table.freeze_changed()
                 table.undo = {}
         if not changed:
             return []

@@ -328,9 +328,10 @@ def test_a_task_finished_at_once_is_stored_frozen_as_its_changelog_array() -> No
         tables.decode_row(msgpack.packb([1, 2, 3]))
 
 
-def test_a_memory_row_freezes_at_flush_and_thaws_into_a_private_copy_to_write() -> None:
+def test_a_memory_row_freezes_when_its_batch_ends_and_thaws_into_a_private_copy_to_write() -> None:
+    producer = _Producer()
     memory_table = _cached_table("memory")
-    writer = tables.TableWriter(_Producer(), {"memory": memory_table})
+    writer = tables.TableWriter(producer, {"memory": memory_table})
     row = state.new_memory()
     memory.append(
         row, "agent_x_001", "hello", role="user", memory_type="conversation", timestamp_ms=1, budget_tokens=100
@@ -338,13 +339,16 @@ def test_a_memory_row_freezes_at_flush_and_thaws_into_a_private_copy_to_write() 
     row["o"] = 41
     memory_table.put("agent_x_001", row, 0)
 
-    async def flush() -> int:
+    async def scenario() -> tables.FrozenRow:
         writer.end_batch()
-        return await writer.flush()
+        ended = memory_table.rows["agent_x_001"]  # frozen before any flush
+        await writer.flush()
+        await writer.sent()
+        return ended  # type: ignore[no-any-return]
 
-    asyncio.run(flush())
-    frozen = memory_table.rows["agent_x_001"]
+    frozen = asyncio.run(scenario())
     assert isinstance(frozen, tables.FrozenRow) and frozen.offset == 41
+    assert [value for _, _, _, value in producer.sent] == [frozen.packed]
     writable = memory_table.writable("agent_x_001", 0, state.copy_row)
     assert writable == row and writable is not row
     assert memory_table.rows["agent_x_001"] is writable  # the batch's copy replaces the frozen row
