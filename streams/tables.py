@@ -104,11 +104,11 @@ def _task_finished_at(row: Any) -> int | None:
 
 
 def _memory_finished_at(row: Any) -> int:
-    """Working memory freezes whenever it is written out; it has no finish time (0)."""
+    """Working memory freezes whenever its batch ends; it has no finish time (0)."""
     return 0
 
 
-#: Per table: which rows freeze once written to the changelog (and a task's finish time);
+#: Per table: which rows freeze once packed for the changelog (and a task's finish time);
 #: None leaves a row as it is. Agent and stats rows change with nearly every batch.
 FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {"tasks": _task_finished_at, "memory": _memory_finished_at}
 
