@@ -19,6 +19,7 @@ from mode import Service
 
 from streams import histogram
 from streams.settings import Settings
+from streams.tables import newer
 
 _REFRESH_SECONDS = 0.1
 
@@ -61,7 +62,11 @@ class StatsView(Service):
                     if record.value is None:
                         continue
                     row = msgpack.unpackb(record.value, raw=False, strict_map_key=False)
-                    self.rows[int(row["partition"])] = row
+                    partition = int(row["partition"])
+                    # The newest row wins, not the last record: a worker that lost the
+                    # partition may still write an older copy after the new owner's.
+                    if newer(row, self.rows.get(partition)):
+                        self.rows[partition] = row
             if fetched:
                 self._changed.set()
 

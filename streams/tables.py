@@ -62,6 +62,24 @@ def decode_row(packed: bytes) -> Any:
     return state.task_from_values(row) if type(row) is list else row
 
 
+def row_offset(row: Any) -> int:
+    """The source offset of the last event applied to a stored row (frozen or not)."""
+    if type(row) is FrozenRow:
+        return row.offset
+    offset: int = row["o"]
+    return offset
+
+
+def newer(incoming: dict[str, Any], current: Any) -> bool:
+    """Whether a changelog row may replace the stored one: it has applied at least as much.
+
+    Rows of a partition change only with that partition's events, so a row's ``"o"``
+    orders its versions; a record with a lower one is an older copy (written late by a
+    worker that had lost the partition) and must not win over the newer row.
+    """
+    return current is None or incoming["o"] >= row_offset(current)
+
+
 def thaw(value: Any) -> Any:
     """A row as a plain value (a :class:`FrozenRow` decoded; anything else as is)."""
     if type(value) is FrozenRow:

@@ -29,7 +29,7 @@ import aiokafka
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from streams.tables import FREEZE_WHEN, decode_row, freeze
+from streams.tables import FREEZE_WHEN, decode_row, freeze, newer
 
 BatchSink = Callable[[dict[TP, list[Any]]], Awaitable[None]]
 
@@ -203,11 +203,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 if tp.topic in batch_topics:
                     batch[tp] = recs
                     continue
-                # Changelog records (table recovery, standbys): all but the last go
-                # straight into the store; the last takes Faust's own path, so its
-                # recovery bookkeeping sees the partition advance and can finish.
-                bulk_restore(self.app.tables.recovery, tp, recs[:-1])  # type: ignore[attr-defined]
-                await deliver_one(self._to_message(tp, recs[-1]))
+                # Changelog records (table recovery): all go straight into the store,
+                # in order. The last applied one is then handed to Faust's recovery only
+                # to wake it: it finds the offset already reached, applies nothing, and
+                # checks whether recovery is complete.
+                last_applied = bulk_restore(self.app.tables.recovery, tp, recs)  # type: ignore[attr-defined]
+                if last_applied is not None:
+                    await deliver_one(self._to_message(tp, last_applied))
                 self._read_offset[tp] = recs[-1].offset
             if batch:
                 self._mark_inbound(batch)
@@ -226,26 +228,33 @@ class BatchConsumer(faust_aiokafka.Consumer):
             inbound[tp] = now
 
 
-def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> None:
-    """Apply changelog records to their table's store in one pass.
+def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> Any:
+    """Apply changelog records to their table's store in one pass; return the last one applied.
 
     Faust's recovery costs a task and a ``wait_for`` per record. Here the records of one
-    fetch are decoded and applied directly, after Faust's own buffered records, and
-    the partition's recovery offset is moved past them.
+    fetch are decoded and applied directly, in offset order, and the partition's
+    recovery offset is moved past them. Only records up to the high-water mark taken
+    when recovery started are applied: later ones are this worker's own writes (it owns
+    the partition once recovered) and must not land on top of the live rows.
+
+    A row is replaced only by a record at least as new (see :func:`streams.tables.newer`):
+    a worker that lost a partition without knowing it yet can still write older copies
+    of rows into the changelog after the new owner's; the next restore must not keep them.
     """
     if not records:
-        return
+        return None
     if tp in recovery.active_tps:
-        offsets = recovery.active_offsets
+        offsets, highwaters = recovery.active_offsets, recovery.active_highwaters
     elif tp in recovery.standby_tps:
-        offsets = recovery.standby_offsets
+        offsets, highwaters = recovery.standby_offsets, recovery.standby_highwaters
     else:
-        return
+        return None  # a partition no longer assigned: its records are not this worker's to apply
     seen = offsets.get(tp)
-    fresh = [r for r in records if seen is None or r.offset > seen]
+    last = highwaters.get(tp)
+    fresh = [r for r in records if (seen is None or r.offset > seen) and (last is None or r.offset <= last)]
     if not fresh:
-        return
-    recovery.flush_buffers()  # older records Faust still holds must not land after these
+        return None
+    recovery.flush_buffers()  # nothing should wait there (all records come this way); never after these
     table = recovery.tp_to_table[tp]
     store = table.data
     rows = store.data
@@ -259,9 +268,13 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> None:
             rows.pop(key, None)
             key_partition.pop(key, None)
             continue
-        rows[key] = freeze(freeze_when, decode_row(value), value)
+        row = decode_row(value)
+        if not newer(row, rows.get(key)):
+            continue
+        rows[key] = freeze(freeze_when, row, value)
         key_partition[key] = partition
     offsets[tp] = fresh[-1].offset
+    return fresh[-1]
 
 
 class BatchTransport(faust_aiokafka.Transport):

@@ -1,0 +1,393 @@
+"""Worker kills under a steady load, and the exact check that follows.
+
+Used by the kill test in the suite (a short run) and, with bigger figures, by
+``python -m tests.chaos`` (the full run documented in the README).
+
+* :class:`SteadyLoad` sends tasks at a fixed rate from a thread: for every agent, in
+  turn, a ``tool_execution`` echo and a ``memory_operation`` write with unique content,
+  and remembers what each agent was sent and the offset each record got.
+* :class:`StatsFollower` reads the stats changelog from a thread and notes when each
+  partition's processed offset moved, to time how long partitions went unserved after
+  a kill.
+* :func:`check_exact` compares every agent's counters and memory chain, every task row
+  and the stats with what was sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from agents.memory import chain_hash
+from schemas import wire
+from schemas.wire import TaskEvent, partition_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class AgentLoad:
+    """What one agent was sent, in order."""
+
+    tasks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class SteadyLoad(threading.Thread):
+    """Sends ``rate`` tasks/s over ``agents`` agents until :meth:`stop`."""
+
+    def __init__(self, bootstrap: str, topic: str, agents: int, rate: float, partitions: int) -> None:
+        super().__init__(daemon=True, name="steady-load")
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.rate = rate
+        self.partitions = partitions
+        self.agent_ids = [f"agent_chaos_{i:05d}" for i in range(agents)]
+        self.sent: dict[str, AgentLoad] = {agent: AgentLoad() for agent in self.agent_ids}
+        #: Highest offset the broker acknowledged per partition.
+        self.acked: dict[int, int] = {}
+        self.count = 0
+        self.error: BaseException | None = None
+        self._stop_requested = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        self.join(60)
+        if self.error is not None:
+            raise self.error
+
+    def acked_now(self) -> dict[int, int]:
+        return dict(self.acked)
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._send())
+        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+            self.error = exc
+
+    def _next(self, sequence: int) -> TaskEvent:
+        agent_id = self.agent_ids[sequence % len(self.agent_ids)]
+        turn = sequence // len(self.agent_ids)
+        load = self.sent[agent_id]
+        task_id = f"task_chaos{sequence:08d}"
+        if turn % 2 == 0:
+            note = f"{agent_id} note {turn}"
+            load.notes.append(note)
+            kind, payload = "memory_operation", {"op": "write", "content": note}
+        else:
+            kind, payload = "tool_execution", {"tool": "echo", "input": turn}
+        load.tasks.append(task_id)
+        return TaskEvent(task_id, agent_id, kind, "normal", f"chaos {sequence}", "", payload, wire.now_ms())
+
+    async def _send(self) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=2, acks="all")
+        await producer.start()
+        started = time.monotonic()
+        pending: list[asyncio.Future[Any]] = []
+        try:
+            sequence = 0
+            while not self._stop_requested.is_set():
+                event = self._next(sequence)
+                key = event.agent_id.encode()
+                future = await producer.send(
+                    self.topic, wire.encode_task(event), key=key, partition=partition_for(key, self.partitions)
+                )
+                future.add_done_callback(self._note_ack)
+                pending.append(future)
+                sequence += 1
+                self.count = sequence
+                ahead = sequence / self.rate - (time.monotonic() - started)
+                if ahead > 0.002:
+                    await asyncio.sleep(ahead)
+                if len(pending) > 1000:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+        finally:
+            await producer.stop()
+
+    def _note_ack(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        metadata = future.result()
+        if metadata.offset > self.acked.get(metadata.partition, -1):
+            self.acked[metadata.partition] = metadata.offset
+
+
+class StatsFollower(threading.Thread):
+    """Notes, per partition, when its stats row (the processed offset ``o``) moved."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        super().__init__(daemon=True, name="stats-follower")
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.partitions = partitions
+        #: (monotonic time seen, partition, processed offset)
+        self.timeline: list[tuple[float, int, int]] = []
+        self._stop_requested = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        self.join(30)
+
+    def run(self) -> None:
+        asyncio.run(self._follow())
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while not self._stop_requested.is_set():
+                fetched = await consumer.getmany(timeout_ms=100)
+                now = time.monotonic()
+                for records in fetched.values():
+                    for rec in records:
+                        if rec.value is not None:
+                            row = msgpack.unpackb(rec.value, raw=False, strict_map_key=False)
+                            self.timeline.append((now, int(row["partition"]), int(row["o"])))
+        finally:
+            await consumer.stop()
+
+    def served_again(self, killed_at: float, offsets: dict[int, int]) -> float | None:
+        """Seconds from ``killed_at`` until every partition had processed ``offsets`` (None: never)."""
+        reached: dict[int, float] = {}
+        for seen, partition, processed in self.timeline:
+            if seen >= killed_at and partition not in reached and processed >= offsets.get(partition, -1):
+                reached[partition] = seen
+        if set(reached) != set(offsets):
+            return None
+        return max(reached.values()) - killed_at
+
+
+def get_json(url: str) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    import orjson
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def check_exact(urls: list[str], load: SteadyLoad, memory_budget_entries: int | None = None) -> list[str]:
+    """Every view on every worker against what was sent; returns the mismatches (empty: exact)."""
+    problems: list[str] = []
+    total = load.count
+    for url in urls:
+        status, stats = get_json(f"{url}/v1/stats")
+        if status != 200:
+            problems.append(f"{url}/v1/stats answered {status}")
+            continue
+        for name, expected in (("completed_tasks", total), ("failed_tasks", 0), ("dead_tasks", 0)):
+            if stats[name] != expected:
+                problems.append(f"{url}: {name} {stats[name]} != {expected}")
+        if stats["duplicate_tasks"] != 0:
+            problems.append(f"{url}: duplicate_tasks {stats['duplicate_tasks']}")
+        if stats["active_agents"] != len(load.agent_ids):
+            problems.append(f"{url}: active_agents {stats['active_agents']} != {len(load.agent_ids)}")
+
+    def check_agent(job: tuple[str, str]) -> list[str]:
+        url, agent_id = job
+        sent = load.sent[agent_id]
+        found: list[str] = []
+        status, agent = get_json(f"{url}/v1/agents/{agent_id}")
+        if status != 200:
+            return [f"{agent_id}: agent view answered {status}"]
+        counters = agent["stats"]
+        if (counters["tasks_completed"], counters["tasks_failed"], counters["tasks_dead"]) != (len(sent.tasks), 0, 0):
+            found.append(f"{agent_id}: tasks_completed {counters['tasks_completed']} != {len(sent.tasks)}")
+        status, memory = get_json(f"{url}/v1/agents/{agent_id}/memory")
+        if not sent.notes:
+            return found
+        if status != 200:
+            return [*found, f"{agent_id}: memory view answered {status}"]
+        contents = [entry["content"] for entry in memory["entries"]]
+        if memory["written"] != len(sent.notes) or not contents or contents != sent.notes[-len(contents) :]:
+            found.append(f"{agent_id}: memory written {memory['written']}/{len(sent.notes)}, holds {contents}")
+        found.extend(_chain_breaks(agent_id, memory))
+        return found
+
+    def check_task(job: tuple[str, str]) -> list[str]:
+        url, task_id = job
+        status, row = get_json(f"{url}/v1/tasks/{task_id}")
+        if status != 200 or row.get("status") != "completed":
+            return [f"{task_id}: task view answered {status} {row!r:.200}"]
+        return []
+
+    with ThreadPoolExecutor(8) as pool:
+        agent_jobs = [(url, agent) for url in urls for agent in load.agent_ids]
+        task_ids = [task_id for sent in load.sent.values() for task_id in sent.tasks]
+        # Every task on one worker (the others forward or ask their peers the same way).
+        task_jobs = [(urls[i % len(urls)], task_id) for i, task_id in enumerate(task_ids)]
+        for found in pool.map(check_agent, agent_jobs):
+            problems.extend(found)
+        for found in pool.map(check_task, task_jobs):
+            problems.extend(found)
+    return problems
+
+
+def _chain_breaks(agent_id: str, memory: dict[str, Any]) -> list[str]:
+    previous: str | None = None
+    for entry in memory["entries"]:
+        if entry["hash"] != chain_hash(entry["content"], entry["created_at"], entry["prev_hash"]):
+            return [f"{agent_id}: entry {entry['id']} does not match its hash"]
+        if previous is not None and entry["prev_hash"] != previous:
+            return [f"{agent_id}: entry {entry['id']} does not link to the entry before it"]
+        previous = entry["hash"]
+    if previous != memory["head"]:
+        return [f"{agent_id}: the chain does not end at the memory's head"]
+    return []
+
+
+def child_pids(supervisor_pid: int) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text().split()]
+
+
+@dataclass
+class KillReport:
+    killed_at: list[float] = field(default_factory=list)
+    served_again_s: list[float | None] = field(default_factory=list)
+
+
+def kill_randomly(
+    supervisor_pid: int,
+    load: SteadyLoad,
+    kills: int,
+    every: tuple[float, float],
+    rng: random.Random,
+    report: KillReport,
+) -> dict[float, dict[int, int]]:
+    """SIGKILL a random worker process ``kills`` times, ``every`` seconds apart (uniform)."""
+    acked_at_kill: dict[float, dict[int, int]] = {}
+    for _ in range(kills):
+        time.sleep(rng.uniform(*every))
+        pids = child_pids(supervisor_pid)
+        if not pids:
+            continue
+        victim = rng.choice(pids)
+        acked = load.acked_now()
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        report.killed_at.append(killed_at)
+        acked_at_kill[killed_at] = acked
+    return acked_at_kill
+
+
+def served_again(follower: StatsFollower, acked_at_kill: dict[float, dict[int, int]]) -> list[float | None]:
+    return [follower.served_again(killed_at, acked) for killed_at, acked in sorted(acked_at_kill.items())]
+
+
+def wait_all_completed(urls: Iterable[str], total: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(urls)
+    while pending and time.monotonic() < deadline:
+        status, stats = get_json(f"{pending[0]}/v1/stats")
+        if status == 200 and stats["completed_tasks"] >= total:
+            pending.pop(0)
+        else:
+            time.sleep(0.5)
+    if pending:
+        raise AssertionError(f"not every task completed within {timeout}s on {pending}")
+
+
+def main() -> int:
+    """The full kill run: ``python -m tests.chaos`` (see README, "Guarantees")."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=30_000)
+    parser.add_argument("--rate", type=float, default=850.0)
+    parser.add_argument("--kills", type=int, default=8)
+    parser.add_argument("--every", type=float, nargs=2, default=(15.0, 30.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    import tempfile
+
+    from streams.broker import EmbeddedBroker, free_port
+    from tests.harness import Deployment
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(free_port(), Path(tmp) / "broker.log") as broker:
+        deployment = Deployment(broker.port, Path(tmp), log_level="warning")
+        supervisor = deployment.worker(processes=args.processes).start()
+        workers = [supervisor.at(supervisor.port + i) for i in range(args.processes)]
+        for worker in workers:
+            worker.wait_ready(120)
+        result = run_kills(deployment, supervisor, args.agents, args.rate, args.kills, tuple(args.every), args.seed)
+        deployment.close()
+    print(result.summary())
+    return 0 if result.exact else 1
+
+
+@dataclass
+class KillRun:
+    sent: int
+    kills: KillReport
+    problems: list[str]
+    seconds: float
+
+    @property
+    def exact(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        served = ", ".join("never" if s is None else f"{s:.1f}" for s in self.kills.served_again_s)
+        lines = [
+            f"{self.sent} tasks in {self.seconds:.0f} s, {len(self.kills.killed_at)} kills;"
+            f" seconds from each kill until every partition was processed past it: {served}",
+            "exact: every counter, memory chain, task row and stat"
+            if self.exact
+            else f"{len(self.problems)} problems:",
+        ]
+        lines += self.problems[:50]
+        return "\n".join(lines)
+
+
+def run_kills(
+    deployment: Any, supervisor: Any, agents: int, rate: float, kills: int, every: tuple[float, float], seed: int
+) -> KillRun:
+    started = time.monotonic()
+    rng = random.Random(seed)
+    stats_changelog = f"{deployment.env['BLACKROAD_APP_ID']}-stats-changelog"
+    follower = StatsFollower(deployment.bootstrap, stats_changelog, deployment.partitions)
+    follower.start()
+    load = SteadyLoad(deployment.bootstrap, deployment.topic("tasks"), agents, rate, deployment.partitions)
+    load.start()
+    report = KillReport()
+    try:
+        acked = kill_randomly(supervisor.process.pid, load, kills, every, rng, report)
+        time.sleep(every[0])
+    finally:
+        load.stop()
+    urls = [supervisor.at(supervisor.port + i).url for i in range(supervisor.processes)]
+    wait_all_completed(urls, load.count, 300)
+    time.sleep(1.0)  # the stats changelog reaches the follower a flush later
+    follower.stop()
+    report.served_again_s = served_again(follower, acked)
+    problems = check_exact(urls, load)
+    return KillRun(load.count, report, problems, time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
