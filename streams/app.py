@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -12,6 +13,7 @@ from mode import Service
 
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
+from streams.membership import remember_member
 from streams.metrics import Metrics
 from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
@@ -36,6 +38,11 @@ class BlackroadApp(faust.App):
 
     async def batch_sink(self, batch: dict[Any, list[Any]]) -> None:
         await self.pipeline.process(batch)
+
+    async def _on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        await super()._on_partitions_assigned(assigned, generation_id)
+        consumer: BatchConsumer = self.consumer  # type: ignore[assignment]
+        remember_member(worker_state_dir(self.settings), consumer.member_id())
 
     async def _on_partitions_revoked(self, revoked: Any) -> None:
         # Let the batch in flight finish and reach the broker before Faust commits
@@ -143,10 +150,15 @@ class Pipeline(Service):
         await self._started_event.wait()
 
 
+def worker_state_dir(settings: Settings) -> Path:
+    """This worker process's state directory: one per web port, so a restarted process finds it."""
+    return settings.data_dir / "faust" / f"{settings.web_host}-{settings.web_port}"
+
+
 def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> BlackroadApp:
     """Build (but do not start) the worker app for ``settings``."""
     settings.validate()
-    datadir = settings.data_dir / "faust" / f"{settings.web_host}-{settings.web_port}"
+    datadir = worker_state_dir(settings)
     datadir.mkdir(parents=True, exist_ok=True)
     app = BlackroadApp(
         settings.app_id,

@@ -82,9 +82,17 @@ def _worker_class() -> type:
 
 def run_worker(settings: Settings) -> None:
     """Run one worker in this process until it is stopped (SIGINT/SIGTERM)."""
-    from streams.app import create_app
+    from streams.app import create_app, worker_state_dir
+    from streams.membership import evict_predecessor
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = worker_state_dir(settings)
+    if state_dir.exists():
+        # A process that died left its member in the group: remove it so the group
+        # rebalances at once instead of waiting out its session.
+        evicted = asyncio.run(evict_predecessor(settings.bootstrap, settings.app_id, state_dir))
+        if evicted:
+            print(f"blackroad: removed the member {evicted} a previous worker process left in the group", flush=True)
     app = create_app(settings)
     _Worker = _worker_class()
     # Tables hold many small long-lived containers; collecting the young generation less

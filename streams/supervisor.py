@@ -3,8 +3,8 @@
 Python runs one core per process, so a machine with more cores runs more workers. They
 join one consumer group and split the partitions like workers on separate machines do;
 their web views forward to each other (see :mod:`streams.web`). A worker that exits
-unexpectedly is started again after a short pause and recovers its tables from the
-changelogs.
+unexpectedly is started again (at once if a signal killed it, after a growing pause if it
+exited by itself soon after starting) and recovers its tables from the changelogs.
 """
 
 from __future__ import annotations
@@ -87,11 +87,18 @@ class Supervisor:
                 continue
             if now - child.started >= _HEALTHY_SECONDS:
                 child.backoff = _FIRST_BACKOFF
-            child.restart_at = now + child.backoff
+            # A worker killed by a signal (SIGKILL by an operator or the OOM killer) comes
+            # back at once: its partitions wait for it. One that exits by itself soon after
+            # starting is likely to fail again the same way, so it backs off.
+            killed = process.returncode < 0
+            pause = 0.0 if killed else child.backoff
+            child.restart_at = now + pause
             print(
-                f"blackroad: worker on web port {child.web_port} exited with code {process.returncode}; "
-                f"starting it again in {child.backoff:.0f}s",
+                f"blackroad: worker on web port {child.web_port} "
+                + (f"killed by signal {-process.returncode}" if killed else f"exited with code {process.returncode}")
+                + (f"; starting it again in {pause:.0f}s" if pause else "; starting it again"),
                 file=sys.stderr,
                 flush=True,
             )
-            child.backoff = min(_MAX_BACKOFF, child.backoff * 2)
+            if not killed:
+                child.backoff = min(_MAX_BACKOFF, child.backoff * 2)
