@@ -14,3 +14,5 @@ def test_random_worker_kills_lose_nothing_and_count_nothing_twice(deployment: De
     print(run.summary())
     assert run.exact, run.summary()
     assert len(run.kills.killed_at) == 6
+    # Every kill's partitions were processed again (the figures are in the summary above).
+    assert None not in run.kills.served_again_s, run.summary()
