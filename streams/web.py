@@ -158,7 +158,8 @@ def parse_task_request(body: Any, where: str = "body") -> wire.TaskEvent:
         "v": wire.SCHEMA_VERSION,
         "type": wire.TASK_CREATED,
         "ts": wire.now_ms(),
-        "task_id": body.get("id") or domain.new_id("task"),
+        # An id given is validated as sent (an empty one too); only a missing one is made up.
+        "task_id": body["id"] if "id" in body else domain.new_id("task"),
         **{k: v for k, v in body.items() if k != "id"},
     }
     try:
