@@ -134,3 +134,39 @@ def test_requests_the_views_could_not_serve_are_refused(deployment: Deployment) 
     task_id = answer["id"]
     wait_until(lambda: worker.get(f"/v1/tasks/{task_id}")[1].get("status") == "completed", 30, what="deep task")
     assert worker.get(f"/v1/tasks/{task_id}")[1]["result"]["output"] == nested(31)
+
+
+def test_only_the_documented_views_are_served(deployment: Deployment) -> None:
+    """Faust's own pages (tables, router, stats) are not served: 404 in the error envelope."""
+    worker = deployment.worker().start().wait_ready()
+    status, answer = worker.post(
+        "/v1/tasks",
+        {"agent_id": "agent_page_001", "kind": "memory_operation", "payload": {"op": "write", "content": "private"}},
+    )
+    assert status == 202, answer
+    task_id = answer["id"]
+    wait_until(lambda: worker.get(f"/v1/tasks/{task_id}")[1].get("status") == "completed", 30, what="task")
+    paths = (
+        "/",
+        "/table/",
+        "/table/tasks/x/",
+        f"/table/tasks/{task_id}/",
+        "/table/agents/agent_page_001/",
+        "/table/memory/agent_page_001/",
+        "/router/",
+        "/router/topics",
+        "/router/agents/",
+        "/router/agents/agent_page_001/",
+        "/assignment/",
+        "/graph/",
+        "/performance/",
+        "/v1/nothing",
+    )
+    answers = {path: worker.get(path) for path in paths}
+    assert {path: status for path, (status, _) in answers.items()} == dict.fromkeys(paths, 404), answers
+    for path, (status, answer) in answers.items():
+        _assert_envelope(status, answer, 404, "not_found")
+        assert path in answer["error"]["message"]
+    # A documented path with a method it does not take.
+    _assert_envelope(*worker.post("/v1/stats", {}), 405, "invalid_request")
+    assert "Traceback" not in worker.log_path.read_text(errors="replace")
