@@ -19,8 +19,11 @@ AGENT_STATUS_VARIANTS = {"online": "idle", "ready": "idle", "standby": "offline"
 
 MEMORY_TYPES = frozenset({"conversation", "task_completion", "decision", "observation", "feedback", "error"})
 
-AGENT_ID = re.compile(r"^agent_[a-z0-9]+(?:_[a-z0-9]+)*_\d{3,}$")
-TASK_ID = re.compile(r"^task_[A-Za-z0-9_\-]{1,64}$")
+#: Ids are checked with ``fullmatch``: ``match`` with ``$`` would let a trailing newline in.
+AGENT_ID = re.compile(r"agent_[a-z0-9]+(?:_[a-z0-9]+)*_\d{3,}")
+#: The longest agent id accepted (a task id's pattern caps it at 5 + 64 characters).
+MAX_AGENT_ID = 128
+TASK_ID = re.compile(r"task_[A-Za-z0-9_\-]{1,64}")
 
 #: The built-in named agents and their types.
 NAMED_AGENTS = {

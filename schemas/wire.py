@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 from aiokafka.partitioner import murmur2
@@ -35,6 +35,16 @@ LIFECYCLE_EVENTS = (
     "memory.written",
 )
 MAX_TEXT = 16_384
+#: Most levels of maps and lists in a free-form value (``payload``, ``metadata``, a
+#: handler's result), the value itself included. The web views serve these values inside
+#: the task as JSON, which orjson writes at most 255 levels deep.
+MAX_DEPTH: Final = 32
+#: The range of ``ts`` and ``deadline``: milliseconds from the epoch to the end of year 9999.
+MAX_TIME_MS: Final = 253_402_300_799_999
+#: The integers orjson writes: signed and unsigned 64-bit.
+_MIN_INT: Final = -(1 << 63)
+_MAX_INT: Final = (1 << 64) - 1
+MAX_AGENT_ID: Final = domain.MAX_AGENT_ID
 
 
 class WireError(ValueError):
@@ -356,18 +366,20 @@ def task_from_fields(
     Written for the hot path: exact type checks, nothing looked up twice.
     """
     if type(task_id) is not str or not _TASK_ID_MATCH(task_id):
-        raise WireError(f"task_id must look like 'task_<id>', got {task_id!r}")
-    if type(agent_id) is not str or not _AGENT_ID_MATCH(agent_id):
-        raise WireError(f"agent_id must look like 'agent_<name>_<NNN>', got {agent_id!r}")
+        raise WireError(f"task_id must look like 'task_<id>' (1 to 64 of A-Z a-z 0-9 _ -), got {_brief(task_id)}")
+    if type(agent_id) is not str or len(agent_id) > MAX_AGENT_ID or not _AGENT_ID_MATCH(agent_id):
+        raise WireError(
+            f"agent_id must look like 'agent_<name>_<NNN>' (at most {MAX_AGENT_ID} characters), got {_brief(agent_id)}"
+        )
     if type(kind) is not str or kind not in domain.TASK_KINDS:
-        raise WireError(f"kind must be one of {sorted(domain.TASK_KINDS)}, got {kind!r}")
+        raise WireError(f"kind must be one of {sorted(domain.TASK_KINDS)}, got {_brief(kind)}")
     if type(priority) is not str or priority not in _CANONICAL_PRIORITIES:
         canonical = domain.canonical_priority(priority)
         if canonical is None:
-            raise WireError(f"unknown priority {priority!r}")
+            raise WireError(f"unknown priority {_brief(priority)}")
         priority = canonical
-    if type(created) is not int or created < 0:
-        raise WireError(f"ts must be milliseconds since the epoch, got {created!r}")
+    if type(created) is not int or not 0 <= created <= MAX_TIME_MS:
+        raise WireError(f"ts must be milliseconds since the epoch (0 to {MAX_TIME_MS}), got {_brief(created)}")
     title = title or ""
     if type(title) is not str or len(title) > MAX_TEXT:
         raise WireError(f"title must be a string of at most {MAX_TEXT} characters")
@@ -377,22 +389,92 @@ def task_from_fields(
     payload = payload or {}
     if type(payload) is not dict:
         raise WireError(f"payload must be a map, got {type(payload).__name__}")
+    if payload and (problem := _map_problem(payload, 1)) is not None:
+        raise WireError("payload" + problem)
     metadata = metadata or {}
     if type(metadata) is not dict:
         raise WireError(f"metadata must be a map, got {type(metadata).__name__}")
+    if metadata and (problem := _map_problem(metadata, 1)) is not None:
+        raise WireError("metadata" + problem)
     agent_type = agent_type or "worker"
     if type(agent_type) is not str or agent_type not in domain.AGENT_TYPES:
-        raise WireError(f"agent_type must be one of {sorted(domain.AGENT_TYPES)}, got {agent_type!r}")
-    if deadline is not None and type(deadline) is not int:
-        raise WireError(f"deadline must be milliseconds since the epoch or nil, got {deadline!r}")
+        raise WireError(f"agent_type must be one of {sorted(domain.AGENT_TYPES)}, got {_brief(agent_type)}")
+    if deadline is not None and (type(deadline) is not int or not 0 <= deadline <= MAX_TIME_MS):
+        raise WireError(
+            f"deadline must be milliseconds since the epoch (0 to {MAX_TIME_MS}) or nil, got {_brief(deadline)}"
+        )
     return TaskEvent(
         task_id, agent_id, kind, priority, title, description, payload, created, agent_type, deadline, metadata
     )
 
 
-_TASK_ID_MATCH = domain.TASK_ID.match
-_AGENT_ID_MATCH = domain.AGENT_ID.match
+_TASK_ID_MATCH = domain.TASK_ID.fullmatch
+_AGENT_ID_MATCH = domain.AGENT_ID.fullmatch
 _CANONICAL_PRIORITIES = frozenset(domain.PRIORITIES)
+
+
+def json_problem(value: Any, depth: int = 1) -> str | None:
+    """Why the web views could not serve ``value`` as JSON; None when they can.
+
+    The answer reads ``"<path>: <problem>"``, e.g. ``"['input'][0]: binary data (msgpack
+    bin) has no JSON form"``. Allowed: maps with string keys and lists, at most
+    :data:`MAX_DEPTH` levels of them (``value`` is level ``depth``), strings, booleans,
+    nil, floats and 64-bit integers. Exact types, as msgpack and JSON decode them: a
+    subclass, a tuple, bytes, a msgpack ext type (or timestamp) is refused.
+    """
+    kind = type(value)
+    if kind is dict:
+        return _map_problem(value, depth)
+    if kind is list:
+        return _list_problem(value, depth)
+    if kind is str or kind is bool or kind is float or value is None:
+        return None
+    if kind is int:
+        return None if _MIN_INT <= value <= _MAX_INT else f": the integer {value} is outside 64 bits"
+    return f": {_describe(value)} has no JSON form"
+
+
+# Maps and lists get functions of their own, typed: compiled (see streams.native), they
+# iterate natively. Every task passes here, so strings, the common case, need no call.
+def _map_problem(value: dict[Any, Any], depth: int) -> str | None:
+    if depth > MAX_DEPTH:
+        return f": nested deeper than {MAX_DEPTH} levels"
+    for key, item in value.items():
+        if type(key) is not str:
+            return f": a map key is {_describe(key)}, not a string"
+        if type(item) is not str:
+            problem = json_problem(item, depth + 1)
+            if problem is not None:
+                return f"[{_brief(key)}]{problem}"
+    return None
+
+
+def _list_problem(value: list[Any], depth: int) -> str | None:
+    if depth > MAX_DEPTH:
+        return f": nested deeper than {MAX_DEPTH} levels"
+    for index, item in enumerate(value):
+        if type(item) is not str:
+            problem = json_problem(item, depth + 1)
+            if problem is not None:
+                return f"[{index}]{problem}"
+    return None
+
+
+def _describe(value: Any) -> str:
+    """What a value no JSON can carry is, for a reason."""
+    if isinstance(value, msgpack.ExtType):
+        return f"a msgpack ext type (code {value.code})"
+    if isinstance(value, msgpack.Timestamp):
+        return "a msgpack timestamp"
+    if isinstance(value, bytes):
+        return "binary data (msgpack bin)"
+    return f"a value of type {type(value).__name__}"
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)``, cut short: a reason must not carry a whole oversized value."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:60] + f"... ({len(shown)} characters)"
 
 
 def lifecycle_event(event_type: str, ts_ms: int, event_id: str | None = None, **fields: Any) -> bytes:

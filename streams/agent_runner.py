@@ -20,7 +20,7 @@ from typing import Any
 from agents.base import Handler, TaskContext, TaskFailed
 from agents.registry import HandlerRegistry, UnknownHandler
 from schemas import wire
-from schemas.wire import TaskEvent
+from schemas.wire import TaskEvent, json_problem
 from streams import histogram, state
 from streams.metrics import Metrics
 from streams.settings import Settings
@@ -402,19 +402,27 @@ class AgentRunner:
         self.finished[status] += 1
 
     def _store_task(self, item: Item, run: _AgentRun, outcome: Outcome) -> Outcome:
-        """Write the finished task's row; a result msgpack cannot encode fails the task instead.
+        """Write the finished task's row; a result that cannot be stored fails the task instead.
 
-        Returns the outcome as stored.
+        The task view serves the result as JSON, so a result it could not serve (bytes, a
+        map keyed by numbers, too deep: see :func:`wire.json_problem`) is refused here, once,
+        rather than failing every lookup; so is one msgpack cannot encode. Returns the
+        outcome as stored.
         """
-        try:
-            self._put_task(item, run, outcome)
-            return outcome
-        except (TypeError, ValueError, OverflowError) as exc:  # what msgpack raises for such values
-            error = f"the handler's result cannot be stored: {exc}"
-            written = outcome.memory_written  # the memory writes did happen
-            failed = Outcome("failed", None, error, outcome.attempts, outcome.handler_ms, written, outcome.finished_ms)
-            self._put_task(item, run, failed)
-            return failed
+        result = outcome.result
+        problem = None if result is None else json_problem(result)
+        if problem is None:
+            try:
+                self._put_task(item, run, outcome)
+                return outcome
+            except (TypeError, ValueError, OverflowError) as exc:  # what msgpack raises, e.g. for a lone surrogate
+                error = f"the handler's result cannot be stored: {exc}"
+        else:
+            error = "the handler's result cannot be stored: result" + problem
+        written = outcome.memory_written  # the memory writes did happen
+        failed = Outcome("failed", None, error, outcome.attempts, outcome.handler_ms, written, outcome.finished_ms)
+        self._put_task(item, run, failed)
+        return failed
 
     def _put_task(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
         event = item.event

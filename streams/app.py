@@ -9,6 +9,7 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
+from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from mode import Service
 
 from agents.registry import HandlerRegistry, default_registry
@@ -21,8 +22,28 @@ from streams.settings import Settings
 from streams.stats_view import StatsView
 from streams.tables import CachedTable, Tables, TableWriter, define_tables
 from streams.transport import BatchConsumer, BatchTransport
+from streams.web import router_errors_in_envelope
 
 log = logging.getLogger(__name__)
+
+
+class BlackroadWeb(AiohttpWeb):
+    """Faust's aiohttp web server, serving only the project's views (README, "Web views").
+
+    Faust mounts pages of its own: ``/table/...`` served the raw rows of some tables and
+    a bare 500 (and a traceback in the log) for others; ``/router/...``, ``/`` and the
+    debug pages show the cluster's insides. None of them is mounted. Unknown paths answer
+    404 in the error envelope (:func:`streams.web.router_errors_in_envelope`).
+    """
+
+    default_blueprints = ()
+    production_blueprints = ()
+    debug_blueprints = ()
+    optional_blueprints = ()
+
+    def __init__(self, app: faust.App, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.web_app.middlewares.append(router_errors_in_envelope)
 
 
 class BlackroadApp(faust.App):
@@ -35,6 +56,9 @@ class BlackroadApp(faust.App):
 
     def _new_transport(self) -> Any:
         return BatchTransport(self.conf.broker_consumer, self)
+
+    def _new_web(self) -> Any:
+        return BlackroadWeb(self)
 
     async def batch_sink(self, batch: dict[Any, list[Any]]) -> None:
         await self.pipeline.process(batch)

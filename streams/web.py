@@ -11,6 +11,7 @@ import secrets
 from typing import Any
 
 import orjson
+from aiohttp import web as aiohttp_web
 from faust import web
 from yarl import URL
 
@@ -53,12 +54,33 @@ def _json(view: web.View, value: Any, status: int = 200) -> Any:
     return view.bytes(orjson.dumps(value), content_type="application/json", status=status)
 
 
-def _error(view: web.View, exc: ApiError) -> Any:
+def _envelope(exc: ApiError) -> bytes:
     body = {
         "error": {"code": exc.code, "message": exc.message, "details": exc.details},
         "request_id": f"req_{secrets.token_hex(8)}",
     }
-    return _json(view, body, exc.status)
+    return orjson.dumps(body)
+
+
+def _error(view: web.View, exc: ApiError) -> Any:
+    return view.bytes(_envelope(exc), content_type="application/json", status=exc.status)
+
+
+@aiohttp_web.middleware
+async def router_errors_in_envelope(request: aiohttp_web.Request, handler: Any) -> aiohttp_web.StreamResponse:
+    """A path no view serves (404), or a method a view does not take (405), in the error envelope.
+
+    aiohttp's router answers these itself, in plain text, before any view runs.
+    """
+    try:
+        response: aiohttp_web.StreamResponse = await handler(request)
+        return response
+    except aiohttp_web.HTTPNotFound:
+        exc = ApiError("not_found", f"no view at {request.path}", details={"path": request.path})
+    except aiohttp_web.HTTPMethodNotAllowed as refused:
+        allowed = sorted(refused.allowed_methods)
+        exc = ApiError("invalid_request", f"method {request.method} not allowed", 405, {"allowed": allowed})
+    return aiohttp_web.Response(body=_envelope(exc), status=exc.status, content_type="application/json")
 
 
 class ApiView(web.View):
@@ -158,7 +180,8 @@ def parse_task_request(body: Any, where: str = "body") -> wire.TaskEvent:
         "v": wire.SCHEMA_VERSION,
         "type": wire.TASK_CREATED,
         "ts": wire.now_ms(),
-        "task_id": body.get("id") or domain.new_id("task"),
+        # An id given is validated as sent (an empty one too); only a missing one is made up.
+        "task_id": body["id"] if "id" in body else domain.new_id("task"),
         **{k: v for k, v in body.items() if k != "id"},
     }
     try:

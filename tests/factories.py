@@ -26,5 +26,13 @@ def task(
     )
 
 
+def nested(levels: int, leaf: Any = "x") -> dict[str, Any]:
+    """A map holding lists and maps ``levels`` deep in all (itself included)."""
+    value: Any = leaf
+    for level in range(levels - 1):
+        value = [value] if level % 2 == 0 else {"k": value}
+    return {"k": value}
+
+
 def record(event: TaskEvent) -> tuple[bytes, bytes]:
     return event.agent_id.encode(), wire.encode_task(event)

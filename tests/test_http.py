@@ -7,6 +7,7 @@ import asyncio
 from faust.types import TP
 
 from streams.transport import fetch_highwaters
+from tests.factories import nested
 from tests.harness import Deployment, wait_until
 
 
@@ -96,3 +97,76 @@ def test_bad_requests_get_the_error_envelope_and_reach_no_topic(deployment: Depl
     _assert_envelope(*worker.get("/v1/agents?status=sleeping"), 400, "invalid_request")
     _assert_envelope(*worker.get("/v1/agents?offset=-1"), 400, "invalid_request")
     assert _topic_size(deployment) == before
+
+
+def _deep_json(levels: int) -> bytes:
+    """JSON text nesting ``levels`` lists (orjson writes at most 254 levels, so by hand)."""
+    return b"[" * levels + b"]" * levels
+
+
+def test_requests_the_views_could_not_serve_are_refused(deployment: Deployment) -> None:
+    worker = deployment.worker().start().wait_ready()
+    before = _topic_size(deployment)
+    ok = {"agent_id": "agent_door_001", "kind": "tool_execution"}
+    refused = [
+        (b'{"agent_id": "agent_door_001", "kind": "tool_execution", "payload": {"input": ' + _deep_json(600) + b"}}"),
+        {**ok, "payload": {"input": nested(32)}},
+        {**ok, "metadata": nested(33)},
+        {**ok, "deadline": 2**64 - 1},
+        {**ok, "deadline": -1},
+        {**ok, "id": ""},
+        {**ok, "id": "task_door\n"},
+        {**ok, "agent_id": "agent_door_001\n"},
+        {**ok, "agent_id": "agent_" + "d" * 5000 + "_001"},
+    ]
+    answers = [worker.post("/v1/tasks", body) for body in refused]
+    assert [status for status, _ in answers] == [400] * len(refused), answers
+    for status, answer in answers:
+        _assert_envelope(status, answer, 400, "invalid_request")
+    status, answer = worker.post("/v1/batch", {"requests": [ok, {**ok, "payload": {"input": nested(40)}}]})
+    _assert_envelope(status, answer, 400, "invalid_request")
+    assert "requests[1]: payload['input']" in answer["error"]["message"]
+    assert "nested deeper than 32 levels" in answer["error"]["message"]
+    assert _topic_size(deployment) == before
+    # As deep as allowed is accepted, and reads back.
+    status, answer = worker.post("/v1/tasks", {**ok, "payload": {"tool": "echo", "input": nested(31)}})
+    assert status == 202, answer
+    task_id = answer["id"]
+    wait_until(lambda: worker.get(f"/v1/tasks/{task_id}")[1].get("status") == "completed", 30, what="deep task")
+    assert worker.get(f"/v1/tasks/{task_id}")[1]["result"]["output"] == nested(31)
+
+
+def test_only_the_documented_views_are_served(deployment: Deployment) -> None:
+    """Faust's own pages (tables, router, stats) are not served: 404 in the error envelope."""
+    worker = deployment.worker().start().wait_ready()
+    status, answer = worker.post(
+        "/v1/tasks",
+        {"agent_id": "agent_page_001", "kind": "memory_operation", "payload": {"op": "write", "content": "private"}},
+    )
+    assert status == 202, answer
+    task_id = answer["id"]
+    wait_until(lambda: worker.get(f"/v1/tasks/{task_id}")[1].get("status") == "completed", 30, what="task")
+    paths = (
+        "/",
+        "/table/",
+        "/table/tasks/x/",
+        f"/table/tasks/{task_id}/",
+        "/table/agents/agent_page_001/",
+        "/table/memory/agent_page_001/",
+        "/router/",
+        "/router/topics",
+        "/router/agents/",
+        "/router/agents/agent_page_001/",
+        "/assignment/",
+        "/graph/",
+        "/performance/",
+        "/v1/nothing",
+    )
+    answers = {path: worker.get(path) for path in paths}
+    assert {path: status for path, (status, _) in answers.items()} == dict.fromkeys(paths, 404), answers
+    for path, (status, answer) in answers.items():
+        _assert_envelope(status, answer, 404, "not_found")
+        assert path in answer["error"]["message"]
+    # A documented path with a method it does not take.
+    _assert_envelope(*worker.post("/v1/stats", {}), 405, "invalid_request")
+    assert "Traceback" not in worker.log_path.read_text(errors="replace")

@@ -8,7 +8,7 @@ from collections import defaultdict
 import msgpack
 
 from schemas import wire
-from tests.factories import record, task
+from tests.factories import nested, record, task
 from tests.harness import Deployment, consume_all, produce, wait_until
 
 
@@ -193,3 +193,53 @@ def test_the_liveness_check_reports_no_stalls_for_a_healthy_worker(deployment: D
     assert "has not sent fetch request" not in log
     assert "Stream has not started processing" not in log
     assert "Stream stopped processing" not in log
+
+
+def test_values_the_views_could_not_serve_are_dead_lettered_at_the_door(deployment: Deployment) -> None:
+    """Everything accepted stays readable: what JSON cannot carry never becomes a task."""
+    worker = deployment.worker().start().wait_ready()
+
+    def bad(reason: str, **change: object) -> tuple[str, bytes, bytes]:
+        value = {**task("agent_door_001").to_wire(), **change}
+        key = str(value["agent_id"]).encode()
+        return reason, key, msgpack.packb(value, use_bin_type=True)
+
+    cases = [
+        bad(
+            "payload['input']: a msgpack ext type (code 5)", payload={"tool": "echo", "input": msgpack.ExtType(5, b"x")}
+        ),
+        bad("payload['input']: a msgpack timestamp", payload={"tool": "echo", "input": msgpack.Timestamp(1, 0)}),
+        bad("payload['input']: binary data (msgpack bin)", payload={"tool": "echo", "input": b"\x00\xff"}),
+        bad("payload: a map key is binary data", payload={b"tool": "echo"}),
+        bad("nested deeper than 32 levels", payload=nested(600)),
+        bad("metadata['trace']: a msgpack ext type", metadata={"trace": msgpack.ExtType(1, b"")}),
+        bad("agent_id must look like", agent_id="agent_door_001\n"),
+        bad("agent_id must look like", agent_id="agent_" + "d" * 5000 + "_001"),
+        bad("task_id must look like", task_id="task_door\n"),
+        bad("ts must be milliseconds", ts=2**64 - 1),
+        bad("deadline must be milliseconds", deadline=2**64 - 1),
+    ]
+    good = task("agent_door_001", payload={"tool": "echo", "input": nested(31)})
+    # One task of a batch is refused alone; the other runs.
+    packed_good = task("agent_door_001")
+    packed_bad = task("agent_door_001", payload={"tool": "echo", "input": b"\x01"})
+    batch = wire.encode_batch([packed_bad, packed_good])
+    cases.append(("tasks[0]: payload['input']: binary data", b"agent_door_001", batch))
+    records = [(key, value) for _, key, value in cases]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [*records, record(good)])
+
+    wait_until(_completed(worker, 2), 60, what="the valid tasks finished")
+    letters = consume_all(deployment.bootstrap, deployment.topic("deadletter"), 4, expect=len(cases))
+    reasons = {(r.key, msgpack.unpackb(r.value)["value"]): msgpack.unpackb(r.value)["reason"] for r in letters}
+    assert len(letters) == len(cases)
+    for expected, key, value in cases:
+        assert expected in reasons[(key, value)]
+    stats = wait_until(lambda: (s := worker.stats())["dead_lettered_events"] == len(cases) and s, 10, what="stats")
+    assert stats["completed_tasks"] == 2 and stats["failed_tasks"] == 0
+    # What was accepted reads back; what was refused was never stored.
+    for event in (good, packed_good):
+        status, body = worker.get(f"/v1/tasks/{event.task_id}")
+        assert status == 200 and body["status"] == "completed", body
+    assert worker.get(f"/v1/tasks/{good.task_id}")[1]["result"] == {"tool": "echo", "output": nested(31)}
+    status, body = worker.get(f"/v1/tasks/{packed_bad.task_id}")
+    assert status == 404, body

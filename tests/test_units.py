@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import orjson
 import pytest
 from faust.types import TP
 from yarl import URL
@@ -569,17 +570,8 @@ def test_a_compiled_module_older_than_its_source_is_reported(tmp_path: Path) -> 
     assert native.stale(tmp_path, ("pkg/hot.py",)) == ["pkg/hot.py"]
 
 
-def test_a_handler_result_that_cannot_be_stored_fails_its_task_and_processing_goes_on() -> None:
-    """Results are stored as the handler gives them; one msgpack cannot encode fails the task."""
-    registry = HandlerRegistry()
-    registry.register("tool_execution", lambda event, context: [1, 2, 3])
-    registry.register("coordination", lambda event, context: None)
-    registry.register("code_analysis", lambda event, context: {"lines": {1, 2}})  # a set: not encodable
-
-    async def later(event: wire.TaskEvent, context: TaskContext) -> object:
-        return {"when": object()}
-
-    registry.register("inference", later)
+def _run_tasks(registry: HandlerRegistry, events: list[wire.TaskEvent]) -> dict[str, tables.CachedTable]:
+    """Run ``events`` (one partition, in order) through a batch processor; its table stores."""
     stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
     processor = BatchProcessor(
         Settings(),
@@ -591,14 +583,28 @@ def test_a_handler_result_that_cannot_be_stored_fails_its_task_and_processing_go
         lambda tp: None,
         asyncio.Lock(),
     )
-    kinds = ["tool_execution", "coordination", "code_analysis", "inference", "tool_execution"]
-    events = [task("agent_x_001", kind) for kind in kinds]
-    tp = TP("tasks", 0)
     records = [
-        types.SimpleNamespace(topic="tasks", partition=0, offset=i, key=b"agent_x_001", value=wire.encode_task(e))
+        types.SimpleNamespace(topic="tasks", partition=0, offset=i, key=e.agent_id.encode(), value=wire.encode_task(e))
         for i, e in enumerate(events)
     ]
-    asyncio.run(processor({tp: records}))
+    asyncio.run(processor({TP("tasks", 0): records}))
+    return stores
+
+
+def test_a_handler_result_that_cannot_be_stored_fails_its_task_and_processing_goes_on() -> None:
+    """Results are stored as the handler gives them; one msgpack cannot encode fails the task."""
+    registry = HandlerRegistry()
+    registry.register("tool_execution", lambda event, context: [1, 2, 3])
+    registry.register("coordination", lambda event, context: None)
+    registry.register("code_analysis", lambda event, context: {"lines": {1, 2}})  # a set: not encodable
+
+    async def later(event: wire.TaskEvent, context: TaskContext) -> object:
+        return {"when": object()}
+
+    registry.register("inference", later)
+    kinds = ["tool_execution", "coordination", "code_analysis", "inference", "tool_execution"]
+    events = [task("agent_x_001", kind) for kind in kinds]
+    stores = _run_tasks(registry, events)
     rows = [stores["tasks"].get(event.task_id) for event in events]
     assert [row["status"] for row in rows] == ["completed", "completed", "failed", "failed", "completed"]
     assert rows[0]["result"] == [1, 2, 3] and rows[1]["result"] is None
@@ -606,3 +612,38 @@ def test_a_handler_result_that_cannot_be_stored_fails_its_task_and_processing_go
     assert rows[3]["error"].startswith("the handler's result cannot be stored")
     agent = stores["agents"].get("agent_x_001")
     assert (agent["tasks_completed"], agent["tasks_failed"]) == (3, 2)
+
+
+def test_a_handler_result_the_views_could_not_serve_fails_its_task() -> None:
+    """msgpack stores bytes, int map keys and deep nesting; the task view could not serve them."""
+    deep: object = "x"
+    for _ in range(wire.MAX_DEPTH):
+        deep = [deep]
+    results = {
+        "tool_execution": {"raw": b"\x00\x01"},
+        "coordination": {"plan": {1: "first"}},
+        "code_analysis": {"tree": deep},
+        "memory_operation": {"ok": [1.5, None, True, {"a": "b"}]},
+    }
+    registry = HandlerRegistry()
+    for kind, result in results.items():
+        registry.register(kind, lambda event, context, result=result: result)
+
+    async def later(event: wire.TaskEvent, context: TaskContext) -> object:
+        return {"ext": msgpack.ExtType(7, b"")}
+
+    registry.register("inference", later)
+    events = [task("agent_x_001", kind) for kind in [*results, "inference"]]
+    stores = _run_tasks(registry, events)
+    rows = [tables.thaw(stores["tasks"].get(event.task_id)) for event in events]
+    assert [row["status"] for row in rows] == ["failed", "failed", "failed", "completed", "failed"]
+    reasons = [row["error"] for row in rows]
+    assert (
+        reasons[0] == "the handler's result cannot be stored: result['raw']: binary data (msgpack bin) has no JSON form"
+    )
+    assert reasons[1].endswith("result['plan']: a map key is a value of type int, not a string")
+    assert reasons[2].endswith(f"nested deeper than {wire.MAX_DEPTH} levels")
+    assert reasons[4].endswith("result['ext']: a msgpack ext type (code 7) has no JSON form")
+    assert rows[3]["result"] == results["memory_operation"]
+    for row in rows:  # every row reads back as the task view serves it
+        orjson.dumps({k: v for k, v in row.items() if k != "o"})
