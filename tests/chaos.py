@@ -94,7 +94,7 @@ class SteadyLoad(threading.Thread):
         return TaskEvent(task_id, agent_id, kind, "normal", f"chaos {sequence}", "", payload, wire.now_ms())
 
     async def _send(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=2, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, acks="all")
         await producer.start()
         started = time.monotonic()
         pending: list[asyncio.Future[Any]] = []
@@ -309,7 +309,8 @@ def wait_all_completed(urls: Iterable[str], total: int, timeout: float) -> None:
         else:
             time.sleep(0.5)
     if pending:
-        raise AssertionError(f"not every task completed within {timeout}s on {pending}")
+        status, stats = get_json(f"{pending[0]}/v1/stats")
+        raise AssertionError(f"not every {total} tasks completed within {timeout}s on {pending}: {status} {stats}")
 
 
 def main() -> int:
@@ -327,7 +328,9 @@ def main() -> int:
     from streams.broker import EmbeddedBroker, free_port
     from tests.harness import Deployment
 
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(free_port(), Path(tmp) / "broker.log") as broker:
+    tmp = tempfile.mkdtemp(prefix="blackroad-chaos-")
+    print(f"logs and data in {tmp}", flush=True)
+    with EmbeddedBroker(free_port(), Path(tmp) / "broker.log") as broker:
         deployment = Deployment(broker.port, Path(tmp), log_level="warning")
         supervisor = deployment.worker(processes=args.processes).start()
         workers = [supervisor.at(supervisor.port + i) for i in range(args.processes)]
