@@ -12,6 +12,7 @@ from mode import Service
 
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
+from streams.ingress import IngressProducer
 from streams.metrics import Metrics
 from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
@@ -46,7 +47,7 @@ class BlackroadApp(faust.App):
 
 
 class Pipeline(Service):
-    """Owns what processing needs besides Faust: the changelog producer and the stats view."""
+    """Owns what processing needs besides Faust: the changelog and ingress producers, the stats view."""
 
     def __init__(
         self, app: BlackroadApp, tables: Tables, registry: HandlerRegistry, metrics: Metrics, **kwargs: Any
@@ -58,6 +59,8 @@ class Pipeline(Service):
         self.registry = registry
         self.metrics = metrics
         self.producer: AIOKafkaProducer | None = None
+        #: Puts HTTP requests' tasks on the broker (set once started).
+        self.ingress: IngressProducer | None = None
         self.processor: BatchProcessor | None = None
         #: Forwards web lookups to the workers that own them.
         self.peers = PeerClient()
@@ -94,6 +97,9 @@ class Pipeline(Service):
         for name in ("tasks", "events", "deadletter"):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()
+        ingress = IngressProducer(self.settings)
+        await ingress.start()
+        self.ingress = ingress
         await self.add_runtime_dependency(self.stats_view)
         self._started_event.set()
 
@@ -131,6 +137,8 @@ class Pipeline(Service):
         if self.processor is not None:
             async with self.lock:
                 await self.processor.flush_changed_rows()
+        if self.ingress is not None:
+            await self.ingress.stop()
         if self.producer is not None:
             await self.producer.stop()
 

@@ -129,6 +129,18 @@ class Worker:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def exited_within(self, seconds: float) -> int | None:
+        """The exit code if the process ends within ``seconds``, else None (left running)."""
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -139,6 +151,13 @@ class Worker:
                 self.process.wait()
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        status, decoded, _ = self.exchange(method, path, body)
+        return status, decoded
+
+    def exchange(self, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+        """One request: status (0 if no answer), decoded body and response headers."""
+        if body is not None and not isinstance(body, bytes):
+            body = orjson.dumps(body)
         request = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             request.add_header("Content-Type", "application/json")
@@ -146,15 +165,17 @@ class Worker:
             with urllib.request.urlopen(request, timeout=10) as response:
                 raw = response.read()
                 status = response.status
+                headers = dict(response.headers)
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             status = exc.code
+            headers = dict(exc.headers)
         except OSError:
-            return 0, None
+            return 0, None, {}
         try:
-            return status, orjson.loads(raw)
+            return status, orjson.loads(raw), headers
         except orjson.JSONDecodeError:
-            return status, raw.decode(errors="replace")
+            return status, raw.decode(errors="replace"), headers
 
     def get(self, path: str) -> tuple[int, Any]:
         return self.request("GET", path)

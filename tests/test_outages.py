@@ -1,0 +1,115 @@
+"""Broker outages: a hung or dead broker, a stop while it is gone, a broker that comes back empty.
+
+Each test runs its own embedded broker, since it stops, kills or replaces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streams.broker import EmbeddedBroker, free_port
+from tests.harness import Deployment, Worker, wait_until
+
+#: How fast a POST must answer while the broker is hung or gone.
+INGRESS_BUDGET = 2.0
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A broker of this test's own, which it may stop, kill or replace."""
+    broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        if broker.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(broker.pid, signal.SIGCONT)  # a stopped broker would ignore the SIGTERM
+        broker.stop()
+
+
+@pytest.fixture
+def outage(own_broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Deployment]:
+    deployed = Deployment(own_broker.port, tmp_path)
+    yield deployed
+    deployed.close()
+
+
+def _kill(broker: EmbeddedBroker) -> None:
+    assert broker.pid is not None
+    os.kill(broker.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(broker.pid, 0)
+
+
+def _request(agent_id: str, task_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"agent_id": agent_id, "kind": "tool_execution", "payload": {"tool": "echo", "input": 1}}
+    if task_id is not None:
+        body["id"] = task_id
+    return body
+
+
+def _timed_post(worker: Worker, path: str, body: Any) -> tuple[int, Any, dict[str, str], float]:
+    started = time.monotonic()
+    status, answer, headers = worker.exchange("POST", path, body)
+    return status, answer, headers, time.monotonic() - started
+
+
+def _assert_unavailable(reply: tuple[int, Any, dict[str, str], float], task_ids: list[str]) -> None:
+    status, body, headers, seconds = reply
+    print(f"answered {status} in {seconds:.2f}s")
+    assert seconds < INGRESS_BUDGET, f"answered {status} after {seconds:.1f}s: {body}"
+    assert status == 503, body
+    assert set(body) == {"error", "request_id"} and body["request_id"].startswith("req_")
+    assert body["error"]["code"] == "broker_unavailable" and body["error"]["message"]
+    assert body["error"]["details"]["task_ids"] == task_ids
+    assert int(headers["Retry-After"]) >= 1
+
+
+def _completed(worker: Worker, task_id: str) -> bool:
+    return bool(worker.get(f"/v1/tasks/{task_id}")[1].get("status") == "completed")
+
+
+def test_ingress_answers_503_within_two_seconds_while_the_broker_is_hung_or_gone(
+    own_broker: EmbeddedBroker, outage: Deployment
+) -> None:
+    worker = outage.worker().start().wait_ready()
+    status, body = worker.post("/v1/tasks", _request("agent_calm_001"))
+    assert status == 202
+    wait_until(lambda: _completed(worker, body["id"]), 30, what="a task before the outage")
+
+    single = _request("agent_solo_001", "task_hung_single")
+    batch = {"requests": [_request(f"agent_hung_{i:03d}", f"task_hung_{i:03d}") for i in range(8)]}
+    batch_ids = [r["id"] for r in batch["requests"]]
+    assert own_broker.pid is not None
+    os.kill(own_broker.pid, signal.SIGSTOP)
+    try:
+        _assert_unavailable(_timed_post(worker, "/v1/tasks", single), ["task_hung_single"])
+        _assert_unavailable(_timed_post(worker, "/v1/batch", batch), batch_ids)
+        started = time.monotonic()
+        status, agent = worker.get("/v1/agents/agent_calm_001")
+        assert status == 200 and agent["stats"]["tasks_completed"] == 1
+        assert time.monotonic() - started < 1.0
+    finally:
+        os.kill(own_broker.pid, signal.SIGCONT)
+
+    # The broker is back: the same requests (same task ids) are accepted, run, and counted once,
+    # whether or not the copies refused with 503 reached the broker after all.
+    wait_until(lambda: worker.post("/v1/tasks", single)[0] == 202, 20, 0.5, what="POST accepted again")
+    wait_until(lambda: worker.post("/v1/batch", batch)[0] == 202, 20, 0.5, what="batch accepted again")
+    for task_id in ["task_hung_single", *batch_ids]:
+        wait_until(lambda t=task_id: _completed(worker, t), 60, what=f"{task_id} completed")
+    for agent_id in ["agent_solo_001", *(f"agent_hung_{i:03d}" for i in range(8))]:
+        assert worker.get(f"/v1/agents/{agent_id}")[1]["stats"]["tasks_completed"] == 1, agent_id
+
+    _kill(own_broker)
+    _assert_unavailable(_timed_post(worker, "/v1/tasks", single), ["task_hung_single"])
+    _assert_unavailable(_timed_post(worker, "/v1/batch", batch), batch_ids)
