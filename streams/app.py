@@ -18,6 +18,7 @@ from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
 from streams.settings import Settings
 from streams.stats_view import StatsView
+from streams.stopping import WorkerStop
 from streams.tables import CachedTable, Tables, TableWriter, define_tables
 from streams.transport import BatchConsumer, BatchTransport
 
@@ -29,6 +30,8 @@ class BlackroadApp(faust.App):
 
     settings: Settings
     pipeline: Pipeline
+    #: How this worker process stops (bounded), and with which exit code.
+    stopping: WorkerStop
     #: Topics whose records go to the batch processor (the rest take Faust's path).
     batch_topics: frozenset[str] = frozenset()
 
@@ -134,6 +137,19 @@ class Pipeline(Service):
 
     async def on_stop(self) -> None:
         self.peers.close()
+        # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.stopping).
+        budget = self.settings.stop_timeout / 2
+        try:
+            await asyncio.wait_for(self._send_last_records(), budget)
+        except TimeoutError:
+            log.warning(
+                "the broker did not take this worker's last records within %gs: left unacknowledged "
+                "(their input offsets are not committed, so it is processed again at the next start)",
+                budget,
+            )
+
+    async def _send_last_records(self) -> None:
+        """Flush the rows changed since the last flush and wait until the broker has every record."""
         if self.processor is not None:
             async with self.lock:
                 await self.processor.flush_changed_rows()
@@ -185,6 +201,7 @@ def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> B
         stream_processing_timeout=settings.stall_timeout,
     )
     app.settings = settings
+    app.stopping = WorkerStop(settings.stop_timeout)
     app.batch_topics = frozenset({settings.topic("tasks")})
     tables = define_tables(app, settings.partitions)
     metrics = Metrics()

@@ -20,7 +20,9 @@ import orjson
 
 from streams import native
 from streams.broker import BrokerError, EmbeddedBroker, die_with_parent, port_is_open, wait_for_broker
+from streams.client_log import RepeatedClientMessages
 from streams.settings import Settings, SettingsError
+from streams.stopping import WorkerStop
 
 
 def _settings() -> Settings:
@@ -63,11 +65,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_class() -> type:
+def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages) -> type:
     import faust
 
     class Worker(faust.Worker):  # type: ignore[misc]
-        """Faust's worker without its start-up spinner.
+        """Faust's worker with a bounded stop, the Kafka client's repeats filtered, and no spinner.
 
         The spinner lowers the root logger to DEBUG for good, so every library builds
         a log record for each debug call on the hot path only to have it filtered out.
@@ -76,29 +78,42 @@ def _worker_class() -> type:
         def on_setup_root_logger(self, logger: Any, level: int) -> None:
             self.spinner = None
             super().on_setup_root_logger(logger, level)
+            client_messages.install(logger)
+
+        async def stop(self) -> None:
+            # Whatever asked for the stop (a signal, a crash, a fatal condition), it is bounded.
+            stopping.begin()
+            await super().stop()
 
     return Worker
 
 
-def run_worker(settings: Settings) -> None:
-    """Run one worker in this process until it is stopped (SIGINT/SIGTERM)."""
+def run_worker(settings: Settings) -> int:
+    """Run one worker in this process until it is stopped (SIGINT/SIGTERM); return its exit code."""
     from streams.app import create_app
+    from streams.broker_health import BrokerHealth
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
-    _Worker = _worker_class()
+    client_messages = RepeatedClientMessages()
+    _Worker = _worker_class(app.stopping, client_messages)
     # Tables hold many small long-lived containers; collecting the young generation less
     # often keeps the collector from rescanning them on the hot path.
     gc.set_threshold(50_000, 20, 100)
-    worker = _Worker(app, loglevel=settings.log_level.upper(), redirect_stdouts=False)
-    worker.execute_from_commandline()
+    health = BrokerHealth(settings.bootstrap, client_messages)
+    worker = _Worker(app, health, loglevel=settings.log_level.upper(), redirect_stdouts=False)
+    code = 0
+    try:
+        worker.execute_from_commandline()  # ends with SystemExit, always
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return app.stopping.exit_code or code
 
 
 def run_workers(settings: Settings) -> int:
     """Run ``settings.process_count`` workers: in this process, or supervised children."""
     if settings.process_count == 1:
-        run_worker(settings)
-        return 0
+        return run_worker(settings)
     from streams.supervisor import Supervisor
 
     return Supervisor(settings, settings.process_count).run()
@@ -199,6 +214,10 @@ def fetch_stats(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
+#: How long ``up`` waits for its demo load to stop before killing it.
+_DEMO_STOP_SECONDS = 0.5
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
     broker: EmbeddedBroker | None = None
@@ -239,8 +258,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         if demo is not None:
             with contextlib.suppress(ProcessLookupError):
                 demo.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                demo.wait(timeout=5)
+            # A terminal's Ctrl-C reached it with the workers; with the broker gone its producer
+            # would wait for minutes on records it cannot deliver.
+            try:
+                demo.wait(timeout=_DEMO_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait()
         if broker is not None:
             broker.stop()
 

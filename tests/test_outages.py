@@ -16,10 +16,13 @@ from typing import Any
 import pytest
 
 from streams.broker import EmbeddedBroker, free_port
-from tests.harness import Deployment, Worker, wait_until
+from tests.factories import record, task
+from tests.harness import Deployment, Worker, produce, wait_until
 
 #: How fast a POST must answer while the broker is hung or gone.
 INGRESS_BUDGET = 2.0
+#: How fast a worker must stop once asked, whatever the broker does.
+STOP_BUDGET = 5.0
 
 
 @pytest.fixture
@@ -113,3 +116,63 @@ def test_ingress_answers_503_within_two_seconds_while_the_broker_is_hung_or_gone
     _kill(own_broker)
     _assert_unavailable(_timed_post(worker, "/v1/tasks", single), ["task_hung_single"])
     _assert_unavailable(_timed_post(worker, "/v1/batch", batch), batch_ids)
+
+
+def _error_lines(log_path: Path, since: int) -> list[str]:
+    text = log_path.read_bytes()[since:].decode(errors="replace")
+    return [line for line in text.splitlines() if "[ERROR]" in line or "[CRITICAL]" in line]
+
+
+def test_a_worker_stops_within_five_seconds_when_its_broker_is_gone_and_logs_it_briefly(
+    own_broker: EmbeddedBroker, outage: Deployment
+) -> None:
+    worker = outage.worker().start().wait_ready()
+    events = [task(f"agent_stop_{i % 10:03d}") for i in range(50)]
+    produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in events])
+    wait_until(lambda: worker.stats()["completed_tasks"] == len(events), 30, what="tasks before the outage")
+
+    mark = worker.log_path.stat().st_size
+    _kill(own_broker)
+    time.sleep(10)
+    errors = _error_lines(worker.log_path, mark)
+    assert len(errors) <= 10, f"{len(errors)} ERROR lines in 10 s of outage, e.g. {errors[:3]}"
+    log = worker.log_path.read_bytes()[mark:].decode(errors="replace")
+    assert "unreachable" in log, log[-3000:]
+
+    worker.signal(signal.SIGINT)
+    started = time.monotonic()
+    code = worker.exited_within(STOP_BUDGET)
+    assert code is not None, f"worker still running {STOP_BUDGET}s after SIGINT; log:\n{worker.log()}"
+    print(f"stopped {time.monotonic() - started:.1f}s after SIGINT with code {code}; {len(errors)} error lines")
+
+
+def test_supervised_workers_stop_within_five_seconds_right_after_the_broker_died(
+    own_broker: EmbeddedBroker, outage: Deployment
+) -> None:
+    supervisor = outage.worker(processes=2).start()
+    supervisor.wait_ready()
+    supervisor.at(supervisor.port + 1).wait_ready()
+    children = supervisor.children()
+    assert len(children) == 2
+
+    _kill(own_broker)
+    supervisor.signal(signal.SIGINT)
+    started = time.monotonic()
+    try:
+        code = supervisor.exited_within(STOP_BUDGET)
+        assert code is not None, f"supervisor still running {STOP_BUDGET}s after SIGINT; log:\n{supervisor.log()}"
+        print(f"supervisor stopped {time.monotonic() - started:.1f}s after SIGINT with code {code}")
+        assert not _running(children), "worker processes left running"
+    finally:
+        for pid in _running(children):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (not gone, not a zombie waiting to be reaped)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z":
+                running.append(pid)
+    return running

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import types
@@ -21,6 +22,7 @@ from agents.registry import HandlerRegistry, default_registry
 from schemas import domain, wire
 from schemas.wire import WireError
 from streams import histogram, native, state, tables
+from streams.client_log import RepeatedClientMessages
 from streams.metrics import Metrics
 from streams.processor import BatchProcessor
 from streams.settings import Settings
@@ -606,3 +608,25 @@ def test_a_handler_result_that_cannot_be_stored_fails_its_task_and_processing_go
     assert rows[3]["error"].startswith("the handler's result cannot be stored")
     agent = stores["agents"].get("agent_x_001")
     assert (agent["tasks_completed"], agent["tasks_failed"]) == (3, 2)
+
+
+def test_repeated_kafka_client_messages_show_once_per_window_and_are_counted() -> None:
+    now = [0.0]
+    limiter = RepeatedClientMessages(window=30.0, clock=lambda: now[0])
+
+    def record(name: str, msg: str, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, ("127.0.0.1",), None)
+
+    connect = "Unable connect to node %s"
+    assert limiter.filter(record("aiokafka.conn", connect))
+    assert not limiter.filter(record("aiokafka.conn", connect))  # the same kind again
+    assert limiter.filter(record("aiokafka.cluster", "Unable to update metadata from %s"))  # another kind
+    assert limiter.filter(record("streams.app", connect))  # the project's own lines are never hidden
+    assert limiter.filter(record("aiokafka.conn", "fatal %s", logging.CRITICAL))
+    now[0] = 29.0
+    assert not limiter.filter(record("aiokafka.conn", connect))
+    hidden, since = limiter.take_hidden()
+    assert hidden == 2 and since is not None
+    assert limiter.take_hidden() == (0, None)
+    now[0] = 31.0
+    assert limiter.filter(record("aiokafka.conn", connect))  # once per window
