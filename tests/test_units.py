@@ -630,3 +630,23 @@ def test_repeated_kafka_client_messages_show_once_per_window_and_are_counted() -
     assert limiter.take_hidden() == (0, None)
     now[0] = 31.0
     assert limiter.filter(record("aiokafka.conn", connect))  # once per window
+
+
+def test_a_task_id_twice_in_one_batch_counts_once() -> None:
+    """A request retried after a 503 may land beside the copy the broker took after all."""
+    processor = _processor(_Producer(), lambda tp: None)
+    first = task("agent_x_001", task_id="task_retried_1")
+    other = task("agent_x_001")
+    events = [first, other, first, first]
+    records = [
+        types.SimpleNamespace(
+            topic="tasks", partition=0, offset=i, timestamp=e.created_ms, key=b"agent_x_001", value=wire.encode_task(e)
+        )
+        for i, e in enumerate(events)
+    ]
+    asyncio.run(processor({TP("tasks", 0): records}))
+    stores = processor.writer.tables
+    assert stores["agents"].get("agent_x_001")["tasks_completed"] == 2
+    stats = stores["stats"].get(state.stats_key(0))
+    assert (stats["completed"], stats["duplicates"]) == (2, 2)
+    assert stores["tasks"].get("task_retried_1")["o"] == 0
