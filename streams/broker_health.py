@@ -1,9 +1,9 @@
 """One line every few seconds while the Kafka client keeps failing, instead of its own flood.
 
 :class:`~streams.client_log.RepeatedClientMessages` hides the client's repeated warnings and
-errors; this service says, every ``interval`` seconds while it hides any, that the broker is
-unreachable (or accepts connections but does not answer) since when, and how many client
-messages it did not show, and once when they stop.
+errors; this service says, every ``REPORT_INTERVAL`` seconds while it hides any, that the broker
+is unreachable (or, if it accepts connections, that the client keeps failing against it) since
+when, and how many client messages it did not show; and once when they stop.
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ class BrokerHealth(Service):
             return
         if self.failing_since is None:
             self.failing_since = first_hidden_at or time.time()
-        state = "accepts connections but does not answer" if await self._accepts() else "is unreachable"
+        if await self._accepts():
+            state = "the Kafka client keeps failing against the broker at %s, which accepts connections,"
+        else:
+            state = "the broker at %s is unreachable"
         log.warning(
-            "the broker at %s %s since about %s (%d repeated Kafka client messages in the last %gs not shown)",
+            state + " since about %s (%d repeated Kafka client messages in the last %gs not shown)",
             self.bootstrap,
-            state,
             _clock(self.failing_since),
             hidden,
             REPORT_INTERVAL,
