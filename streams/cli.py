@@ -22,7 +22,7 @@ from streams import native
 from streams.broker import BrokerError, EmbeddedBroker, die_with_parent, port_is_open, wait_for_broker
 from streams.client_log import RepeatedClientMessages
 from streams.settings import Settings, SettingsError
-from streams.stopping import WorkerStop
+from streams.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
 
 
 def _settings() -> Settings:
@@ -88,13 +88,13 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
     return Worker
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     """Run one worker in this process until it is stopped (SIGINT/SIGTERM); return its exit code."""
     from streams.app import create_app
     from streams.broker_health import BrokerHealth
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
+    app = create_app(settings, stopping=stopping)
     client_messages = RepeatedClientMessages()
     _Worker = _worker_class(app.stopping, client_messages)
     # Tables hold many small long-lived containers; collecting the young generation less
@@ -110,13 +110,17 @@ def run_worker(settings: Settings) -> int:
     return app.stopping.exit_code or code
 
 
-def run_workers(settings: Settings) -> int:
-    """Run ``settings.process_count`` workers: in this process, or supervised children."""
+def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
+    """Run ``settings.process_count`` workers: in this process, or supervised children.
+
+    ``stopping.request(code)`` stops them (as SIGTERM does) and sets the exit code.
+    """
     if settings.process_count == 1:
-        return run_worker(settings)
+        return run_worker(settings, stopping)
     from streams.supervisor import Supervisor
 
-    return Supervisor(settings, settings.process_count).run()
+    code = Supervisor(settings, settings.process_count).run()
+    return (stopping.exit_code if stopping is not None else 0) or code
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -214,6 +218,17 @@ def fetch_stats(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
+def _embedded_broker_died(code: int, stopping: WorkerStop) -> None:
+    """``up``'s broker exited on its own: everything it held is gone, so the workers must not go on."""
+    print(
+        f"blackroad: the embedded broker exited unexpectedly (code {code}); its in-memory data (topics, "
+        "table changelogs, committed offsets) is gone, so the workers stop. Run `blackroad up` again to start afresh.",
+        file=sys.stderr,
+        flush=True,
+    )
+    stopping.request(EXIT_BROKER_LOST_DATA)
+
+
 #: How long ``up`` waits for its demo load to stop before killing it.
 _DEMO_STOP_SECONDS = 0.5
 
@@ -221,10 +236,12 @@ _DEMO_STOP_SECONDS = 0.5
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
     broker: EmbeddedBroker | None = None
+    stopping = WorkerStop(settings.stop_timeout)
     if settings.embedded and not port_is_open(settings.embedded_broker_port):
         broker = EmbeddedBroker(settings.embedded_broker_port, settings.data_dir / "broker.log")
         broker.start()
         print(f"embedded broker: {broker.bootstrap}", flush=True)
+        broker.on_unexpected_exit(lambda code: _embedded_broker_died(code, stopping))
     demo: subprocess.Popen[bytes] | None = None
     try:
         asyncio.run(wait_for_broker(settings.bootstrap))
@@ -251,7 +268,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 str(args.count),
             ]
             demo = subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: S603, PLW1509 - own module; prctl only
-        return run_workers(settings)
+        return run_workers(settings, stopping)
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1
     finally:

@@ -62,10 +62,13 @@ class Deployment:
     def topic(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    def worker(self, processes: int = 1) -> Worker:
-        """A ``blackroad worker``; with ``processes`` > 1, a supervisor of that many worker processes."""
+    def worker(self, processes: int = 1, command: str = "worker") -> Worker:
+        """A ``blackroad worker``; with ``processes`` > 1, a supervisor of that many worker processes.
+
+        ``command="up"`` runs ``blackroad up`` instead (with its own embedded broker if none listens).
+        """
         port = free_port(processes)
-        worker = Worker(self, port, self.tmp / f"worker-{len(self.workers)}.log", processes)
+        worker = Worker(self, port, self.tmp / f"{command}-{len(self.workers)}.log", processes, command)
         self.workers.append(worker)
         return worker
 
@@ -75,16 +78,19 @@ class Deployment:
 
 
 class Worker:
-    def __init__(self, deployment: Deployment, port: int, log_path: Path, processes: int = 1) -> None:
+    def __init__(
+        self, deployment: Deployment, port: int, log_path: Path, processes: int = 1, command: str = "worker"
+    ) -> None:
         self.deployment = deployment
         self.port = port
         self.log_path = log_path
         self.processes = processes
+        self.command = command
         self.process: subprocess.Popen[bytes] | None = None
 
     def at(self, port: int) -> Worker:
         """A handle on another web port of the same worker processes (for requests only)."""
-        other = Worker(self.deployment, port, self.log_path, self.processes)
+        other = Worker(self.deployment, port, self.log_path, self.processes, self.command)
         other.process = self.process
         return other
 
@@ -106,7 +112,7 @@ class Worker:
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "streams.cli", self.command], cwd=ROOT, env=env, stdout=log, stderr=log
         )
         return self
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -180,3 +181,70 @@ def _running(pids: list[int]) -> list[int]:
             if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z":
                 running.append(pid)
     return running
+
+
+@pytest.mark.parametrize(
+    ("idle", "new_tasks"),
+    [
+        # Busy: the last changelog records may still be on their way and reach the new broker,
+        # which takes them at offsets it had taken before; and many new tasks, so its log soon
+        # reaches past every offset the worker processed.
+        (0.0, 400),
+        # Idle: every record is acknowledged before the loss, and a few new tasks arrive: the
+        # tasks the worker reads are the first sign (their log ends below what it processed).
+        (2.0, 20),
+    ],
+    ids=["busy", "idle"],
+)
+def test_a_worker_whose_broker_comes_back_empty_says_so_and_stops(
+    own_broker: EmbeddedBroker, outage: Deployment, tmp_path: Path, idle: float, new_tasks: int
+) -> None:
+    worker = outage.worker().start().wait_ready()
+    before = [task(f"agent_lost_{i % 20:03d}") for i in range(200)]
+    produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in before])
+    wait_until(lambda: worker.stats()["completed_tasks"] == len(before), 30, what="tasks before the broker is lost")
+    time.sleep(idle)
+
+    _kill(own_broker)
+    with EmbeddedBroker(own_broker.port, tmp_path / "broker-after.log"):
+        started = time.monotonic()
+        after = [task(f"agent_lost_{i % 20:03d}") for i in range(new_tasks)]
+        produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in after])
+        code = worker.exited_within(45)
+        print(f"worker exited with {code} {time.monotonic() - started:.1f}s after the new broker started")
+        if code is None:
+            stats = worker.get("/v1/stats")[1]
+            done = sum(_completed(worker, e.task_id) for e in after[:20])
+            pytest.fail(
+                f"worker still running 45 s after the broker came back empty: /v1/stats completed_tasks "
+                f"{stats.get('completed_tasks') if isinstance(stats, dict) else stats}, "
+                f"{done} of the first 20 new tasks completed"
+            )
+    log = worker.log()
+    assert code != 0, log
+    critical = [line for line in log.splitlines() if "[CRITICAL]" in line]
+    assert len(critical) == 1, critical
+    named = re.search(r"the broker's log for (\S+)\[\d+\] restarted: .*the broker lost its data", critical[0])
+    assert named is not None, critical[0]
+    if idle:
+        assert named[1] == outage.topic("tasks"), critical[0]
+    else:  # whichever check noticed first: a changelog write, or the tasks it reads
+        assert named[1] == outage.topic("tasks") or named[1].startswith(outage.env["BLACKROAD_APP_ID"] + "-"), critical
+
+
+def test_up_says_when_its_embedded_broker_dies_and_stops(tmp_path: Path) -> None:
+    deployed = Deployment(free_port(), tmp_path)  # nothing listens there: `up` starts its own broker
+    up = deployed.worker(command="up").start()
+    try:
+        up.wait_ready()
+        brokers = [pid for pid in up.children() if b"tansu" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(brokers) == 1, up.children()
+        os.kill(brokers[0], signal.SIGKILL)
+        started = time.monotonic()
+        code = up.exited_within(STOP_BUDGET)
+        assert code is not None, f"`up` still running {STOP_BUDGET}s after its broker died; log:\n{up.log()}"
+        print(f"up exited with {code} {time.monotonic() - started:.1f}s after its broker died")
+        assert code == 3
+        assert "the embedded broker exited unexpectedly" in up.log() and "data" in up.log()
+    finally:
+        deployed.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 from yarl import URL
 
@@ -22,7 +23,9 @@ from agents.registry import HandlerRegistry, default_registry
 from schemas import domain, wire
 from schemas.wire import WireError
 from streams import histogram, native, state, tables
+from streams import processor as processor_module
 from streams.client_log import RepeatedClientMessages
+from streams.log_continuity import BrokerLostData, fingerprint
 from streams.metrics import Metrics
 from streams.processor import BatchProcessor
 from streams.settings import Settings
@@ -466,7 +469,9 @@ def _batch(first_offset: int, count: int) -> dict[TP, list[types.SimpleNamespace
     for offset in range(first_offset, first_offset + count):
         value = wire.encode_task(task("agent_x_001", "tool_execution"))
         records.append(
-            types.SimpleNamespace(topic="tasks", partition=0, offset=offset, key=b"agent_x_001", value=value)
+            types.SimpleNamespace(
+                topic="tasks", partition=0, offset=offset, timestamp=wire.now_ms(), key=b"agent_x_001", value=value
+            )
         )
     return {TP("tasks", 0): records}
 
@@ -597,7 +602,9 @@ def test_a_handler_result_that_cannot_be_stored_fails_its_task_and_processing_go
     events = [task("agent_x_001", kind) for kind in kinds]
     tp = TP("tasks", 0)
     records = [
-        types.SimpleNamespace(topic="tasks", partition=0, offset=i, key=b"agent_x_001", value=wire.encode_task(e))
+        types.SimpleNamespace(
+            topic="tasks", partition=0, offset=i, timestamp=e.created_ms, key=b"agent_x_001", value=wire.encode_task(e)
+        )
         for i, e in enumerate(events)
     ]
     asyncio.run(processor({tp: records}))
@@ -630,6 +637,24 @@ def test_repeated_kafka_client_messages_show_once_per_window_and_are_counted() -
     assert limiter.take_hidden() == (0, None)
     now[0] = 31.0
     assert limiter.filter(record("aiokafka.conn", connect))  # once per window
+
+
+def test_a_log_that_restarted_below_the_processed_offset_is_noticed() -> None:
+    tp = TP("t.tasks", 2)
+
+    def at(offset: int, value: bytes = b"task") -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord("t.tasks", 2, offset, 1_700_000_000_000 + offset, 0, b"k", value, None, 1, 4, ())
+
+    stats = state.new_stats(2)
+    check = processor_module._check_continuity
+    check(tp, [at(o) for o in range(10)], stats, 10)  # nothing processed yet
+    stats["o"], stats["f"] = 9, fingerprint(at(9))
+    check(tp, [at(o) for o in range(5, 12)], stats, 12)  # a replay through offset 9 (after a rebalance)
+    check(tp, [at(o) for o in range(10, 12)], stats, 12)  # new records
+    with pytest.raises(BrokerLostData, match=r"t\.tasks\[2\] restarted: it ends at offset 4, not above offset 9"):
+        check(tp, [at(o) for o in range(4)], stats, 4)
+    with pytest.raises(BrokerLostData, match="another record at offset 9"):
+        check(tp, [at(o, b"another task") for o in range(20)], stats, 20)
 
 
 def test_a_task_id_twice_in_one_batch_counts_once() -> None:
