@@ -70,8 +70,8 @@ class Supervisor:
             for child in self.children:
                 if child.process is not None and child.process.poll() is None:
                     child.process.send_signal(signal.SIGTERM)
-            # Each worker bounds its own stop (BLACKROAD_STOP_TIMEOUT); one still running after
-            # that, together, is killed.
+            # Each worker bounds its own stop (BLACKROAD_STOP_TIMEOUT); they stop side by side, so
+            # all share one deadline, after which any still running is killed.
             deadline = time.monotonic() + self.settings.stop_timeout + _STOP_GRACE
             for child in self.children:
                 if child.process is not None:
