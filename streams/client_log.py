@@ -2,10 +2,12 @@
 
 While the broker is unreachable, every client in a worker (the consumer, the producers, the
 stats follower) logs each failed connect, fetch, metadata update and heartbeat, ten times a
-second: about 1,000 ERROR lines in ten seconds that bury everything else. This filter lets
-the first record of each kind (logger, level and message template) through and hides the
-same kind for ``window`` seconds, counting what it hid; :mod:`streams.broker_health` turns
-the count into one line of the project's own every few seconds.
+second: about 1,000 ERROR lines in ten seconds that bury everything else; Faust repeats its
+own warnings about it too. This filter lets the first record of each kind (logger, level and
+message template) through and hides the same kind for ``window`` seconds. It counts what it
+hid of the Kafka client's own (aiokafka) records, the ones about talking to the broker;
+:mod:`streams.broker_health` turns the count into one line of the project's own every few
+seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 
 #: Loggers whose warnings and errors repeat per retry while the broker is away.
 CLIENT_LOGGERS = ("aiokafka", "faust", "mode")
+#: Those of them about talking to the broker (counted when hidden).
+BROKER_CLIENT_LOGGERS = ("aiokafka",)
 
 
 class RepeatedClientMessages(logging.Filter):
@@ -35,15 +39,16 @@ class RepeatedClientMessages(logging.Filter):
         now = self._clock()
         shown = self._shown.get(kind)
         if shown is not None and now - shown < self.window:
-            if not self._hidden:
-                self._first_hidden_at = record.created
-            self._hidden += 1
+            if record.name.startswith(BROKER_CLIENT_LOGGERS):
+                if not self._hidden:
+                    self._first_hidden_at = record.created
+                self._hidden += 1
             return False
         self._shown[kind] = now
         return True
 
     def take_hidden(self) -> tuple[int, float | None]:
-        """How many records were hidden since the last call, and when the first of them was logged."""
+        """How many Kafka client records were hidden since the last call, and when the first of them was logged."""
         hidden, first = self._hidden, self._first_hidden_at
         self._hidden, self._first_hidden_at = 0, None
         return hidden, first

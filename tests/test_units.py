@@ -632,6 +632,8 @@ def test_repeated_kafka_client_messages_show_once_per_window_and_are_counted() -
     assert limiter.filter(record("aiokafka.conn", "fatal %s", logging.CRITICAL))
     now[0] = 29.0
     assert not limiter.filter(record("aiokafka.conn", connect))
+    assert limiter.filter(record("faust.tables.recovery", "No event received for %s"))
+    assert not limiter.filter(record("faust.tables.recovery", "No event received for %s"))  # hidden, not counted
     hidden, since = limiter.take_hidden()
     assert hidden == 2 and since is not None
     assert limiter.take_hidden() == (0, None)
