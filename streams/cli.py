@@ -82,7 +82,7 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
 
         async def stop(self) -> None:
             # Whatever asked for the stop (a signal, a crash, a fatal condition), it is bounded.
-            stopping.begin()
+            stopping.begin(crashed=self.crash_reason is not None)
             await super().stop()
 
     return Worker

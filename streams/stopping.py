@@ -23,6 +23,8 @@ import threading
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
+#: A worker that crashed (as Faust's own exit code for it).
+EXIT_CRASHED = 1
 #: The broker lost records this worker had processed (see :mod:`streams.log_continuity`).
 EXIT_BROKER_LOST_DATA = 3
 #: Time left for the last log line to be written before the process exits regardless.
@@ -42,8 +44,11 @@ class WorkerStop:
             self.exit_code = exit_code
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def begin(self) -> None:
-        """The worker begins to stop: start the countdown (once)."""
+    def begin(self, crashed: bool = False) -> None:
+        """The worker begins to stop (after a crash, if ``crashed``): start the countdown (once)."""
+        if crashed and self.exit_code == EXIT_OK:
+            # Exiting at the deadline must not turn a crash into a clean exit.
+            self.exit_code = EXIT_CRASHED
         if self._countdown is not None:
             return
         self._countdown = threading.Timer(self.timeout, self._expire)
