@@ -217,6 +217,8 @@ class AgentRunner:
             self.agents.put(agent_id, agent, partition)
         run = _AgentRun(agent_id, partition, agent, self.memory, self.writer.outbox(self.events_topic, partition))
         stats_base = self.stats.base[partition]
+        if len(items) > 1:
+            items = self._first_copies(items, run, stats_base)
         runnable = [item for item in items if self._prepare(item, run, stats_base)]
         if not runnable:
             return None
@@ -231,15 +233,35 @@ class AgentRunner:
         self._settle(run, runnable[-1].offset)
         return None
 
+    def _first_copies(self, items: list[Item], run: _AgentRun, stats_base: int) -> list[Item]:
+        """``items`` without repeated task ids: a client's retry may land in the same batch as the first copy.
+
+        Rows only tell a repeat from an earlier batch; within one, no row exists yet when
+        the copies are prepared. Only for agents with several tasks in the batch.
+        """
+        seen: set[str] = set()
+        first: list[Item] = []
+        for item in items:
+            task_id = item.event.task_id
+            if task_id in seen:
+                self._count_duplicate(item.offset, run, stats_base)
+                continue
+            seen.add(task_id)
+            first.append(item)
+        return first
+
+    def _count_duplicate(self, offset: int, run: _AgentRun, stats_base: int) -> None:
+        if offset > stats_base:
+            self.stats.row(run.partition)["duplicates"] += 1
+        self.metrics.duplicates.inc()
+
     def _prepare(self, item: Item, run: _AgentRun, stats_base: int) -> bool:
         """Decide which rows this event still has to change; False when none."""
         task = self.tasks.get(item.event.task_id)
         offset = item.offset
         if task is not None and task["o"] != offset:
             # The same task id again (a client retry): the first one counts.
-            if offset > stats_base:
-                self.stats.row(run.partition)["duplicates"] += 1
-            self.metrics.duplicates.inc()
+            self._count_duplicate(offset, run, stats_base)
             return False
         item.apply_task = task is None or task["status"] not in state.TERMINAL_TASK_STATUSES
         item.apply_agent = offset > run.agent_base

@@ -14,12 +14,15 @@ from mode import Service
 
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
+from streams.ingress import IngressProducer
+from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import remember_member
 from streams.metrics import Metrics
 from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
 from streams.settings import Settings
 from streams.stats_view import StatsView
+from streams.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
 from streams.tables import CachedTable, Tables, TableWriter, define_tables
 from streams.transport import BatchConsumer, BatchTransport
 from streams.web import router_errors_in_envelope
@@ -51,6 +54,8 @@ class BlackroadApp(faust.App):
 
     settings: Settings
     pipeline: Pipeline
+    #: How this worker process stops (bounded), and with which exit code.
+    stopping: WorkerStop
     #: Topics whose records go to the batch processor (the rest take Faust's path).
     batch_topics: frozenset[str] = frozenset()
 
@@ -77,7 +82,7 @@ class BlackroadApp(faust.App):
 
 
 class Pipeline(Service):
-    """Owns what processing needs besides Faust: the changelog producer and the stats view."""
+    """Owns what processing needs besides Faust: the changelog and ingress producers, the stats view."""
 
     def __init__(
         self, app: BlackroadApp, tables: Tables, registry: HandlerRegistry, metrics: Metrics, **kwargs: Any
@@ -89,12 +94,16 @@ class Pipeline(Service):
         self.registry = registry
         self.metrics = metrics
         self.producer: AIOKafkaProducer | None = None
+        #: Puts HTTP requests' tasks on the broker (set once started).
+        self.ingress: IngressProducer | None = None
         self.processor: BatchProcessor | None = None
         #: Forwards web lookups to the workers that own them.
         self.peers = PeerClient()
         self.stats_view = StatsView(self.settings, tables.stats.changelog_topic.get_topic_name())
         #: Held while a batch is in flight; a rebalance waits for it.
         self.lock = asyncio.Lock()
+        #: Set once a check found that the broker lost data this worker had (then it stops).
+        self.lost_data: BrokerLostData | None = None
         self._started_event = asyncio.Event()
 
     async def on_start(self) -> None:
@@ -112,7 +121,7 @@ class Pipeline(Service):
         consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
         self.processor = BatchProcessor(
             self.settings,
-            TableWriter(self.producer, cached),
+            TableWriter(VerifiedProducer(self.producer), cached),
             self.registry,
             self.metrics,
             partition_for=wire.Partitioner(partitions),
@@ -125,6 +134,9 @@ class Pipeline(Service):
         for name in ("tasks", "events", "deadletter"):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()
+        ingress = IngressProducer(self.settings)
+        await ingress.start()
+        self.ingress = ingress
         await self.add_runtime_dependency(self.stats_view)
         self._started_event.set()
 
@@ -132,15 +144,19 @@ class Pipeline(Service):
     async def _acknowledge(self) -> None:
         await self.wait_for_started()
         assert self.processor is not None
-        await self.processor.acknowledge()
+        try:
+            await self.processor.acknowledge()
+        except BrokerLostData as exc:
+            self._stop_for_lost_data(exc)
 
     @Service.task
     async def _flush_on_time(self) -> None:
         await self.wait_for_started()
         assert self.processor is not None
-        while not self.should_stop:
+        while not self.should_stop and self.lost_data is None:
             await self.sleep(self.settings.flush_interval / 2)
-            await self.processor.flush_if_due()
+            if self.lost_data is None:
+                await self.processor.flush_if_due()
 
     @Service.task
     async def _expire_finished_tasks(self) -> None:
@@ -149,26 +165,64 @@ class Pipeline(Service):
         period = min(60.0, max(0.5, self.settings.task_retention / 10))
         while not self.should_stop:
             await self.sleep(period)
+            if self.lost_data is not None:
+                return
             cutoff = wire.now_ms() - int(self.settings.task_retention * 1000)
-            while await self.processor.expire_tasks(cutoff) >= EXPIRY_CHUNK:
-                await self.sleep(0)
+            try:
+                while await self.processor.expire_tasks(cutoff) >= EXPIRY_CHUNK:
+                    await self.sleep(0)
+            except BrokerLostData as exc:
+                self._stop_for_lost_data(exc)
+                return
 
     async def drain(self) -> None:
-        if self.processor is not None:
+        if self.processor is not None and self.lost_data is None:
             await self.processor.drain()
 
     async def on_stop(self) -> None:
         self.peers.close()
-        if self.processor is not None:
+        # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.stopping).
+        budget = self.settings.stop_timeout / 2
+        try:
+            await asyncio.wait_for(self._send_last_records(), budget)
+        except BrokerLostData as exc:
+            self._stop_for_lost_data(exc)
+        except TimeoutError:
+            log.warning(
+                "the broker did not take this worker's last records within %gs: left unacknowledged "
+                "(their input offsets are not committed, so it is processed again at the next start)",
+                budget,
+            )
+
+    async def _send_last_records(self) -> None:
+        """Flush the rows changed since the last flush and wait until the broker has every record."""
+        # After a broker lost its data, rows of the old log must not reach the new one: a worker
+        # started afresh would restore them and skip new records as already counted.
+        if self.processor is not None and self.lost_data is None:
             async with self.lock:
                 await self.processor.flush_changed_rows()
+        if self.ingress is not None:
+            await self.ingress.stop()
         if self.producer is not None:
             await self.producer.stop()
 
     async def process(self, batch: dict[Any, list[Any]]) -> None:
         await self.wait_for_started()
         assert self.processor is not None
-        await self.processor(batch)
+        try:
+            await self.processor(batch)
+        except BrokerLostData as exc:
+            self._stop_for_lost_data(exc)
+            # No further batch: the worker is stopping (this wait ends when the fetcher is stopped).
+            await self.wait_until_stopped()
+
+    def _stop_for_lost_data(self, exc: BrokerLostData) -> None:
+        """Say what happened in one line and stop the worker (once, whichever check noticed first)."""
+        if self.lost_data is not None:
+            return
+        self.lost_data = exc
+        log.critical("%s", exc)
+        self.app.stopping.request(EXIT_BROKER_LOST_DATA)
 
     async def wait_for_started(self) -> None:
         await self._started_event.wait()
@@ -179,8 +233,10 @@ def worker_state_dir(settings: Settings) -> Path:
     return settings.data_dir / "faust" / f"{settings.web_host}-{settings.web_port}"
 
 
-def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> BlackroadApp:
-    """Build (but do not start) the worker app for ``settings``."""
+def create_app(
+    settings: Settings, registry: HandlerRegistry | None = None, stopping: WorkerStop | None = None
+) -> BlackroadApp:
+    """Build (but do not start) the worker app for ``settings``; ``stopping`` is the process's, if it has one."""
     settings.validate()
     datadir = worker_state_dir(settings)
     datadir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +269,7 @@ def create_app(settings: Settings, registry: HandlerRegistry | None = None) -> B
         stream_processing_timeout=settings.stall_timeout,
     )
     app.settings = settings
+    app.stopping = stopping or WorkerStop(settings.stop_timeout)
     app.batch_topics = frozenset({settings.topic("tasks")})
     tables = define_tables(app, settings.partitions)
     metrics = Metrics()

@@ -13,7 +13,9 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -149,6 +151,19 @@ class EmbeddedBroker:
         process, self._process = self._process, None
         if process is not None:
             terminate(process, timeout=5)
+
+    def on_unexpected_exit(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(exit code)`` from a thread of its own if the broker exits without :meth:`stop`."""
+        process = self._process
+        if process is None:
+            return
+
+        def watch() -> None:
+            code = process.wait()
+            if self._process is process:
+                callback(code)
+
+        threading.Thread(target=watch, name="embedded-broker-watch", daemon=True).start()
 
     def __enter__(self) -> EmbeddedBroker:
         self.start()

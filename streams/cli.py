@@ -20,7 +20,9 @@ import orjson
 
 from streams import native
 from streams.broker import BrokerError, EmbeddedBroker, die_with_parent, port_is_open, wait_for_broker
+from streams.client_log import RepeatedClientMessages
 from streams.settings import Settings, SettingsError
+from streams.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
 
 
 def _settings() -> Settings:
@@ -63,11 +65,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_class() -> type:
+def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages) -> type:
     import faust
 
     class Worker(faust.Worker):  # type: ignore[misc]
-        """Faust's worker without its start-up spinner.
+        """Faust's worker with a bounded stop, the Kafka client's repeats filtered, and no spinner.
 
         The spinner lowers the root logger to DEBUG for good, so every library builds
         a log record for each debug call on the hot path only to have it filtered out.
@@ -76,13 +78,20 @@ def _worker_class() -> type:
         def on_setup_root_logger(self, logger: Any, level: int) -> None:
             self.spinner = None
             super().on_setup_root_logger(logger, level)
+            client_messages.install(logger)
+
+        async def stop(self) -> None:
+            # Whatever asked for the stop (a signal, a crash, a fatal condition), it is bounded.
+            stopping.begin(crashed=self.crash_reason is not None)
+            await super().stop()
 
     return Worker
 
 
-def run_worker(settings: Settings) -> None:
-    """Run one worker in this process until it is stopped (SIGINT/SIGTERM)."""
+def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
+    """Run one worker in this process until it is stopped (SIGINT/SIGTERM); return its exit code."""
     from streams.app import create_app, worker_state_dir
+    from streams.broker_health import BrokerHealth
     from streams.membership import evict_predecessor
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -93,23 +102,33 @@ def run_worker(settings: Settings) -> None:
         evicted = asyncio.run(evict_predecessor(settings.bootstrap, settings.app_id, state_dir))
         if evicted:
             print(f"blackroad: removed the member {evicted} a previous worker process left in the group", flush=True)
-    app = create_app(settings)
-    _Worker = _worker_class()
+    app = create_app(settings, stopping=stopping)
+    client_messages = RepeatedClientMessages()
+    _Worker = _worker_class(app.stopping, client_messages)
     # Tables hold many small long-lived containers; collecting the young generation less
     # often keeps the collector from rescanning them on the hot path.
     gc.set_threshold(50_000, 20, 100)
-    worker = _Worker(app, loglevel=settings.log_level.upper(), redirect_stdouts=False)
-    worker.execute_from_commandline()
+    health = BrokerHealth(settings.bootstrap, client_messages)
+    worker = _Worker(app, health, loglevel=settings.log_level.upper(), redirect_stdouts=False)
+    code = 0
+    try:
+        worker.execute_from_commandline()  # ends with SystemExit, always
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return app.stopping.exit_code or code
 
 
-def run_workers(settings: Settings) -> int:
-    """Run ``settings.process_count`` workers: in this process, or supervised children."""
+def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
+    """Run ``settings.process_count`` workers: in this process, or supervised children.
+
+    ``stopping.request(code)`` stops them (as SIGTERM does) and sets the exit code.
+    """
     if settings.process_count == 1:
-        run_worker(settings)
-        return 0
+        return run_worker(settings, stopping)
     from streams.supervisor import Supervisor
 
-    return Supervisor(settings, settings.process_count).run()
+    code = Supervisor(settings, settings.process_count).run()
+    return (stopping.exit_code if stopping is not None else 0) or code
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -207,13 +226,30 @@ def fetch_stats(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
+def _embedded_broker_died(code: int, stopping: WorkerStop) -> None:
+    """``up``'s broker exited on its own: everything it held is gone, so the workers must not go on."""
+    print(
+        f"blackroad: the embedded broker exited unexpectedly (code {code}); its in-memory data (topics, "
+        "table changelogs, committed offsets) is gone, so the workers stop. Run `blackroad up` again to start afresh.",
+        file=sys.stderr,
+        flush=True,
+    )
+    stopping.request(EXIT_BROKER_LOST_DATA)
+
+
+#: How long ``up`` waits for its demo load to stop before killing it.
+_DEMO_STOP_SECONDS = 0.5
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
     broker: EmbeddedBroker | None = None
+    stopping = WorkerStop(settings.stop_timeout)
     if settings.embedded and not port_is_open(settings.embedded_broker_port):
         broker = EmbeddedBroker(settings.embedded_broker_port, settings.data_dir / "broker.log")
         broker.start()
         print(f"embedded broker: {broker.bootstrap}", flush=True)
+        broker.on_unexpected_exit(lambda code: _embedded_broker_died(code, stopping))
     demo: subprocess.Popen[bytes] | None = None
     try:
         asyncio.run(wait_for_broker(settings.bootstrap))
@@ -240,15 +276,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                 str(args.count),
             ]
             demo = subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: S603, PLW1509 - own module; prctl only
-        return run_workers(settings)
+        return run_workers(settings, stopping)
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 1
     finally:
         if demo is not None:
             with contextlib.suppress(ProcessLookupError):
                 demo.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                demo.wait(timeout=5)
+            # A terminal's Ctrl-C reached it with the workers; with the broker gone its producer
+            # would wait for minutes on records it cannot deliver.
+            try:
+                demo.wait(timeout=_DEMO_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait()
         if broker is not None:
             broker.stop()
 

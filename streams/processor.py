@@ -31,6 +31,7 @@ from agents.registry import HandlerRegistry
 from schemas import wire
 from schemas.wire import WireError
 from streams.agent_runner import AgentRunner, BatchStats, Item
+from streams.log_continuity import ends_below, fingerprint, other_record
 from streams.metrics import Metrics
 from streams.settings import Settings
 from streams.tables import TableWriter, expired_task_ids
@@ -172,12 +173,16 @@ class BatchProcessor:
             partition = tp.partition
             stats = self.stats.row(partition)
             base = self.stats.base[partition]
+            end = self.highwater(tp)
+            _check_continuity(tp, records, stats, end)
             for record in records:
                 self._route(record, partition, stats, base, by_agent)
             count += len(records)
-            offsets[tp] = records[-1].offset + 1
-            stats["o"] = max(stats["o"], records[-1].offset)
-            end = self.highwater(tp)
+            last = records[-1]
+            offsets[tp] = last.offset + 1
+            if last.offset > stats["o"]:
+                stats["o"] = last.offset
+                stats["f"] = fingerprint(last)
             stats["pending"] = max(0, end - offsets[tp]) if end is not None else 0
             behind = behind or stats["pending"] > 0
             self.metrics.consumer_lag.labels(partition=str(partition)).set(stats["pending"])
@@ -226,6 +231,28 @@ class BatchProcessor:
         self.metrics.dead_lettered.labels(reason=reason.split(" ", 1)[0]).inc()
         if record.offset > stats_base:
             stats["invalid_events"] += 1
+
+
+def _check_continuity(tp: Any, records: list[Any], stats: dict[str, Any], end: int | None) -> None:
+    """Raise ``BrokerLostData`` if the broker's log for ``tp`` is not the one processed so far.
+
+    O(1) per partition (see :mod:`streams.log_continuity`): the log may not end at or below
+    the last offset processed, and a replay must bring the same record back at that offset.
+    """
+    processed: int = stats["o"]
+    if processed < 0:
+        return
+    if end is not None and end <= processed:
+        raise ends_below(tp.topic, tp.partition, end, processed)
+    seen = stats.get("f")
+    first: int = records[0].offset
+    if seen is None or not first <= processed <= records[-1].offset:
+        return
+    index = processed - first
+    if index >= len(records) or records[index].offset != processed:
+        return  # offsets with gaps (transaction markers): nothing to compare without a search
+    if fingerprint(records[index]) != seen:
+        raise other_record(tp.topic, tp.partition, processed)
 
 
 def _chunks(batch: dict[Any, list[Any]], budget: int) -> list[dict[Any, list[Any]]]:

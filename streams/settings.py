@@ -63,6 +63,12 @@ class Settings:
     stall_timeout: float = 300.0
     #: Seconds a finished task stays in the live tasks table (and GET /v1/tasks/{id}).
     task_retention: float = 600.0
+    #: Seconds POST /v1/tasks and /v1/batch wait for the broker to acknowledge a request
+    #: before answering 503: a hung or dead broker must not hold clients.
+    ingress_timeout: float = 1.5
+    #: Seconds a worker may take to stop once asked (SIGINT/SIGTERM, or a fatal error)
+    #: before it exits without waiting for the broker any longer.
+    stop_timeout: float = 4.0
     #: Token budget of an agent's working memory (about 4 characters per token).
     working_memory_tokens: int = 2048
     #: Median and 99th percentile of the simulated inference handler, in milliseconds.
@@ -126,6 +132,8 @@ class Settings:
             raise SettingsError("BACKLOG_FLUSH_INTERVAL", "must be >= BLACKROAD_FLUSH_INTERVAL")
         _check_range("STALL_TIMEOUT", self.stall_timeout, 1.0, 86400.0)
         _check_range("TASK_RETENTION", self.task_retention, 1.0, 365 * 86400.0)
+        _check_range("INGRESS_TIMEOUT", self.ingress_timeout, 0.1, 60.0)
+        _check_range("STOP_TIMEOUT", self.stop_timeout, 1.0, 600.0)
         _check_range("WORKING_MEMORY_TOKENS", self.working_memory_tokens, 16, 10_000_000)
         _check_range("INFERENCE_P50_MS", self.inference_p50_ms, 0.0, 600_000.0)
         _check_range("INFERENCE_P99_MS", self.inference_p99_ms, 0.0, 600_000.0)

@@ -156,6 +156,9 @@ def new_memory() -> dict[str, Any]:
 def new_stats(partition: int) -> dict[str, Any]:
     return {
         "o": -1,
+        # Fingerprint of the record at offset "o": a broker that lost its data may hold
+        # another one there (see streams.log_continuity).
+        "f": None,
         "partition": partition,
         "agents_awake": 0,
         "completed": 0,

@@ -23,6 +23,8 @@ _FIRST_BACKOFF = 1.0
 _MAX_BACKOFF = 30.0
 #: A worker that ran this long before exiting restarts after the first pause again.
 _HEALTHY_SECONDS = 60.0
+#: Seconds past a worker's own stop bound before it is killed.
+_STOP_GRACE = 0.5
 
 
 @dataclass
@@ -68,9 +70,12 @@ class Supervisor:
             for child in self.children:
                 if child.process is not None and child.process.poll() is None:
                     child.process.send_signal(signal.SIGTERM)
+            # Each worker bounds its own stop (BLACKROAD_STOP_TIMEOUT); they stop side by side, so
+            # all share one deadline, after which any still running is killed.
+            deadline = time.monotonic() + self.settings.stop_timeout + _STOP_GRACE
             for child in self.children:
                 if child.process is not None:
-                    terminate(child.process, timeout=30)
+                    terminate(child.process, timeout=max(0.0, deadline - time.monotonic()))
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 0

@@ -18,6 +18,7 @@ from yarl import URL
 from agents.memory import entries
 from schemas import domain, wire
 from schemas.wire import WireError
+from streams.ingress import BrokerUnavailable, IngressProducer
 from streams.metrics import Metrics
 from streams.peers import PeerClient, PeerError
 from streams.tables import Tables, task_expired, thaw
@@ -39,19 +40,27 @@ _TASK_FIELDS = {
     "id": str,
 }
 _STATUS = {"invalid_request": 400, "not_found": 404, "internal_error": 500}
+#: Seconds a client is asked to wait before retrying a 503 (``Retry-After``) unless the error says otherwise.
+RETRY_AFTER = 1
+#: ... while the broker does not acknowledge records: an outage tends to last seconds, not a moment.
+BROKER_RETRY_AFTER = 2
 
 
 class ApiError(Exception):
-    def __init__(self, code: str, message: str, status: int | None = None, details: Any = None) -> None:
+    def __init__(
+        self, code: str, message: str, status: int | None = None, details: Any = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status or _STATUS.get(code, 400)
         self.details = details or {}
+        #: Sent as ``Retry-After`` (seconds); every 503 carries one.
+        self.retry_after = retry_after if retry_after is not None else RETRY_AFTER if self.status == 503 else None
 
 
-def _json(view: web.View, value: Any, status: int = 200) -> Any:
-    return view.bytes(orjson.dumps(value), content_type="application/json", status=status)
+def _json(view: web.View, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    return view.bytes(orjson.dumps(value), content_type="application/json", status=status, headers=headers)
 
 
 def _envelope(exc: ApiError) -> bytes:
@@ -62,8 +71,12 @@ def _envelope(exc: ApiError) -> bytes:
     return orjson.dumps(body)
 
 
+def _retry_headers(exc: ApiError) -> dict[str, str] | None:
+    return None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+
+
 def _error(view: web.View, exc: ApiError) -> Any:
-    return view.bytes(_envelope(exc), content_type="application/json", status=exc.status)
+    return view.bytes(_envelope(exc), content_type="application/json", status=exc.status, headers=_retry_headers(exc))
 
 
 @aiohttp_web.middleware
@@ -220,7 +233,6 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     agents_rows: dict[str, Any] = tables.agents.data.data
     tasks_rows: dict[str, Any] = tables.tasks.data.data
     memory_rows: dict[str, Any] = tables.memory.data.data
-    tasks_topic = settings.topic("tasks")
     retention_ms = int(settings.task_retention * 1000)
     own_url = URL(settings.web_url)
 
@@ -252,19 +264,21 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         return view.bytes(body, content_type="application/json", status=status)
 
     async def produce(events: list[wire.TaskEvent]) -> None:
-        """Send tasks; several for one partition travel as one ``task.batch`` event."""
-        producer = app.pipeline.producer
-        if producer is None:
+        """Put a request's tasks on the broker as one record, or raise a 503 naming them (see ``streams.ingress``)."""
+        ingress: IngressProducer | None = app.pipeline.ingress
+        if ingress is None:
             raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
-        by_partition: dict[int, list[wire.TaskEvent]] = {}
-        for event in events:
-            by_partition.setdefault(partition_of(event.agent_id.encode()), []).append(event)
-        futures = []
-        for partition, group in by_partition.items():
-            value = wire.encode_task(group[0]) if len(group) == 1 else wire.encode_batch(group)
-            futures.append(await producer.send(tasks_topic, value, key=group[0].agent_id.encode(), partition=partition))
-        for future in futures:
-            await future
+        try:
+            await ingress.send(events)
+        except BrokerUnavailable as exc:
+            # The domain's error codes have none for this; the status (503) and Retry-After say it.
+            raise ApiError(
+                "internal_error",
+                f"{exc}; the tasks may still arrive: retry with the same task ids, which are counted once",
+                503,
+                details={"task_ids": [event.task_id for event in events]},
+                retry_after=BROKER_RETRY_AFTER,
+            ) from None
 
     @app.page("/v1/agents")
     class AgentList(ApiView):

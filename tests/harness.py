@@ -62,10 +62,13 @@ class Deployment:
     def topic(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    def worker(self, processes: int = 1) -> Worker:
-        """A ``blackroad worker``; with ``processes`` > 1, a supervisor of that many worker processes."""
+    def worker(self, processes: int = 1, command: str = "worker") -> Worker:
+        """A ``blackroad worker``; with ``processes`` > 1, a supervisor of that many worker processes.
+
+        ``command="up"`` runs ``blackroad up`` instead (with its own embedded broker if none listens).
+        """
         port = free_port(processes)
-        worker = Worker(self, port, self.tmp / f"worker-{len(self.workers)}.log", processes)
+        worker = Worker(self, port, self.tmp / f"{command}-{len(self.workers)}.log", processes, command)
         self.workers.append(worker)
         return worker
 
@@ -75,16 +78,19 @@ class Deployment:
 
 
 class Worker:
-    def __init__(self, deployment: Deployment, port: int, log_path: Path, processes: int = 1) -> None:
+    def __init__(
+        self, deployment: Deployment, port: int, log_path: Path, processes: int = 1, command: str = "worker"
+    ) -> None:
         self.deployment = deployment
         self.port = port
         self.log_path = log_path
         self.processes = processes
+        self.command = command
         self.process: subprocess.Popen[bytes] | None = None
 
     def at(self, port: int) -> Worker:
         """A handle on another web port of the same worker processes (for requests only)."""
-        other = Worker(self.deployment, port, self.log_path, self.processes)
+        other = Worker(self.deployment, port, self.log_path, self.processes, self.command)
         other.process = self.process
         return other
 
@@ -106,7 +112,7 @@ class Worker:
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "streams.cli", self.command], cwd=ROOT, env=env, stdout=log, stderr=log
         )
         return self
 
@@ -129,6 +135,18 @@ class Worker:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def exited_within(self, seconds: float) -> int | None:
+        """The exit code if the process ends within ``seconds``, else None (left running)."""
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -139,6 +157,13 @@ class Worker:
                 self.process.wait()
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        status, decoded, _ = self.exchange(method, path, body)
+        return status, decoded
+
+    def exchange(self, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+        """One request: status (0 if no answer), decoded body and response headers."""
+        if body is not None and not isinstance(body, bytes):
+            body = orjson.dumps(body)
         request = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             request.add_header("Content-Type", "application/json")
@@ -146,15 +171,17 @@ class Worker:
             with urllib.request.urlopen(request, timeout=10) as response:
                 raw = response.read()
                 status = response.status
+                headers = dict(response.headers)
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             status = exc.code
+            headers = dict(exc.headers)
         except OSError:
-            return 0, None
+            return 0, None, {}
         try:
-            return status, orjson.loads(raw)
+            return status, orjson.loads(raw), headers
         except orjson.JSONDecodeError:
-            return status, raw.decode(errors="replace")
+            return status, raw.decode(errors="replace"), headers
 
     def get(self, path: str) -> tuple[int, Any]:
         return self.request("GET", path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import types
@@ -13,6 +14,7 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 from yarl import URL
 
@@ -22,6 +24,9 @@ from agents.registry import HandlerRegistry, default_registry
 from schemas import domain, wire
 from schemas.wire import WireError
 from streams import histogram, native, state, tables
+from streams import processor as processor_module
+from streams.client_log import RepeatedClientMessages
+from streams.log_continuity import BrokerLostData, fingerprint
 from streams.metrics import Metrics
 from streams.processor import BatchProcessor
 from streams.settings import Settings
@@ -465,7 +470,9 @@ def _batch(first_offset: int, count: int) -> dict[TP, list[types.SimpleNamespace
     for offset in range(first_offset, first_offset + count):
         value = wire.encode_task(task("agent_x_001", "tool_execution"))
         records.append(
-            types.SimpleNamespace(topic="tasks", partition=0, offset=offset, key=b"agent_x_001", value=value)
+            types.SimpleNamespace(
+                topic="tasks", partition=0, offset=offset, timestamp=wire.now_ms(), key=b"agent_x_001", value=value
+            )
         )
     return {TP("tasks", 0): records}
 
@@ -584,7 +591,14 @@ def _run_tasks(registry: HandlerRegistry, events: list[wire.TaskEvent]) -> dict[
         asyncio.Lock(),
     )
     records = [
-        types.SimpleNamespace(topic="tasks", partition=0, offset=i, key=e.agent_id.encode(), value=wire.encode_task(e))
+        types.SimpleNamespace(
+            topic="tasks",
+            partition=0,
+            offset=i,
+            timestamp=e.created_ms,
+            key=e.agent_id.encode(),
+            value=wire.encode_task(e),
+        )
         for i, e in enumerate(events)
     ]
     asyncio.run(processor({TP("tasks", 0): records}))
@@ -647,3 +661,65 @@ def test_a_handler_result_the_views_could_not_serve_fails_its_task() -> None:
     assert rows[3]["result"] == results["memory_operation"]
     for row in rows:  # every row reads back as the task view serves it
         orjson.dumps({k: v for k, v in row.items() if k != "o"})
+
+
+def test_repeated_kafka_client_messages_show_once_per_window_and_are_counted() -> None:
+    now = [0.0]
+    limiter = RepeatedClientMessages(window=30.0, clock=lambda: now[0])
+
+    def record(name: str, msg: str, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, ("127.0.0.1",), None)
+
+    connect = "Unable connect to node %s"
+    assert limiter.filter(record("aiokafka.conn", connect))
+    assert not limiter.filter(record("aiokafka.conn", connect))  # the same kind again
+    assert limiter.filter(record("aiokafka.cluster", "Unable to update metadata from %s"))  # another kind
+    assert limiter.filter(record("streams.app", connect))  # the project's own lines are never hidden
+    assert limiter.filter(record("aiokafka.conn", "fatal %s", logging.CRITICAL))
+    now[0] = 29.0
+    assert not limiter.filter(record("aiokafka.conn", connect))
+    assert limiter.filter(record("faust.tables.recovery", "No event received for %s"))
+    assert not limiter.filter(record("faust.tables.recovery", "No event received for %s"))  # hidden, not counted
+    hidden, since = limiter.take_hidden()
+    assert hidden == 2 and since is not None
+    assert limiter.take_hidden() == (0, None)
+    now[0] = 31.0
+    assert limiter.filter(record("aiokafka.conn", connect))  # once per window
+
+
+def test_a_log_that_restarted_below_the_processed_offset_is_noticed() -> None:
+    tp = TP("t.tasks", 2)
+
+    def at(offset: int, value: bytes = b"task") -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord("t.tasks", 2, offset, 1_700_000_000_000 + offset, 0, b"k", value, None, 1, 4, ())
+
+    stats = state.new_stats(2)
+    check = processor_module._check_continuity
+    check(tp, [at(o) for o in range(10)], stats, 10)  # nothing processed yet
+    stats["o"], stats["f"] = 9, fingerprint(at(9))
+    check(tp, [at(o) for o in range(5, 12)], stats, 12)  # a replay through offset 9 (after a rebalance)
+    check(tp, [at(o) for o in range(10, 12)], stats, 12)  # new records
+    with pytest.raises(BrokerLostData, match=r"t\.tasks\[2\] restarted: it ends at offset 4, not above offset 9"):
+        check(tp, [at(o) for o in range(4)], stats, 4)
+    with pytest.raises(BrokerLostData, match="another record at offset 9"):
+        check(tp, [at(o, b"another task") for o in range(20)], stats, 20)
+
+
+def test_a_task_id_twice_in_one_batch_counts_once() -> None:
+    """A request retried after a 503 may land beside the copy the broker took after all."""
+    processor = _processor(_Producer(), lambda tp: None)
+    first = task("agent_x_001", task_id="task_retried_1")
+    other = task("agent_x_001")
+    events = [first, other, first, first]
+    records = [
+        types.SimpleNamespace(
+            topic="tasks", partition=0, offset=i, timestamp=e.created_ms, key=b"agent_x_001", value=wire.encode_task(e)
+        )
+        for i, e in enumerate(events)
+    ]
+    asyncio.run(processor({TP("tasks", 0): records}))
+    stores = processor.writer.tables
+    assert stores["agents"].get("agent_x_001")["tasks_completed"] == 2
+    stats = stores["stats"].get(state.stats_key(0))
+    assert (stats["completed"], stats["duplicates"]) == (2, 2)
+    assert stores["tasks"].get("task_retried_1")["o"] == 0

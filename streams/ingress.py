@@ -1,0 +1,67 @@
+"""The HTTP ingress's own producer: a request's tasks reach the broker whole, or the caller hears so in time.
+
+``POST /v1/tasks`` and ``POST /v1/batch`` must answer quickly whatever the broker does: 202
+only once the broker has acknowledged the request's record, otherwise a refusal the web view
+turns into 503. So the ingress does not share the changelog producer (its long timeouts suit
+flushes, not a waiting client): it has a producer of its own with short timeouts, and waits
+for the acknowledgement at most ``ingress_timeout`` seconds.
+
+A whole request travels as ONE record (a ``task.created`` event, or a ``task.batch`` event for
+several tasks), keyed by its first task's agent, so a request is never half-sent: the worker
+owning that partition forwards tasks of other partitions to theirs (as it does for any
+``task.batch``). A refused record may still reach the broker later (one already written to a
+hung broker's socket is read when it resumes); task ids make a retry safe, since a task id seen
+before is counted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from schemas import wire
+from streams.settings import Settings
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not acknowledge a request's record in time (or refused it)."""
+
+
+class IngressProducer:
+    def __init__(self, settings: Settings) -> None:
+        self.timeout = settings.ingress_timeout
+        self.topic = settings.topic("tasks")
+        self.partition_for = wire.Partitioner(settings.partitions)
+        timeout_ms = max(100, int(self.timeout * 1000))
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap,
+            acks="all",
+            linger_ms=0,
+            # A record not acknowledged by then is given up, not retried for the client defaults' 40 s.
+            request_timeout_ms=timeout_ms,
+            retry_backoff_ms=min(100, timeout_ms // 4),
+            client_id=f"{settings.app_id}-ingress",
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send(self, events: list[wire.TaskEvent]) -> None:
+        """Put ``events`` on the broker as one record; raise :class:`BrokerUnavailable` if not acknowledged in time."""
+        value = wire.encode_task(events[0]) if len(events) == 1 else wire.encode_batch(events)
+        key = events[0].agent_id.encode()
+        try:
+            await asyncio.wait_for(self._send(value, key, self.partition_for(key)), self.timeout)
+        except TimeoutError:
+            raise BrokerUnavailable(f"the broker did not acknowledge the tasks within {self.timeout:g} s") from None
+        except KafkaError as exc:
+            raise BrokerUnavailable(f"the broker did not take the tasks: {exc}") from None
+
+    async def _send(self, value: bytes, key: bytes, partition: int) -> None:
+        delivered = await self._producer.send(self.topic, value, key=key, partition=partition)
+        await delivered

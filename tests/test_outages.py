@@ -1,0 +1,250 @@
+"""Broker outages: a hung or dead broker, a stop while it is gone, a broker that comes back empty.
+
+Each test runs its own embedded broker, since it stops, kills or replaces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streams.broker import EmbeddedBroker, free_port
+from tests.factories import record, task
+from tests.harness import Deployment, Worker, produce, wait_until
+
+#: How fast a POST must answer while the broker is hung or gone.
+INGRESS_BUDGET = 2.0
+#: How fast a worker must stop once asked, whatever the broker does.
+STOP_BUDGET = 5.0
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    """A broker of this test's own, which it may stop, kill or replace."""
+    broker = EmbeddedBroker(free_port(), tmp_path / "broker.log")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        if broker.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(broker.pid, signal.SIGCONT)  # a stopped broker would ignore the SIGTERM
+        broker.stop()
+
+
+@pytest.fixture
+def outage(own_broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Deployment]:
+    deployed = Deployment(own_broker.port, tmp_path)
+    yield deployed
+    deployed.close()
+
+
+def _kill(broker: EmbeddedBroker) -> None:
+    assert broker.pid is not None
+    os.kill(broker.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(broker.pid, 0)
+
+
+def _request(agent_id: str, task_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"agent_id": agent_id, "kind": "tool_execution", "payload": {"tool": "echo", "input": 1}}
+    if task_id is not None:
+        body["id"] = task_id
+    return body
+
+
+def _timed_post(worker: Worker, path: str, body: Any) -> tuple[int, Any, dict[str, str], float]:
+    started = time.monotonic()
+    status, answer, headers = worker.exchange("POST", path, body)
+    return status, answer, headers, time.monotonic() - started
+
+
+def _assert_unavailable(reply: tuple[int, Any, dict[str, str], float], task_ids: list[str]) -> None:
+    status, body, headers, seconds = reply
+    print(f"answered {status} in {seconds:.2f}s")
+    assert seconds < INGRESS_BUDGET, f"answered {status} after {seconds:.1f}s: {body}"
+    assert status == 503, body
+    assert set(body) == {"error", "request_id"} and body["request_id"].startswith("req_")
+    assert body["error"]["code"] == "internal_error" and "broker" in body["error"]["message"]
+    assert body["error"]["details"]["task_ids"] == task_ids
+    assert int(headers["Retry-After"]) >= 1
+
+
+def _completed(worker: Worker, task_id: str) -> bool:
+    return bool(worker.get(f"/v1/tasks/{task_id}")[1].get("status") == "completed")
+
+
+def test_ingress_answers_503_within_two_seconds_while_the_broker_is_hung_or_gone(
+    own_broker: EmbeddedBroker, outage: Deployment
+) -> None:
+    worker = outage.worker().start().wait_ready()
+    status, body = worker.post("/v1/tasks", _request("agent_calm_001"))
+    assert status == 202
+    wait_until(lambda: _completed(worker, body["id"]), 30, what="a task before the outage")
+
+    single = _request("agent_solo_001", "task_hung_single")
+    batch = {"requests": [_request(f"agent_hung_{i:03d}", f"task_hung_{i:03d}") for i in range(8)]}
+    batch_ids = [r["id"] for r in batch["requests"]]
+    assert own_broker.pid is not None
+    os.kill(own_broker.pid, signal.SIGSTOP)
+    try:
+        _assert_unavailable(_timed_post(worker, "/v1/tasks", single), ["task_hung_single"])
+        _assert_unavailable(_timed_post(worker, "/v1/batch", batch), batch_ids)
+        started = time.monotonic()
+        status, agent = worker.get("/v1/agents/agent_calm_001")
+        assert status == 200 and agent["stats"]["tasks_completed"] == 1
+        assert time.monotonic() - started < 1.0
+    finally:
+        os.kill(own_broker.pid, signal.SIGCONT)
+
+    # The broker is back: the same requests (same task ids) are accepted, run, and counted once,
+    # whether or not the copies refused with 503 reached the broker after all.
+    wait_until(lambda: worker.post("/v1/tasks", single)[0] == 202, 20, 0.5, what="POST accepted again")
+    wait_until(lambda: worker.post("/v1/batch", batch)[0] == 202, 20, 0.5, what="batch accepted again")
+    for task_id in ["task_hung_single", *batch_ids]:
+        wait_until(lambda t=task_id: _completed(worker, t), 60, what=f"{task_id} completed")
+    for agent_id in ["agent_solo_001", *(f"agent_hung_{i:03d}" for i in range(8))]:
+        assert worker.get(f"/v1/agents/{agent_id}")[1]["stats"]["tasks_completed"] == 1, agent_id
+
+    _kill(own_broker)
+    _assert_unavailable(_timed_post(worker, "/v1/tasks", single), ["task_hung_single"])
+    _assert_unavailable(_timed_post(worker, "/v1/batch", batch), batch_ids)
+
+
+def _error_lines(log_path: Path, since: int) -> list[str]:
+    text = log_path.read_bytes()[since:].decode(errors="replace")
+    return [line for line in text.splitlines() if "[ERROR]" in line or "[CRITICAL]" in line]
+
+
+def test_a_worker_stops_within_five_seconds_when_its_broker_is_gone_and_logs_it_briefly(
+    own_broker: EmbeddedBroker, outage: Deployment
+) -> None:
+    worker = outage.worker().start().wait_ready()
+    events = [task(f"agent_stop_{i % 10:03d}") for i in range(50)]
+    produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in events])
+    wait_until(lambda: worker.stats()["completed_tasks"] == len(events), 30, what="tasks before the outage")
+
+    mark = worker.log_path.stat().st_size
+    _kill(own_broker)
+    time.sleep(10)
+    errors = _error_lines(worker.log_path, mark)
+    assert len(errors) <= 10, f"{len(errors)} ERROR lines in 10 s of outage, e.g. {errors[:3]}"
+    log = worker.log_path.read_bytes()[mark:].decode(errors="replace")
+    assert "unreachable" in log, log[-3000:]
+
+    worker.signal(signal.SIGINT)
+    started = time.monotonic()
+    code = worker.exited_within(STOP_BUDGET)
+    assert code is not None, f"worker still running {STOP_BUDGET}s after SIGINT; log:\n{worker.log()}"
+    print(f"stopped {time.monotonic() - started:.1f}s after SIGINT with code {code}; {len(errors)} error lines")
+
+
+def test_supervised_workers_stop_within_five_seconds_soon_after_the_broker_died(
+    own_broker: EmbeddedBroker, outage: Deployment
+) -> None:
+    supervisor = outage.worker(processes=2).start()
+    supervisor.wait_ready()
+    supervisor.at(supervisor.port + 1).wait_ready()
+    children = supervisor.children()
+    assert len(children) == 2
+    events = [task(f"agent_super_{i % 10:03d}") for i in range(50)]
+    produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in events])
+    wait_until(lambda: supervisor.stats()["completed_tasks"] == len(events), 30, what="tasks before the outage")
+
+    _kill(own_broker)
+    time.sleep(2)  # the workers' clients have noticed and are retrying
+    supervisor.signal(signal.SIGINT)
+    started = time.monotonic()
+    try:
+        code = supervisor.exited_within(STOP_BUDGET)
+        assert code is not None, f"supervisor still running {STOP_BUDGET}s after SIGINT; log:\n{supervisor.log()}"
+        print(f"supervisor stopped {time.monotonic() - started:.1f}s after SIGINT with code {code}")
+        assert not _running(children), "worker processes left running"
+    finally:
+        for pid in _running(children):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (not gone, not a zombie waiting to be reaped)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z":
+                running.append(pid)
+    return running
+
+
+@pytest.mark.parametrize(
+    ("idle", "new_tasks"),
+    [
+        # Busy: the last changelog records may still be on their way and reach the new broker,
+        # which takes them at offsets it had taken before; and many new tasks, so its log soon
+        # reaches past every offset the worker processed.
+        (0.0, 400),
+        # Idle: every record is acknowledged before the loss, and a few new tasks arrive: the
+        # tasks the worker reads are the first sign (their log ends below what it processed).
+        (2.0, 20),
+    ],
+    ids=["busy", "idle"],
+)
+def test_a_worker_whose_broker_comes_back_empty_says_so_and_stops(
+    own_broker: EmbeddedBroker, outage: Deployment, tmp_path: Path, idle: float, new_tasks: int
+) -> None:
+    worker = outage.worker().start().wait_ready()
+    before = [task(f"agent_lost_{i % 20:03d}") for i in range(200)]
+    produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in before])
+    wait_until(lambda: worker.stats()["completed_tasks"] == len(before), 30, what="tasks before the broker is lost")
+    time.sleep(idle)
+
+    _kill(own_broker)
+    with EmbeddedBroker(own_broker.port, tmp_path / "broker-after.log"):
+        started = time.monotonic()
+        after = [task(f"agent_lost_{i % 20:03d}") for i in range(new_tasks)]
+        produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in after])
+        code = worker.exited_within(45)
+        print(f"worker exited with {code} {time.monotonic() - started:.1f}s after the new broker started")
+        if code is None:
+            stats = worker.get("/v1/stats")[1]
+            done = sum(_completed(worker, e.task_id) for e in after[:20])
+            pytest.fail(
+                f"worker still running 45 s after the broker came back empty: /v1/stats completed_tasks "
+                f"{stats.get('completed_tasks') if isinstance(stats, dict) else stats}, "
+                f"{done} of the first 20 new tasks completed"
+            )
+    log = worker.log()
+    assert code != 0, log
+    critical = [line for line in log.splitlines() if "[CRITICAL]" in line]
+    assert len(critical) == 1, critical
+    named = re.search(r"the broker's log for (\S+)\[\d+\] restarted: .*the broker lost its data", critical[0])
+    assert named is not None, critical[0]
+    if idle:
+        assert named[1] == outage.topic("tasks"), critical[0]
+    else:  # whichever check noticed first: a changelog write, or the tasks it reads
+        assert named[1] == outage.topic("tasks") or named[1].startswith(outage.env["BLACKROAD_APP_ID"] + "-"), critical
+
+
+def test_up_says_when_its_embedded_broker_dies_and_stops(tmp_path: Path) -> None:
+    deployed = Deployment(free_port(), tmp_path)  # nothing listens there: `up` starts its own broker
+    up = deployed.worker(command="up").start()
+    try:
+        up.wait_ready()
+        brokers = [pid for pid in up.children() if b"tansu" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(brokers) == 1, up.children()
+        os.kill(brokers[0], signal.SIGKILL)
+        started = time.monotonic()
+        code = up.exited_within(STOP_BUDGET)
+        assert code is not None, f"`up` still running {STOP_BUDGET}s after its broker died; log:\n{up.log()}"
+        print(f"up exited with {code} {time.monotonic() - started:.1f}s after its broker died")
+        assert code == 3
+        assert "the embedded broker exited unexpectedly" in up.log() and "data" in up.log()
+    finally:
+        deployed.close()
