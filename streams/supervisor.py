@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from streams.broker import die_with_parent, terminate
 from streams.settings import Settings
+from streams.stopping import EXIT_BROKER_LOST_DATA
 
 #: Pause before starting a worker that exited again, doubling up to the maximum.
 _FIRST_BACKOFF = 1.0
@@ -42,6 +43,8 @@ class Supervisor:
         self.settings = settings
         self.children = [_Child(i, settings.web_port + i) for i in range(count)]
         self._stopping = False
+        #: What ``run`` returns: a worker's fatal exit code once one made every worker stop.
+        self.exit_code = 0
 
     def command(self, child: _Child) -> list[str]:
         return [sys.executable, "-m", "streams.cli", "worker", "--web-port", str(child.web_port), "--processes", "1"]
@@ -78,7 +81,7 @@ class Supervisor:
                     terminate(child.process, timeout=max(0.0, deadline - time.monotonic()))
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 0
+        return self.exit_code
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -90,6 +93,17 @@ class Supervisor:
                 continue
             if process is None or process.poll() is None:
                 continue
+            if process.returncode == EXIT_BROKER_LOST_DATA:
+                # Every worker would refuse the broker the same way: stop them all (the
+                # worker's own CRITICAL line says why) rather than restart in a loop.
+                print(
+                    f"blackroad: worker on web port {child.web_port} found the broker lost its data; stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.exit_code = process.returncode
+                self._stopping = True
+                return
             if now - child.started >= _HEALTHY_SECONDS:
                 child.backoff = _FIRST_BACKOFF
             # A worker killed by a signal (SIGKILL by an operator or the OOM killer) comes

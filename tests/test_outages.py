@@ -248,3 +248,25 @@ def test_up_says_when_its_embedded_broker_dies_and_stops(tmp_path: Path) -> None
         assert "the embedded broker exited unexpectedly" in up.log() and "data" in up.log()
     finally:
         deployed.close()
+
+
+def test_supervised_workers_stop_together_when_the_broker_lost_its_data(
+    own_broker: EmbeddedBroker, outage: Deployment, tmp_path: Path
+) -> None:
+    """Every process would refuse the broker the same way: the supervisor stops, it does not restart them."""
+    supervisor = outage.worker(processes=2).start()
+    for port in (supervisor.port, supervisor.port + 1):
+        supervisor.at(port).wait_ready()
+    before = [task(f"agent_gone_{i % 40:03d}") for i in range(400)]
+    produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in before])
+    wait_until(lambda: supervisor.stats()["completed_tasks"] == len(before), 30, what="tasks before the broker is lost")
+
+    _kill(own_broker)
+    with EmbeddedBroker(own_broker.port, tmp_path / "broker-after.log"):
+        after = [task(f"agent_gone_{i % 40:03d}") for i in range(400)]
+        produce(outage.bootstrap, outage.topic("tasks"), [record(e) for e in after])
+        code = supervisor.exited_within(45)
+    log = supervisor.log()
+    assert code == 3, log
+    assert "found the broker lost its data; stopping" in log
+    assert "starting it again" not in log
