@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 
 from streams import native
-from streams.broker import BrokerError, EmbeddedBroker, die_with_parent, port_is_open, wait_for_broker
+from streams.broker import BrokerError, die_with_parent, port_is_open
+from streams.engines import choice
 from streams.settings import Settings, SettingsError
 
 
@@ -38,16 +39,39 @@ def _require_broker(settings: Settings) -> None:
         )
 
 
-def cmd_broker(args: argparse.Namespace) -> int:
-    settings = _settings()
-    if not settings.embedded:
-        raise SystemExit("blackroad: BLACKROAD_KAFKA_BOOTSTRAP is set; no embedded broker is needed")
-    broker = EmbeddedBroker(settings.embedded_broker_port)
+def _start_engine(settings: Settings) -> choice.Engine:
+    """Start the embedded broker BLACKROAD_ENGINE chooses; returns once it serves."""
+    engine, note = choice.choose(settings)
+    if note is not None:
+        print(f"blackroad: {note}", flush=True)
+    broker = choice.embedded_broker(settings, engine)
+    started = time.monotonic()
     try:
         broker.start()
     except BrokerError as exc:
         raise SystemExit(f"blackroad: {exc}") from None
-    print(f"embedded broker listening; bootstrap: {broker.bootstrap}", flush=True)
+    kept = f"data in {settings.data_dir}" if broker.durable else "in memory only"
+    print(
+        f"embedded broker: {engine} ({kept}) on {broker.bootstrap}, serving after {time.monotonic() - started:.1f}s",
+        flush=True,
+    )
+    return broker
+
+
+def _reach(settings: Settings) -> Settings:
+    """Wait for the broker; ``settings`` with the engine it turned out to be."""
+    try:
+        return asyncio.run(choice.engine_in_use(settings))
+    except (SettingsError, BrokerError) as exc:
+        print(f"blackroad: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if not settings.embedded:
+        raise SystemExit("blackroad: BLACKROAD_KAFKA_BOOTSTRAP is set; no embedded broker is needed")
+    broker = _start_engine(settings)
     stop = {"now": False}
 
     def _stop(*_: object) -> None:
@@ -122,8 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         raise SystemExit(f"blackroad: bad option: {exc}") from None
     _require_broker(settings)
-    asyncio.run(wait_for_broker(settings.bootstrap))
-    return run_workers(settings)
+    return run_workers(_reach(settings))
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -209,14 +232,12 @@ def fetch_stats(settings: Settings) -> dict[str, Any] | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
-    broker: EmbeddedBroker | None = None
+    broker: choice.Engine | None = None
     if settings.embedded and not port_is_open(settings.embedded_broker_port):
-        broker = EmbeddedBroker(settings.embedded_broker_port, settings.data_dir / "broker.log")
-        broker.start()
-        print(f"embedded broker: {broker.bootstrap}", flush=True)
+        broker = _start_engine(settings)
     demo: subprocess.Popen[bytes] | None = None
     try:
-        asyncio.run(wait_for_broker(settings.bootstrap))
+        settings = _reach(settings)
         count = settings.process_count
         ports = f"{settings.web_port}" if count == 1 else f"{settings.web_port}-{settings.web_port + count - 1}"
         print(
@@ -278,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--count", type=int, default=15_000, help="demo tasks to send (0 = until stopped)")
     up.set_defaults(run=cmd_up)
 
-    broker = commands.add_parser("broker", help="just the embedded broker")
+    broker = commands.add_parser("broker", help="just the embedded broker (BLACKROAD_ENGINE)")
     broker.set_defaults(run=cmd_broker)
 
     worker = commands.add_parser("worker", help="stream-processing workers (BLACKROAD_WORKER_PROCESSES of them)")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "BLACKROAD_"
+#: Values of BLACKROAD_ENGINE (see streams.engines).
+ENGINES = ("auto", "kafka", "tansu")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -30,10 +32,14 @@ class Settings:
     """Everything a broker, worker, producer or web view needs to know."""
 
     #: Bootstrap servers of a real Kafka cluster ("host:port[,host:port]").
-    #: Unset means: start (or find) the embedded Tansu broker.
+    #: Unset means: start (or find) the embedded broker.
     kafka_bootstrap: str | None = None
     #: Port the embedded broker listens on (127.0.0.1 only).
     embedded_broker_port: int = 19092
+    #: The broker engine: ``kafka`` (Apache Kafka, durable), ``tansu`` (in memory only) or
+    #: ``auto`` (Kafka where it can start). ``up``/``broker`` start it; a worker learns
+    #: which one it reached (streams.engines.engine_in_use), after which this names it.
+    engine: str = "auto"
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     partitions: int = 4
@@ -72,8 +78,13 @@ class Settings:
 
     @property
     def embedded(self) -> bool:
-        """True when the project runs its own broker (and applies its corrections)."""
+        """True when the project runs its own broker (none is configured)."""
         return self.kafka_bootstrap is None
+
+    @property
+    def on_tansu(self) -> bool:
+        """True when the broker in use is Tansu, whose defects the project corrects for."""
+        return self.engine == "tansu"
 
     @property
     def bootstrap(self) -> str:
@@ -111,6 +122,8 @@ class Settings:
                     f"expected host:port[,host:port...], got {self.kafka_bootstrap!r}",
                 )
         _check_range("EMBEDDED_BROKER_PORT", self.embedded_broker_port, 1, 65535)
+        if self.engine not in ENGINES:
+            raise SettingsError("ENGINE", f"expected one of {', '.join(ENGINES)}, got {self.engine!r}")
         _check_range("WEB_PORT", self.web_port, 1, 65535)
         _check_range("PARTITIONS", self.partitions, 1, 1024)
         _check_range("WORKER_PROCESSES", self.worker_processes, 0, self.partitions)
