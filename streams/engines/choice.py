@@ -1,6 +1,5 @@
 """Which engine to start, and which one a worker reached (see :mod:`streams.engines`)."""
 
-
 from __future__ import annotations
 
 from typing import Protocol

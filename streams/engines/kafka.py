@@ -84,6 +84,11 @@ def server_properties(port: int, controller_port: int, records: Path) -> dict[st
         "transaction.state.log.num.partitions": "8",
         "share.coordinator.state.topic.replication.factor": "1",
         "share.coordinator.state.topic.min.isr": "1",
+        # After a SIGKILL the controller keeps the dead broker's registration until its
+        # session expires, and the restarted broker cannot register before that: 9 s by
+        # default. One process is both, so a short session costs nothing.
+        "broker.session.timeout.ms": "3000",
+        "broker.heartbeat.interval.ms": "750",
         # A group forms as soon as its first member joins (the default waits 3 s for more).
         "group.initial.rebalance.delay.ms": "0",
         # The project creates its topics with their partitions and configs; a topic created
