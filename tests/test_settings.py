@@ -17,6 +17,8 @@ def test_defaults_are_embedded() -> None:
     settings = Settings.from_env({})
     assert settings.embedded
     assert settings.bootstrap == "127.0.0.1:19092"
+    assert settings.engine == "auto"
+    assert not settings.on_tansu  # until a worker learns which engine it reached
 
 
 def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
@@ -34,6 +36,7 @@ def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
         ("BLACKROAD_KAFKA_BOOTSTRAP", "not a host"),
         ("BLACKROAD_DATA_DIR", ""),
         ("BLACKROAD_LOG_LEVEL", "loud"),
+        ("BLACKROAD_ENGINE", "zookeeper"),
         ("BLACKROAD_MAX_CONCURRENT_TASKS", "-1"),
         ("BLACKROAD_NO_SUCH_THING", "1"),
         ("BLACKROAD_BACKLOG_FLUSH_INTERVAL", "0.1"),  # shorter than the flush interval
