@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="broker (unless configured) + worker + web views")
     up.add_argument("--demo", action="store_true", help="also run a demo load with a live progress line")
     up.add_argument("--agents", type=int, default=1000)
-    # A gentle default: the embedded broker's fetches slow down with every batch it stores
-    # (README, "Known limits of the embedded broker"); raise both on a real Kafka cluster.
+    # A gentle default: Tansu's fetches slow down with every batch it stores
+    # (README, "Known limits of Tansu"); raise both on Kafka.
     up.add_argument("--rate", type=float, default=50.0, help="demo tasks per second")
     up.add_argument("--count", type=int, default=15_000, help="demo tasks to send (0 = until stopped)")
     up.set_defaults(run=cmd_up)
