@@ -38,7 +38,7 @@ class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         settings = self.app.settings  # type: ignore[attr-defined]
-        consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # noqa: SLF001
+        consumer._fetch_max_wait_ms = settings.fetch_wait_ms  # noqa: SLF001
         return consumer
 
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
