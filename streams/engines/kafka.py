@@ -168,7 +168,7 @@ class KafkaBroker:
         return (self.records / "meta.properties").exists()
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the broker and return once it answers metadata requests."""
+        """Start the broker; returns once it answers metadata requests and has a group coordinator."""
         if port_is_open(self.port):
             raise BrokerError(
                 f"port {self.port} is already in use; stop what holds it or set "
@@ -193,6 +193,7 @@ class KafkaBroker:
         with self.console_path.open("ab") as console:
             self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
                 [*jvm, "kafka.Kafka", str(config)],
+                cwd=self.home,  # where a crashing JVM leaves its hs_err file
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=console,
@@ -219,7 +220,13 @@ class KafkaBroker:
         command = [*jvm, "kafka.tools.StorageTool", "format", "--cluster-id", new_cluster_id(), "--config", str(config)]
         with self.console_path.open("ab") as console:
             result = subprocess.run(  # noqa: S603 - fixed argv, no shell
-                command, stdin=subprocess.DEVNULL, stdout=console, stderr=console, timeout=120, check=False
+                command,
+                cwd=self.home,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
+                timeout=120,
+                check=False,
             )
         if result.returncode != 0:
             raise BrokerError(f"formatting {self.records} failed (code {result.returncode}); see {self.console_path}")
