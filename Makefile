@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install native run demo test lint bench clean
+.PHONY: install native kafka run demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) kafka
 
 ## The hot path compiled with mypyc (see streams/native.py); plain Python if that fails.
 NATIVE := build/native/.built
@@ -26,12 +26,18 @@ $(NATIVE): $(STAMP) $(wildcard schemas/*.py agents/*.py streams/*.py)
 
 native: $(NATIVE)
 
+## The Apache Kafka engine's jars (engines/kafka/pom.xml), resolved by Maven into ~/.m2 the
+## first time and again when the pom changes; a quick check otherwise. Without Java 17+ or
+## Maven it says so in one line and the embedded broker is Tansu (streams/engines/).
+kafka: $(STAMP)
+	@$(BIN)/python -m streams.engines.kafka_jars provision
+
 ## The main job on the embedded default: broker + worker + web views + demo load.
-run: $(NATIVE)
+run: $(NATIVE) kafka
 	$(BIN)/blackroad up --demo
 
-## The whole test suite against a real (embedded) broker.
-test: $(NATIVE)
+## The whole test suite against real (embedded) brokers: Apache Kafka and Tansu.
+test: $(NATIVE) kafka
 	$(BIN)/pytest -q
 
 ## Throughput and latency against the baselines (installs the bench extra).

@@ -24,7 +24,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams import bench
-from streams.broker import EmbeddedBroker, free_port
+from streams.broker import free_port
+from streams.engines.tansu import TansuBroker
 from streams.histogram import percentiles, record
 
 TOPIC = "soak"
@@ -98,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"embedded broker soak: {args.rate:g} records/s for {args.seconds:g}s, {args.partitions} partitions")
     print("machine:", ", ".join(f"{key} {value}" for key, value in bench.machine().items()))
-    with EmbeddedBroker(free_port()) as broker:
+    with TansuBroker(free_port()) as broker:
         assert broker.pid is not None
         asyncio.run(
             soak(

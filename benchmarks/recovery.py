@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from schemas import wire  # noqa: E402
 from streams import loadgen  # noqa: E402
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.broker import free_port  # noqa: E402
+from streams.engines.tansu import TansuBroker  # noqa: E402
 
 
 def get(port: int, path: str) -> Any:
@@ -92,7 +93,7 @@ def main() -> int:
     processes = args.processes or max(1, min(os.cpu_count() or 1, 4))
     web = free_port(processes)
     ports = [web + i for i in range(processes)]
-    with tempfile.TemporaryDirectory(prefix="blackroad-recovery-") as tmp, EmbeddedBroker(free_port()) as broker:
+    with tempfile.TemporaryDirectory(prefix="blackroad-recovery-") as tmp, TansuBroker(free_port()) as broker:
         env = {
             **os.environ,
             "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),

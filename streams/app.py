@@ -131,6 +131,11 @@ class Pipeline(Service):
         )
         processor = self.processor
         self.stats_view.in_progress = lambda: processor.in_flight
+        # The changelogs first, compacted: the stats view reads one before Faust's table
+        # manager would declare it, and a broker that creates topics on first use would
+        # create it without compaction.
+        for table in self.tables.all().values():
+            await table.changelog_topic.maybe_declare()
         for name in ("tasks", "events", "deadletter"):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()

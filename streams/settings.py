@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "BLACKROAD_"
+#: Values of BLACKROAD_ENGINE (see streams.engines).
+ENGINES = ("auto", "kafka", "tansu")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -30,10 +32,14 @@ class Settings:
     """Everything a broker, worker, producer or web view needs to know."""
 
     #: Bootstrap servers of a real Kafka cluster ("host:port[,host:port]").
-    #: Unset means: start (or find) the embedded Tansu broker.
+    #: Unset means: start (or find) the embedded broker.
     kafka_bootstrap: str | None = None
     #: Port the embedded broker listens on (127.0.0.1 only).
     embedded_broker_port: int = 19092
+    #: The broker engine: ``kafka`` (Apache Kafka, durable), ``tansu`` (in memory only) or
+    #: ``auto`` (Kafka where it can start). ``up``/``broker`` start it; a worker learns
+    #: which one it reached (streams.engines.engine_in_use), after which this names it.
+    engine: str = "auto"
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     partitions: int = 4
@@ -49,8 +55,8 @@ class Settings:
     max_attempts: int = 3
     #: Most records taken from the consumer into one processing batch.
     batch_max_records: int = 2000
-    #: How long the broker may hold an empty fetch; small keeps light-load latency low.
-    fetch_max_wait_ms: int = 10
+    #: How long the broker may hold an empty fetch. Unset: per engine (fetch_wait_ms).
+    fetch_max_wait_ms: int | None = None
     #: Seconds between offset commits.
     commit_interval: float = 1.0
     #: Seconds between changelog flushes while the worker keeps up with its input: a row
@@ -78,8 +84,25 @@ class Settings:
 
     @property
     def embedded(self) -> bool:
-        """True when the project runs its own broker (and applies its corrections)."""
+        """True when the project runs its own broker (none is configured)."""
         return self.kafka_bootstrap is None
+
+    @property
+    def on_tansu(self) -> bool:
+        """True when the broker in use is Tansu, whose defects the project corrects for."""
+        return self.engine == "tansu"
+
+    @property
+    def fetch_wait_ms(self) -> int:
+        """How long the broker may hold an empty fetch: as set, else what suits the engine.
+
+        Tansu holds an empty fetch for half this time even when records arrive meanwhile,
+        so there it must be short. Kafka answers a held fetch as soon as records arrive:
+        a longer wait costs no latency and spares both sides a fetch every 10 ms.
+        """
+        if self.fetch_max_wait_ms is not None:
+            return self.fetch_max_wait_ms
+        return 10 if self.on_tansu else 100
 
     @property
     def bootstrap(self) -> str:
@@ -117,6 +140,8 @@ class Settings:
                     f"expected host:port[,host:port...], got {self.kafka_bootstrap!r}",
                 )
         _check_range("EMBEDDED_BROKER_PORT", self.embedded_broker_port, 1, 65535)
+        if self.engine not in ENGINES:
+            raise SettingsError("ENGINE", f"expected one of {', '.join(ENGINES)}, got {self.engine!r}")
         _check_range("WEB_PORT", self.web_port, 1, 65535)
         _check_range("PARTITIONS", self.partitions, 1, 1024)
         _check_range("WORKER_PROCESSES", self.worker_processes, 0, self.partitions)
@@ -124,7 +149,8 @@ class Settings:
         _check_range("MAX_CONCURRENT_TASKS", self.max_concurrent_tasks, 1, 10_000)
         _check_range("MAX_ATTEMPTS", self.max_attempts, 1, 100)
         _check_range("BATCH_MAX_RECORDS", self.batch_max_records, 1, 100_000)
-        _check_range("FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 1, 60_000)
+        if self.fetch_max_wait_ms is not None:
+            _check_range("FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 1, 60_000)
         _check_range("COMMIT_INTERVAL", self.commit_interval, 0.05, 600.0)
         _check_range("FLUSH_INTERVAL", self.flush_interval, 0.001, 60.0)
         _check_range("BACKLOG_FLUSH_INTERVAL", self.backlog_flush_interval, 0.001, 60.0)
@@ -180,6 +206,13 @@ def _parse(name: str, annotation: object, raw: str) -> object:
         return Path(text)
     if kind == "str | None":
         return text or None
+    if kind == "int | None":
+        if not text:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise SettingsError(name, f"expected a number, got {raw!r}") from None
     return text
 
 

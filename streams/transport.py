@@ -9,8 +9,8 @@ which reports back the offsets whose effects are in the tables; only those are
 committed.
 
 :class:`TunedConsumerThread` lets the fetch wait be configured (Faust hard-codes
-1,500 ms) and, on the embedded broker only, reads high-water marks from a Fetch
-response instead of ListOffsets, which the embedded broker answers too low.
+1,500 ms) and, on the Tansu engine only, reads high-water marks from a Fetch
+response instead of ListOffsets, which Tansu answers too low.
 :class:`InLoopConsumerThread` runs it on the worker's own event loop instead of a
 thread of its own, and paused partitions are paused in aiokafka too (see
 :meth:`BatchConsumer._set_fetching`): together they took a worker at 500 tasks/s
@@ -38,19 +38,19 @@ class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         settings = self.app.settings  # type: ignore[attr-defined]
-        consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # noqa: SLF001
+        consumer._fetch_max_wait_ms = settings.fetch_wait_ms  # noqa: SLF001
         return consumer
 
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
-        if not self.app.settings.embedded:  # type: ignore[attr-defined]
+        if not self.app.settings.on_tansu:  # type: ignore[attr-defined]
             return await super()._highwaters(partitions)
         return await fetch_highwaters(self.app.settings.bootstrap, partitions)  # type: ignore[attr-defined]
 
 
 async def fetch_highwaters(bootstrap: str, partitions: Iterable[TP], timeout: float = 10.0) -> dict[TP, int]:
-    """High-water marks as a Fetch response reports them (correct on the embedded broker).
+    """High-water marks as a Fetch response reports them (correct on Tansu).
 
-    The embedded broker answers ListOffsets(latest) with the base offset of the last
+    Tansu answers ListOffsets(latest) with the base offset of the last
     batch + 1, too low when that batch held several records; its Fetch response carries
     the true high-water mark. A fetch from that too-low offset returns only the last
     batch, so this stays cheap however long the partition is.

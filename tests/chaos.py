@@ -325,12 +325,13 @@ def main() -> int:
     args = parser.parse_args()
     import tempfile
 
-    from streams.broker import EmbeddedBroker, free_port
+    from streams.broker import free_port
+    from streams.engines.tansu import TansuBroker
     from tests.harness import Deployment
 
     tmp = tempfile.mkdtemp(prefix="blackroad-chaos-")
     print(f"logs and data in {tmp}", flush=True)
-    with EmbeddedBroker(free_port(), Path(tmp) / "broker.log") as broker:
+    with TansuBroker(free_port(), Path(tmp) / "broker.log") as broker:
         deployment = Deployment(broker.port, Path(tmp), log_level="warning")
         supervisor = deployment.worker(processes=args.processes).start()
         workers = [supervisor.at(supervisor.port + i) for i in range(args.processes)]

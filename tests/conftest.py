@@ -1,13 +1,31 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from streams import native
-from streams.broker import EmbeddedBroker, free_port
+from streams.broker import free_port
+from streams.engines import kafka_jars
+from streams.engines.choice import Engine
+from streams.engines.kafka import KafkaBroker
+from streams.engines.tansu import TansuBroker
 from tests.harness import Deployment
+
+#: Engines the broker-backed tests run on. Both by default, and in CI; a developer without
+#: Java 17+ or Maven may set STREAMS_TEST_ENGINES=tansu (not a BLACKROAD_ variable: the
+#: workers the tests start would refuse an unknown one).
+ENGINES_VARIABLE = "STREAMS_TEST_ENGINES"
+
+
+def _engines() -> list[str]:
+    chosen = [name.strip() for name in os.environ.get(ENGINES_VARIABLE, "tansu,kafka").split(",") if name.strip()]
+    unknown = sorted(set(chosen) - {"tansu", "kafka"})
+    if unknown or not chosen:
+        raise pytest.UsageError(f"{ENGINES_VARIABLE}: expected tansu and/or kafka, got {chosen}")
+    return chosen
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -18,17 +36,42 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(str(exc), returncode=2)
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    """One real embedded broker (Tansu) for the whole run, on a free port."""
-    log = tmp_path_factory.mktemp("broker") / "broker.log"
-    with EmbeddedBroker(free_port(), log) as running:
+def require_kafka() -> None:
+    """Fail (not skip) when the Apache Kafka engine cannot start, unless a developer opted out."""
+    if "kafka" not in _engines():
+        pytest.skip(f"{ENGINES_VARIABLE} leaves out kafka")
+    reason = kafka_jars.unavailable()
+    if reason is not None:
+        pytest.fail(
+            f"the Apache Kafka engine cannot start: {reason}. `make test` provisions it where Java 17+ "
+            f"and Maven are; without them, run only Tansu with {ENGINES_VARIABLE}=tansu"
+        )
+
+
+@pytest.fixture(scope="session", params=_engines())
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """One real broker of each engine for the whole run, on a free port (ids ``tansu``, ``kafka``).
+
+    Kafka's absence fails its tests instead of skipping them: CI has Java and Maven, and a
+    suite that silently ran on one engine would hide the other's failures.
+    """
+    home = tmp_path_factory.mktemp(f"broker-{request.param}")
+    running: Engine
+    if request.param == "kafka":
+        require_kafka()
+        running = KafkaBroker(free_port(), home)
+    else:
+        running = TansuBroker(free_port(), home / "broker.log")
+    running.start()
+    try:
         yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture
-def deployment(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Deployment]:
-    """An isolated app (own topics and consumer group) on the shared broker."""
-    deployed = Deployment(broker.port, tmp_path)
+def deployment(broker: Engine, tmp_path: Path) -> Iterator[Deployment]:
+    """An isolated app (own topics and consumer group) on the shared broker of one engine."""
+    deployed = Deployment(broker.port, tmp_path, engine=broker.engine)
     yield deployed
     deployed.close()

@@ -77,12 +77,62 @@ class Deployment:
             worker.stop()
 
 
-class Worker:
+class Web:
+    """Requests to one web port of the worker processes."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        status, decoded, _ = self.exchange(method, path, body)
+        return status, decoded
+
+    def exchange(self, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+        """One request: status (0 if no answer), decoded body and response headers."""
+        if body is not None and not isinstance(body, bytes):
+            body = orjson.dumps(body)
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                raw = response.read()
+                status = response.status
+                headers = dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            status = exc.code
+            headers = dict(exc.headers)
+        except OSError:
+            return 0, None, {}
+        try:
+            return status, orjson.loads(raw), headers
+        except orjson.JSONDecodeError:
+            return status, raw.decode(errors="replace"), headers
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        return self.request("POST", path, raw)
+
+    def stats(self) -> dict[str, Any]:
+        status, body = self.get("/v1/stats")
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+
+class Worker(Web):
     def __init__(
         self, deployment: Deployment, port: int, log_path: Path, processes: int = 1, command: str = "worker"
     ) -> None:
+        super().__init__(port)
         self.deployment = deployment
-        self.port = port
         self.log_path = log_path
         self.processes = processes
         self.command = command
@@ -99,10 +149,6 @@ class Worker:
         assert self.process is not None
         pid = self.process.pid
         return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Worker:
         env = {
@@ -156,45 +202,6 @@ class Worker:
                 self.process.kill()
                 self.process.wait()
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
-        status, decoded, _ = self.exchange(method, path, body)
-        return status, decoded
-
-    def exchange(self, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
-        """One request: status (0 if no answer), decoded body and response headers."""
-        if body is not None and not isinstance(body, bytes):
-            body = orjson.dumps(body)
-        request = urllib.request.Request(self.url + path, data=body, method=method)
-        if body is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                raw = response.read()
-                status = response.status
-                headers = dict(response.headers)
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            status = exc.code
-            headers = dict(exc.headers)
-        except OSError:
-            return 0, None, {}
-        try:
-            return status, orjson.loads(raw), headers
-        except orjson.JSONDecodeError:
-            return status, raw.decode(errors="replace"), headers
-
-    def get(self, path: str) -> tuple[int, Any]:
-        return self.request("GET", path)
-
-    def post(self, path: str, body: Any) -> tuple[int, Any]:
-        raw = body if isinstance(body, bytes) else orjson.dumps(body)
-        return self.request("POST", path, raw)
-
-    def stats(self) -> dict[str, Any]:
-        status, body = self.get("/v1/stats")
-        assert status == 200, body
-        return body  # type: ignore[no-any-return]
-
 
 def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
     async def run() -> None:
@@ -230,3 +237,73 @@ def consume_all(bootstrap: str, topic: str, partitions: int, expect: int, timeou
             await consumer.stop()
 
     return asyncio.run(run())
+
+
+class Up:
+    """``blackroad up`` as a user runs it: its own broker and worker, in a session of its own."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.web = Web(int(env["BLACKROAD_WEB_PORT"]))
+
+    def start(self) -> Up:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "up"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        return self
+
+    def wait_serving(self, timeout: float = 90.0) -> float:
+        """Seconds from now until the web views answer (tables recovered)."""
+        started = time.monotonic()
+
+        def serving() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"blackroad up exited with {self.process.returncode}; log:\n{self.log()}")
+            return self.web.get("/v1/stats")[0] == 200
+
+        wait_until(serving, timeout, 0.05, what="blackroad up to serve")
+        return time.monotonic() - started
+
+    def broker_pid(self) -> int:
+        """The embedded broker: the child of ``up`` running ``kafka.Kafka``."""
+        assert self.process is not None
+        pid = self.process.pid
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if b"kafka.Kafka" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+        raise AssertionError("no kafka.Kafka child of blackroad up")
+
+    def interrupt(self, timeout: float = 60.0) -> int:
+        """Ctrl-C: SIGINT to ``up``, which stops its worker, then its broker. Returns its exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=timeout)
+
+    def kill_everything(self) -> None:
+        """SIGKILL ``up``'s process group and the broker's (its own session), both at once."""
+        assert self.process is not None
+        broker = self.broker_pid()
+        os.killpg(broker, signal.SIGKILL)
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]

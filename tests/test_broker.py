@@ -1,4 +1,4 @@
-"""The embedded broker and the high-water correction that table recovery relies on."""
+"""Broker helpers, and the Tansu engine's high-water correction that table recovery relies on there."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ import asyncio
 import socket
 from pathlib import Path
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.types import TP
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.broker import free_port
+from streams.engines.tansu import TansuBroker
 from streams.transport import fetch_highwaters
 
 
-def test_fetch_highwaters_counts_every_record_of_a_multi_record_batch(broker: EmbeddedBroker) -> None:
+@pytest.mark.parametrize("broker", ["tansu"], indirect=True)
+def test_tansu_fetch_highwaters_counts_every_record_of_a_multi_record_batch(broker: TansuBroker) -> None:
     topic = "highwater-check"
 
     async def run() -> tuple[int, int]:

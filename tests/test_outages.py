@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from streams.broker import EmbeddedBroker, free_port
+from streams.broker import free_port
+from streams.engines.tansu import TansuBroker as EmbeddedBroker
 from tests.factories import record, task
 from tests.harness import Deployment, Worker, produce, wait_until
 
@@ -232,20 +233,30 @@ def test_a_worker_whose_broker_comes_back_empty_says_so_and_stops(
         assert named[1] == outage.topic("tasks") or named[1].startswith(outage.env["BLACKROAD_APP_ID"] + "-"), critical
 
 
-def test_up_says_when_its_embedded_broker_dies_and_stops(tmp_path: Path) -> None:
-    deployed = Deployment(free_port(), tmp_path)  # nothing listens there: `up` starts its own broker
+@pytest.mark.parametrize(
+    ("engine", "process_mark", "exit_code", "said"),
+    [
+        ("tansu", b"tansu", 3, "in-memory data (topics, table changelogs, committed offsets) is gone"),
+        ("kafka", b"kafka.Kafka", 1, "its data is kept in the data directory"),
+    ],
+)
+def test_up_says_when_its_embedded_broker_dies_and_stops(
+    tmp_path: Path, engine: str, process_mark: bytes, exit_code: int, said: str
+) -> None:
+    # Nothing listens on that port: `up` starts its own broker of the engine asked for.
+    deployed = Deployment(free_port(), tmp_path, engine=engine)
     up = deployed.worker(command="up").start()
     try:
-        up.wait_ready()
-        brokers = [pid for pid in up.children() if b"tansu" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        up.wait_ready(90)
+        brokers = [pid for pid in up.children() if process_mark in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(brokers) == 1, up.children()
         os.kill(brokers[0], signal.SIGKILL)
         started = time.monotonic()
         code = up.exited_within(STOP_BUDGET)
         assert code is not None, f"`up` still running {STOP_BUDGET}s after its broker died; log:\n{up.log()}"
         print(f"up exited with {code} {time.monotonic() - started:.1f}s after its broker died")
-        assert code == 3
-        assert "the embedded broker exited unexpectedly" in up.log() and "data" in up.log()
+        assert code == exit_code, up.log()
+        assert "the embedded broker exited unexpectedly" in up.log() and said in up.log()
     finally:
         deployed.close()
 

@@ -20,7 +20,10 @@ def _write_changelog(deployment: Deployment, table: str, rows: list[tuple[str, d
         admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
         await admin.start()
         try:
-            await admin.create_topics([NewTopic(topic, deployment.partitions, 1)])
+            # As the worker declares it (compacted), which it then finds already there.
+            await admin.create_topics(
+                [NewTopic(topic, deployment.partitions, 1, topic_configs={"cleanup.policy": "compact"})]
+            )
         finally:
             await admin.close()
         producer = AIOKafkaProducer(bootstrap_servers=deployment.bootstrap, linger_ms=5)

@@ -17,6 +17,16 @@ def test_defaults_are_embedded() -> None:
     settings = Settings.from_env({})
     assert settings.embedded
     assert settings.bootstrap == "127.0.0.1:19092"
+    assert settings.engine == "auto"
+    assert not settings.on_tansu  # until a worker learns which engine it reached
+
+
+def test_the_fetch_wait_suits_the_engine_unless_set() -> None:
+    """Tansu holds an empty fetch for half the wait even when records arrive; Kafka answers at once."""
+    assert Settings(engine="tansu").fetch_wait_ms == 10
+    assert Settings(engine="kafka").fetch_wait_ms == 100
+    settings = Settings.from_env({"BLACKROAD_FETCH_MAX_WAIT_MS": "40"})
+    assert settings.replace(engine="tansu").fetch_wait_ms == settings.replace(engine="kafka").fetch_wait_ms == 40
 
 
 def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
@@ -34,6 +44,9 @@ def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
         ("BLACKROAD_KAFKA_BOOTSTRAP", "not a host"),
         ("BLACKROAD_DATA_DIR", ""),
         ("BLACKROAD_LOG_LEVEL", "loud"),
+        ("BLACKROAD_ENGINE", "zookeeper"),
+        ("BLACKROAD_FETCH_MAX_WAIT_MS", "soon"),
+        ("BLACKROAD_FETCH_MAX_WAIT_MS", "0"),
         ("BLACKROAD_MAX_CONCURRENT_TASKS", "-1"),
         ("BLACKROAD_NO_SUCH_THING", "1"),
         ("BLACKROAD_BACKLOG_FLUSH_INTERVAL", "0.1"),  # shorter than the flush interval

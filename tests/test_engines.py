@@ -1,0 +1,145 @@
+"""The embedded engines: which one starts, which one a worker finds, and what lands on the broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from streams.broker import free_port
+from streams.engines import kafka_jars
+from streams.engines.choice import Engine, choose, engine_in_use, identify
+from streams.settings import Settings, SettingsError
+from tests.harness import ROOT, Deployment
+
+
+def test_a_worker_finds_out_which_engine_it_reached(broker: Engine) -> None:
+    assert asyncio.run(identify(broker.bootstrap)) == broker.engine
+    settings = Settings.from_env({"BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port)})
+    assert settings.engine == "auto" and not settings.on_tansu
+    found = asyncio.run(engine_in_use(settings))
+    assert found.engine == broker.engine
+    assert found.on_tansu == (broker.engine == "tansu")
+
+
+def test_a_worker_told_the_wrong_engine_refuses_to_start_naming_the_setting(broker: Engine, tmp_path: Path) -> None:
+    wrong = "kafka" if broker.engine == "tansu" else "tansu"
+    settings = Settings.from_env({"BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port), "BLACKROAD_ENGINE": wrong})
+    with pytest.raises(SettingsError, match="BLACKROAD_ENGINE"):
+        asyncio.run(engine_in_use(settings))
+    env = {
+        **os.environ,
+        "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),
+        "BLACKROAD_ENGINE": wrong,
+        "BLACKROAD_DATA_DIR": str(tmp_path),
+        "BLACKROAD_WEB_PORT": str(free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"BLACKROAD_ENGINE: is '{wrong}', but the broker at 127.0.0.1:{broker.port} is {broker.engine}" in (
+        result.stderr
+    )
+
+
+def test_changelog_topics_are_compacted_on_the_broker(deployment: Deployment) -> None:
+    deployment.worker().start().wait_ready()
+    app_id = deployment.env["BLACKROAD_APP_ID"]
+    changelogs = [f"{app_id}-{table}-changelog" for table in ("agents", "tasks", "memory", "stats")]
+
+    async def policies() -> dict[str, str | None]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
+        await admin.start()
+        try:
+            responses = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in changelogs]
+            )
+        finally:
+            await admin.close()
+        found: dict[str, str | None] = {}
+        for response in responses:
+            for _code, _message, _kind, name, entries in (resource[:5] for resource in response.resources):
+                found[name] = {entry[0]: entry[1] for entry in entries}.get("cleanup.policy")
+        return found
+
+    assert asyncio.run(policies()) == dict.fromkeys(changelogs, "compact")
+
+
+def test_auto_falls_back_to_tansu_in_one_line_where_kafka_cannot_start(tmp_path: Path) -> None:
+    """Without Java on the PATH, `blackroad broker` runs Tansu and says once that state is in memory only."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "JAVA_HOME"},
+        "PATH": str(tmp_path / "no-java"),
+        "BLACKROAD_EMBEDDED_BROKER_PORT": str(free_port()),
+        "BLACKROAD_DATA_DIR": str(tmp_path / "data"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "broker"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().strip() for _ in range(2)]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    assert lines[0].startswith("blackroad: Apache Kafka cannot start here (no `java` found"), lines
+    assert lines[0].endswith("using Tansu: state is in memory only"), lines
+    assert lines[1].startswith("embedded broker: tansu (in memory only) on 127.0.0.1:"), lines
+
+
+def test_the_engine_setting_picks_the_engine_and_auto_prefers_kafka() -> None:
+    assert choose(Settings(engine="tansu")) == ("tansu", None)
+    assert choose(Settings(engine="kafka")) == ("kafka", None)
+    engine, note = choose(Settings())
+    if kafka_jars.unavailable() is None:
+        assert (engine, note) == ("kafka", None)
+    else:
+        assert engine == "tansu" and note is not None and "in memory only" in note
+
+
+def test_the_class_path_is_refused_once_the_pom_changed_or_a_jar_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jar = tmp_path / "kafka.jar"
+    jar.write_bytes(b"jar")
+    pom = tmp_path / "pom.xml"
+    pom.write_text("<project/>")
+    monkeypatch.setattr(kafka_jars, "ROOT", tmp_path)
+    monkeypatch.setattr(kafka_jars, "POM", pom)
+    monkeypatch.setattr(kafka_jars, "CLASSPATH_FILE", tmp_path / "classpath.txt")
+    monkeypatch.setattr(kafka_jars, "DIGEST_FILE", tmp_path / "pom.sha256")
+    with pytest.raises(kafka_jars.KafkaUnavailable, match="not provisioned"):
+        kafka_jars.class_path()
+    (tmp_path / "classpath.txt").write_text(str(jar))
+    (tmp_path / "pom.sha256").write_text(kafka_jars.pom_digest())
+    assert kafka_jars.class_path() == str(jar)
+    pom.write_text("<project><!-- another version --></project>")
+    with pytest.raises(kafka_jars.KafkaUnavailable, match=r"pom\.xml changed"):
+        kafka_jars.class_path()
+    (tmp_path / "pom.sha256").write_text(kafka_jars.pom_digest())
+    jar.unlink()
+    with pytest.raises(kafka_jars.KafkaUnavailable, match="missing"):
+        kafka_jars.class_path()
+
+
+def test_java_versions_are_read_from_java_dash_version(tmp_path: Path) -> None:
+    """Java 8 calls itself 1.8; Kafka 4 needs 17 or later."""
+    for shown, major in (('openjdk version "17.0.15" 2025-04-15', 17), ('java version "1.8.0_402"', 8)):
+        java = tmp_path / f"java{major}"
+        java.write_text(f"#!/bin/sh\necho '{shown}' >&2\n")
+        java.chmod(0o755)
+        assert kafka_jars.java_major(str(java)) == major
