@@ -16,7 +16,7 @@ from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
 from streams.ingress import IngressProducer
 from streams.log_continuity import BrokerLostData, VerifiedProducer
-from streams.membership import remember_member
+from streams.membership import client_id
 from streams.metrics import Metrics
 from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
@@ -67,11 +67,6 @@ class BlackroadApp(faust.App):
 
     async def batch_sink(self, batch: dict[Any, list[Any]]) -> None:
         await self.pipeline.process(batch)
-
-    async def _on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
-        await super()._on_partitions_assigned(assigned, generation_id)
-        consumer: BatchConsumer = self.consumer  # type: ignore[assignment]
-        remember_member(worker_state_dir(self.settings), consumer.member_id())
 
     async def _on_partitions_revoked(self, revoked: Any) -> None:
         # Let the batch in flight finish and reach the broker before Faust commits
@@ -234,7 +229,7 @@ class Pipeline(Service):
 
 
 def worker_state_dir(settings: Settings) -> Path:
-    """This worker process's state directory: one per web port, so a restarted process finds it."""
+    """This worker process's state directory: one per web port."""
     return settings.data_dir / "faust" / f"{settings.web_host}-{settings.web_port}"
 
 
@@ -254,6 +249,8 @@ def create_app(
         topic_replication_factor=1,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
+        # Members are named after it, so a restarted process finds its predecessor's (streams.membership).
+        broker_client_id=client_id(settings),
         broker_session_timeout=6.0,
         broker_heartbeat_interval=1.0,
         broker_request_timeout=20.0,

@@ -114,18 +114,16 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
 
 def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     """Run one worker in this process until it is stopped (SIGINT/SIGTERM); return its exit code."""
-    from streams.app import create_app, worker_state_dir
+    from streams.app import create_app
     from streams.broker_health import BrokerHealth
-    from streams.membership import evict_predecessor
+    from streams.membership import client_id, evict_predecessors
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    state_dir = worker_state_dir(settings)
-    if state_dir.exists():
-        # A process that died left its member in the group: remove it so the group
-        # rebalances at once instead of waiting out its session.
-        evicted = asyncio.run(evict_predecessor(settings.bootstrap, settings.app_id, state_dir))
-        if evicted:
-            print(f"blackroad: removed the member {evicted} a previous worker process left in the group", flush=True)
+    # A process that died here before left its member in the group: remove it, so the
+    # group rebalances at once instead of waiting out (or forever keeping) that member.
+    evicted = asyncio.run(evict_predecessors(settings.bootstrap, settings.app_id, client_id(settings)))
+    for member in evicted:
+        print(f"blackroad: removed the member {member} a previous worker process left in the group", flush=True)
     app = create_app(settings, stopping=stopping)
     client_messages = RepeatedClientMessages()
     _Worker = _worker_class(app.stopping, client_messages)

@@ -1,61 +1,76 @@
 """A restarted worker takes its predecessor's place in the consumer group at once.
 
 A worker that is SIGKILLed stays a member of the consumer group until its session
-times out. A rebalance in that time waits for it or, on some brokers, hands it
-partitions that nobody then processes until the session expires and the group
-rebalances again. Each worker process keeps its member id in its state directory
-(one per web port, so a restarted process finds its predecessor's); on start, a
-worker asks the group coordinator to remove that member (a LeaveGroup on its
-behalf, as the member itself sends when it stops cleanly), so the rebalance that
-its own join starts can complete at once.
+times out (and Tansu, the embedded broker, does not always expire a member that was
+killed while it joined). A rebalance in that time waits for it or hands it partitions
+that nobody then processes. So each worker process has a client id of its own that
+a process replacing it has too (:func:`client_id`: the app, the host and the web
+port), and brokers name members after their client id (``<client id>-<uuid>``). On
+start, before it joins, a worker asks the group coordinator to remove every member
+under its client id (a LeaveGroup on their behalf, as a member sends itself when it
+stops cleanly), so the rebalance its own join starts can complete at once.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import socket
 
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.group import LeaveGroupRequest
 
+from streams.settings import Settings
+
 log = logging.getLogger(__name__)
 
-MEMBER_FILE = "group-member-id"
+
+def client_id(settings: Settings) -> str:
+    """This worker process's Kafka client id: the same for the process that replaces it, and only for it."""
+    return f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}"
 
 
-def remember_member(state_dir: Path, member_id: str) -> None:
-    """Note this process's member id, for the process that may replace it."""
-    path = state_dir / MEMBER_FILE
-    if member_id and (not path.exists() or path.read_text() != member_id):
-        path.write_text(member_id)
+async def evict_predecessors(bootstrap: str, group: str, own_client_id: str, timeout_ms: int = 3000) -> list[str]:
+    """Remove the members an earlier process with ``own_client_id`` left in ``group``; returns their ids.
 
-
-async def evict_predecessor(bootstrap: str, group: str, state_dir: Path, timeout_ms: int = 3000) -> str | None:
-    """Remove the member a previous process in ``state_dir`` left in ``group``; returns its id.
-
-    Best effort: a member that already left or timed out is unknown to the coordinator,
-    which is fine (None is returned). Errors are logged, never raised: the worker then
-    joins as before.
+    Best effort: errors are logged, never raised (the worker then joins as before).
     """
-    path = state_dir / MEMBER_FILE
-    if not path.exists():
-        return None
-    member_id = path.read_text().strip()
-    path.unlink()
-    if not member_id:
-        return None
+    try:
+        stale = await _members_named(bootstrap, group, own_client_id + "-", timeout_ms)
+        if stale:
+            await _leave(bootstrap, group, stale, timeout_ms)
+    except (KafkaError, OSError, TimeoutError) as exc:
+        log.warning("could not remove earlier members of %s from %s: %r", own_client_id, group, exc)
+        return []
+    return stale
+
+
+async def _members_named(bootstrap: str, group: str, prefix: str, timeout_ms: int) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    members: list[str] = []
+    for response in described:
+        for found in response.groups:
+            # (error_code, group, state, protocol_type, protocol, members[, operations])
+            if found[1] == group:
+                members += [member[0] for member in found[5] if str(member[0]).startswith(prefix)]
+    return members
+
+
+async def _leave(bootstrap: str, group: str, members: list[str], timeout_ms: int) -> None:
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
     try:
         await client.bootstrap()
         coordinator = await client.coordinator_lookup(CoordinationType.GROUP, group)
-        response = await client.send(coordinator, LeaveGroupRequest(group, member_id))
-        error = for_code(response.error_code)
-        if error.errno != 0:
-            return None  # it already left or timed out
-    except (KafkaError, OSError, TimeoutError) as exc:
-        log.warning("could not remove the previous member %s from %s: %r", member_id, group, exc)
-        return None
+        for member in members:
+            response = await client.send(coordinator, LeaveGroupRequest(group, member))
+            error = for_code(response.error_code)
+            if error.errno != 0:
+                log.info("member %s of %s was already gone (%s)", member, group, error.__name__)
     finally:
         await client.close()
-    return member_id

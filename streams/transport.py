@@ -175,13 +175,6 @@ class BatchConsumer(faust_aiokafka.Consumer):
         if tp not in self._paused_partitions:
             super().verify_event_path(now, tp)
 
-    def member_id(self) -> str:
-        """This consumer's member id in its group (empty before it first joined)."""
-        consumer = self._thread._consumer  # noqa: SLF001 - runs on this loop (InLoopConsumerThread)
-        if consumer is None:
-            return ""
-        return str(consumer._coordinator.member_id)  # noqa: SLF001 - aiokafka keeps it there
-
     def mark_processed(self, offsets: Mapping[TP, int]) -> None:
         """Record the next offset to commit for each partition (effects are in the tables)."""
         self._processed.update(offsets)

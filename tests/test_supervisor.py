@@ -6,7 +6,8 @@ import os
 import signal
 import time
 
-from tests.harness import Deployment, wait_until
+from tests.factories import record, task
+from tests.harness import Deployment, produce, wait_until
 
 
 def test_a_worker_killed_again_and_again_is_started_again_at_once(deployment: Deployment) -> None:
@@ -32,3 +33,19 @@ def test_a_worker_killed_again_and_again_is_started_again_at_once(deployment: De
     log = supervisor.log_path.read_text()
     assert log.count("killed by signal 9; starting it again") == 3
     assert "removed the member" in log  # the restarted process took its predecessor's place in the group
+
+
+def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_successor(deployment: Deployment) -> None:
+    """Killed after joining but before any assignment, a process never ran a line of ours as a member."""
+    first = deployment.worker().start().wait_ready()
+    joining = deployment.worker().start()
+    wait_until(lambda: "Joined group" in joining.log(), 60, 0.01, what="the second worker to join the group")
+    joining.kill()  # just joined: its member is in the group, perhaps with no partitions yet
+    restarted = joining.at(joining.port)
+    restarted.start()
+    restarted.wait_ready(30)
+    assert "removed the member" in restarted.log_path.read_text(), restarted.log()
+    events = [task(f"agent_join_{i:03d}") for i in range(40)]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+    for worker in (first, restarted):  # the group settled: every partition is processed
+        wait_until(lambda w=worker: w.stats()["completed_tasks"] == len(events), 30, what="tasks after the restart")
