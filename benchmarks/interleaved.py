@@ -23,10 +23,11 @@ _PHASES = """
 import json, sys, tempfile
 from pathlib import Path
 from streams import bench, native
-count, agents = int(sys.argv[1]), 30_000
+count, agents, packed_only = int(sys.argv[1]), 30_000, sys.argv[2] == "1"
 out = []
+systems = [(bench.Project(), True), (bench.Project(pack=100, processes=2), False)]
 with tempfile.TemporaryDirectory() as tmp:
-    for i, (system, latency) in enumerate([(bench.Project(), True), (bench.Project(pack=100, processes=2), False)]):
+    for i, (system, latency) in enumerate(systems[1:] if packed_only else systems):
         work = Path(tmp) / f"{i}-backlog"; work.mkdir()
         m = bench.measure_backlog(system, count, agents, work)
         out.append([system.name, "backlog", m.tasks_per_second, None])
@@ -38,10 +39,14 @@ print("RESULT " + json.dumps({"hot_path": native.describe(), "rows": out}))
 """
 
 
-def run_phases(checkout: Path, count: int) -> dict[str, object]:
+def run_phases(checkout: Path, count: int, packed_only: bool) -> dict[str, object]:
     python = HERE / ".venv" / "bin" / "python"
     done = subprocess.run(  # noqa: S603 - our own interpreter and script
-        [str(python), "-c", _PHASES, str(count)], cwd=checkout, capture_output=True, text=True, check=True
+        [str(python), "-c", _PHASES, str(count), "1" if packed_only else "0"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])  # type: ignore[no-any-return]
@@ -52,10 +57,11 @@ def main() -> int:
     parser.add_argument("other", type=Path)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--count", type=int, default=300_000)
+    parser.add_argument("--packed-only", action="store_true", help="only the two-process task.batch backlog")
     args = parser.parse_args()
     for round_no in range(1, args.rounds + 1):
         for label, checkout in (("other", args.other.resolve()), ("this", HERE)):
-            result = run_phases(checkout, args.count)
+            result = run_phases(checkout, args.count, args.packed_only)
             print(f"round {round_no} {label} ({checkout}, {result['hot_path']}):", flush=True)
             for name, phase, rate, latency in result["rows"]:  # type: ignore[union-attr]
                 print(f"  {name} | {phase} | {rate:,} tasks/s | {latency or ''}", flush=True)
