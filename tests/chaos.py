@@ -322,23 +322,30 @@ def main() -> int:
     parser.add_argument("--every", type=float, nargs=2, default=(15.0, 30.0), metavar=("MIN", "MAX"))
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--engine", choices=("tansu", "kafka"), default="tansu", help="the embedded broker to run on")
     args = parser.parse_args()
     import tempfile
 
     from streams.broker import free_port
-    from streams.engines.tansu import TansuBroker
+    from streams.engines.choice import embedded_broker
+    from streams.settings import Settings
     from tests.harness import Deployment
 
     tmp = tempfile.mkdtemp(prefix="blackroad-chaos-")
     print(f"logs and data in {tmp}", flush=True)
-    with TansuBroker(free_port(), Path(tmp) / "broker.log") as broker:
-        deployment = Deployment(broker.port, Path(tmp), log_level="warning")
+    home = Settings(embedded_broker_port=free_port(), data_dir=Path(tmp) / "broker")
+    broker = embedded_broker(home, args.engine)
+    broker.start()
+    try:
+        deployment = Deployment(broker.port, Path(tmp), log_level="warning", engine=args.engine)
         supervisor = deployment.worker(processes=args.processes).start()
         workers = [supervisor.at(supervisor.port + i) for i in range(args.processes)]
         for worker in workers:
             worker.wait_ready(120)
         result = run_kills(deployment, supervisor, args.agents, args.rate, args.kills, tuple(args.every), args.seed)
         deployment.close()
+    finally:
+        broker.stop()
     print(result.summary())
     return 0 if result.exact else 1
 
