@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 _PR_SET_PDEATHSIG = 1
 
@@ -57,6 +58,54 @@ def watch_exit(
             callback(code)
 
     threading.Thread(target=watch, name="embedded-broker-watch", daemon=True).start()
+
+
+class ChildBroker:
+    """A broker run as this process's child on ``127.0.0.1:port``: what every engine shares.
+
+    Subclasses start ``_process`` in ``start()``; ``stop_timeout`` is how long a SIGTERM
+    may take before SIGKILL.
+    """
+
+    engine = ""
+    #: Whether records survive a restart of the broker.
+    durable = False
+    stop_timeout = 5.0
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs."""
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after ``stop_timeout`` seconds."""
+        process, self._process = self._process, None
+        if process is not None:
+            terminate(process, timeout=self.stop_timeout)
+
+    def on_unexpected_exit(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(exit code)`` from a thread of its own if the broker exits without :meth:`stop`."""
+        process = self._process
+        if process is not None:
+            watch_exit(process, lambda: self._process is process, callback)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def port_is_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -21,10 +21,9 @@ import base64
 import secrets
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from streams.broker import BrokerError, die_with_parent, free_port, port_is_open, terminate, wait_for_broker, watch_exit
+from streams.broker import BrokerError, ChildBroker, die_with_parent, free_port, port_is_open, wait_for_broker
 from streams.engines.kafka_jars import class_path, java_executable
 
 #: A small heap and flags for a quick start: this is one machine's broker, not a tuned
@@ -139,30 +138,23 @@ async def _wait_serving(bootstrap: str, deadline: float) -> None:
         await client.close()
 
 
-class KafkaBroker:
-    """An Apache Kafka 4 broker on ``127.0.0.1:port`` keeping its data under ``home``."""
+class KafkaBroker(ChildBroker):
+    """An Apache Kafka 4 broker on ``127.0.0.1:port`` keeping its data under ``home``.
+
+    A SIGTERM lets Kafka shut down cleanly (flush and close its logs): up to 30 s before SIGKILL.
+    """
 
     engine = "kafka"
-    #: Whether records survive a restart of the broker.
     durable = True
+    stop_timeout = 30.0
 
     def __init__(self, port: int, home: Path) -> None:
-        self.port = port
+        super().__init__(port)
         self.home = home
         self.records = home / "records"
         self.log_path = home / "broker.log"
         self.console_path = home / "console.log"
         self.controller_port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The broker process's id while it runs."""
-        return self._process.pid if self._process is not None else None
 
     @property
     def formatted(self) -> bool:
@@ -238,22 +230,3 @@ class KafkaBroker:
             if path.exists():
                 lines += path.read_text(errors="replace").splitlines()[-count:]
         return ":\n" + "\n".join(lines) if lines else ""
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM: Kafka shuts down cleanly (flushes and closes its logs); SIGKILL after ``timeout``."""
-        process, self._process = self._process, None
-        if process is not None:
-            terminate(process, timeout=timeout)
-
-    def on_unexpected_exit(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(exit code)`` from a thread of its own if the broker exits without :meth:`stop`."""
-        process = self._process
-        if process is not None:
-            watch_exit(process, lambda: self._process is process, callback)
-
-    def __enter__(self) -> KafkaBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

