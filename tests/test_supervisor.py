@@ -7,7 +7,7 @@ import signal
 import time
 
 from tests.factories import record, task
-from tests.harness import Deployment, produce, wait_until
+from tests.harness import Deployment, Worker, produce, wait_until
 
 
 def test_a_worker_killed_again_and_again_is_started_again_at_once(deployment: Deployment) -> None:
@@ -47,5 +47,10 @@ def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_success
     assert "removed the member" in restarted.log_path.read_text(), restarted.log()
     events = [task(f"agent_join_{i:03d}") for i in range(40)]
     produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+
+    def all_completed(worker: Worker) -> bool:  # a worker still recovering after a rebalance answers 503
+        status, stats = worker.get("/v1/stats")
+        return status == 200 and stats["completed_tasks"] == len(events)
+
     for worker in (first, restarted):  # the group settled: every partition is processed
-        wait_until(lambda w=worker: w.stats()["completed_tasks"] == len(events), 30, what="tasks after the restart")
+        wait_until(lambda w=worker: all_completed(w), 30, what="tasks after the restart")
