@@ -121,8 +121,13 @@ class Web:
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         return self.request("POST", path, raw)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, recovering_for: float = 15.0) -> dict[str, Any]:
+        """``GET /v1/stats``; a worker recovering its tables after a rebalance (503) is asked again for a while."""
+        deadline = time.monotonic() + recovering_for
         status, body = self.get("/v1/stats")
+        while status == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status, body = self.get("/v1/stats")
         assert status == 200, body
         return body  # type: ignore[no-any-return]
 
