@@ -41,7 +41,9 @@ def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_success
     joining = deployment.worker().start()
     wait_until(lambda: "Joined group" in joining.log(), 60, 0.01, what="the second worker to join the group")
     joining.kill()  # just joined: its member is in the group, perhaps with no partitions yet
-    restarted = joining.at(joining.port)
+    restarted = deployment.worker()  # the same web port, so the same client id as the killed one
+    restarted.port = joining.port
+    restarted.log_path = joining.log_path
     restarted.start()
     restarted.wait_ready(30)
     assert "removed the member" in restarted.log_path.read_text(), restarted.log()
