@@ -48,6 +48,14 @@ def require_kafka() -> None:
         )
 
 
+def new_broker(engine: str, port: int, home: Path) -> Engine:
+    """An empty broker of ``engine`` on ``port``, keeping its files under ``home`` (not started)."""
+    if engine == "kafka":
+        require_kafka()
+        return KafkaBroker(port, home)
+    return TansuBroker(port, home / "broker.log")
+
+
 @pytest.fixture(scope="session", params=_engines())
 def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """One real broker of each engine for the whole run, on a free port (ids ``tansu``, ``kafka``).
@@ -55,13 +63,7 @@ def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     Kafka's absence fails its tests instead of skipping them: CI has Java and Maven, and a
     suite that silently ran on one engine would hide the other's failures.
     """
-    home = tmp_path_factory.mktemp(f"broker-{request.param}")
-    running: Engine
-    if request.param == "kafka":
-        require_kafka()
-        running = KafkaBroker(free_port(), home)
-    else:
-        running = TansuBroker(free_port(), home / "broker.log")
+    running = new_broker(request.param, free_port(), tmp_path_factory.mktemp(f"broker-{request.param}"))
     running.start()
     try:
         yield running

@@ -19,9 +19,7 @@ import pytest
 
 from streams.broker import create_topic, free_port
 from streams.engines.choice import Engine
-from streams.engines.kafka import KafkaBroker
-from streams.engines.tansu import TansuBroker
-from tests.conftest import _engines, require_kafka
+from tests.conftest import _engines, new_broker
 from tests.factories import record, task
 from tests.harness import Deployment, Worker, produce, wait_until
 
@@ -31,18 +29,10 @@ INGRESS_BUDGET = 2.0
 STOP_BUDGET = 5.0
 
 
-def _new_broker(engine: str, port: int, home: Path) -> Engine:
-    """An empty broker of ``engine`` on ``port``, keeping its files under ``home``."""
-    if engine == "kafka":
-        require_kafka()
-        return KafkaBroker(port, home)
-    return TansuBroker(port, home / "broker.log")
-
-
 @pytest.fixture(params=_engines())
 def own_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A broker of this test's own, of each engine, which it may stop, kill or replace."""
-    broker = _new_broker(request.param, free_port(), tmp_path / "broker")
+    broker = new_broker(request.param, free_port(), tmp_path / "broker")
     broker.start()
     try:
         yield broker
@@ -70,7 +60,7 @@ def _kill(broker: Engine) -> None:
 @contextlib.contextmanager
 def _empty_again(lost: Engine, tmp_path: Path, deployment: Deployment) -> Iterator[Engine]:
     """A new, empty broker of the same engine where ``lost`` was: the tasks topic exists, nothing else."""
-    broker = _new_broker(lost.engine, lost.port, tmp_path / "broker-after")
+    broker = new_broker(lost.engine, lost.port, tmp_path / "broker-after")
     broker.start()
     try:
         asyncio.run(create_topic(broker.bootstrap, deployment.topic("tasks"), deployment.partitions))
