@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from mode import Service
 
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
+from streams.exactly_once import TransactionalSender
 from streams.ingress import IngressProducer
 from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import client_id
@@ -23,7 +25,7 @@ from streams.processor import EXPIRY_CHUNK, BatchProcessor
 from streams.settings import Settings
 from streams.stats_view import StatsView
 from streams.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
-from streams.tables import CachedTable, Tables, TableWriter, define_tables
+from streams.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables
 from streams.transport import BatchConsumer, BatchTransport
 from streams.web import router_errors_in_envelope
 
@@ -73,7 +75,18 @@ class BlackroadApp(faust.App):
         # and hands partitions away.
         async with self.pipeline.lock:
             await self.pipeline.drain()
+            await self.pipeline.release(revoked)
             await super()._on_partitions_revoked(revoked)
+
+    async def _on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        # Under exactly-once, fence the partitions' previous owners before Faust restores
+        # their tables and reads their committed offsets (streams.exactly_once).
+        try:
+            await self.pipeline.claim(assigned)
+        except Exception as exc:  # noqa: BLE001 - as Faust treats its own rebalance failures
+            await self.crash(exc)
+            return
+        await super()._on_partitions_assigned(assigned, generation_id)
 
 
 class Pipeline(Service):
@@ -88,7 +101,10 @@ class Pipeline(Service):
         self.tables = tables
         self.registry = registry
         self.metrics = metrics
+        #: The changelog producer under at-least-once.
         self.producer: AIOKafkaProducer | None = None
+        #: The transactional producers, one per owned input partition, under exactly-once.
+        self.transactions = TransactionalSender(self.settings) if self.settings.exactly_once else None
         #: Puts HTTP requests' tasks on the broker (set once started).
         self.ingress: IngressProducer | None = None
         self.processor: BatchProcessor | None = None
@@ -102,25 +118,32 @@ class Pipeline(Service):
         self._started_event = asyncio.Event()
 
     async def on_start(self) -> None:
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap,
-            acks="all",
-            linger_ms=0,
-            max_batch_size=1024 * 1024,
-            max_request_size=4 * 1024 * 1024,
-            client_id=f"{self.settings.app_id}-tables",
-        )
-        await self.producer.start()
+        consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
+        sender: DirectSender | TransactionalSender
+        if self.transactions is not None:
+            sender = self.transactions
+            on_processed: Callable[[dict[Any, int]], None] = _committed_with_the_flush
+        else:
+            self.producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.bootstrap,
+                acks="all",
+                linger_ms=0,
+                max_batch_size=1024 * 1024,
+                max_request_size=4 * 1024 * 1024,
+                client_id=f"{self.settings.app_id}-tables",
+            )
+            await self.producer.start()
+            sender = DirectSender(VerifiedProducer(self.producer))
+            on_processed = consumer.mark_processed
         cached = {name: CachedTable(name, table) for name, table in self.tables.all().items()}
         partitions = self.settings.partitions
-        consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
         self.processor = BatchProcessor(
             self.settings,
-            TableWriter(VerifiedProducer(self.producer), cached),
+            TableWriter(sender, cached),
             self.registry,
             self.metrics,
             partition_for=wire.Partitioner(partitions),
-            on_processed=consumer.mark_processed,
+            on_processed=on_processed,
             highwater=consumer.highwater,
             lock=self.lock,
         )
@@ -179,6 +202,20 @@ class Pipeline(Service):
         if self.processor is not None and self.lost_data is None:
             await self.processor.drain()
 
+    def _task_partitions(self, tps: Any) -> set[int]:
+        topic = self.settings.topic("tasks")
+        return {tp.partition for tp in tps if tp.topic == topic}
+
+    async def claim(self, assigned: Any) -> None:
+        """Under exactly-once, start the transactional producers of newly assigned input partitions."""
+        if self.transactions is not None:
+            await self.transactions.claim(self._task_partitions(assigned))
+
+    async def release(self, revoked: Any) -> None:
+        """Under exactly-once, let go of the producers of revoked input partitions (once drained)."""
+        if self.transactions is not None:
+            await self.transactions.release(self._task_partitions(revoked))
+
     async def on_stop(self) -> None:
         self.peers.close()
         # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.stopping).
@@ -205,6 +242,8 @@ class Pipeline(Service):
             await self.ingress.stop()
         if self.producer is not None:
             await self.producer.stop()
+        if self.transactions is not None:
+            await self.transactions.stop()
 
     async def process(self, batch: dict[Any, list[Any]]) -> None:
         await self.wait_for_started()
@@ -226,6 +265,10 @@ class Pipeline(Service):
 
     async def wait_for_started(self) -> None:
         await self._started_event.wait()
+
+
+def _committed_with_the_flush(offsets: dict[Any, int]) -> None:
+    """Under exactly-once the input offsets are committed in the flush's transaction."""
 
 
 def worker_state_dir(settings: Settings) -> Path:

@@ -8,15 +8,17 @@ One call handles everything one fetch returned, across partitions:
    runs them and folds the outcomes into the task, agent, memory and stats rows;
 3. go on with the next batch: changed rows reach their changelogs, and lifecycle events
    and dead letters their topics, in bulk once per flush interval (see
-   :class:`streams.tables.TableWriter`). Once the broker has all the records a batch
-   depends on, its offsets are marked processed so the next commit includes them.
+   :class:`streams.tables.TableWriter`). Under exactly-once each flush is a transaction
+   that also commits the batches' input offsets (:mod:`streams.exactly_once`); under
+   at-least-once, once the broker has all the records a batch depends on, its offsets
+   are marked processed so the consumer's next commit includes them.
 
 Flushes are frequent (``flush_interval``) while the worker keeps up with its input, so
 events and stats follow the tasks closely, and five times rarer by default
 (``backlog_flush_interval``) while a batch leaves records waiting on the broker: then
 most rows change several times between flushes and each is written once.
 
-Replays after a crash are idempotent: see :mod:`streams.state`.
+Replays after a crash are idempotent either way: see :mod:`streams.state`.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class BatchProcessor:
             started = time.perf_counter()
             try:
                 offsets, count = await self._process(batch)
-                waits = self.writer.end_batch()
+                waits = self.writer.end_batch(offsets)
             except BaseException:
                 self.writer.rollback()
                 raise
@@ -216,7 +218,7 @@ class BatchProcessor:
             key = agent_id.encode()
             if (record.key != key) if single else (partition_for(key) != partition):
                 # Keyed by something else: send it on to its agent's partition.
-                self.writer.emit(self.tasks_topic, partition_for(key), key, wire.encode_task(event))
+                self.writer.emit(self.tasks_topic, partition_for(key), key, wire.encode_task(event), source=partition)
                 self.metrics.repartitioned.inc()
                 continue
             items = by_agent.get(agent_id)

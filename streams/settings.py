@@ -16,6 +16,8 @@ from pathlib import Path
 PREFIX = "BLACKROAD_"
 #: Values of BLACKROAD_ENGINE (see streams.engines).
 ENGINES = ("auto", "kafka", "tansu")
+#: Values of BLACKROAD_PROCESSING_GUARANTEE (see streams.exactly_once).
+GUARANTEES = ("auto", "exactly_once", "at_least_once")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -40,6 +42,12 @@ class Settings:
     #: ``auto`` (Kafka where it can start). ``up``/``broker`` start it; a worker learns
     #: which one it reached (streams.engines.engine_in_use), after which this names it.
     engine: str = "auto"
+    #: ``exactly_once``: each flush is one Kafka transaction per input partition (rows,
+    #: lifecycle events, dead letters and the input offsets), and a worker that lost a
+    #: partition is fenced. ``at_least_once``: a replay after a crash may emit lifecycle
+    #: events and dead letters again (rows stay exact). ``auto``: exactly-once unless the
+    #: broker is Tansu, which has no transactions.
+    processing_guarantee: str = "auto"
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     partitions: int = 4
@@ -93,6 +101,13 @@ class Settings:
         return self.engine == "tansu"
 
     @property
+    def exactly_once(self) -> bool:
+        """True when flushes are transactions (see :mod:`streams.exactly_once`)."""
+        if self.processing_guarantee == "auto":
+            return not self.on_tansu
+        return self.processing_guarantee == "exactly_once"
+
+    @property
     def fetch_wait_ms(self) -> int:
         """How long the broker may hold an empty fetch: as set, else what suits the engine.
 
@@ -142,6 +157,17 @@ class Settings:
         _check_range("EMBEDDED_BROKER_PORT", self.embedded_broker_port, 1, 65535)
         if self.engine not in ENGINES:
             raise SettingsError("ENGINE", f"expected one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.processing_guarantee not in GUARANTEES:
+            raise SettingsError(
+                "PROCESSING_GUARANTEE",
+                f"expected one of {', '.join(GUARANTEES)}, got {self.processing_guarantee!r}",
+            )
+        if self.processing_guarantee == "exactly_once" and self.on_tansu:
+            raise SettingsError(
+                "PROCESSING_GUARANTEE",
+                "exactly_once needs Kafka transactions, which the Tansu broker does not have "
+                "(use at_least_once or auto with Tansu)",
+            )
         _check_range("WEB_PORT", self.web_port, 1, 65535)
         _check_range("PARTITIONS", self.partitions, 1, 1024)
         _check_range("WORKER_PROCESSES", self.worker_processes, 0, self.partitions)

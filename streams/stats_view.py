@@ -42,6 +42,8 @@ class StatsView(Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=50,
+            # Under exactly-once, only committed flushes count (streams.exactly_once).
+            isolation_level="read_committed" if self.settings.exactly_once else "read_uncommitted",
         )
         await self._consumer.start()
         tps = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]

@@ -307,6 +307,33 @@ class CachedTable:
         self.undo = {}
 
 
+#: Records to produce, by (topic, partition, source partition): the source partition is the
+#: input partition whose records caused them (their transaction's, under exactly-once).
+Outgoing = dict[tuple[str, int, int], list[tuple[bytes | None, bytes | None]]]
+
+
+class DirectSender:
+    """At-least-once: a flush's records go straight to the producer.
+
+    The input offsets are committed by the consumer once the broker has every record
+    (:meth:`streams.processor.BatchProcessor.acknowledge`), so a crash in between replays
+    them: rows stay exact (see :mod:`streams.state`), other records may appear twice.
+    """
+
+    #: Whether a flush carries the input offsets (it does not: the consumer commits them).
+    takes_offsets = False
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+
+    async def send(self, outgoing: Outgoing, offsets: dict[Any, int]) -> list[asyncio.Future[Any]]:
+        """Hand every record to the producer; return the futures of their acknowledgements."""
+        futures: list[asyncio.Future[Any]] = []
+        for (topic, partition, _source), records in outgoing.items():
+            futures.extend(await send_bulk(self._producer, topic, partition, records))
+        return futures
+
+
 class TableWriter:
     """A record cache over the table stores: writes coalesce per key across batches.
 
@@ -319,41 +346,62 @@ class TableWriter:
       however many events changed it since the last flush, and the queued records of
       every batch since, then resolves the waiting batches once the broker has them all.
 
+    How a flush reaches the broker is the sender's: :class:`DirectSender` (at-least-once)
+    or :class:`streams.exactly_once.TransactionalSender`, whose flushes also carry the
+    input offsets of the batches they close.
+
     Outgoing records wait for the flush like Kafka Streams' producer lingers: a few
     large produce requests instead of one per batch, which costs the broker and the
     worker far less at a light load.
     """
 
-    def __init__(self, producer: Any, tables: dict[str, CachedTable]) -> None:
-        self._producer = producer
+    def __init__(self, sender: Any, tables: dict[str, CachedTable]) -> None:
+        self._sender = sender
+        self._takes_offsets: bool = sender.takes_offsets
         self.tables = tables
-        # (topic, partition) -> [(key, value)] of other records (lifecycle, dead letters):
+        # (topic, partition, source) -> [(key, value)] of other records (lifecycle, dead letters):
         # those of the batch in progress, and those of finished batches waiting for the flush.
-        self._batch: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
-        self._outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        self._batch: Outgoing = {}
+        self._outgoing: Outgoing = {}
         self._outgoing_count = 0
+        #: Input offsets of the batches since the last flush (when the sender takes them).
+        self._offsets: dict[Any, int] = {}
         self._next_flush: asyncio.Future[None] | None = None
         #: Flushes whose records are on their way to the producer, oldest first.
         self._handovers: deque[asyncio.Future[None]] = deque()
 
     def outbox(self, topic: str, partition: int) -> list[tuple[bytes | None, bytes | None]]:
-        """The list of records queued for ``topic``/``partition`` in this batch (append to it)."""
-        records = self._batch.get((topic, partition))
+        """The list of records queued for ``topic``/``partition`` in this batch (append to it).
+
+        They belong to the input partition of the same number.
+        """
+        records = self._batch.get((topic, partition, partition))
         if records is None:
-            records = self._batch[(topic, partition)] = []
+            records = self._batch[(topic, partition, partition)] = []
         return records
 
-    def emit(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
-        """Queue one record for another topic, sent with the next flush."""
-        self.outbox(topic, partition).append((key, value))
+    def emit(self, topic: str, partition: int, key: bytes | None, value: bytes, source: int = -1) -> None:
+        """Queue one record for another topic, sent with the next flush.
+
+        ``source`` is the input partition it comes from, when not ``partition`` itself.
+        """
+        origin = partition if source < 0 else source
+        records = self._batch.get((topic, partition, origin))
+        if records is None:
+            records = self._batch[(topic, partition, origin)] = []
+        records.append((key, value))
 
     @property
     def dirty(self) -> int:
-        """Changed rows and queued records waiting for the next flush."""
-        return sum(len(table.dirty) for table in self.tables.values()) + self._outgoing_count
+        """Changed rows, queued records and input offsets waiting for the next flush."""
+        return sum(len(table.dirty) for table in self.tables.values()) + self._outgoing_count + len(self._offsets)
 
-    def end_batch(self) -> list[asyncio.Future[Any]]:
-        """Close the batch; return what its offsets wait for (the next flush), if anything."""
+    def end_batch(self, offsets: dict[Any, int] | None = None) -> list[asyncio.Future[Any]]:
+        """Close the batch; return what its offsets wait for (the next flush), if anything.
+
+        ``offsets`` are the batch's next input offsets, kept for the flush when the sender
+        commits them with it.
+        """
         changed = bool(self._batch)
         for key, records in self._batch.items():
             if records:
@@ -366,6 +414,9 @@ class TableWriter:
                 if table.name in FREEZE_AT_BATCH_END:
                     table.freeze_changed()
                 table.undo = {}
+        if offsets and self._takes_offsets:
+            self._offsets.update(offsets)
+            changed = True
         if not changed:
             return []
         if self._next_flush is None:
@@ -381,11 +432,12 @@ class TableWriter:
         Returns how many records this flush sends.
         """
         outgoing = self._take_outgoing()
+        offsets, self._offsets = self._offsets, {}
         waiting, self._next_flush = self._next_flush, None
         while len(self._handovers) >= MAX_HANDOVERS:
             await self._handovers.popleft()
         previous = self._handovers[-1] if self._handovers else None
-        self._handovers.append(asyncio.ensure_future(self._send_all(outgoing, waiting, previous)))
+        self._handovers.append(asyncio.ensure_future(self._send_all(outgoing, offsets, waiting, previous)))
         return sum(len(records) for records in outgoing.values())
 
     async def sent(self) -> None:
@@ -399,9 +451,9 @@ class TableWriter:
         if failure is not None:
             raise failure
 
-    def _take_outgoing(self) -> dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]]:
+    def _take_outgoing(self) -> Outgoing:
         """Pack every dirty row (freezing those the table freezes) and take the queued records."""
-        outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        outgoing: Outgoing = {}
         for table in self.tables.values():
             rows = table.rows
             topic = table.changelog_topic
@@ -410,7 +462,7 @@ class TableWriter:
             for key, partition in table.dirty.items():
                 records = by_partition.get(partition)
                 if records is None:
-                    records = by_partition[partition] = outgoing[(topic, partition)] = []
+                    records = by_partition[partition] = outgoing[(topic, partition, partition)] = []
                 value = rows.get(key)
                 if value is None:
                     packed = None
@@ -429,17 +481,16 @@ class TableWriter:
 
     async def _send_all(
         self,
-        outgoing: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]],
+        outgoing: Outgoing,
+        offsets: dict[Any, int],
         waiting: asyncio.Future[None] | None,
         previous: asyncio.Future[None] | None,
     ) -> None:
         """Send one flush's records after the previous flush's (a failed one fails this too)."""
-        futures: list[asyncio.Future[Any]] = []
         try:
             if previous is not None:
                 await asyncio.shield(previous)
-            for (topic, partition), records in outgoing.items():
-                futures.extend(await self._send_bulk(topic, partition, records))
+            futures = await self._sender.send(outgoing, offsets)
         except BaseException as exc:
             if waiting is not None and not waiting.done():
                 waiting.set_exception(exc)
@@ -453,23 +504,24 @@ class TableWriter:
             table.rollback()
         self._batch = {}
 
-    async def _send_bulk(
-        self, topic: str, partition: int, records: list[tuple[bytes | None, bytes | None]]
-    ) -> list[asyncio.Future[Any]]:
-        producer = self._producer
-        futures = []
-        batch = producer.create_batch()
-        append = batch.append
-        for key, value in records:
-            if append(key=key, value=value, timestamp=None) is None:
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = producer.create_batch()
-                append = batch.append
-                if append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"record for {topic} larger than the producer's max batch size")
-        if batch.record_count():
+
+async def send_bulk(
+    producer: Any, topic: str, partition: int, records: list[tuple[bytes | None, bytes | None]]
+) -> list[asyncio.Future[Any]]:
+    """Hand ``records`` to ``producer`` in as few batches as fit; return their delivery futures."""
+    futures = []
+    batch = producer.create_batch()
+    append = batch.append
+    for key, value in records:
+        if append(key=key, value=value, timestamp=None) is None:
             futures.append(await producer.send_batch(batch, topic, partition=partition))
-        return futures
+            batch = producer.create_batch()
+            append = batch.append
+            if append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"record for {topic} larger than the producer's max batch size")
+    if batch.record_count():
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures
 
 
 def _resolve_when_all_done(target: asyncio.Future[None], futures: list[asyncio.Future[Any]]) -> None:

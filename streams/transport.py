@@ -39,6 +39,10 @@ class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         settings = self.app.settings  # type: ignore[attr-defined]
         consumer._fetch_max_wait_ms = settings.fetch_wait_ms  # noqa: SLF001
+        if settings.exactly_once:
+            # Tasks and changelogs as committed (streams.exactly_once); the fetcher that
+            # reads it is made when the consumer starts.
+            consumer._isolation_level = "read_committed"  # noqa: SLF001
         return consumer
 
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
@@ -131,6 +135,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._processed: dict[TP, int] = {}
+        #: The last changelog record applied per partition in the recovery in progress.
+        self._last_restored: dict[TP, Any] = {}
 
     def _new_consumer_thread(self) -> InLoopConsumerThread:
         return InLoopConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -188,32 +194,77 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher: Any) -> None:
         sink: BatchSink = self.app.batch_sink  # type: ignore[attr-defined]
         batch_topics: frozenset[str] = self.app.batch_topics  # type: ignore[attr-defined]
-        deliver_one = self.callback
         consumer_stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set  # noqa: SLF001 - mode's own service flag
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
         while not (consumer_stopped() or fetcher_stopped()):
             records, active = await self._wait_next_records(1.0)
-            if not records or self.should_stop:
+            if self.should_stop:
                 continue
             assignment = self.assignment()
             batch: dict[TP, list[Any]] = {}
-            for tp, recs in records.items():
+            changelogs: dict[TP, list[Any]] = {}
+            for tp, recs in (records or {}).items():
                 if not recs or tp not in assignment or (active is not None and tp not in active):
                     continue
                 if tp.topic in batch_topics:
                     batch[tp] = recs
-                    continue
-                # Changelog records (table recovery): all go straight into the store,
-                # in order. The last applied one is then handed to Faust's recovery only
-                # to wake it: it finds the offset already reached, applies nothing, and
-                # checks whether recovery is complete.
-                last_applied = bulk_restore(self.app.tables.recovery, tp, recs)  # type: ignore[attr-defined]
-                if last_applied is not None:
-                    await deliver_one(self._to_message(tp, last_applied))
-                self._read_offset[tp] = recs[-1].offset
+                else:
+                    changelogs[tp] = recs
+            if changelogs or recovery.in_recovery:
+                await self._restore(changelogs)
             if batch:
                 self._mark_inbound(batch)
                 await sink(batch)
+
+    async def _restore(self, records: Mapping[TP, list[Any]]) -> None:
+        """Apply changelog records (of partitions in recovery), and tell Faust how far each got.
+
+        All go straight into the store, in order. The last applied one is then handed to
+        Faust's recovery only to wake it: it finds the offset already reached, applies
+        nothing, and checks whether recovery is complete.
+
+        Transactional changelogs (exactly-once) end with a commit marker, which takes an
+        offset but is no record: the consumer moves past it without returning anything.
+        A partition whose consumer position passed the recovery high-water mark therefore
+        counts as restored up to that mark; Faust itself would wait 10 s to guess so.
+        """
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        woken: dict[TP, Any] = {}
+        for tp, recs in records.items():
+            last_applied = bulk_restore(recovery, tp, recs)
+            if last_applied is not None:
+                self._last_restored[tp] = woken[tp] = last_applied
+            self._read_offset[tp] = recs[-1].offset
+        for tp, offsets, highwaters in _in_recovery(recovery):
+            highwater = highwaters.get(tp)
+            seen = offsets.get(tp)
+            if highwater is None or (seen is not None and seen >= highwater):
+                continue
+            position = self._position(tp)
+            if position is not None and position > highwater:
+                offsets[tp] = highwater
+                last = self._last_restored.get(tp)
+                if last is not None:
+                    woken[tp] = last
+        for tp, record in woken.items():
+            await self.callback(self._to_message(tp, record))
+        if not recovery.in_recovery:
+            self._last_restored.clear()
+
+    def _position(self, tp: TP) -> int | None:
+        """The aiokafka consumer's next offset to return for ``tp``, if it has one."""
+        consumer = self._thread._consumer  # noqa: SLF001 - runs on this loop (InLoopConsumerThread)
+        subscription = consumer._subscription.subscription if consumer is not None else None  # noqa: SLF001
+        if subscription is None or subscription.assignment is None:
+            return None
+        try:
+            state = subscription.assignment.state_value(aiokafka.TopicPartition(tp.topic, tp.partition))
+        except KeyError:
+            return None
+        if state is None or not state.has_valid_position:
+            return None
+        return int(state.position)
 
     def _mark_inbound(self, batch: Mapping[TP, list[Any]]) -> None:
         """Tell Faust's monitor the batch's partitions are being processed.
@@ -275,6 +326,14 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> Any:
         key_partition[key] = partition
     offsets[tp] = fresh[-1].offset
     return fresh[-1]
+
+
+def _in_recovery(recovery: Any) -> Iterator[tuple[TP, dict[TP, int], dict[TP, int]]]:
+    """Each partition being restored, with the offsets and high-water marks its recovery tracks."""
+    for tp in recovery.active_tps:
+        yield tp, recovery.active_offsets, recovery.active_highwaters
+    for tp in recovery.standby_tps:
+        yield tp, recovery.standby_offsets, recovery.standby_highwaters
 
 
 class BatchTransport(faust_aiokafka.Transport):

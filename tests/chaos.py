@@ -11,6 +11,9 @@ Used by the kill test in the suite (a short run) and, with bigger figures, by
   a kill.
 * :func:`check_exact` compares every agent's counters and memory chain, every task row
   and the stats with what was sent.
+* :func:`check_events` reads the lifecycle events and dead letters as a
+  ``read_committed`` consumer: every task's events and every bad record's dead letter
+  are there, and under exactly-once each exactly once.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,12 +54,17 @@ class AgentLoad:
 class SteadyLoad(threading.Thread):
     """Sends ``rate`` tasks/s over ``agents`` agents until :meth:`stop`."""
 
-    def __init__(self, bootstrap: str, topic: str, agents: int, rate: float, partitions: int) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, agents: int, rate: float, partitions: int, bad_every: int = 0
+    ) -> None:
         super().__init__(daemon=True, name="steady-load")
         self.bootstrap = bootstrap
         self.topic = topic
         self.rate = rate
         self.partitions = partitions
+        #: Every ``bad_every``-th record is undecodable (0: none); their (partition, offset).
+        self.bad_every = bad_every
+        self.bad: list[tuple[int, int]] = []
         self.agent_ids = [f"agent_chaos_{i:05d}" for i in range(agents)]
         self.sent: dict[str, AgentLoad] = {agent: AgentLoad() for agent in self.agent_ids}
         #: Highest offset the broker acknowledged per partition.
@@ -101,6 +110,8 @@ class SteadyLoad(threading.Thread):
         try:
             sequence = 0
             while not self._stop_requested.is_set():
+                if self.bad_every and sequence and sequence % self.bad_every == 0:
+                    pending.append(await self._send_bad(producer, sequence))
                 event = self._next(sequence)
                 key = event.agent_id.encode()
                 future = await producer.send(
@@ -120,6 +131,18 @@ class SteadyLoad(threading.Thread):
         finally:
             await producer.stop()
 
+    async def _send_bad(self, producer: AIOKafkaProducer, sequence: int) -> asyncio.Future[Any]:
+        key = self.agent_ids[sequence % len(self.agent_ids)].encode()
+        partition = partition_for(key, self.partitions)
+        future = await producer.send(self.topic, b"\xc1 not msgpack", key=key, partition=partition)
+        future.add_done_callback(self._note_bad)
+        return future
+
+    def _note_bad(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.bad.append((future.result().partition, future.result().offset))
+        self._note_ack(future)
+
     def _note_ack(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
@@ -131,9 +154,10 @@ class SteadyLoad(threading.Thread):
 class StatsFollower(threading.Thread):
     """Notes, per partition, when its stats row (the processed offset ``o``) moved."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int, isolation_level: str = "read_uncommitted") -> None:
         super().__init__(daemon=True, name="stats-follower")
         self.bootstrap = bootstrap
+        self.isolation_level = isolation_level
         self.topic = topic
         self.partitions = partitions
         #: (monotonic time seen, partition, processed offset)
@@ -148,7 +172,12 @@ class StatsFollower(threading.Thread):
         asyncio.run(self._follow())
 
     async def _follow(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+            isolation_level=self.isolation_level,
+        )
         await consumer.start()
         try:
             tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
@@ -245,6 +274,74 @@ def check_exact(urls: list[str], load: SteadyLoad, memory_budget_entries: int | 
             problems.extend(found)
         for found in pool.map(check_task, task_jobs):
             problems.extend(found)
+    return problems
+
+
+def read_topic(bootstrap: str, topic: str, partitions: int, isolation_level: str) -> list[Any]:
+    """Every record of ``topic`` up to its end now, as a consumer of ``isolation_level`` sees it."""
+
+    async def run() -> list[Any]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level
+        )
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            records: list[Any] = []
+            deadline = time.monotonic() + 120
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{topic}: not read to its end {ends} within 120 s")
+                for recs in (await consumer.getmany(timeout_ms=200)).values():
+                    records.extend(recs)
+            return records
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())
+
+
+def check_events(deployment: Any, load: SteadyLoad, exactly_once: bool) -> list[str]:
+    """The lifecycle events and dead letters a ``read_committed`` consumer reads, against what was sent.
+
+    Every task has its ``task.completed``, every memory write its
+    ``memory.written``, every undecodable record its dead letter; under exactly-once none
+    of them twice (at-least-once may repeat those of records replayed after a kill).
+    """
+    problems: list[str] = []
+    events = read_topic(deployment.bootstrap, deployment.topic("events"), deployment.partitions, "read_committed")
+    by_id: Counter[str] = Counter()
+    memory_writes: Counter[tuple[str, str]] = Counter()
+    for record in events:
+        event = msgpack.unpackb(record.value, raw=False)
+        if event["type"] in ("task.started", "task.completed", "task.failed"):
+            by_id[event["event_id"]] += 1
+        elif event["type"] == "memory.written":
+            memory_writes[(event["agent_id"], event["memory_id"])] += 1
+    for agent_id, sent in load.sent.items():
+        for task_id in sent.tasks:
+            # Only a task that waits in its handler has a task.started (echo and memory writes do not).
+            started = by_id.get(wire.task_event_id(task_id, "started"), 0)
+            completed = by_id.get(wire.task_event_id(task_id, "completed"), 0)
+            if completed == 0 or (exactly_once and (completed > 1 or started > 1)):
+                problems.append(f"{task_id}: task.started read {started} times, task.completed {completed} times")
+        written = sum(count for (agent, _), count in memory_writes.items() if agent == agent_id)
+        distinct = sum(1 for agent, _ in memory_writes if agent == agent_id)
+        if distinct < len(sent.notes) or (exactly_once and written != len(sent.notes)):
+            problems.append(f"{agent_id}: {len(sent.notes)} memory writes, {written} memory.written events")
+    letters = read_topic(deployment.bootstrap, deployment.topic("deadletter"), deployment.partitions, "read_committed")
+    lettered: Counter[tuple[int, int]] = Counter()
+    for record in letters:
+        letter = msgpack.unpackb(record.value, raw=False)
+        lettered[(letter["partition"], letter["offset"])] += 1
+    for where in load.bad:
+        seen = lettered.pop(where, 0)
+        if seen == 0 or (exactly_once and seen > 1):
+            problems.append(f"undecodable record at {where}: dead-lettered {seen} times")
+    problems.extend(f"dead letter for {where}, which was not a bad record" for where in lettered)
     return problems
 
 
@@ -366,12 +463,16 @@ class KillRun:
         lines = [
             f"{self.sent} tasks in {self.seconds:.0f} s, {len(self.kills.killed_at)} kills;"
             f" seconds from each kill until every partition was processed past it: {served}",
-            "exact: every counter, memory chain, task row and stat"
+            "exact: every counter, memory chain, task row, stat, lifecycle event and dead letter"
             if self.exact
             else f"{len(self.problems)} problems:",
         ]
         lines += self.problems[:50]
         return "\n".join(lines)
+
+
+#: One record in this many of the kill runs' load is undecodable (it must be dead-lettered once).
+BAD_EVERY = 97
 
 
 def run_kills(
@@ -380,9 +481,13 @@ def run_kills(
     started = time.monotonic()
     rng = random.Random(seed)
     stats_changelog = f"{deployment.env['BLACKROAD_APP_ID']}-stats-changelog"
-    follower = StatsFollower(deployment.bootstrap, stats_changelog, deployment.partitions)
+    exactly_once = deployment.env.get("BLACKROAD_ENGINE") == "kafka"
+    isolation = "read_committed" if exactly_once else "read_uncommitted"
+    follower = StatsFollower(deployment.bootstrap, stats_changelog, deployment.partitions, isolation)
     follower.start()
-    load = SteadyLoad(deployment.bootstrap, deployment.topic("tasks"), agents, rate, deployment.partitions)
+    load = SteadyLoad(
+        deployment.bootstrap, deployment.topic("tasks"), agents, rate, deployment.partitions, bad_every=BAD_EVERY
+    )
     load.start()
     report = KillReport()
     try:
@@ -396,6 +501,7 @@ def run_kills(
     follower.stop()
     report.served_again_s = served_again(follower, acked)
     problems = check_exact(urls, load)
+    problems += check_events(deployment, load, exactly_once)
     return KillRun(load.count, report, problems, time.monotonic() - started)
 
 
