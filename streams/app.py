@@ -294,8 +294,8 @@ def create_app(
         consumer_auto_offset_reset="earliest",
         # Members are named after it, so a restarted process finds its predecessor's (streams.membership).
         broker_client_id=client_id(settings),
-        broker_session_timeout=6.0,
-        broker_heartbeat_interval=1.0,
+        broker_session_timeout=settings.group_session_timeout,
+        broker_heartbeat_interval=settings.heartbeat_interval,
         broker_request_timeout=20.0,
         broker_commit_interval=settings.commit_interval,
         broker_max_poll_records=settings.batch_max_records,

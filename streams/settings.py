@@ -65,6 +65,11 @@ class Settings:
     batch_max_records: int = 2000
     #: How long the broker may hold an empty fetch. Unset: per engine (fetch_wait_ms).
     fetch_max_wait_ms: int | None = None
+    #: Seconds without a heartbeat after which the group gives a worker's partitions to
+    #: the others (a worker killed for good is noticed this late). Unset: 3 s on the
+    #: embedded Kafka engine (configured to allow it), else 6 s, the least a Kafka broker
+    #: accepts by default (``group.min.session.timeout.ms``).
+    session_timeout: float | None = None
     #: Seconds between offset commits.
     commit_interval: float = 1.0
     #: Seconds between changelog flushes while the worker keeps up with its input: a row
@@ -106,6 +111,18 @@ class Settings:
         if self.processing_guarantee == "auto":
             return not self.on_tansu
         return self.processing_guarantee == "exactly_once"
+
+    @property
+    def group_session_timeout(self) -> float:
+        """The consumer group session timeout in seconds: as set, else what suits the broker."""
+        if self.session_timeout is not None:
+            return self.session_timeout
+        return 3.0 if self.embedded and self.engine == "kafka" else 6.0
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats: a third of the session timeout, at most 1 s."""
+        return min(1.0, self.group_session_timeout / 3)
 
     @property
     def fetch_wait_ms(self) -> int:
@@ -177,6 +194,8 @@ class Settings:
         _check_range("BATCH_MAX_RECORDS", self.batch_max_records, 1, 100_000)
         if self.fetch_max_wait_ms is not None:
             _check_range("FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 1, 60_000)
+        if self.session_timeout is not None:
+            _check_range("SESSION_TIMEOUT", self.session_timeout, 1.0, 3600.0)
         _check_range("COMMIT_INTERVAL", self.commit_interval, 0.05, 600.0)
         _check_range("FLUSH_INTERVAL", self.flush_interval, 0.001, 60.0)
         _check_range("BACKLOG_FLUSH_INTERVAL", self.backlog_flush_interval, 0.001, 60.0)
@@ -232,6 +251,13 @@ def _parse(name: str, annotation: object, raw: str) -> object:
         return Path(text)
     if kind == "str | None":
         return text or None
+    if kind == "float | None":
+        if not text:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise SettingsError(name, f"expected a number, got {raw!r}") from None
     if kind == "int | None":
         if not text:
             return None

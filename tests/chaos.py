@@ -420,6 +420,11 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--engine", choices=("tansu", "kafka"), default="tansu", help="the embedded broker to run on")
+    parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="instead: one worker stays, a second joins and is killed for good, --kills times (see run_failover)",
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -435,6 +440,11 @@ def main() -> int:
     broker.start()
     try:
         deployment = Deployment(broker.port, Path(tmp), log_level="warning", engine=args.engine)
+        if args.failover:
+            failover = run_failover(deployment, args.agents, args.rate, args.kills, settle=min(args.every))
+            deployment.close()
+            print(failover.summary())
+            return 0 if not failover.problems else 1
         supervisor = deployment.worker(processes=args.processes).start()
         workers = [supervisor.at(supervisor.port + i) for i in range(args.processes)]
         for worker in workers:
@@ -503,6 +513,60 @@ def run_kills(
     problems = check_exact(urls, load)
     problems += check_events(deployment, load, exactly_once)
     return KillRun(load.count, report, problems, time.monotonic() - started)
+
+
+@dataclass
+class FailoverRun:
+    sent: int
+    #: Seconds from each kill until the survivor had processed every partition past it.
+    served_again_s: list[float | None]
+    problems: list[str]
+
+    def summary(self) -> str:
+        served = ", ".join("never" if s is None else f"{s:.1f}" for s in self.served_again_s)
+        verdict = "exact" if not self.problems else f"{len(self.problems)} problems:"
+        return "\n".join(
+            [
+                f"{self.sent} tasks, {len(self.served_again_s)} workers killed for good;"
+                f" their partitions served again after: {served} s",
+                verdict,
+                *self.problems[:50],
+            ]
+        )
+
+
+def run_failover(deployment: Any, agents: int, rate: float, rounds: int, settle: float) -> FailoverRun:
+    """One worker stays; ``rounds`` times a second one joins, takes half the partitions and is SIGKILLed.
+
+    Nothing restarts the killed worker: its partitions wait for the group to notice (the
+    session timeout), move to the survivor, and are restored there from the changelogs.
+    """
+    exactly_once = deployment.env.get("BLACKROAD_ENGINE") == "kafka"
+    isolation = "read_committed" if exactly_once else "read_uncommitted"
+    stats_changelog = f"{deployment.env['BLACKROAD_APP_ID']}-stats-changelog"
+    survivor = deployment.worker().start().wait_ready(90)
+    follower = StatsFollower(deployment.bootstrap, stats_changelog, deployment.partitions, isolation)
+    follower.start()
+    load = SteadyLoad(
+        deployment.bootstrap, deployment.topic("tasks"), agents, rate, deployment.partitions, bad_every=BAD_EVERY
+    )
+    load.start()
+    kills: dict[float, dict[int, int]] = {}
+    try:
+        for _ in range(rounds):
+            second = deployment.worker().start().wait_ready(90)
+            time.sleep(settle)
+            acked = load.acked_now()
+            second.kill()
+            kills[time.monotonic()] = acked
+            time.sleep(settle)
+    finally:
+        load.stop()
+    wait_all_completed([survivor.url], load.count, 300)
+    time.sleep(1.0)  # the stats changelog reaches the follower a flush later
+    follower.stop()
+    problems = check_exact([survivor.url], load) + check_events(deployment, load, exactly_once)
+    return FailoverRun(load.count, served_again(follower, kills), problems)
 
 
 if __name__ == "__main__":

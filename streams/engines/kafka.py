@@ -91,6 +91,9 @@ def server_properties(port: int, controller_port: int, records: Path) -> dict[st
         "broker.heartbeat.interval.ms": "750",
         # A group forms as soon as its first member joins (the default waits 3 s for more).
         "group.initial.rebalance.delay.ms": "0",
+        # Workers here use a 3 s session (BLACKROAD_SESSION_TIMEOUT), so the partitions of one
+        # killed for good move on quickly; Kafka refuses sessions under 6 s by default.
+        "group.min.session.timeout.ms": "1000",
         # The project creates its topics with their partitions and configs; a topic created
         # on a client's first request would get the broker's defaults (no compaction).
         "auto.create.topics.enable": "false",
