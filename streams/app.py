@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +68,37 @@ class BlackroadApp(faust.App):
     def _new_web(self) -> Any:
         return BlackroadWeb(self)
 
-    async def batch_sink(self, batch: dict[Any, list[Any]]) -> None:
-        await self.pipeline.process(batch)
+    #: Rebalances (revocations and assignments) so far: a fetch from before the last one is stale.
+    rebalances: int = 0
+
+    async def batch_sink(self, batch: dict[Any, list[Any]], fetched_in: int) -> None:
+        await self.pipeline.process(batch, fetched_in)
 
     async def _on_partitions_revoked(self, revoked: Any) -> None:
         # Let the batch in flight finish and reach the broker before Faust commits
         # and hands partitions away.
         async with self.pipeline.lock:
+            self.rebalances += 1
             await self.pipeline.drain()
             await self.pipeline.release(revoked)
             await super()._on_partitions_revoked(revoked)
 
+    @contextlib.asynccontextmanager
+    async def processing_stopped(self) -> AsyncIterator[None]:
+        """No batch runs inside, and every one before is committed."""
+        async with self.pipeline.lock:
+            await self.pipeline.drain()
+            yield
+
     async def _on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        self.rebalances += 1
+        # Before any await: the consumer already fetches the new partitions from the
+        # offsets committed at the join, and none of their records may be processed before
+        # their tables are restored and they are sought to the offsets committed last
+        # (Faust pauses them a few awaits later, and resumes them before it seeks).
+        consumer: BatchConsumer = self.consumer  # type: ignore[assignment]
+        consumer.pause_partitions(assigned)
+        consumer.hold_until_sought(assigned)
         # Under exactly-once, fence the partitions' previous owners before Faust restores
         # their tables and reads their committed offsets (streams.exactly_once).
         try:
@@ -146,6 +166,7 @@ class Pipeline(Service):
             on_processed=on_processed,
             highwater=consumer.highwater,
             lock=self.lock,
+            rebalances=lambda: self.app.rebalances,
         )
         processor = self.processor
         self.stats_view.in_progress = lambda: processor.in_flight
@@ -245,11 +266,11 @@ class Pipeline(Service):
         if self.transactions is not None:
             await self.transactions.stop()
 
-    async def process(self, batch: dict[Any, list[Any]]) -> None:
+    async def process(self, batch: dict[Any, list[Any]], fetched_in: int) -> None:
         await self.wait_for_started()
         assert self.processor is not None
         try:
-            await self.processor(batch)
+            await self.processor(batch, fetched_in)
         except BrokerLostData as exc:
             self._stop_for_lost_data(exc)
             # No further batch: the worker is stopping (this wait ends when the fetcher is stopped).

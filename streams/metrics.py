@@ -46,6 +46,11 @@ class Metrics:
         self.repartitioned = Counter(
             "blackroad_repartitioned", "Events re-keyed to their agent's partition.", registry=r
         )
+        self.stale_batches = Counter(
+            "blackroad_stale_batches",
+            "Fetches dropped because partitions were revoked while they waited (fetched again).",
+            registry=r,
+        )
         self.tasks_expired = Counter(
             "blackroad_tasks_expired", "Finished tasks removed from the live tasks table.", registry=r
         )

@@ -59,6 +59,7 @@ class BatchProcessor:
         on_processed: Callable[[dict[Any, int]], None],
         highwater: Callable[[Any], int | None],
         lock: asyncio.Lock,
+        rebalances: Callable[[], int] = lambda: 0,
     ) -> None:
         self.settings = settings
         self.writer = writer
@@ -67,6 +68,8 @@ class BatchProcessor:
         self.on_processed = on_processed
         self.highwater = highwater
         self.lock = lock
+        #: How many rebalances this worker has seen so far (see :meth:`__call__`).
+        self.rebalances = rebalances
         self.stats = BatchStats(writer.tables["stats"])
         self.runner = AgentRunner(settings, writer, registry, metrics, self.stats)
         #: Batches whose records are not all acknowledged by the broker yet.
@@ -82,12 +85,25 @@ class BatchProcessor:
         """Tasks inside handlers right now on this worker."""
         return self.runner.in_flight
 
-    async def __call__(self, batch: dict[Any, list[Any]]) -> None:
-        for chunk in _chunks(batch, _CHUNK_BYTES):
-            await self._process_chunk(chunk)
+    async def __call__(self, batch: dict[Any, list[Any]], fetched_in: int | None = None) -> None:
+        """Process a fetch; ``fetched_in`` is :attr:`rebalances` when it was fetched.
 
-    async def _process_chunk(self, batch: dict[Any, list[Any]]) -> None:
+        A fetch that waited for the lock while a rebalance went on is dropped: its
+        partitions were drained and may have moved (or come back); their records come
+        again from the committed offsets, and processing this copy too would emit its
+        lifecycle events and dead letters twice.
+        """
+        if fetched_in is None:
+            fetched_in = self.rebalances()
+        for chunk in _chunks(batch, _CHUNK_BYTES):
+            if not await self._process_chunk(chunk, fetched_in):
+                return
+
+    async def _process_chunk(self, batch: dict[Any, list[Any]], fetched_in: int) -> bool:
         async with self.lock:
+            if self.rebalances() != fetched_in:
+                self.metrics.stale_batches.inc()
+                return False
             started = time.perf_counter()
             try:
                 offsets, count = await self._process(batch)
@@ -100,6 +116,7 @@ class BatchProcessor:
             produced = await self._flush() if self._flush_due() else 0
             self.metrics.batch_done(count, produced, time.perf_counter() - started, self.runner.finished)
             self.runner.finished = Counter()
+            return True
 
     def _flush_due(self) -> bool:
         dirty = self.writer.dirty

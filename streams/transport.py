@@ -31,7 +31,8 @@ from faust.types import TP
 
 from streams.tables import FREEZE_WHEN, decode_row, freeze, newer
 
-BatchSink = Callable[[dict[TP, list[Any]]], Awaitable[None]]
+#: Takes a fetch, and how many rebalances the worker had seen when it was fetched.
+BatchSink = Callable[[dict[TP, list[Any]], int], Awaitable[None]]
 
 
 class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -135,6 +136,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._processed: dict[TP, int] = {}
+        #: Batch partitions assigned but not yet sought to their committed offsets, and
+        #: those of them Faust asked to resume meanwhile (see :meth:`hold_until_sought`).
+        self._unsought: set[TP] = set()
+        self._resume_when_sought: set[TP] = set()
         #: The last changelog record applied per partition in the recovery in progress.
         self._last_restored: dict[TP, Any] = {}
 
@@ -145,11 +150,6 @@ class BatchConsumer(faust_aiokafka.Consumer):
         tps = set(tps)
         super().pause_partitions(tps)
         self._set_fetching(tps, fetch=False)
-
-    def resume_partitions(self, tps: Iterable[TP]) -> None:
-        tps = set(tps)
-        super().resume_partitions(tps)
-        self._set_fetching(tps, fetch=True)
 
     def _set_fetching(self, tps: set[TP], fetch: bool) -> None:
         """Pause or resume partitions in aiokafka too, not only in Faust's own bookkeeping.
@@ -181,6 +181,38 @@ class BatchConsumer(faust_aiokafka.Consumer):
         if tp not in self._paused_partitions:
             super().verify_event_path(now, tp)
 
+    def hold_until_sought(self, assigned: Iterable[TP]) -> None:
+        """Keep the batch partitions of a new assignment paused until they are sought.
+
+        After a rebalance Faust resumes the partitions a moment before it seeks them to
+        their committed offsets; records fetched in between come from the positions the
+        consumer took at the join, which may be older than what the partitions' previous
+        owner committed last. Processed, they would be processed twice. So they stay
+        paused until :meth:`perform_seek`.
+        """
+        batch_topics: frozenset[str] = self.app.batch_topics  # type: ignore[attr-defined]
+        self._unsought = {tp for tp in assigned if tp.topic in batch_topics}
+        self._resume_when_sought = set()
+
+    async def perform_seek(self) -> None:
+        """Seek the assigned partitions to their committed offsets, then resume those held."""
+        async with self.app.processing_stopped():  # type: ignore[attr-defined]
+            await super().perform_seek()
+            held, self._resume_when_sought = self._resume_when_sought, set()
+            self._unsought = set()
+            self._resume(held)
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        tps = set(tps)
+        held = tps & self._unsought
+        self._resume_when_sought |= held
+        self._resume(tps - held)
+
+    def _resume(self, tps: set[TP]) -> None:
+        if tps:
+            super().resume_partitions(tps)
+            self._set_fetching(tps, fetch=True)
+
     def mark_processed(self, offsets: Mapping[TP, int]) -> None:
         """Record the next offset to commit for each partition (effects are in the tables)."""
         self._processed.update(offsets)
@@ -199,6 +231,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         recovery = self.app.tables.recovery  # type: ignore[attr-defined]
         while not (consumer_stopped() or fetcher_stopped()):
             records, active = await self._wait_next_records(1.0)
+            fetched_in: int = self.app.rebalances  # type: ignore[attr-defined]
             if self.should_stop:
                 continue
             assignment = self.assignment()
@@ -215,7 +248,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 await self._restore(changelogs)
             if batch:
                 self._mark_inbound(batch)
-                await sink(batch)
+                await sink(batch, fetched_in)
 
     async def _restore(self, records: Mapping[TP, list[Any]]) -> None:
         """Apply changelog records (of partitions in recovery), and tell Faust how far each got.

@@ -333,14 +333,15 @@ def check_events(deployment: Any, load: SteadyLoad, exactly_once: bool) -> list[
         if distinct < len(sent.notes) or (exactly_once and written != len(sent.notes)):
             problems.append(f"{agent_id}: {len(sent.notes)} memory writes, {written} memory.written events")
     letters = read_topic(deployment.bootstrap, deployment.topic("deadletter"), deployment.partitions, "read_committed")
-    lettered: Counter[tuple[int, int]] = Counter()
+    lettered: dict[tuple[int, int], list[str]] = {}
     for record in letters:
         letter = msgpack.unpackb(record.value, raw=False)
-        lettered[(letter["partition"], letter["offset"])] += 1
+        copy = f"offset {record.offset} at {letter['ts']}"
+        lettered.setdefault((letter["partition"], letter["offset"]), []).append(copy)
     for where in load.bad:
-        seen = lettered.pop(where, 0)
-        if seen == 0 or (exactly_once and seen > 1):
-            problems.append(f"undecodable record at {where}: dead-lettered {seen} times")
+        copies = lettered.pop(where, [])
+        if not copies or (exactly_once and len(copies) > 1):
+            problems.append(f"undecodable record at {where}: dead-lettered {len(copies)} times {copies}")
     problems.extend(f"dead letter for {where}, which was not a bad record" for where in lettered)
     return problems
 

@@ -294,7 +294,7 @@ def _cached_table(name: str) -> tables.CachedTable:
 def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:
     producer = _Producer()
     tasks = _cached_table("tasks")
-    writer = tables.TableWriter(producer, {"tasks": tasks})
+    writer = tables.TableWriter(tables.DirectSender(producer), {"tasks": tasks})
     running = state.new_task(task("agent_x_001"), 7, "in_progress", 1_000)
     finished = state.new_task(task("agent_x_001"), 8, "in_progress", 1_000)
     finished.update(status="completed", result={"ok": 1}, completed_at=2_000)
@@ -337,7 +337,7 @@ def test_a_task_finished_at_once_is_stored_frozen_as_its_changelog_array() -> No
 def test_a_memory_row_freezes_when_its_batch_ends_and_thaws_into_a_private_copy_to_write() -> None:
     producer = _Producer()
     memory_table = _cached_table("memory")
-    writer = tables.TableWriter(producer, {"memory": memory_table})
+    writer = tables.TableWriter(tables.DirectSender(producer), {"memory": memory_table})
     row = state.new_memory()
     memory.append(
         row, "agent_x_001", "hello", role="user", memory_type="conversation", timestamp_ms=1, budget_tokens=100
@@ -364,7 +364,7 @@ def test_a_memory_row_freezes_when_its_batch_ends_and_thaws_into_a_private_copy_
 
 def test_outgoing_records_leave_with_the_flush_and_a_rollback_drops_only_its_batch() -> None:
     producer = _Producer()
-    writer = tables.TableWriter(producer, {"stats": _cached_table("stats")})
+    writer = tables.TableWriter(tables.DirectSender(producer), {"stats": _cached_table("stats")})
 
     async def scenario() -> None:
         writer.emit("events", 1, b"a", b"first")
@@ -400,7 +400,7 @@ class _SlowProducer(_Producer):
 
 def test_a_flush_hands_records_over_in_the_background_and_in_order() -> None:
     producer = _SlowProducer()
-    writer = tables.TableWriter(producer, {"stats": _cached_table("stats")})
+    writer = tables.TableWriter(tables.DirectSender(producer), {"stats": _cached_table("stats")})
     names = [b"first", b"second", b"third"][: tables.MAX_HANDOVERS + 1]
 
     async def scenario() -> None:
@@ -430,7 +430,7 @@ def test_a_failed_hand_over_fails_its_batches_and_the_next_flush() -> None:
     producer = _SlowProducer()
     producer.failure = RuntimeError("broker gone")
     producer.gate.set()
-    writer = tables.TableWriter(producer, {"stats": _cached_table("stats")})
+    writer = tables.TableWriter(tables.DirectSender(producer), {"stats": _cached_table("stats")})
 
     async def scenario() -> None:
         writer.emit("events", 0, b"a", b"lost")
@@ -455,7 +455,7 @@ def _processor(producer: _Producer, highwater: Callable[[TP], int | None]) -> Ba
     stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
     return BatchProcessor(
         Settings(),
-        tables.TableWriter(producer, stores),
+        tables.TableWriter(tables.DirectSender(producer), stores),
         default_registry(),
         Metrics(),
         wire.Partitioner(1),
@@ -582,7 +582,7 @@ def _run_tasks(registry: HandlerRegistry, events: list[wire.TaskEvent]) -> dict[
     stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
     processor = BatchProcessor(
         Settings(),
-        tables.TableWriter(_Producer(), stores),
+        tables.TableWriter(tables.DirectSender(_Producer()), stores),
         registry,
         Metrics(),
         wire.Partitioner(1),
@@ -723,3 +723,41 @@ def test_a_task_id_twice_in_one_batch_counts_once() -> None:
     stats = stores["stats"].get(state.stats_key(0))
     assert (stats["completed"], stats["duplicates"]) == (2, 2)
     assert stores["tasks"].get("task_retried_1")["o"] == 0
+
+
+def test_a_batch_fetched_before_a_revocation_is_dropped_not_processed() -> None:
+    """A fetch that waited for the batch lock while partitions were revoked (and maybe given
+    back) is stale: the records come again from the committed offsets. Processing it too
+    would emit its lifecycle events and dead letters twice."""
+    producer = _Producer()
+    rebalances = [0]
+    stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
+    lock = asyncio.Lock()
+    processor = BatchProcessor(
+        Settings(),
+        tables.TableWriter(tables.DirectSender(producer), stores),
+        default_registry(),
+        Metrics(),
+        wire.Partitioner(1),
+        lambda offsets: None,
+        lambda tp: None,
+        lock,
+        rebalances=lambda: rebalances[0],
+    )
+
+    async def scenario() -> None:
+        async with lock:  # a rebalance holds the lock while the fetch waits for it
+            waiting = asyncio.ensure_future(processor(_batch(0, 3), fetched_in=rebalances[0]))
+            await asyncio.sleep(0)
+            rebalances[0] += 1
+        await waiting
+        await processor.flush_changed_rows()
+        # A batch fetched after the revocation is processed as usual.
+        await processor(_batch(0, 3), fetched_in=rebalances[0])
+        await processor.flush_changed_rows()
+
+    asyncio.run(scenario())
+    events = [value or b"" for topic, _, _, value in producer.sent if topic == "blackroad.events"]
+    completions = [value for value in events if b"task.completed" in value]
+    assert len(completions) == 3
+    assert tables.thaw(stores["agents"].rows["agent_x_001"])["tasks_completed"] == 3
