@@ -94,6 +94,14 @@ class ChildBroker:
         if process is not None:
             terminate(process, timeout=self.stop_timeout)
 
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would (nothing flushed, nothing closed), and wait for it to end."""
+        process, self._process = self._process, None
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
     def on_unexpected_exit(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(exit code)`` from a thread of its own if the broker exits without :meth:`stop`."""
         process = self._process

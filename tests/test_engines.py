@@ -16,6 +16,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from streams.broker import free_port
 from streams.engines import kafka_jars
 from streams.engines.choice import Engine, choose, engine_in_use, identify
+from streams.engines.kafka import Quorum, server_properties
 from streams.settings import Settings, SettingsError
 from tests.harness import ROOT, Deployment
 
@@ -176,3 +177,25 @@ def test_java_versions_are_read_from_java_dash_version(tmp_path: Path) -> None:
         java.chmod(0o755)
         assert kafka_jars.java_major(str(java)) == major
 
+
+def test_a_cluster_node_names_every_voter_and_sizes_internal_topics_for_three() -> None:
+    """The one-node engine keeps one copy of everything; a node of three keeps three, two in sync."""
+    single = server_properties(19092, 19093, Path("records"))
+    assert single["controller.quorum.voters"] == "1@127.0.0.1:19093"
+    for key in ("default.replication.factor", "offsets.topic.replication.factor", "min.insync.replicas"):
+        assert single[key] == "1"
+    voters = Quorum("id", {1: 1001, 2: 1002, 3: 1003}).voters
+    assert voters == "1@127.0.0.1:1001,2@127.0.0.1:1002,3@127.0.0.1:1003"
+    node = server_properties(2002, 1002, Path("records"), node_id=2, voters=voters, brokers=3)
+    assert node["node.id"] == "2"
+    assert node["controller.quorum.voters"] == voters
+    assert node["listeners"] == "PLAINTEXT://127.0.0.1:2002,CONTROLLER://127.0.0.1:1002"
+    for key in (
+        "default.replication.factor",
+        "offsets.topic.replication.factor",
+        "transaction.state.log.replication.factor",
+        "share.coordinator.state.topic.replication.factor",
+    ):
+        assert node[key] == "3"
+    for key in ("min.insync.replicas", "transaction.state.log.min.isr", "share.coordinator.state.topic.min.isr"):
+        assert node[key] == "2"
