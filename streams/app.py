@@ -302,6 +302,8 @@ def create_app(
 ) -> BlackroadApp:
     """Build (but do not start) the worker app for ``settings``; ``stopping`` is the process's, if it has one."""
     settings.validate()
+    if not settings.replication_resolved:
+        raise ValueError("settings not resolved for the cluster: see streams.engines.choice.engine_in_use")
     datadir = worker_state_dir(settings)
     datadir.mkdir(parents=True, exist_ok=True)
     app = BlackroadApp(
@@ -310,7 +312,8 @@ def create_app(
         store="memory://",
         autodiscover=False,
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        # Every topic declared gets these copies and min.insync.replicas (BatchTransport._create_topic).
+        topic_replication_factor=settings.replication_factor,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         # Members are named after it, so a restarted process finds its predecessor's (streams.membership).

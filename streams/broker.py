@@ -94,6 +94,14 @@ class ChildBroker:
         if process is not None:
             terminate(process, timeout=self.stop_timeout)
 
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would (nothing flushed, nothing closed), and wait for it to end."""
+        process, self._process = self._process, None
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
     def on_unexpected_exit(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(exit code)`` from a thread of its own if the broker exits without :meth:`stop`."""
         process = self._process
@@ -166,22 +174,40 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     raise BrokerError(f"no Kafka broker answered at {bootstrap}: {last_error}")
 
 
-async def create_topic(bootstrap: str, name: str, partitions: int, configs: dict[str, str] | None = None) -> None:
+async def create_topic(
+    bootstrap: str,
+    name: str,
+    partitions: int,
+    configs: dict[str, str] | None = None,
+    replication_factor: int = 1,
+) -> None:
     """Create a topic unless it exists.
 
     The project creates every topic it uses before using it, so no client depends on a
     broker creating topics on first use (the embedded Kafka does not: a topic created
-    that way gets the broker's defaults, e.g. no compaction for a changelog).
+    that way gets the broker's defaults, e.g. no compaction for a changelog). Its callers
+    pass the replication resolved for the cluster (``Settings.replication_factor`` and
+    ``Settings.topic_configs``).
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError, for_code
+    from aiokafka.errors import InvalidReplicationFactorError, TopicAlreadyExistsError, for_code
+
+    from streams.settings import SettingsError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        response = await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=dict(configs or {}))])
+        response = await admin.create_topics(
+            [NewTopic(name, partitions, replication_factor, topic_configs=dict(configs or {}))]
+        )
     finally:
         await admin.close()
     for topic, code, *_ in response.topic_errors:
+        if code == InvalidReplicationFactorError.errno:
+            raise SettingsError(
+                "REPLICATION_FACTOR",
+                f"the cluster at {bootstrap} refused {replication_factor} copies of {topic}; "
+                "set it at most the number of brokers",
+            )
         if code not in (0, TopicAlreadyExistsError.errno):
             raise BrokerError(f"could not create topic {topic}: {for_code(code).__name__}")

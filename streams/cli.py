@@ -61,7 +61,7 @@ def _start_engine(settings: Settings) -> choice.Engine:
 
 
 def _reach(settings: Settings) -> Settings:
-    """Wait for the broker; ``settings`` with the engine it turned out to be."""
+    """Wait for the broker; ``settings`` with the engine it turned out to be and the replication resolved."""
     try:
         return asyncio.run(choice.engine_in_use(settings))
     except (SettingsError, BrokerError) as exc:
@@ -171,6 +171,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     settings = _settings()
     _require_broker(settings)
+    # The tasks topic may not exist yet: it is then created with the cluster's replication.
+    settings = _reach(settings)
     progress = loadgen.Progress()
     if args.wait_for_worker:
         deadline = time.monotonic() + 120
@@ -190,6 +192,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
                 progress,
                 pack=args.pack,
                 partitions=settings.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=settings.topic_configs,
             )
         )
         try:

@@ -72,6 +72,8 @@ async def produce(
     kind: str | None = None,
     pack: int = 1,
     partitions: int = 4,
+    replication_factor: int = 1,
+    topic_configs: dict[str, str] | None = None,
 ) -> int:
     """Send ``count`` tasks (0 = until cancelled) at ``rate`` per second (0 = as fast as possible).
 
@@ -84,7 +86,8 @@ async def produce(
     progress.started = time.monotonic()
     # Throttled loads send at once (latency); backlogs linger a little to batch (throughput).
     linger_ms = 0 if rate > 0 else 5
-    await create_topic(bootstrap, topic, partitions)  # it may run before any worker declared it
+    # It may run before any worker declared the topic: then it creates it as a worker would.
+    await create_topic(bootstrap, topic, partitions, topic_configs, replication_factor)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=512 * 1024, acks=1)
     await producer.start()
     try:

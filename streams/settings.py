@@ -18,6 +18,8 @@ PREFIX = "BLACKROAD_"
 ENGINES = ("auto", "kafka", "tansu")
 #: Values of BLACKROAD_PROCESSING_GUARANTEE (see streams.exactly_once).
 GUARANTEES = ("auto", "exactly_once", "at_least_once")
+#: Most copies a topic may be asked for (Kafka's own limit is far above any cluster's size).
+MAX_REPLICAS = 1000
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -82,6 +84,12 @@ class Settings:
     stall_timeout: float = 300.0
     #: Seconds a finished task stays in the live tasks table (and GET /v1/tasks/{id}).
     task_retention: float = 600.0
+    #: Copies of every topic the project creates (tasks, events, dead letters, changelogs).
+    #: 0 (unset): learned from the cluster at worker start, see :meth:`for_cluster`.
+    replication_factor: int = 0
+    #: ``min.insync.replicas`` of every topic the project creates: copies that must have a
+    #: record before an ``acks=all`` write is acknowledged. 0 (unset): see :meth:`for_cluster`.
+    min_insync_replicas: int = 0
     #: Seconds POST /v1/tasks and /v1/batch wait for the broker to acknowledge a request
     #: before answering 503: a hung or dead broker must not hold clients.
     ingress_timeout: float = 1.5
@@ -154,6 +162,38 @@ class Settings:
             return self.worker_processes
         return max(1, min(os.cpu_count() or 1, self.partitions))
 
+    @property
+    def replication_resolved(self) -> bool:
+        """Whether the replication settings are known (set, or resolved by :meth:`for_cluster`)."""
+        return self.replication_factor > 0 and self.min_insync_replicas > 0
+
+    @property
+    def topic_configs(self) -> dict[str, str]:
+        """Configs every topic the project creates gets, besides its own (a changelog's compaction)."""
+        if not self.replication_resolved:
+            raise RuntimeError("replication settings not resolved for the cluster yet (Settings.for_cluster)")
+        return {"min.insync.replicas": str(self.min_insync_replicas)}
+
+    def for_cluster(self, brokers: int) -> Settings:
+        """These settings with the replication factor and ``min.insync.replicas`` resolved for ``brokers`` brokers.
+
+        Unset (0), the factor is :func:`default_replication_factor` of the brokers the cluster
+        has, and ``min.insync.replicas`` :func:`default_min_insync_replicas` of the factor. A
+        factor set above the brokers there are is an error naming the setting: Kafka would
+        refuse every topic (and a worker would wait for them).
+        """
+        factor = self.replication_factor or default_replication_factor(brokers)
+        if factor > brokers:
+            raise SettingsError(
+                "REPLICATION_FACTOR",
+                f"is {factor}, but the cluster at {self.bootstrap} has {brokers} broker(s) up: "
+                "a topic cannot have more copies than there are brokers",
+            )
+        return self.replace(
+            replication_factor=factor,
+            min_insync_replicas=self.min_insync_replicas or default_min_insync_replicas(factor),
+        )
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
 
@@ -203,6 +243,14 @@ class Settings:
             raise SettingsError("BACKLOG_FLUSH_INTERVAL", "must be >= BLACKROAD_FLUSH_INTERVAL")
         _check_range("STALL_TIMEOUT", self.stall_timeout, 1.0, 86400.0)
         _check_range("TASK_RETENTION", self.task_retention, 1.0, 365 * 86400.0)
+        _check_range("REPLICATION_FACTOR", self.replication_factor, 0, MAX_REPLICAS)
+        _check_range("MIN_INSYNC_REPLICAS", self.min_insync_replicas, 0, MAX_REPLICAS)
+        if self.replication_factor and self.min_insync_replicas > self.replication_factor:
+            raise SettingsError(
+                "MIN_INSYNC_REPLICAS",
+                f"is {self.min_insync_replicas}, above BLACKROAD_REPLICATION_FACTOR ({self.replication_factor}): "
+                "no write could ever be acknowledged",
+            )
         _check_range("INGRESS_TIMEOUT", self.ingress_timeout, 0.1, 60.0)
         _check_range("STOP_TIMEOUT", self.stop_timeout, 1.0, 600.0)
         _check_range("WORKING_MEMORY_TOKENS", self.working_memory_tokens, 16, 10_000_000)
@@ -233,6 +281,21 @@ class Settings:
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
+
+
+def default_replication_factor(brokers: int) -> int:
+    """Copies of each topic on a cluster of ``brokers`` brokers: three (so one may fail while
+    writes go on, see :func:`default_min_insync_replicas`), or as many as there are brokers."""
+    return max(1, min(3, brokers))
+
+
+def default_min_insync_replicas(replication_factor: int) -> int:
+    """Copies that must have a record before it is acknowledged: all but one (2 of 3), at least one.
+
+    One broker may then be down (or restarting) while writes go on, and an acknowledged
+    record is on at least two brokers whenever there are several.
+    """
+    return max(1, replication_factor - 1)
 
 
 def _parse(name: str, annotation: object, raw: str) -> object:

@@ -26,9 +26,11 @@ from time import monotonic
 from typing import Any
 
 import aiokafka
+from aiokafka.errors import InvalidReplicationFactorError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from streams.settings import SettingsError
 from streams.tables import FREEZE_WHEN, decode_row, freeze, newer
 
 #: Takes a fetch, and how many rebalances the worker had seen when it was fetched.
@@ -371,3 +373,24 @@ def _in_recovery(recovery: Any) -> Iterator[tuple[TP, dict[TP, int], dict[TP, in
 
 class BatchTransport(faust_aiokafka.Transport):
     Consumer = BatchConsumer
+
+    async def _create_topic(
+        self, owner: Any, client: aiokafka.AIOKafkaClient, topic: str, partitions: int, replication: int, **kwargs: Any
+    ) -> None:
+        """Declare a topic with the project's replication, whoever in Faust declares it.
+
+        Every topic a worker creates (the changelogs, the tasks, events and dead-letter
+        topics, Faust's leader topic) gets the replication factor and ``min.insync.replicas``
+        resolved for the cluster (:meth:`Settings.for_cluster`), beside its own configs (a
+        changelog keeps its compaction).
+        """
+        settings = self.app.settings  # type: ignore[attr-defined]
+        kwargs["config"] = {**settings.topic_configs, **(kwargs.get("config") or {})}
+        try:
+            await super()._create_topic(owner, client, topic, partitions, settings.replication_factor, **kwargs)
+        except InvalidReplicationFactorError as exc:
+            raise SettingsError(
+                "REPLICATION_FACTOR",
+                f"the cluster refused {settings.replication_factor} copies of {topic} ({exc}); "
+                "set it at most the number of brokers",
+            ) from exc

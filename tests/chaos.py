@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -484,13 +484,29 @@ class KillRun:
 
 #: One record in this many of the kill runs' load is undecodable (it must be dead-lettered once).
 BAD_EVERY = 97
+#: What kills something during a run: called with the load (to note the offsets it had acknowledged
+#: at each kill) and the report to fill; returns those offsets by kill time.
+Killer = Callable[[SteadyLoad, KillReport], dict[float, dict[int, int]]]
 
 
 def run_kills(
     deployment: Any, supervisor: Any, agents: int, rate: float, kills: int, every: tuple[float, float], seed: int
 ) -> KillRun:
-    started = time.monotonic()
+    """``kills`` SIGKILLs of a random worker process ``every`` seconds apart, under load; then the exact check."""
     rng = random.Random(seed)
+    pid = supervisor.process.pid
+
+    def killer(load: SteadyLoad, report: KillReport) -> dict[float, dict[int, int]]:
+        return kill_randomly(pid, load, kills, every, rng, report)
+
+    return run_with_kills(deployment, supervisor, agents, rate, killer, settle=every[0])
+
+
+def run_with_kills(
+    deployment: Any, supervisor: Any, agents: int, rate: float, killer: Killer, settle: float
+) -> KillRun:
+    """A steady load while ``killer`` kills, then ``settle`` seconds more; then every row checked exactly."""
+    started = time.monotonic()
     stats_changelog = f"{deployment.env['BLACKROAD_APP_ID']}-stats-changelog"
     exactly_once = deployment.env.get("BLACKROAD_ENGINE") == "kafka"
     isolation = "read_committed" if exactly_once else "read_uncommitted"
@@ -502,8 +518,8 @@ def run_kills(
     load.start()
     report = KillReport()
     try:
-        acked = kill_randomly(supervisor.process.pid, load, kills, every, rng, report)
-        time.sleep(every[0])
+        acked = killer(load, report)
+        time.sleep(settle)
     finally:
         load.stop()
     urls = [supervisor.at(supervisor.port + i).url for i in range(supervisor.processes)]

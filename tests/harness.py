@@ -38,17 +38,27 @@ def wait_until(
 
 
 class Deployment:
-    """One isolated app (own topic prefix and group) on the shared broker."""
+    """One isolated app (own topic prefix and group) on the shared broker.
 
-    def __init__(self, bootstrap_port: int, tmp: Path, partitions: int = 4, **settings: str) -> None:
+    ``broker`` is the port of an embedded broker on 127.0.0.1, or the bootstrap servers of
+    a cluster (``"host:port,host:port"``), which the workers then reach as an external one
+    (``BLACKROAD_KAFKA_BOOTSTRAP``).
+    """
+
+    def __init__(self, broker: int | str, tmp: Path, partitions: int = 4, **settings: str) -> None:
         tag = uuid.uuid4().hex[:8]
-        self.bootstrap = f"127.0.0.1:{bootstrap_port}"
+        if isinstance(broker, int):
+            self.bootstrap = f"127.0.0.1:{broker}"
+            where = {"BLACKROAD_EMBEDDED_BROKER_PORT": str(broker)}
+        else:
+            self.bootstrap = broker
+            where = {"BLACKROAD_KAFKA_BOOTSTRAP": broker}
         self.prefix = f"t{tag}"
         self.tmp = tmp
         self.partitions = partitions
         self.env = {
             **os.environ,
-            "BLACKROAD_EMBEDDED_BROKER_PORT": str(bootstrap_port),
+            **where,
             "BLACKROAD_APP_ID": f"app{tag}",
             "BLACKROAD_TOPIC_PREFIX": self.prefix,
             "BLACKROAD_PARTITIONS": str(partitions),

@@ -16,6 +16,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from streams.broker import free_port
 from streams.engines import kafka_jars
 from streams.engines.choice import Engine, choose, engine_in_use, identify
+from streams.engines.kafka import Quorum, server_properties
 from streams.settings import Settings, SettingsError
 from tests.harness import ROOT, Deployment
 
@@ -27,6 +28,34 @@ def test_a_worker_finds_out_which_engine_it_reached(broker: Engine) -> None:
     found = asyncio.run(engine_in_use(settings))
     assert found.engine == broker.engine
     assert found.on_tansu == (broker.engine == "tansu")
+    # One broker: one copy of each topic, which must have every record.
+    assert (found.replication_factor, found.min_insync_replicas) == (1, 1)
+
+
+def test_more_copies_than_the_cluster_has_brokers_stop_the_worker_naming_the_setting(
+    broker: Engine, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),
+        "BLACKROAD_REPLICATION_FACTOR": "3",
+        "BLACKROAD_DATA_DIR": str(tmp_path),
+        "BLACKROAD_WEB_PORT": str(free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        f"BLACKROAD_REPLICATION_FACTOR: is 3, but the cluster at 127.0.0.1:{broker.port} has 1 broker(s) up"
+        in result.stderr
+    )
 
 
 def test_a_worker_told_the_wrong_engine_refuses_to_start_naming_the_setting(broker: Engine, tmp_path: Path) -> None:
@@ -57,26 +86,30 @@ def test_a_worker_told_the_wrong_engine_refuses_to_start_naming_the_setting(brok
 
 
 def test_changelog_topics_are_compacted_on_the_broker(deployment: Deployment) -> None:
+    """And every topic has the replication resolved for the cluster: one broker, one copy, one in sync."""
     deployment.worker().start().wait_ready()
     app_id = deployment.env["BLACKROAD_APP_ID"]
     changelogs = [f"{app_id}-{table}-changelog" for table in ("agents", "tasks", "memory", "stats")]
+    others = [deployment.topic(name) for name in ("tasks", "events", "deadletter")]
 
-    async def policies() -> dict[str, str | None]:
+    async def configs() -> dict[str, dict[str, str]]:
         admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
         await admin.start()
         try:
             responses = await admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in changelogs]
+                [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in changelogs + others]
             )
         finally:
             await admin.close()
-        found: dict[str, str | None] = {}
+        found: dict[str, dict[str, str]] = {}
         for response in responses:
             for _code, _message, _kind, name, entries in (resource[:5] for resource in response.resources):
-                found[name] = {entry[0]: entry[1] for entry in entries}.get("cleanup.policy")
+                found[name] = {entry[0]: entry[1] for entry in entries}
         return found
 
-    assert asyncio.run(policies()) == dict.fromkeys(changelogs, "compact")
+    found = asyncio.run(configs())
+    assert {name: found[name].get("cleanup.policy") for name in changelogs} == dict.fromkeys(changelogs, "compact")
+    assert {name: found[name].get("min.insync.replicas") for name in found} == dict.fromkeys(changelogs + others, "1")
 
 
 def test_auto_falls_back_to_tansu_in_one_line_where_kafka_cannot_start(tmp_path: Path) -> None:
@@ -143,3 +176,26 @@ def test_java_versions_are_read_from_java_dash_version(tmp_path: Path) -> None:
         java.write_text(f"#!/bin/sh\necho '{shown}' >&2\n")
         java.chmod(0o755)
         assert kafka_jars.java_major(str(java)) == major
+
+
+def test_a_cluster_node_names_every_voter_and_sizes_internal_topics_for_three() -> None:
+    """The one-node engine keeps one copy of everything; a node of three keeps three, two in sync."""
+    single = server_properties(19092, 19093, Path("records"))
+    assert single["controller.quorum.voters"] == "1@127.0.0.1:19093"
+    for key in ("default.replication.factor", "offsets.topic.replication.factor", "min.insync.replicas"):
+        assert single[key] == "1"
+    voters = Quorum("id", {1: 1001, 2: 1002, 3: 1003}).voters
+    assert voters == "1@127.0.0.1:1001,2@127.0.0.1:1002,3@127.0.0.1:1003"
+    node = server_properties(2002, 1002, Path("records"), node_id=2, voters=voters, brokers=3)
+    assert node["node.id"] == "2"
+    assert node["controller.quorum.voters"] == voters
+    assert node["listeners"] == "PLAINTEXT://127.0.0.1:2002,CONTROLLER://127.0.0.1:1002"
+    for key in (
+        "default.replication.factor",
+        "offsets.topic.replication.factor",
+        "transaction.state.log.replication.factor",
+        "share.coordinator.state.topic.replication.factor",
+    ):
+        assert node[key] == "3"
+    for key in ("min.insync.replicas", "transaction.state.log.min.isr", "share.coordinator.state.topic.min.isr"):
+        assert node[key] == "2"

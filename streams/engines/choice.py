@@ -56,6 +56,12 @@ def embedded_broker(settings: Settings, engine: str) -> Engine:
 
 async def identify(bootstrap: str) -> str:
     """Which engine the broker at ``bootstrap`` is: ``tansu`` (by its cluster id) or ``kafka``."""
+    engine, _ = await describe(bootstrap)
+    return engine
+
+
+async def describe(bootstrap: str) -> tuple[str, int]:
+    """Which engine the cluster at ``bootstrap`` runs, and how many brokers it has up (one request)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
@@ -64,17 +70,21 @@ async def identify(bootstrap: str) -> str:
         cluster = await admin.describe_cluster()
     finally:
         await admin.close()
-    return "tansu" if cluster.get("cluster_id") == TANSU_CLUSTER_ID else "kafka"
+    engine = "tansu" if cluster.get("cluster_id") == TANSU_CLUSTER_ID else "kafka"
+    return engine, len(cluster.get("brokers") or ())
 
 
 async def engine_in_use(settings: Settings, timeout: float = 30.0) -> Settings:
-    """Wait for the broker, then return ``settings`` with ``engine`` naming what it is.
+    """Wait for the broker, then return ``settings`` resolved for the cluster it belongs to.
 
-    A set ``BLACKROAD_ENGINE`` that contradicts the broker is an error: the Tansu
-    corrections must follow the broker, and a mismatch means a setting is wrong.
+    ``engine`` names what the broker is. A set ``BLACKROAD_ENGINE`` that contradicts the
+    broker is an error: the Tansu corrections must follow the broker, and a mismatch means
+    a setting is wrong. The replication factor and ``min.insync.replicas`` of the topics
+    the project creates are resolved for the brokers the cluster has now
+    (:meth:`Settings.for_cluster`); a factor set above them is an error too.
     """
     await wait_for_broker(settings.bootstrap, timeout)
-    found = await identify(settings.bootstrap)
+    found, brokers = await describe(settings.bootstrap)
     if settings.engine not in ("auto", found):
         raise SettingsError("ENGINE", f"is {settings.engine!r}, but the broker at {settings.bootstrap} is {found}")
-    return settings.replace(engine=found)
+    return settings.replace(engine=found).for_cluster(brokers)

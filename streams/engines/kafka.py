@@ -1,5 +1,8 @@
 """The Apache Kafka engine: a single-node Kafka 4 broker run from its jars, durable on disk.
 
+(:class:`KafkaCluster` runs three such nodes as one cluster on loopback, for the tests of
+replication and broker failures; see its docstring.)
+
 One JVM is both the KRaft controller and the broker (``process.roles=broker,controller``),
 listening on loopback only: the broker on the configured port, the controller on a
 second free port chosen at each start. The controller quorum is the static one-voter set
@@ -21,10 +24,14 @@ import base64
 import secrets
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from streams.broker import BrokerError, ChildBroker, die_with_parent, free_port, port_is_open, wait_for_broker
 from streams.engines.kafka_jars import class_path, java_executable
+from streams.settings import default_min_insync_replicas, default_replication_factor
 
 #: A small heap and flags for a quick start: this is one machine's broker, not a tuned
 #: cluster. C1 alone (TieredStopAtLevel=1) starts serving about 2 s sooner on 2 cores.
@@ -62,31 +69,42 @@ logger.state.level = warn
 """
 
 
-def server_properties(port: int, controller_port: int, records: Path) -> dict[str, str]:
-    """The broker's configuration: one node, loopback, internal topics sized for one broker."""
+def server_properties(
+    port: int, controller_port: int, records: Path, node_id: int = NODE_ID, voters: str | None = None, brokers: int = 1
+) -> dict[str, str]:
+    """A node's configuration: loopback, internal topics sized for the cluster's ``brokers``.
+
+    One node (the default) is its own quorum, with one copy of everything. A node of a
+    cluster (:class:`KafkaCluster`) names every controller in ``voters``; the internal
+    topics then get three copies (two in sync) as the project's topics do by default.
+    """
+    replicas = default_replication_factor(brokers)
+    in_sync = default_min_insync_replicas(replicas)
     return {
         "process.roles": "broker,controller",
-        "node.id": str(NODE_ID),
-        "controller.quorum.voters": f"{NODE_ID}@127.0.0.1:{controller_port}",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters or f"{node_id}@127.0.0.1:{controller_port}",
         "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
         "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(records),
-        # One broker holds one copy of everything, the internal topics included.
-        "default.replication.factor": "1",
-        "min.insync.replicas": "1",
-        "offsets.topic.replication.factor": "1",
+        # One broker holds one copy of everything, the internal topics included; a cluster
+        # three (or one per broker), of which all but one must have a record.
+        "default.replication.factor": str(replicas),
+        "min.insync.replicas": str(in_sync),
+        "offsets.topic.replication.factor": str(replicas),
         "offsets.topic.num.partitions": "8",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.replication.factor": str(replicas),
+        "transaction.state.log.min.isr": str(in_sync),
         "transaction.state.log.num.partitions": "8",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": str(replicas),
+        "share.coordinator.state.topic.min.isr": str(in_sync),
         # After a SIGKILL the controller keeps the dead broker's registration until its
         # session expires, and the restarted broker cannot register before that: 9 s by
-        # default. One process is both, so a short session costs nothing.
+        # default. One process is both, so a short session costs nothing. In a cluster it
+        # is also how soon a dead broker's partitions get other leaders.
         "broker.session.timeout.ms": "3000",
         "broker.heartbeat.interval.ms": "750",
         # A group forms as soon as its first member joins (the default waits 3 s for more).
@@ -115,12 +133,14 @@ def new_cluster_id() -> str:
             return text
 
 
-async def _wait_serving(bootstrap: str, deadline: float) -> None:
-    """Wait until the broker answers metadata requests and has a group coordinator.
+async def _wait_serving(bootstrap: str, deadline: float, brokers: int = 1) -> None:
+    """Wait until ``brokers`` brokers answer metadata requests and there is a group coordinator.
 
     Kafka creates its offsets topic on the first request for a group coordinator, and
     answers "not available" until it exists: asking once here keeps that wait (and its
-    error lines) out of the first worker's start.
+    error lines) out of the first worker's start. A cluster's offsets topic needs all its
+    copies' brokers, and a worker sizes its topics by the brokers it finds, so a cluster
+    serves once every node has registered.
     """
     from aiokafka.client import AIOKafkaClient, CoordinationType
     from aiokafka.errors import KafkaError
@@ -129,6 +149,11 @@ async def _wait_serving(bootstrap: str, deadline: float) -> None:
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     try:
         await client.bootstrap()
+        while len(client.cluster.brokers()) < brokers:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"only {len(client.cluster.brokers())} of {brokers} Kafka brokers registered")
+            await asyncio.sleep(0.1)
+            await client.force_metadata_update()
         while True:
             try:
                 await client.coordinator_lookup(CoordinationType.GROUP, "blackroad-engine-ready")
@@ -141,54 +166,110 @@ async def _wait_serving(bootstrap: str, deadline: float) -> None:
         await client.close()
 
 
+@dataclass(frozen=True)
+class Quorum:
+    """What the nodes of one :class:`KafkaCluster` share: its id and every node's controller port."""
+
+    cluster_id: str
+    #: Node id -> the port its controller listens on (127.0.0.1).
+    controller_ports: dict[int, int]
+
+    @property
+    def voters(self) -> str:
+        """``controller.quorum.voters``: every node, a static quorum."""
+        return ",".join(f"{node}@127.0.0.1:{port}" for node, port in sorted(self.controller_ports.items()))
+
+
 class KafkaBroker(ChildBroker):
     """An Apache Kafka 4 broker on ``127.0.0.1:port`` keeping its data under ``home``.
 
-    A SIGTERM lets Kafka shut down cleanly (flush and close its logs): up to 30 s before SIGKILL.
+    On its own it is a one-node cluster; as a node of a :class:`KafkaCluster` it has the
+    cluster's ``quorum`` and ``node_id``. A SIGTERM lets Kafka shut down cleanly (flush and
+    close its logs): up to 30 s before SIGKILL.
     """
 
     engine = "kafka"
     durable = True
     stop_timeout = 30.0
 
-    def __init__(self, port: int, home: Path) -> None:
+    def __init__(self, port: int, home: Path, node_id: int = NODE_ID) -> None:
         super().__init__(port)
         self.home = home
+        self.node_id = node_id
         self.records = home / "records"
         self.log_path = home / "broker.log"
         self.console_path = home / "console.log"
         self.controller_port: int | None = None
+        #: Set by a KafkaCluster before each start; None: a one-node cluster of its own.
+        self.quorum: Quorum | None = None
 
     @property
     def formatted(self) -> bool:
         return (self.records / "meta.properties").exists()
 
+    @property
+    def cluster_id(self) -> str | None:
+        """The id of the cluster the log directory was formatted for (None before the first start)."""
+        if not self.formatted:
+            return None
+        for line in (self.records / "meta.properties").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "cluster.id":
+                return value.strip()
+        return None
+
     def start(self, timeout: float = 60.0) -> None:
         """Start the broker; returns once it answers metadata requests and has a group coordinator."""
+        started = time.monotonic()
+        self.launch(self.prepare())
+        try:
+            self.wait_listening(started + timeout)
+            asyncio.run(_wait_serving(self.bootstrap, started + timeout))
+        except BaseException:
+            self.stop()
+            raise
+
+    def prepare(self) -> list[str]:
+        """Write the configuration and format the log directory the first time; returns the JVM's command.
+
+        Any thread may prepare; :meth:`launch` must run in a thread that outlives the
+        broker (the kernel stops the child when the thread that started it ends).
+        """
         if port_is_open(self.port):
             raise BrokerError(
                 f"port {self.port} is already in use; stop what holds it or set "
                 "BLACKROAD_EMBEDDED_BROKER_PORT (or BLACKROAD_KAFKA_BOOTSTRAP to use that broker)"
             )
-        started = time.monotonic()
         classes = class_path()
         java = java_executable()
         if java is None:
             raise BrokerError("no `java` found (Apache Kafka needs Java 17+)")
         self.home.mkdir(parents=True, exist_ok=True)
-        self.controller_port = free_port()
-        while self.controller_port == self.port:
+        if self.quorum is None:
             self.controller_port = free_port()
+            while self.controller_port == self.port:
+                self.controller_port = free_port()
+            values = server_properties(self.port, self.controller_port, self.records, self.node_id)
+        else:
+            self.controller_port = self.quorum.controller_ports[self.node_id]
+            brokers = len(self.quorum.controller_ports)
+            values = server_properties(
+                self.port, self.controller_port, self.records, self.node_id, self.quorum.voters, brokers
+            )
         config = self.home / "server.properties"
-        write_properties(config, server_properties(self.port, self.controller_port, self.records))
+        write_properties(config, values)
         log4j = self.home / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.log_path))
         jvm = [java, *JVM_OPTIONS, f"-Dlog4j2.configurationFile={log4j}", "-cp", classes]
         if not self.formatted:
             self._format(jvm, config)
+        return [*jvm, "kafka.Kafka", str(config)]
+
+    def launch(self, command: list[str]) -> None:
+        """Start the JVM ``prepare`` made ready (not waiting for it to serve)."""
         with self.console_path.open("ab") as console:
             self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                [*jvm, "kafka.Kafka", str(config)],
+                command,
                 cwd=self.home,  # where a crashing JVM leaves its hs_err file
                 stdin=subprocess.DEVNULL,
                 stdout=console,
@@ -198,22 +279,23 @@ class KafkaBroker(ChildBroker):
                 # the broker is stopped after it.
                 start_new_session=True,
             )
-        deadline = started + timeout
-        try:
-            while not port_is_open(self.port):
-                if self._process.poll() is not None:
-                    raise BrokerError(f"Apache Kafka exited with code {self._process.returncode}{self._last_lines()}")
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"Apache Kafka not listening on {self.port} after {timeout}s{self._last_lines()}")
-                time.sleep(0.05)
-            asyncio.run(_wait_serving(self.bootstrap, deadline))
-        except BaseException:
-            self.stop()
-            raise
+
+    def wait_listening(self, deadline: float) -> None:
+        """Wait until the broker's port accepts connections (then it may not serve yet)."""
+        process = self._process
+        if process is None:
+            raise BrokerError("Apache Kafka was not started")
+        while not port_is_open(self.port):
+            if process.poll() is not None:
+                raise BrokerError(f"Apache Kafka exited with code {process.returncode}{self._last_lines()}")
+            if time.monotonic() > deadline:
+                raise BrokerError(f"Apache Kafka not listening on {self.port} in time{self._last_lines()}")
+            time.sleep(0.05)
 
     def _format(self, jvm: list[str], config: Path) -> None:
-        """Format the log directory for a new single-node cluster (done once per data directory)."""
-        command = [*jvm, "kafka.tools.StorageTool", "format", "--cluster-id", new_cluster_id(), "--config", str(config)]
+        """Format the log directory for a new cluster, or the node's share of its quorum's (done once)."""
+        cluster_id = self.quorum.cluster_id if self.quorum is not None else new_cluster_id()
+        command = [*jvm, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id, "--config", str(config)]
         with self.console_path.open("ab") as console:
             result = subprocess.run(  # noqa: S603 - fixed argv, no shell
                 command,
@@ -233,3 +315,79 @@ class KafkaBroker(ChildBroker):
             if path.exists():
                 lines += path.read_text(errors="replace").splitlines()[-count:]
         return ":\n" + "\n".join(lines) if lines else ""
+
+
+class KafkaCluster:
+    """``size`` Kafka nodes on loopback forming one cluster, each both broker and controller.
+
+    The quorum is static (``controller.quorum.voters`` names every node), so the controller
+    ports may change between starts, as the single node's does. Each node keeps its data in
+    ``home/node-<id>``, formatted the first time for the cluster's shared id (the formats
+    run side by side: each is a JVM start). Internal topics get three copies, two in sync
+    (:func:`server_properties`). The cluster serves once every node has registered and
+    there is a group coordinator. Used by the tests of replication and broker failures;
+    ``docker-compose.kafka.yml --profile cluster`` runs the same for users with Docker.
+    """
+
+    engine = "kafka"
+    durable = True
+
+    def __init__(self, home: Path, size: int = 3, ports: list[int] | None = None) -> None:
+        if ports is None:
+            ports = []
+            while len(ports) < size:
+                port = free_port()
+                if port not in ports:
+                    ports.append(port)
+        self.home = home
+        self.nodes = [KafkaBroker(port, home / f"node-{node}", node) for node, port in enumerate(ports, start=1)]
+
+    @property
+    def bootstrap(self) -> str:
+        """Every node's address: a client then still reaches the cluster while one is down."""
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def node(self, node_id: int) -> KafkaBroker:
+        return next(node for node in self.nodes if node.node_id == node_id)
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start every node; returns once all have registered and there is a group coordinator."""
+        started = time.monotonic()
+        taken = {node.port for node in self.nodes}
+        controller_ports: dict[int, int] = {}
+        for node in self.nodes:
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            taken.add(port)
+            controller_ports[node.node_id] = port
+        known = [node.cluster_id for node in self.nodes if node.cluster_id is not None]
+        quorum = Quorum(known[0] if known else new_cluster_id(), controller_ports)
+        for node in self.nodes:
+            node.quorum = quorum
+        try:
+            # Side by side: a first start formats each node's directory, a JVM start each.
+            with ThreadPoolExecutor(len(self.nodes)) as pool:
+                commands = list(pool.map(KafkaBroker.prepare, self.nodes))
+            # From this thread: a child is stopped by the kernel when the thread that started it ends.
+            for node, command in zip(self.nodes, commands, strict=True):
+                node.launch(command)
+            for node in self.nodes:
+                node.wait_listening(started + timeout)
+            asyncio.run(_wait_serving(self.bootstrap, started + timeout, brokers=len(self.nodes)))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every node at once (each SIGTERM, then SIGKILL after its ``stop_timeout``)."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            for stopped in [pool.submit(node.stop) for node in self.nodes]:
+                stopped.result()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
