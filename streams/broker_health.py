@@ -45,28 +45,44 @@ class BrokerHealth(Service):
             return
         if self.failing_since is None:
             self.failing_since = first_hidden_at or time.time()
-        if await self._accepts():
-            state = "the Kafka client keeps failing against the broker at %s, which accepts connections,"
-        else:
-            state = "the broker at %s is unreachable"
+        servers = [server.strip() for server in self.bootstrap.split(",") if server.strip()]
+        accepting = await asyncio.gather(*(_accepts(server) for server in servers))
         log.warning(
-            state + " since about %s (%d repeated Kafka client messages in the last %gs not shown)",
-            self.bootstrap,
+            "%s since about %s (%d repeated Kafka client messages in the last %gs not shown)",
+            describe_failure(servers, accepting),
             _clock(self.failing_since),
             hidden,
             REPORT_INTERVAL,
         )
 
-    async def _accepts(self) -> bool:
-        host, _, port = self.bootstrap.split(",")[0].strip().rpartition(":")
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1.0)
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
+
+def describe_failure(servers: list[str], accepting: list[bool]) -> str:
+    """What a failing client's brokers look like from here, in a few words."""
+    if len(servers) == 1:
+        if accepting[0]:
+            return f"the Kafka client keeps failing against the broker at {servers[0]}, which accepts connections,"
+        return f"the broker at {servers[0]} is unreachable"
+    down = [server for server, up in zip(servers, accepting, strict=True) if not up]
+    if not down:
+        return f"the Kafka client keeps failing against the brokers at {','.join(servers)}, which accept connections,"
+    if len(down) == len(servers):
+        return f"the brokers at {','.join(servers)} are unreachable"
+    return (
+        f"the Kafka client keeps failing against the brokers at {','.join(servers)}, "
+        f"of which {','.join(down)} {'is' if len(down) == 1 else 'are'} unreachable,"
+    )
+
+
+async def _accepts(server: str) -> bool:
+    host, _, port = server.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1.0)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def _clock(timestamp: float) -> str:

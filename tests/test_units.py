@@ -761,3 +761,14 @@ def test_a_batch_fetched_before_a_revocation_is_dropped_not_processed() -> None:
     completions = [value for value in events if b"task.completed" in value]
     assert len(completions) == 3
     assert tables.thaw(stores["agents"].rows["agent_x_001"])["tasks_completed"] == 3
+
+
+def test_a_failing_client_says_which_of_several_brokers_are_unreachable() -> None:
+    from streams.broker_health import describe_failure
+
+    one = describe_failure(["a:1"], [False])
+    assert one == "the broker at a:1 is unreachable"
+    some = describe_failure(["a:1", "b:2", "c:3"], [True, False, True])
+    assert "of which b:2 is unreachable" in some
+    assert describe_failure(["a:1", "b:2"], [False, False]) == "the brokers at a:1,b:2 are unreachable"
+    assert "which accept connections" in describe_failure(["a:1", "b:2"], [True, True])
