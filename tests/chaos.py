@@ -439,11 +439,10 @@ def main() -> int:
     home = Settings(embedded_broker_port=free_port(), data_dir=Path(tmp) / "broker")
     broker = embedded_broker(home, args.engine)
     broker.start()
+    deployment = Deployment(broker.port, Path(tmp), log_level="warning", engine=args.engine)
     try:
-        deployment = Deployment(broker.port, Path(tmp), log_level="warning", engine=args.engine)
         if args.failover:
             failover = run_failover(deployment, args.agents, args.rate, args.kills, settle=min(args.every))
-            deployment.close()
             print(failover.summary())
             return 0 if not failover.problems else 1
         supervisor = deployment.worker(processes=args.processes).start()
@@ -451,8 +450,8 @@ def main() -> int:
         for worker in workers:
             worker.wait_ready(120)
         result = run_kills(deployment, supervisor, args.agents, args.rate, args.kills, tuple(args.every), args.seed)
-        deployment.close()
     finally:
+        deployment.close()  # the workers first: they must not outlive the run
         broker.stop()
     print(result.summary())
     return 0 if result.exact else 1
