@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,49 @@ class Measurement:
     engine: str = "tansu"
     #: The broker process's CPU over the same window (100% = one core).
     broker_cpu_percent: float | None = None
+    #: CPU used meanwhile by everything else on the machine (not the system, its broker or
+    #: the bench with its load generator): other work competing for the cores.
+    other_cpu_percent: float | None = None
+
+
+class Probes:
+    """CPU over one measured window: the system's processes, its broker, and everything else."""
+
+    def __init__(self, system_pid: int, broker_pid: int | None) -> None:
+        self.system = ProcessProbe(system_pid)
+        self.broker = ProcessProbe(broker_pid) if broker_pid is not None else None
+        self.restart()
+
+    @staticmethod
+    def machine_busy_seconds() -> float:
+        """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        return (user + nice + system + irq + softirq + steal) / _TICKS
+
+    @staticmethod
+    def own_seconds() -> float:
+        """CPU seconds of this process (the bench and its load generator)."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def restart(self) -> None:
+        self.system.restart()
+        if self.broker is not None:
+            self.broker.restart()
+        self.started = time.monotonic()
+        self.machine_start = self.machine_busy_seconds()
+        self.own_start = self.own_seconds()
+
+    def broker_cpu_percent(self) -> float | None:
+        return self.broker.cpu_percent() if self.broker is not None else None
+
+    def other_cpu_percent(self) -> float:
+        wall = max(1e-6, time.monotonic() - self.started)
+        machine = 100.0 * (self.machine_busy_seconds() - self.machine_start) / wall
+        own = 100.0 * (self.own_seconds() - self.own_start) / wall
+        other = machine - own - self.system.cpu_percent() - (self.broker_cpu_percent() or 0.0)
+        return round(max(0.0, other), 1)
 
 
 class ProcessProbe:
@@ -389,18 +433,12 @@ def measure_backlog(system: System, count: int, agents: int, workdir: Path, engi
     with running_broker(engine, workdir) as broker:
         _produce(broker.bootstrap, agents, 0, count, system.pack)
         process = system.start(broker, count, workdir)
-        probe = ProcessProbe(process.pid)
-        broker_probe = ProcessProbe(broker.pid or 0)
+        probes = Probes(process.pid, broker.pid)
         try:
             system.wait_first(process, 120)
-
-            def on_first() -> None:
-                probe.restart()
-                broker_probe.restart()
-
-            done = system.wait_done(process, 600, on_first)
-            cpu_percent, peak_rss_mb = probe.cpu_percent(), probe.peak_rss_mb()
-            broker_cpu = broker_probe.cpu_percent()
+            done = system.wait_done(process, 600, probes.restart)
+            cpu_percent, peak_rss_mb = probes.system.cpu_percent(), probes.system.peak_rss_mb()
+            broker_cpu, other_cpu = probes.broker_cpu_percent(), probes.other_cpu_percent()
         finally:
             _stop(process)
         finished, first, last = system.completion_span(broker.bootstrap) or (count, done["first"], done["last"])
@@ -417,6 +455,7 @@ def measure_backlog(system: System, count: int, agents: int, workdir: Path, engi
             round(peak_rss_mb, 1),
             engine=engine,
             broker_cpu_percent=broker_cpu,
+            other_cpu_percent=other_cpu,
         )
 
 
@@ -426,8 +465,7 @@ def measure_latency(
     count = int(rate * seconds)
     with running_broker(engine, workdir) as broker:
         process = system.start(broker, count + 1, workdir)
-        probe = ProcessProbe(process.pid)
-        broker_probe = ProcessProbe(broker.pid or 0)
+        probes = Probes(process.pid, broker.pid)
         try:
             system.wait_first(process, 120)
             # Warm-up: one task, measured from when the system has processed it (group joined).
@@ -445,8 +483,7 @@ def measure_latency(
             if not warmed.wait(120):
                 raise TimeoutError(f"{system.name} processed no warm-up task")
             time.sleep(3)  # past the first moments after the group join, for every system alike
-            probe.restart()
-            broker_probe.restart()
+            probes.restart()
             started = time.monotonic()
             _produce(broker.bootstrap, agents, rate, count)
             waiter.join()
@@ -457,11 +494,12 @@ def measure_latency(
                 count,
                 round(time.monotonic() - started, 2),
                 round(rate),
-                probe.cpu_percent(),
-                round(probe.peak_rss_mb(), 1),
+                probes.system.cpu_percent(),
+                round(probes.system.peak_rss_mb(), 1),
                 done["latency_ms"],
                 engine=engine,
-                broker_cpu_percent=broker_probe.cpu_percent(),
+                broker_cpu_percent=probes.broker_cpu_percent(),
+                other_cpu_percent=probes.other_cpu_percent(),
             )
         finally:
             _stop(process)
@@ -683,16 +721,17 @@ def table(results: list[Measurement]) -> str:
 def render_table(results: list[dict[str, Any]]) -> str:
     """A markdown table of measurements (as written to the JSON)."""
     rows = [
-        "| system | phase | tasks | tasks/s | P50 ms | P95 ms | P99 ms | CPU % | peak RSS MB | broker CPU % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | phase | tasks | tasks/s | P50 ms | P95 ms | P99 ms | CPU % | peak RSS MB | broker CPU % "
+        "| other CPU % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lat = r.get("latency_ms") or {}
-        broker_cpu = r.get("broker_cpu_percent")
+        broker_cpu, other_cpu = r.get("broker_cpu_percent"), r.get("other_cpu_percent")
         rows.append(
             f"| {r['system']} | {r['phase']} | {r['tasks']:,} | {r['tasks_per_second']:,} | {lat.get('p50', '')} | "
             f"{lat.get('p95', '')} | {lat.get('p99', '')} | {r['cpu_percent']} | {r['peak_rss_mb']} | "
-            f"{'' if broker_cpu is None else broker_cpu} |"
+            f"{'' if broker_cpu is None else broker_cpu} | {'' if other_cpu is None else other_cpu} |"
         )
     return "\n".join(rows)
 
