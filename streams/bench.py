@@ -37,6 +37,7 @@ from streams import loadgen, native
 from streams.broker import create_topic, free_port, terminate
 from streams.engines import choice, kafka_jars
 from streams.engines.kafka import JVM_OPTIONS as KAFKA_JVM_OPTIONS
+from streams.engines.kafka import KafkaBroker
 from streams.settings import Settings
 from streams.state import TERMINAL_TASK_STATUSES
 from streams.tables import decode_row
@@ -191,8 +192,19 @@ async def _wait_topic_ready(bootstrap: str, timeout: float = 30.0) -> None:
         await admin.close()
 
 
+#: The embedded Kafka forms a group as soon as its first member joins, which suits one
+#: worker starting or restarting. Two worker processes started together can then join a
+#: second apart, and the first one's work on all partitions is cut short by a rebalance
+#: (and a table restore) a second or two into the backlog. For the bench the broker holds
+#: a new group's first join as a Kafka cluster does by default (3 s; Tansu holds it for
+#: half the session timeout), so each system's processes start in one generation.
+BENCH_KAFKA_PROPERTIES = {"group.initial.rebalance.delay.ms": "3000"}
+
+
 def new_broker(engine: str, home: Path) -> choice.Engine:
     """A fresh broker of ``engine`` on a free port, keeping its files under ``home`` (not started)."""
+    if engine == "kafka":
+        return KafkaBroker(free_port(), home / "kafka", BENCH_KAFKA_PROPERTIES)
     return choice.embedded_broker(Settings(embedded_broker_port=free_port(), data_dir=home), engine)
 
 

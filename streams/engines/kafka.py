@@ -21,6 +21,7 @@ import base64
 import secrets
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from streams.broker import BrokerError, ChildBroker, die_with_parent, free_port, port_is_open, wait_for_broker
@@ -148,9 +149,11 @@ class KafkaBroker(ChildBroker):
     durable = True
     stop_timeout = 30.0
 
-    def __init__(self, port: int, home: Path) -> None:
+    def __init__(self, port: int, home: Path, properties: Mapping[str, str] | None = None) -> None:
         super().__init__(port)
         self.home = home
+        #: Broker properties that replace or add to :func:`server_properties` (e.g. for the bench).
+        self.properties = dict(properties or {})
         self.records = home / "records"
         self.log_path = home / "broker.log"
         self.console_path = home / "console.log"
@@ -177,7 +180,9 @@ class KafkaBroker(ChildBroker):
         while self.controller_port == self.port:
             self.controller_port = free_port()
         config = self.home / "server.properties"
-        write_properties(config, server_properties(self.port, self.controller_port, self.records))
+        write_properties(
+            config, {**server_properties(self.port, self.controller_port, self.records), **self.properties}
+        )
         log4j = self.home / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.log_path))
         jvm = [java, *JVM_OPTIONS, f"-Dlog4j2.configurationFile={log4j}", "-cp", classes]
