@@ -20,6 +20,7 @@ import platform
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,8 @@ class Measurement:
     cpu_percent: float
     peak_rss_mb: float
     latency_ms: dict[str, float | None] = field(default_factory=dict)
+    #: Which round of the comparison it belongs to (``blackroad bench --rounds``).
+    round: int = 1
     #: The broker engine it ran on (``tansu`` or ``kafka``).
     engine: str = "tansu"
     #: The broker process's CPU over the same window (100% = one core).
@@ -631,39 +634,65 @@ def _load_average() -> list[float]:
 
 
 def run_engine(
-    engine: str, count: int, agents: int, rate: float, seconds: float, include_quix: bool, tmp: Path
+    engine: str,
+    count: int,
+    agents: int,
+    rate: float,
+    seconds: float,
+    include_quix: bool,
+    tmp: Path,
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """The whole comparison on ``engine``: every system on fresh brokers of it, then the web views."""
+    """The whole comparison on ``engine``, ``rounds`` times over: every system on fresh
+    brokers of it, one after the other in each round; then the web views once.
+
+    On a shared host one run can be off by a fifth; with several rounds each ratio is
+    taken within a round (systems measured minutes apart) and the median is reported.
+    """
     began = time.monotonic()
     load_before = _load_average()
-    results: list[Measurement] = []
-    for index, (system, own_count) in enumerate(systems(include_quix)):
-        workdir = tmp / f"{engine}-{index}-backlog"
-        workdir.mkdir()
-        print(f"== [{engine}] {system.name}: backlog (load average {load_average_text()})", flush=True)
-        results.append(measure_backlog(system, own_count or count, agents, workdir, engine))
-        print(table(results[-1:]).splitlines()[-1], flush=True)
-        if system.pack > 1:
-            continue  # the light-load phase sends single tasks: shape (a) covers it
-        workdir = tmp / f"{engine}-{index}-latency"
-        workdir.mkdir()
-        print(f"== [{engine}] {system.name}: latency at {rate:g} tasks/s", flush=True)
-        results.append(measure_latency(system, rate, seconds, agents, workdir, engine))
-        print(table(results[-1:]).splitlines()[-1], flush=True)
+    runs: list[list[Measurement]] = []
+    for round_no in range(1, rounds + 1):
+        results: list[Measurement] = []
+        label = f"[{engine}, round {round_no} of {rounds}]" if rounds > 1 else f"[{engine}]"
+        for index, (system, own_count) in enumerate(systems(include_quix)):
+            workdir = tmp / f"{engine}-{round_no}-{index}-backlog"
+            workdir.mkdir()
+            print(f"== {label} {system.name}: backlog (load average {load_average_text()})", flush=True)
+            results.append(measure_backlog(system, own_count or count, agents, workdir, engine))
+            results[-1].round = round_no
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+            if system.pack > 1:
+                continue  # the light-load phase sends single tasks: shape (a) covers it
+            workdir = tmp / f"{engine}-{round_no}-{index}-latency"
+            workdir.mkdir()
+            print(f"== {label} {system.name}: latency at {rate:g} tasks/s", flush=True)
+            results.append(measure_latency(system, rate, seconds, agents, workdir, engine))
+            results[-1].round = round_no
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+        runs.append(results)
     print(f"== [{engine}] web views under load", flush=True)
     web_dir = tmp / f"{engine}-web"
     web_dir.mkdir()
     web = measure_web(agents, rate, 10.0, web_dir, engine)
+    every = [r for run in runs for r in run]
     return {
         "broker": broker_description(engine),
-        "results": [asdict(r) for r in results],
+        "rounds": rounds,
+        "results": [asdict(r) for r in every],
         "web_views": web,
-        "ratios_vs_quix": ratios_vs_reference(results),
-        "project_throughput_ratio": throughput_ratios(results),
-        "bars": bars(results),
+        "ratios_vs_quix": _median_ratios([ratios_vs_reference(run) for run in runs]),
+        "ratios_vs_quix_by_round": [ratios_vs_reference(run) for run in runs],
+        "project_throughput_ratio": _median_ratios([throughput_ratios(run) for run in runs]),
+        "bars": bars_over_rounds(runs),
         "load_average": {"before": load_before, "after": _load_average()},
         "minutes": round((time.monotonic() - began) / 60, 1),
     }
+
+
+def _median_ratios(by_round: list[dict[str, float]]) -> dict[str, float]:
+    names = [name for name in by_round[0]] if by_round else []
+    return {name: round(statistics.median(found[name] for found in by_round if name in found), 2) for name in names}
 
 
 def load_average_text() -> str:
@@ -726,12 +755,35 @@ def bars(results: list[Measurement]) -> dict[str, dict[str, Any]]:
     return found
 
 
+def bars_over_rounds(runs: list[list[Measurement]]) -> dict[str, dict[str, Any]]:
+    """The targets against the median over the rounds of what each round measured."""
+    by_round = [bars(run) for run in runs]
+    found: dict[str, dict[str, Any]] = {}
+    for name in by_round[0] if by_round else {}:
+        values = [each[name]["measured"] for each in by_round if name in each]
+        target = by_round[0][name]["target"]
+        measured = round(statistics.median(values), 2)
+        at_least = name in ("one_process_vs_quix", "packed_two_processes_vs_quix")
+        found[name] = {
+            "measured": measured,
+            "target": target,
+            "met": measured >= target if at_least else measured <= target,
+        }
+        if len(runs) > 1:
+            found[name]["by_round"] = values
+    return found
+
+
 def table(results: list[Measurement]) -> str:
     return render_table([asdict(r) for r in results])
 
 
 def render_table(results: list[dict[str, Any]]) -> str:
-    """A markdown table of measurements (as written to the JSON)."""
+    """A markdown table of measurements (as written to the JSON), ordered by system."""
+    multiple = any(r.get("round", 1) > 1 for r in results)
+    if multiple:
+        order = {name: index for index, name in enumerate(dict.fromkeys(r["system"] for r in results))}
+        results = sorted(results, key=lambda r: (order[r["system"]], r["phase"] != "backlog", r.get("round", 1)))
     rows = [
         "| system | phase | tasks | tasks/s | P50 ms | P95 ms | P99 ms | CPU % | peak RSS MB | broker CPU % "
         "| other CPU % |",
@@ -740,8 +792,9 @@ def render_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         lat = r.get("latency_ms") or {}
         broker_cpu, other_cpu = r.get("broker_cpu_percent"), r.get("other_cpu_percent")
+        phase = r["phase"] if r.get("round", 1) == 1 and not multiple else f"{r['phase']}, round {r.get('round', 1)}"
         rows.append(
-            f"| {r['system']} | {r['phase']} | {r['tasks']:,} | {r['tasks_per_second']:,} | {lat.get('p50', '')} | "
+            f"| {r['system']} | {phase} | {r['tasks']:,} | {r['tasks_per_second']:,} | {lat.get('p50', '')} | "
             f"{lat.get('p95', '')} | {lat.get('p99', '')} | {r['cpu_percent']} | {r['peak_rss_mb']} | "
             f"{'' if broker_cpu is None else broker_cpu} | {'' if other_cpu is None else other_cpu} |"
         )
@@ -756,11 +809,19 @@ def render(report: dict[str, Any]) -> str:
         for row in section.get("web_views", []):
             lines.append(f"web: {row}")
         ratios = section.get("ratios_vs_quix") or {}
+        several = section.get("rounds", 1) > 1
         if ratios:
-            lines.append("backlog tasks/s vs quix streams: " + "; ".join(f"{k}: {v}x" for k, v in ratios.items()))
+            lines.append(
+                f"backlog tasks/s vs quix streams{' (median of the rounds)' if several else ''}: "
+                + "; ".join(f"{k}: {v}x" for k, v in ratios.items())
+            )
+        if several:
+            for round_no, each in enumerate(section.get("ratios_vs_quix_by_round", []), 1):
+                lines.append(f"  round {round_no}: " + "; ".join(f"{k}: {v}x" for k, v in each.items()))
         for name, found in section.get("bars", {}).items():
             verdict = "met" if found["met"] else "NOT met"
-            lines.append(f"bar {name}: {found['measured']} (target {found['target']}): {verdict}")
+            rounds = f", rounds {found['by_round']}" if "by_round" in found else ""
+            lines.append(f"bar {name}: {found['measured']} (target {found['target']}{rounds}): {verdict}")
         load = section.get("load_average", {})
         lines.append(
             f"load average before {load.get('before')}, after {load.get('after')}; {section.get('minutes')} min"
@@ -778,18 +839,21 @@ def run(
     out: Path,
     include_quix: bool,
     engines: list[str] | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """The comparison on each of ``engines`` (default: all), written to ``out`` and printed."""
     began = time.monotonic()
     report: dict[str, Any] = {
         "machine": machine(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "load": {"backlog_tasks": count, "agents": agents, "rate": rate, "seconds": seconds},
+        "load": {"backlog_tasks": count, "agents": agents, "rate": rate, "seconds": seconds, "rounds": rounds},
         "engines": {},
     }
     with tempfile.TemporaryDirectory(prefix="blackroad-bench-") as tmp:
         for engine in engines or list(ENGINES):
-            report["engines"][engine] = run_engine(engine, count, agents, rate, seconds, include_quix, Path(tmp))
+            report["engines"][engine] = run_engine(
+                engine, count, agents, rate, seconds, include_quix, Path(tmp), rounds
+            )
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2))  # what is done so far, should a later engine fail
     report["minutes"] = round((time.monotonic() - began) / 60, 1)

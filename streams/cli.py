@@ -329,6 +329,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from streams import bench
 
+    if args.rounds < 1:
+        raise SystemExit("blackroad: --rounds must be at least 1")
     try:
         engines, note = bench.available_engines(args.engine)
     except ValueError as exc:
@@ -338,7 +340,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     include_quix = importlib.util.find_spec("quixstreams") is not None
     if not include_quix:
         print("quixstreams is not installed (pip install -e '.[bench]'); skipping it", flush=True)
-    bench.run(args.count, args.agents, args.rate, args.seconds, Path(args.out), include_quix, engines)
+    bench.run(args.count, args.agents, args.rate, args.seconds, Path(args.out), include_quix, engines, args.rounds)
     return 0
 
 
@@ -386,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("both", *choice.ENGINES),
         default="both",
         help="the embedded broker(s) to compare on, each system on a fresh one (both: Tansu, then Kafka)",
+    )
+    bench.add_argument(
+        "--rounds", type=int, default=1, help="run the comparison this many times per engine; ratios are medians"
     )
     bench.set_defaults(run=cmd_bench)
     return parser

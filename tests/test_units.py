@@ -755,6 +755,20 @@ def test_bench_ratios_and_targets_are_taken_within_one_engine() -> None:
     printed = bench.render(report)
     assert printed.count(f"| {packed.name} | backlog | 1,000 | 96,000 |") == 2
     assert "bar p99_ms: 18.0 (target 15.0): NOT met" in printed
+    # Over several rounds each ratio is taken within its round, and the median is judged.
+    second = [
+        _measurement(bench.REFERENCE, "backlog", 40_000, "kafka", round=2),
+        _measurement(one.name, "backlog", 36_000, "kafka", round=2),
+        _measurement(one.name, "500/s", 500, "kafka", round=2, latency_ms={"p50": 2.0, "p95": 5.0, "p99": 10.0}),
+        _measurement(packed.name, "backlog", 100_000, "kafka", round=2),
+    ]
+    over = bench.bars_over_rounds([results, second])
+    assert over["one_process_vs_quix"] == {"measured": 1.0, "target": 1.0, "met": True, "by_round": [1.1, 0.9]}
+    assert over["packed_two_processes_vs_quix"]["measured"] == 2.85
+    assert over["p99_ms"]["measured"] == 14.0 and over["p99_ms"]["met"]
+    rows = bench.table(results + second).splitlines()
+    assert rows[2].startswith(f"| {bench.REFERENCE} | backlog, round 1 |")
+    assert rows[3].startswith(f"| {bench.REFERENCE} | backlog, round 2 |")
 
 
 def test_bench_runs_on_the_engines_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
