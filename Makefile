@@ -40,10 +40,11 @@ run: $(NATIVE) kafka
 test: $(NATIVE) kafka
 	$(BIN)/pytest -q
 
-## Throughput and latency against the baselines (installs the bench extra).
-bench: $(NATIVE)
+## Throughput and latency against the baselines (installs the bench extra), on the embedded
+## Tansu and Apache Kafka engines (Tansu alone where Kafka cannot start; ARGS="--engine kafka").
+bench: $(NATIVE) kafka
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/blackroad bench
+	$(BIN)/blackroad bench $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

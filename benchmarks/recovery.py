@@ -1,8 +1,9 @@
 """State size and recovery: 30,000 agents with working memory, then SIGKILL and restart.
 
 Usage: python benchmarks/recovery.py [--processes N] [--agents 30000] [--writes-per-agent 6] [--task-retention 5]
+       [--engine tansu|kafka]
 
-Starts a fresh embedded broker and ``blackroad worker`` (N processes), writes
+Starts a fresh embedded broker of ``--engine`` and ``blackroad worker`` (N processes), writes
 ``agents * writes-per-agent`` memory entries, reports each worker process's RSS, SIGKILLs
 every worker process, starts them again and reports the time until every process serves
 its web views again (tables recovered from the changelogs), and checks the recovered
@@ -32,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from schemas import wire  # noqa: E402
 from streams import loadgen  # noqa: E402
+from streams.bench import new_broker  # noqa: E402
 from streams.broker import free_port  # noqa: E402
-from streams.engines.tansu import TansuBroker  # noqa: E402
 
 
 def get(port: int, path: str) -> Any:
@@ -89,53 +90,65 @@ def main() -> int:
     parser.add_argument(
         "--task-retention", type=float, default=5, help="seconds finished tasks stay live (long: they count in RSS)"
     )
+    parser.add_argument("--engine", choices=("tansu", "kafka"), default="tansu", help="the embedded broker")
     args = parser.parse_args()
     processes = args.processes or max(1, min(os.cpu_count() or 1, 4))
     web = free_port(processes)
     ports = [web + i for i in range(processes)]
-    with tempfile.TemporaryDirectory(prefix="blackroad-recovery-") as tmp, TansuBroker(free_port()) as broker:
-        env = {
-            **os.environ,
-            "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),
-            "BLACKROAD_WEB_PORT": str(web),
-            "BLACKROAD_DATA_DIR": tmp,
-            "BLACKROAD_WORKER_PROCESSES": str(processes),
-            "BLACKROAD_TASK_RETENTION": f"{args.task_retention:g}",
-        }
-        command = [sys.executable, "-m", "streams.cli", "worker"]
-        worker = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603
+    with tempfile.TemporaryDirectory(prefix="blackroad-recovery-") as tmp:
+        broker = new_broker(args.engine, Path(tmp) / "broker")
+        broker.start()
         try:
-            wait_serving(ports, 120)
-            started = time.monotonic()
-            sent = asyncio.run(write_memory(broker.bootstrap, "blackroad.tasks", args.agents, args.writes_per_agent))
-            while (get(web, "/v1/stats") or {}).get("completed_tasks", 0) < sent:
-                time.sleep(0.2)
-            print(f"{sent:,} memory writes over {args.agents:,} agents done in {time.monotonic() - started:.1f} s")
-            if args.task_retention < 60:
-                time.sleep(args.task_retention + 3)  # past the retention: finished tasks leave the live table
-            pids = children(worker.pid) if processes > 1 else [worker.pid]
-            for pid in pids:
-                rss, peak = rss_mb(pid)
-                print(f"worker process {pid}: RSS {rss:.0f} MB, peak {peak:.0f} MB")
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
-            worker.kill()
-            worker.wait()
-            started = time.monotonic()
-            worker = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603
-            wait_serving(ports, 300)
-            print(f"SIGKILL + restart to every process serving again: {time.monotonic() - started:.1f} s")
-            stats = get(web, "/v1/stats")
-            memory = get(web, "/v1/agents/agent_mem_00007/memory")
-            print(
-                f"after recovery: completed {stats['completed_tasks']:,} of {sent:,}; agent_mem_00007: "
-                f"{memory['written']} memory writes, {len(memory['entries'])} entries in working memory"
-            )
-            exact = stats["completed_tasks"] == sent and memory["written"] == args.writes_per_agent
-            return 0 if exact else 1
+            return measure(args, broker, Path(tmp), web, ports, processes)
         finally:
-            worker.send_signal(signal.SIGINT)
-            worker.wait(timeout=30)
+            broker.stop()
+
+
+def measure(args: argparse.Namespace, broker: Any, tmp: Path, web: int, ports: list[int], processes: int) -> int:
+    """Fill the tables, note RSS, SIGKILL every worker process, time the restart, check the counts."""
+    env = {
+        **os.environ,
+        "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),
+        "BLACKROAD_ENGINE": broker.engine,
+        "BLACKROAD_WEB_PORT": str(web),
+        "BLACKROAD_DATA_DIR": str(tmp / "data"),
+        "BLACKROAD_WORKER_PROCESSES": str(processes),
+        "BLACKROAD_TASK_RETENTION": f"{args.task_retention:g}",
+    }
+    command = [sys.executable, "-m", "streams.cli", "worker"]
+    worker = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603
+    try:
+        wait_serving(ports, 120)
+        started = time.monotonic()
+        sent = asyncio.run(write_memory(broker.bootstrap, "blackroad.tasks", args.agents, args.writes_per_agent))
+        while (get(web, "/v1/stats") or {}).get("completed_tasks", 0) < sent:
+            time.sleep(0.2)
+        print(f"{sent:,} memory writes over {args.agents:,} agents done in {time.monotonic() - started:.1f} s")
+        if args.task_retention < 60:
+            time.sleep(args.task_retention + 3)  # past the retention: finished tasks leave the live table
+        pids = children(worker.pid) if processes > 1 else [worker.pid]
+        for pid in pids:
+            rss, peak = rss_mb(pid)
+            print(f"worker process {pid}: RSS {rss:.0f} MB, peak {peak:.0f} MB")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        worker.kill()
+        worker.wait()
+        started = time.monotonic()
+        worker = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603
+        wait_serving(ports, 300)
+        print(f"SIGKILL + restart to every process serving again: {time.monotonic() - started:.1f} s")
+        stats = get(web, "/v1/stats")
+        memory = get(web, "/v1/agents/agent_mem_00007/memory")
+        print(
+            f"after recovery: completed {stats['completed_tasks']:,} of {sent:,}; agent_mem_00007: "
+            f"{memory['written']} memory writes, {len(memory['entries'])} entries in working memory"
+        )
+        exact = stats["completed_tasks"] == sent and memory["written"] == args.writes_per_agent
+        return 0 if exact else 1
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=30)
 
 
 if __name__ == "__main__":

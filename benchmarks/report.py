@@ -1,4 +1,8 @@
-"""What every baseline app prints: one JSON line when it has processed the expected count."""
+"""What every baseline app prints: one JSON line when it has processed the expected count.
+
+Run as a script, it prints the report of a ``blackroad bench`` run again from its JSON,
+one section per engine: ``python -m benchmarks.report [bench-results/latest.json]``.
+"""
 
 from __future__ import annotations
 
@@ -51,3 +55,18 @@ def emit(line: dict[str, object]) -> None:
     assert stream is not None
     stream.write(json.dumps(line) + "\n")
     stream.flush()
+
+
+def main(argv: list[str]) -> int:
+    """Print the report of a bench run from its JSON (default ``bench-results/latest.json``)."""
+    from pathlib import Path
+
+    from streams.bench import render
+
+    path = Path(argv[0] if argv else "bench-results/latest.json")
+    print(render(json.loads(path.read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

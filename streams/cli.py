@@ -333,10 +333,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from streams import bench
 
+    if args.rounds < 1:
+        raise SystemExit("blackroad: --rounds must be at least 1")
+    try:
+        engines, note = bench.available_engines(args.engine)
+    except ValueError as exc:
+        raise SystemExit(f"blackroad: {exc}") from None
+    if note is not None:
+        print(f"blackroad: {note}", flush=True)
     include_quix = importlib.util.find_spec("quixstreams") is not None
     if not include_quix:
         print("quixstreams is not installed (pip install -e '.[bench]'); skipping it", flush=True)
-    bench.run(args.count, args.agents, args.rate, args.seconds, Path(args.out), include_quix)
+    bench.run(args.count, args.agents, args.rate, args.seconds, Path(args.out), include_quix, engines, args.rounds)
     return 0
 
 
@@ -379,6 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=float, default=500.0, help="tasks per second of the latency phase")
     bench.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
     bench.add_argument("--out", default="bench-results/latest.json")
+    bench.add_argument(
+        "--engine",
+        choices=("both", *choice.ENGINES),
+        default="both",
+        help="the embedded broker(s) to compare on, each system on a fresh one (both: Tansu, then Kafka)",
+    )
+    bench.add_argument(
+        "--rounds", type=int, default=1, help="run the comparison this many times per engine; ratios are medians"
+    )
     bench.set_defaults(run=cmd_bench)
     return parser
 

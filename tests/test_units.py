@@ -8,6 +8,7 @@ import os
 import time
 import types
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from agents.base import TaskContext, TaskFailed
 from agents.registry import HandlerRegistry, default_registry
 from schemas import domain, wire
 from schemas.wire import WireError
-from streams import histogram, native, state, tables
+from streams import bench, histogram, native, state, tables
 from streams import processor as processor_module
 from streams.client_log import RepeatedClientMessages
 from streams.log_continuity import BrokerLostData, fingerprint
@@ -772,3 +773,67 @@ def test_a_failing_client_says_which_of_several_brokers_are_unreachable() -> Non
     assert "of which b:2 is unreachable" in some
     assert describe_failure(["a:1", "b:2"], [False, False]) == "the brokers at a:1,b:2 are unreachable"
     assert "which accept connections" in describe_failure(["a:1", "b:2"], [True, True])
+
+
+def _measurement(system: str, phase: str, rate: float, engine: str, **extra: Any) -> bench.Measurement:
+    return bench.Measurement(system, phase, 1000, 1.0, rate, 90.0, extra.pop("rss", 200.0), engine=engine, **extra)
+
+
+def test_bench_ratios_and_targets_are_taken_within_one_engine() -> None:
+    one, packed = bench.Project(), bench.Project(pack=100, processes=2)
+    results = [
+        _measurement(bench.REFERENCE, "backlog", 30_000, "kafka"),
+        _measurement(one.name, "backlog", 33_000, "kafka", rss=320.0),
+        _measurement(one.name, "500/s", 500, "kafka", latency_ms={"p50": 2.0, "p95": 9.0, "p99": 18.0}),
+        _measurement(packed.name, "backlog", 96_000, "kafka"),
+    ]
+    assert bench.ratios_vs_reference(results) == {one.name: 1.1, packed.name: 3.2}
+    found = bench.bars(results)
+    assert found["one_process_vs_quix"] == {"measured": 1.1, "target": 1.0, "met": True}
+    assert found["packed_two_processes_vs_quix"]["met"]
+    assert found["p50_ms"]["met"] and not found["p99_ms"]["met"]
+    assert found["rss_mb"] == {"measured": 320.0, "target": 500.0, "met": True}
+    # Without Quix Streams there is nothing to compare with.
+    assert bench.ratios_vs_reference(results[1:]) == {}
+    report = {
+        "engines": {
+            engine: {"broker": engine, "results": [asdict(r) for r in results], "bars": found}
+            for engine in bench.ENGINES
+        }
+    }
+    printed = bench.render(report)
+    assert printed.count(f"| {packed.name} | backlog | 1,000 | 96,000 |") == 2
+    assert "bar p99_ms: 18.0 (target 15.0): NOT met" in printed
+    # Over several rounds each ratio is taken within its round, and the median is judged.
+    second = [
+        _measurement(bench.REFERENCE, "backlog", 40_000, "kafka", round=2),
+        _measurement(one.name, "backlog", 36_000, "kafka", round=2),
+        _measurement(one.name, "500/s", 500, "kafka", round=2, latency_ms={"p50": 2.0, "p95": 5.0, "p99": 10.0}),
+        _measurement(packed.name, "backlog", 100_000, "kafka", round=2),
+    ]
+    over = bench.bars_over_rounds([results, second])
+    assert over["one_process_vs_quix"] == {"measured": 1.0, "target": 1.0, "met": True, "by_round": [1.1, 0.9]}
+    assert over["packed_two_processes_vs_quix"]["measured"] == 2.85
+    assert over["p99_ms"]["measured"] == 14.0 and over["p99_ms"]["met"]
+    rows = bench.table(results + second).splitlines()
+    assert rows[2].startswith(f"| {bench.REFERENCE} | backlog, round 1 |")
+    assert rows[3].startswith(f"| {bench.REFERENCE} | backlog, round 2 |")
+
+
+def test_bench_runs_on_the_engines_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams import cli
+    from streams.engines import kafka_jars
+
+    assert cli.build_parser().parse_args(["bench"]).engine == "both"
+    assert cli.build_parser().parse_args(["bench", "--engine", "kafka"]).engine == "kafka"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--engine", "redpanda"])
+    monkeypatch.setattr(kafka_jars, "unavailable", lambda: None)
+    assert bench.available_engines("both") == (["tansu", "kafka"], None)
+    assert bench.available_engines("tansu") == (["tansu"], None)
+    monkeypatch.setattr(kafka_jars, "unavailable", lambda: "no `java` found")
+    engines, note = bench.available_engines("both")
+    assert engines == ["tansu"] and note is not None and "no `java` found" in note
+    with pytest.raises(ValueError, match="no `java` found"):
+        bench.available_engines("kafka")
+    assert bench.available_engines("tansu") == (["tansu"], None)

@@ -24,6 +24,7 @@ import base64
 import secrets
 import subprocess
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,10 +193,14 @@ class KafkaBroker(ChildBroker):
     durable = True
     stop_timeout = 30.0
 
-    def __init__(self, port: int, home: Path, node_id: int = NODE_ID) -> None:
+    def __init__(
+        self, port: int, home: Path, node_id: int = NODE_ID, properties: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(port)
         self.home = home
         self.node_id = node_id
+        #: Broker properties that replace or add to :func:`server_properties` (e.g. for the bench).
+        self.properties = dict(properties or {})
         self.records = home / "records"
         self.log_path = home / "broker.log"
         self.console_path = home / "console.log"
@@ -257,7 +262,7 @@ class KafkaBroker(ChildBroker):
                 self.port, self.controller_port, self.records, self.node_id, self.quorum.voters, brokers
             )
         config = self.home / "server.properties"
-        write_properties(config, values)
+        write_properties(config, {**values, **self.properties})
         log4j = self.home / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.log_path))
         jvm = [java, *JVM_OPTIONS, f"-Dlog4j2.configurationFile={log4j}", "-cp", classes]
