@@ -402,7 +402,9 @@ async def _completions(bootstrap: str, topic: str, timeout: float = 60.0) -> tup
     partitions = [TopicPartition(topic, partition) for partition in range(PARTITIONS)]
     ends = await fetch_highwaters(bootstrap, partitions)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, max_partition_fetch_bytes=8 * 1024 * 1024
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
     )
     await consumer.start()
     finished: dict[bytes | None, int] = {}
@@ -414,13 +416,13 @@ async def _completions(bootstrap: str, topic: str, timeout: float = 60.0) -> tup
         while waiting:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic} not read to its end within {timeout}s")
-            for tp, records in (await consumer.getmany(*waiting, timeout_ms=500)).items():
+            for records in (await consumer.getmany(*waiting, timeout_ms=500)).values():
                 for record in records:
                     row = decode_row(record.value) if record.value is not None else None
                     if row is not None and row["status"] in TERMINAL_TASK_STATUSES:
                         finished[record.key] = row["completed_at"]
-                if records and records[-1].offset + 1 >= ends[tp]:
-                    waiting.remove(tp)
+            # The position, not the last record: a transactional log ends with a commit marker.
+            waiting = [tp for tp in waiting if await consumer.position(tp) < ends[tp]]
     finally:
         await consumer.stop()
     if not finished:
