@@ -256,7 +256,7 @@ class System:
         """
         raise NotImplementedError
 
-    def completion_span(self, bootstrap: str) -> tuple[int, float, float] | None:
+    def completion_span(self, broker: choice.Engine) -> tuple[int, float, float] | None:
         """Tasks finished and the first and last completion time, read after the run from
         what the system wrote, if it keeps them more exactly than ``wait_done`` sees them."""
         return None
@@ -391,26 +391,42 @@ class Project(System):
             time.sleep(0.02)
         raise TimeoutError("worker did not finish")
 
-    def completion_span(self, bootstrap: str) -> tuple[int, float, float]:
+    def completion_span(self, broker: choice.Engine) -> tuple[int, float, float]:
         """From the tasks changelog: /v1/stats counts arrive a flush at a time (up to a
         second apart in a backlog), while each task row carries its completion time."""
-        return asyncio.run(_completions(bootstrap, f"{Settings.from_env(os.environ).app_id}-tasks-changelog"))
+        topic = f"{Settings.from_env(os.environ).app_id}-tasks-changelog"
+        return asyncio.run(_completions(broker.bootstrap, topic, broker.engine))
 
 
-async def _completions(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[int, float, float]:
-    """Finished tasks in a tasks changelog and their first and last completion time (s)."""
+async def _completions(
+    bootstrap: str, topic: str, engine: str = "tansu", timeout: float = 60.0
+) -> tuple[int, float, float]:
+    """Finished tasks in a tasks changelog and their first and last completion time (s).
+
+    On Kafka the changelog is written in transactions (exactly-once): it is read
+    ``read_committed`` up to its last stable offset, and its end is reached by position,
+    since the last offsets may hold transaction markers that no fetch returns as records.
+    Tansu reports its ends too low through ListOffsets; a Fetch response has them right.
+    """
     partitions = [TopicPartition(topic, partition) for partition in range(PARTITIONS)]
-    ends = await fetch_highwaters(bootstrap, partitions)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         max_partition_fetch_bytes=8 * 1024 * 1024,
+        isolation_level="read_uncommitted" if engine == "tansu" else "read_committed",
+        auto_offset_reset="earliest",  # a reset racing the seek below must not jump to the end
     )
     await consumer.start()
     finished: dict[bytes | None, int] = {}
     try:
         consumer.assign(partitions)
+        if engine == "tansu":
+            ends = await fetch_highwaters(bootstrap, partitions)
+        else:
+            ends = await consumer.end_offsets(partitions)
         await consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)  # the seek is done before the first fetch
         waiting = [tp for tp in partitions if ends[tp] > 0]
         deadline = time.monotonic() + timeout
         while waiting:
@@ -421,8 +437,9 @@ async def _completions(bootstrap: str, topic: str, timeout: float = 60.0) -> tup
                     row = decode_row(record.value) if record.value is not None else None
                     if row is not None and row["status"] in TERMINAL_TASK_STATUSES:
                         finished[record.key] = row["completed_at"]
-            # The position, not the last record: a transactional log ends with a commit marker.
-            waiting = [tp for tp in waiting if await consumer.position(tp) < ends[tp]]
+            for tp in list(waiting):
+                if await consumer.position(tp) >= ends[tp]:
+                    waiting.remove(tp)
     finally:
         await consumer.stop()
     if not finished:
@@ -458,7 +475,7 @@ def measure_backlog(system: System, count: int, agents: int, workdir: Path, engi
             broker_cpu, other_cpu = probes.broker_cpu_percent(), probes.other_cpu_percent()
         finally:
             _stop(process)
-        finished, first, last = system.completion_span(broker.bootstrap) or (count, done["first"], done["last"])
+        finished, first, last = system.completion_span(broker) or (count, done["first"], done["last"])
         if finished < count:
             raise RuntimeError(f"{system.name}: {finished} of {count} tasks finished")
         seconds = max(1e-6, last - first)

@@ -837,3 +837,15 @@ def test_bench_runs_on_the_engines_asked_for(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(ValueError, match="no `java` found"):
         bench.available_engines("kafka")
     assert bench.available_engines("tansu") == (["tansu"], None)
+
+
+def test_the_bench_kafka_broker_holds_a_new_groups_first_join(tmp_path: Path) -> None:
+    from streams.engines.kafka import KafkaBroker
+
+    broker = bench.new_broker("kafka", tmp_path)
+    assert isinstance(broker, KafkaBroker)
+    configured = broker.configuration(controller_port=broker.port + 1)
+    assert configured["group.initial.rebalance.delay.ms"] == "3000"
+    assert configured["auto.create.topics.enable"] == "false"
+    # The project's own embedded Kafka keeps forming a group at once.
+    assert KafkaBroker(broker.port, tmp_path).configuration(broker.port + 1)["group.initial.rebalance.delay.ms"] == "0"

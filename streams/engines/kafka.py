@@ -208,6 +208,17 @@ class KafkaBroker(ChildBroker):
         #: Set by a KafkaCluster before each start; None: a one-node cluster of its own.
         self.quorum: Quorum | None = None
 
+    def configuration(self, controller_port: int) -> dict[str, str]:
+        """The broker's properties: :func:`server_properties` with ``properties`` over them."""
+        if self.quorum is None:
+            values = server_properties(self.port, controller_port, self.records, self.node_id)
+        else:
+            brokers = len(self.quorum.controller_ports)
+            values = server_properties(
+                self.port, controller_port, self.records, self.node_id, self.quorum.voters, brokers
+            )
+        return {**values, **self.properties}
+
     @property
     def formatted(self) -> bool:
         return (self.records / "meta.properties").exists()
@@ -254,15 +265,10 @@ class KafkaBroker(ChildBroker):
             self.controller_port = free_port()
             while self.controller_port == self.port:
                 self.controller_port = free_port()
-            values = server_properties(self.port, self.controller_port, self.records, self.node_id)
         else:
             self.controller_port = self.quorum.controller_ports[self.node_id]
-            brokers = len(self.quorum.controller_ports)
-            values = server_properties(
-                self.port, self.controller_port, self.records, self.node_id, self.quorum.voters, brokers
-            )
         config = self.home / "server.properties"
-        write_properties(config, {**values, **self.properties})
+        write_properties(config, self.configuration(self.controller_port))
         log4j = self.home / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.log_path))
         jvm = [java, *JVM_OPTIONS, f"-Dlog4j2.configurationFile={log4j}", "-cp", classes]
