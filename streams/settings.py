@@ -314,18 +314,11 @@ def _parse(name: str, annotation: object, raw: str) -> object:
         return Path(text)
     if kind == "str | None":
         return text or None
-    if kind == "float | None":
+    if kind in ("int | None", "float | None"):
         if not text:
             return None
         try:
-            return float(text)
-        except ValueError:
-            raise SettingsError(name, f"expected a number, got {raw!r}") from None
-    if kind == "int | None":
-        if not text:
-            return None
-        try:
-            return int(text)
+            return int(text) if kind == "int | None" else float(text)
         except ValueError:
             raise SettingsError(name, f"expected a number, got {raw!r}") from None
     return text

@@ -35,22 +35,7 @@ def test_a_worker_finds_out_which_engine_it_reached(broker: Engine) -> None:
 def test_more_copies_than_the_cluster_has_brokers_stop_the_worker_naming_the_setting(
     broker: Engine, tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),
-        "BLACKROAD_REPLICATION_FACTOR": "3",
-        "BLACKROAD_DATA_DIR": str(tmp_path),
-        "BLACKROAD_WEB_PORT": str(free_port()),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _run_worker(broker, tmp_path, BLACKROAD_REPLICATION_FACTOR="3")
     assert result.returncode == 2
     assert (
         f"BLACKROAD_REPLICATION_FACTOR: is 3, but the cluster at 127.0.0.1:{broker.port} has 1 broker(s) up"
@@ -63,22 +48,7 @@ def test_a_worker_told_the_wrong_engine_refuses_to_start_naming_the_setting(brok
     settings = Settings.from_env({"BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port), "BLACKROAD_ENGINE": wrong})
     with pytest.raises(SettingsError, match="BLACKROAD_ENGINE"):
         asyncio.run(engine_in_use(settings))
-    env = {
-        **os.environ,
-        "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),
-        "BLACKROAD_ENGINE": wrong,
-        "BLACKROAD_DATA_DIR": str(tmp_path),
-        "BLACKROAD_WEB_PORT": str(free_port()),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _run_worker(broker, tmp_path, BLACKROAD_ENGINE=wrong)
     assert result.returncode != 0
     assert f"BLACKROAD_ENGINE: is '{wrong}', but the broker at 127.0.0.1:{broker.port} is {broker.engine}" in (
         result.stderr
@@ -199,3 +169,23 @@ def test_a_cluster_node_names_every_voter_and_sizes_internal_topics_for_three() 
         assert node[key] == "3"
     for key in ("min.insync.replicas", "transaction.state.log.min.isr", "share.coordinator.state.topic.min.isr"):
         assert node[key] == "2"
+
+
+def _run_worker(broker: Engine, tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """``blackroad worker`` on ``broker`` with ``settings``, run until it exits (at most 60 s)."""
+    env = {
+        **os.environ,
+        "BLACKROAD_EMBEDDED_BROKER_PORT": str(broker.port),
+        "BLACKROAD_DATA_DIR": str(tmp_path),
+        "BLACKROAD_WEB_PORT": str(free_port()),
+        **settings,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

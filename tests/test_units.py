@@ -452,8 +452,15 @@ def test_a_failed_hand_over_fails_its_batches_and_the_next_flush() -> None:
     assert producer.sent == []
 
 
-def _processor(producer: _Producer, highwater: Callable[[TP], int | None]) -> BatchProcessor:
-    stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
+def _processor(
+    producer: _Producer,
+    highwater: Callable[[TP], int | None],
+    lock: asyncio.Lock | None = None,
+    rebalances: Callable[[], int] = lambda: 0,
+    stores: dict[str, tables.CachedTable] | None = None,
+) -> BatchProcessor:
+    if stores is None:
+        stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
     return BatchProcessor(
         Settings(),
         tables.TableWriter(tables.DirectSender(producer), stores),
@@ -462,7 +469,8 @@ def _processor(producer: _Producer, highwater: Callable[[TP], int | None]) -> Ba
         wire.Partitioner(1),
         lambda offsets: None,
         highwater,
-        asyncio.Lock(),
+        lock or asyncio.Lock(),
+        rebalances=rebalances,
     )
 
 
@@ -734,17 +742,7 @@ def test_a_batch_fetched_before_a_revocation_is_dropped_not_processed() -> None:
     rebalances = [0]
     stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
     lock = asyncio.Lock()
-    processor = BatchProcessor(
-        Settings(),
-        tables.TableWriter(tables.DirectSender(producer), stores),
-        default_registry(),
-        Metrics(),
-        wire.Partitioner(1),
-        lambda offsets: None,
-        lambda tp: None,
-        lock,
-        rebalances=lambda: rebalances[0],
-    )
+    processor = _processor(producer, lambda tp: None, lock, lambda: rebalances[0], stores)
 
     async def scenario() -> None:
         async with lock:  # a rebalance holds the lock while the fetch waits for it
