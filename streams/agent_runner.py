@@ -24,7 +24,7 @@ from schemas.wire import TaskEvent, json_problem
 from streams import histogram, state
 from streams.metrics import Metrics
 from streams.settings import Settings
-from streams.tables import CachedTable, FrozenRow, TableWriter, thaw
+from streams.tables import CachedTable, Records, TableWriter, frozen_offset, thaw
 
 _now_ms = wire.now_ms
 _perf = time.perf_counter
@@ -139,7 +139,7 @@ class _AgentRun:
         partition: int,
         agent: dict[str, Any],
         memory_table: CachedTable,
-        events: list[tuple[bytes | None, bytes | None]],
+        events: Records,
     ) -> None:
         self.agent_id = agent_id
         self.key = agent_id.encode()
@@ -151,16 +151,21 @@ class _AgentRun:
         #: The agent's memory row as stored (perhaps frozen), and the private copy once a handler writes.
         self.stored: Any = memory_table.rows.get(agent_id)
         stored = self.stored
-        self.memory_base = -1 if stored is None else stored.offset if type(stored) is FrozenRow else stored["o"]
+        self.memory_base = -1 if stored is None else frozen_offset(stored) if type(stored) is bytes else stored["o"]
         self.memory: dict[str, Any] | None = None
         self.events = events
         self.in_flight = 0
+
+    def emit(self, event: bytes) -> None:
+        """Queue a lifecycle event of this agent for the events topic (sent with the next flush)."""
+        self.events.append(self.key)
+        self.events.append(event)
 
     def read_memory(self) -> dict[str, Any] | None:
         """The memory as a handler sees it: this batch's copy, else the stored row (decoded once)."""
         if self.memory is not None:
             return self.memory
-        if type(self.stored) is FrozenRow:
+        if type(self.stored) is bytes:
             self.stored = thaw(self.stored)
         stored: dict[str, Any] | None = self.stored
         return stored
@@ -274,7 +279,7 @@ class AgentRunner:
         if item.apply_stats:
             self.stats.row(run.partition)["agents_awake"] += 1
         event = wire.lifecycle_event("agent.status_changed", now, agent_id=run.agent_id, old="offline", new="idle")
-        run.events.append((run.key, event))
+        run.emit(event)
 
     async def _run_rest(self, run: _AgentRun, items: list[Item], index: int, first: Awaitable[Outcome]) -> None:
         window: deque[tuple[Item, asyncio.Future[Outcome]]] = deque()
@@ -358,7 +363,7 @@ class AgentRunner:
             task_id=task_id,
             agent_id=run.agent_id,
         )
-        run.events.append((run.key, started))
+        run.emit(started)
 
     async def _await_attempt(
         self,
@@ -396,12 +401,7 @@ class AgentRunner:
         if item.apply_task:
             outcome = self._store_task(item, run, outcome)
             status = outcome.status
-            run.events.append(
-                (
-                    run.key,
-                    wire.task_finished_event(event.task_id, run.agent_id, status, outcome.error, item.started_ms, now),
-                )
-            )
+            run.emit(wire.task_finished_event(event.task_id, run.agent_id, status, outcome.error, item.started_ms, now))
             if status == "dead":
                 self._dead_letter_task(item, run, outcome)
             created_at = event.created_ms
@@ -415,7 +415,7 @@ class AgentRunner:
                 memory_event = wire.lifecycle_event(
                     "memory.written", now, agent_id=run.agent_id, memory_id=entry["id"], hash=entry["hash"]
                 )
-                run.events.append((run.key, memory_event))
+                run.emit(memory_event)
         if item.apply_agent:
             state.apply_outcome_to_agent(run.agent, status, handler_ms, now)
         if item.apply_stats:

@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from streams.log_continuity import VerifiedProducer
 from streams.settings import Settings
-from streams.tables import Outgoing, send_bulk
+from streams.tables import Outgoing, Records, send_bulk
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class TransactionalSender:
 
     async def send(self, outgoing: Outgoing, offsets: dict[Any, int]) -> list[asyncio.Future[Any]]:
         """Commit the flush, one transaction per input partition (concurrently); return once all are."""
-        records: dict[int, list[tuple[str, int, list[tuple[bytes | None, bytes | None]]]]] = {}
+        records: dict[int, list[tuple[str, int, Records]]] = {}
         for (topic, partition, source), batch in outgoing.items():
             records.setdefault(source, []).append((topic, partition, batch))
         positions: dict[int, dict[TopicPartition, int]] = {}
@@ -134,7 +134,7 @@ class TransactionalSender:
     async def _commit(
         self,
         source: int,
-        records: list[tuple[str, int, list[tuple[bytes | None, bytes | None]]]],
+        records: list[tuple[str, int, Records]],
         offsets: dict[TopicPartition, int],
     ) -> None:
         producer = self._producers[source]

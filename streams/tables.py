@@ -18,6 +18,7 @@ their changelog records are produced in bulk, one per changed key per flush inte
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,26 +38,43 @@ _MISSING = object()
 MAX_HANDOVERS = 2
 
 
-class FrozenRow:
-    """A row kept as its changelog bytes between the batches that change it.
-
-    A finished task is read rarely (a lookup, a duplicate, the retention sweep) but
-    stays for the whole retention period; an agent's working memory is read only by
-    the tasks that use it. One bytes object instead of a tree of dicts and strings cuts
-    their memory several times and leaves the garbage collector far less to walk.
-    ``offset`` is the row's ``"o"`` and ``finished_at`` a task's completion time, so
-    neither replay checks nor the retention sweep need to decode it.
-    """
-
-    __slots__ = ("finished_at", "offset", "packed")
-
-    def __init__(self, offset: int, finished_at: int, packed: bytes) -> None:
-        self.offset = offset
-        self.finished_at = finished_at
-        self.packed = packed
+#: A frozen row: a row kept as its changelog bytes between the batches that change it.
+#:
+#: A finished task is read rarely (a lookup, a duplicate, the retention sweep) but stays
+#: for the whole retention period; an agent's working memory is read only by the tasks
+#: that use it. One bytes object instead of a tree of dicts and strings cuts their memory
+#: several times, and bytes are not tracked by the garbage collector at all: hundreds of
+#: thousands of finished tasks cost its collections nothing. The value is a header of
+#: the row's ``"o"`` and a task's completion time (:data:`_FROZEN_HEADER`), then the
+#: changelog value, so neither replay checks nor the retention sweep decode it.
+FrozenRow = bytes
+_FROZEN_HEADER = struct.Struct("<qq")
+_FROZEN_VALUE_AT = _FROZEN_HEADER.size
 
 
-def decode_row(packed: bytes) -> Any:
+def frozen_row(offset: int, finished_at: int, packed: bytes) -> FrozenRow:
+    """A row frozen as its changelog value ``packed``, its ``"o"`` and its finish time (0: none)."""
+    return _FROZEN_HEADER.pack(offset, finished_at) + packed
+
+
+def frozen_offset(row: FrozenRow) -> int:
+    """A frozen row's ``"o"``."""
+    offset: int = _FROZEN_HEADER.unpack_from(row)[0]
+    return offset
+
+
+def frozen_finished_at(row: FrozenRow) -> int:
+    """A frozen task's completion time (ms)."""
+    finished_at: int = _FROZEN_HEADER.unpack_from(row)[1]
+    return finished_at
+
+
+def frozen_value(row: FrozenRow) -> bytes:
+    """A frozen row's changelog value."""
+    return row[_FROZEN_VALUE_AT:]
+
+
+def decode_row(packed: bytes | memoryview) -> Any:
     """A changelog value as a row: a map as it is, a task row's array as its map."""
     row = msgpack.unpackb(packed, raw=False, strict_map_key=False)
     return state.task_from_values(row) if type(row) is list else row
@@ -64,8 +82,8 @@ def decode_row(packed: bytes) -> Any:
 
 def row_offset(row: Any) -> int:
     """The source offset of the last event applied to a stored row (frozen or not)."""
-    if type(row) is FrozenRow:
-        return row.offset
+    if type(row) is bytes:
+        return frozen_offset(row)
     offset: int = row["o"]
     return offset
 
@@ -81,16 +99,16 @@ def newer(incoming: dict[str, Any], current: Any) -> bool:
 
 
 def thaw(value: Any) -> Any:
-    """A row as a plain value (a :class:`FrozenRow` decoded; anything else as is)."""
-    if type(value) is FrozenRow:
-        return decode_row(value.packed)
+    """A row as a plain value (a frozen row decoded; anything else as is)."""
+    if type(value) is bytes:
+        return decode_row(memoryview(value)[_FROZEN_VALUE_AT:])
     return value
 
 
 def task_expired(value: Any, cutoff_ms: int) -> bool:
     """Whether a stored task (frozen or not) is past retention; frozen ones are not decoded."""
-    if type(value) is FrozenRow:
-        return value.finished_at < cutoff_ms
+    if type(value) is bytes:
+        return frozen_finished_at(value) < cutoff_ms
     return state.task_expired(value, cutoff_ms)
 
 
@@ -108,7 +126,7 @@ def expired_task_ids(rows: dict[str, Any], cutoff_ms: int, limit: int) -> list[s
             expired.append(task_id)
             if len(expired) >= limit:
                 break
-        elif type(row) is FrozenRow or row["status"] in TERMINAL_TASK_STATUSES:
+        elif type(row) is bytes or row["status"] in TERMINAL_TASK_STATUSES:
             break
     return expired
 
@@ -137,9 +155,9 @@ FREEZE_AT_BATCH_END = frozenset({"memory"})
 
 
 def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: bytes) -> Any:
-    """``row`` as a :class:`FrozenRow` of ``packed`` if its table's rule freezes it, else as is."""
+    """``row`` frozen as ``packed`` if its table's rule freezes it, else as is."""
     finished_at = freeze_when(row) if freeze_when is not None else None
-    return row if finished_at is None else FrozenRow(row["o"], finished_at, packed)
+    return row if finished_at is None else frozen_row(row["o"], finished_at, packed)
 
 
 #: Per table whose changelog values are arrays rather than maps: a row as its array.
@@ -241,14 +259,14 @@ class CachedTable:
     def put_finished(self, key: str, values: list[Any], finished_at: int, partition: int) -> None:
         """Put a row that is finished for good, given as its changelog array (``values[0]`` is
         its ``"o"``): frozen at once, without a map ever being built."""
-        self.put(key, FrozenRow(values[0], finished_at, _pack(values)), partition)
+        self.put(key, frozen_row(values[0], finished_at, _pack(values)), partition)
 
     def pack(self, row: dict[str, Any]) -> bytes:
         """A row as its changelog value."""
         return _pack(row) if self._as_array is None else _pack(self._as_array(row))
 
     def frozen(self, value: Any, packed: bytes) -> Any:
-        """``value`` as a :class:`FrozenRow` of ``packed`` if this table freezes it now, else as is."""
+        """``value`` frozen as ``packed`` if this table freezes it now, else as is."""
         return freeze(self.freeze_when, value, packed)
 
     def freeze_changed(self) -> None:
@@ -276,7 +294,7 @@ class CachedTable:
         current = self.rows.get(key)
         if current is None:
             return None
-        if type(current) is FrozenRow:
+        if type(current) is bytes:
             row = thaw(current)
             self.put(key, row, partition)
             return row
@@ -307,9 +325,14 @@ class CachedTable:
         self.undo = {}
 
 
+#: Records to produce as one flat list of keys and values: key, value, key, value, ...
+#: Records wait for their flush (up to a second under load); a tuple each would be one more
+#: object per record for the garbage collector to walk in the meantime.
+Records = list[bytes | None]
+
 #: Records to produce, by (topic, partition, source partition): the source partition is the
 #: input partition whose records caused them (their transaction's, under exactly-once).
-Outgoing = dict[tuple[str, int, int], list[tuple[bytes | None, bytes | None]]]
+Outgoing = dict[tuple[str, int, int], Records]
 
 
 class DirectSender:
@@ -370,8 +393,8 @@ class TableWriter:
         #: Flushes whose records are on their way to the producer, oldest first.
         self._handovers: deque[asyncio.Future[None]] = deque()
 
-    def outbox(self, topic: str, partition: int) -> list[tuple[bytes | None, bytes | None]]:
-        """The list of records queued for ``topic``/``partition`` in this batch (append to it).
+    def outbox(self, topic: str, partition: int) -> Records:
+        """The records queued for ``topic``/``partition`` in this batch (append keys and values).
 
         They belong to the input partition of the same number.
         """
@@ -389,7 +412,8 @@ class TableWriter:
         records = self._batch.get((topic, partition, origin))
         if records is None:
             records = self._batch[(topic, partition, origin)] = []
-        records.append((key, value))
+        records.append(key)
+        records.append(value)
 
     @property
     def dirty(self) -> int:
@@ -406,7 +430,7 @@ class TableWriter:
         for key, records in self._batch.items():
             if records:
                 self._outgoing.setdefault(key, []).extend(records)
-                self._outgoing_count += len(records)
+                self._outgoing_count += len(records) // 2
         self._batch = {}
         for table in self.tables.values():
             if table.undo:
@@ -438,7 +462,7 @@ class TableWriter:
             await self._handovers.popleft()
         previous = self._handovers[-1] if self._handovers else None
         self._handovers.append(asyncio.ensure_future(self._send_all(outgoing, offsets, waiting, previous)))
-        return sum(len(records) for records in outgoing.values())
+        return sum(len(records) for records in outgoing.values()) // 2
 
     async def sent(self) -> None:
         """Wait until every flush so far is with the producer (raising the first failure)."""
@@ -458,7 +482,7 @@ class TableWriter:
             rows = table.rows
             topic = table.changelog_topic
             freezes = table.freeze_when is not None
-            by_partition: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+            by_partition: dict[int, Records] = {}
             for key, partition in table.dirty.items():
                 records = by_partition.get(partition)
                 if records is None:
@@ -466,13 +490,14 @@ class TableWriter:
                 value = rows.get(key)
                 if value is None:
                     packed = None
-                elif type(value) is FrozenRow:
-                    packed = value.packed
+                elif type(value) is bytes:
+                    packed = frozen_value(value)
                 else:
                     packed = table.pack(value)
                     if freezes:
                         rows[key] = table.frozen(value, packed)
-                records.append((key.encode(), packed))
+                records.append(key.encode())
+                records.append(packed)
             table.dirty = {}
         outgoing.update(self._outgoing)
         self._outgoing = {}
@@ -505,14 +530,14 @@ class TableWriter:
         self._batch = {}
 
 
-async def send_bulk(
-    producer: Any, topic: str, partition: int, records: list[tuple[bytes | None, bytes | None]]
-) -> list[asyncio.Future[Any]]:
+async def send_bulk(producer: Any, topic: str, partition: int, records: Records) -> list[asyncio.Future[Any]]:
     """Hand ``records`` to ``producer`` in as few batches as fit; return their delivery futures."""
     futures = []
     batch = producer.create_batch()
     append = batch.append
-    for key, value in records:
+    for index in range(0, len(records), 2):
+        key = records[index]
+        value = records[index + 1]
         if append(key=key, value=value, timestamp=None) is None:
             futures.append(await producer.send_batch(batch, topic, partition=partition))
             batch = producer.create_batch()

@@ -247,11 +247,11 @@ def test_the_expiry_scan_stops_at_the_first_finished_task_still_within_retention
     finished_early = state.new_task(task("agent_x_001"), 2, "in_progress", 1_000)
     finished_early.update(status="failed", completed_at=1_500)
     rows = {
-        "old": tables.FrozenRow(0, 1_200, b""),
+        "old": tables.frozen_row(0, 1_200, b""),
         "running": running,
         "finished early": finished_early,
-        "recent": tables.FrozenRow(3, 9_000, b""),
-        "old but later": tables.FrozenRow(4, 1_300, b""),
+        "recent": tables.frozen_row(3, 9_000, b""),
+        "old but later": tables.frozen_row(4, 1_300, b""),
     }
     assert tables.expired_task_ids(rows, 5_000, limit=10) == ["old", "finished early"]
     assert tables.expired_task_ids(rows, 5_000, limit=1) == ["old"]
@@ -311,7 +311,7 @@ def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:
     assert asyncio.run(flush()) == 2
     assert tasks.rows[running["id"]] is running  # still changing: stays a dict
     frozen = tasks.rows[finished["id"]]
-    assert isinstance(frozen, tables.FrozenRow) and frozen.finished_at == 2_000
+    assert type(frozen) is bytes and tables.frozen_finished_at(frozen) == 2_000
     assert tasks.get(finished["id"]) == finished
     sent = {key: value for _, _, key, value in producer.sent}
     value = sent[finished["id"].encode()]
@@ -326,7 +326,7 @@ def test_a_task_finished_at_once_is_stored_frozen_as_its_changelog_array() -> No
     values = state.finished_task_values(event, 9, "completed", {"ok": 1}, None, 1, 1_000, 1_500)
     tasks.put_finished(event.task_id, values, 1_500, 2)
     frozen = tasks.rows[event.task_id]
-    assert isinstance(frozen, tables.FrozenRow) and (frozen.offset, frozen.finished_at) == (9, 1_500)
+    assert type(frozen) is bytes and (tables.frozen_offset(frozen), tables.frozen_finished_at(frozen)) == (9, 1_500)
     expected = state.new_task(event, 9, "completed", 1_000)
     expected.update(result={"ok": 1}, attempts=1, completed_at=1_500)
     assert tasks.get(event.task_id) == expected
@@ -354,8 +354,8 @@ def test_a_memory_row_freezes_when_its_batch_ends_and_thaws_into_a_private_copy_
         return ended  # type: ignore[no-any-return]
 
     frozen = asyncio.run(scenario())
-    assert isinstance(frozen, tables.FrozenRow) and frozen.offset == 41
-    assert [value for _, _, _, value in producer.sent] == [frozen.packed]
+    assert type(frozen) is bytes and tables.frozen_offset(frozen) == 41
+    assert [value for _, _, _, value in producer.sent] == [tables.frozen_value(frozen)]
     writable = memory_table.writable("agent_x_001", 0, state.copy_row)
     assert writable == row and writable is not row
     assert memory_table.rows["agent_x_001"] is writable  # the batch's copy replaces the frozen row
