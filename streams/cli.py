@@ -1,4 +1,4 @@
-"""The ``blackroad`` command: up, broker, worker, produce."""
+"""The ``blackroad`` command: up, broker, postgres, worker, produce, db migrate, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from streams import native
 from streams.broker import BrokerError, die_with_parent, port_is_open
 from streams.client_log import RepeatedClientMessages
 from streams.engines import choice
+from streams.history.embedded import EmbeddedPostgres, PostgresError
 from streams.settings import Settings, SettingsError
 from streams.stopping import EXIT_BROKER_LOST_DATA, EXIT_CRASHED, WorkerStop
 
@@ -276,9 +278,35 @@ def _embedded_broker_died(code: int, stopping: WorkerStop, durable: bool) -> Non
 _DEMO_STOP_SECONDS = 0.5
 
 
+def _start_postgres(settings: Settings) -> EmbeddedPostgres:
+    """Start the embedded PostgreSQL of the history (data kept in ``<DATA_DIR>/postgres``)."""
+    started = time.monotonic()
+    postgres = EmbeddedPostgres(settings.embedded_postgres_port, settings.data_dir / "postgres")
+    try:
+        postgres.start()
+    except PostgresError as exc:
+        raise SystemExit(f"blackroad: {exc}") from None
+    print(
+        f"embedded PostgreSQL (data in {postgres.home}) on 127.0.0.1:{postgres.port}, "
+        f"serving after {time.monotonic() - started:.1f}s",
+        flush=True,
+    )
+    return postgres
+
+
+def _postgres_died(code: int) -> None:
+    print(
+        f"blackroad: the embedded PostgreSQL exited unexpectedly (code {code}); task processing goes on, "
+        "the history waits for it (restart `blackroad up` to start it again)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings()
     broker: choice.Engine | None = None
+    postgres: EmbeddedPostgres | None = None
     stopping = WorkerStop(settings.stop_timeout)
     if settings.embedded and not port_is_open(settings.embedded_broker_port):
         broker = _start_engine(settings)
@@ -286,6 +314,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         broker.on_unexpected_exit(lambda code: _embedded_broker_died(code, stopping, durable))
     demo: subprocess.Popen[bytes] | None = None
     try:
+        history_port = settings.embedded_postgres_port
+        if settings.history_enabled and settings.embedded_postgres and not port_is_open(history_port):
+            postgres = _start_postgres(settings)
+            postgres.on_unexpected_exit(_postgres_died)
         settings = _reach(settings)
         count = settings.process_count
         ports = f"{settings.web_port}" if count == 1 else f"{settings.web_port}-{settings.web_port + count - 1}"
@@ -324,8 +356,49 @@ def cmd_up(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 demo.kill()
                 demo.wait()
+        if postgres is not None:
+            postgres.stop()
         if broker is not None:
             broker.stop()
+
+
+def cmd_postgres(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if not settings.embedded_postgres:
+        raise SystemExit("blackroad: BLACKROAD_POSTGRES_DSN is set; no embedded PostgreSQL is needed")
+    postgres = _start_postgres(settings)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    postgres.on_unexpected_exit(lambda code: done.set())
+    done.wait()
+    postgres.stop()
+    return 0
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    """Apply the history schema's pending migrations to BLACKROAD_POSTGRES_DSN (or the embedded server)."""
+    import asyncpg
+
+    from streams.history import schema
+
+    settings = _settings()
+
+    async def run() -> list[schema.Migration]:
+        conn = await asyncpg.connect(settings.postgres_url, timeout=settings.postgres_command_timeout)
+        try:
+            return await schema.migrate(conn)
+        finally:
+            await conn.close()
+
+    try:
+        applied = asyncio.run(run())
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise SystemExit(f"blackroad: cannot migrate the history database at {settings.postgres_url}: {exc}") from None
+    for migration in applied:
+        print(f"applied migration {migration.version}: {migration.name}")
+    print(f"history schema at version {schema.latest_version()}" + ("" if applied else " (nothing to do)"))
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -363,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = commands.add_parser("broker", help="just the embedded broker (BLACKROAD_ENGINE)")
     broker.set_defaults(run=cmd_broker)
+
+    postgres = commands.add_parser("postgres", help="just the embedded PostgreSQL of the history")
+    postgres.set_defaults(run=cmd_postgres)
+
+    db = commands.add_parser("db", help="the history database")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    migrate = db_commands.add_parser("migrate", help="apply the schema's pending migrations")
+    migrate.set_defaults(run=cmd_db_migrate)
 
     worker = commands.add_parser("worker", help="stream-processing workers (BLACKROAD_WORKER_PROCESSES of them)")
     worker.add_argument("--web-port", type=int, default=0, help="overrides BLACKROAD_WEB_PORT")

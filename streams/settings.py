@@ -101,6 +101,21 @@ class Settings:
     #: Median and 99th percentile of the simulated inference handler, in milliseconds.
     inference_p50_ms: float = 20.0
     inference_p99_ms: float = 80.0
+    #: ``on``: every worker copies the tasks and agents changelogs into PostgreSQL
+    #: (:mod:`streams.history`); ``off``: no history is kept.
+    history: str = "on"
+    #: A PostgreSQL server for the history ("postgresql://user@host:port/db"). Unset means:
+    #: the embedded one ``up`` starts (data in ``<DATA_DIR>/postgres``).
+    postgres_dsn: str | None = None
+    #: Port the embedded PostgreSQL listens on (127.0.0.1 only).
+    embedded_postgres_port: int = 15432
+    #: Connections each worker keeps open to PostgreSQL.
+    postgres_pool_min_size: int = 1
+    postgres_pool_max_size: int = 4
+    #: Seconds a PostgreSQL statement (or a connection attempt) may take before it fails.
+    postgres_command_timeout: float = 10.0
+    #: Most changelog records the history sink writes in one transaction.
+    history_batch_rows: int = 20_000
     log_level: str = "warning"
 
     @property
@@ -150,6 +165,24 @@ class Settings:
         if self.kafka_bootstrap is not None:
             return self.kafka_bootstrap
         return f"127.0.0.1:{self.embedded_broker_port}"
+
+    @property
+    def history_enabled(self) -> bool:
+        return self.history == "on"
+
+    @property
+    def embedded_postgres(self) -> bool:
+        """True when the history goes to the project's own PostgreSQL (none is configured)."""
+        return self.postgres_dsn is None
+
+    @property
+    def postgres_url(self) -> str:
+        """The PostgreSQL the history goes to."""
+        if self.postgres_dsn is not None:
+            return self.postgres_dsn
+        from streams.history.embedded import DATABASE, USER
+
+        return f"postgresql://{USER}@127.0.0.1:{self.embedded_postgres_port}/{DATABASE}"
 
     @property
     def web_url(self) -> str:
@@ -262,6 +295,17 @@ class Settings:
             raise SettingsError("APP_ID", f"expected a short lower-case id, got {self.app_id!r}")
         if not re.fullmatch(r"[a-z][a-z0-9_\-]{0,63}", self.topic_prefix):
             raise SettingsError("TOPIC_PREFIX", f"expected a short lower-case name, got {self.topic_prefix!r}")
+        if self.history not in ("on", "off"):
+            raise SettingsError("HISTORY", f"expected on or off, got {self.history!r}")
+        if self.postgres_dsn is not None and not re.match(r"^postgres(ql)?://", self.postgres_dsn):
+            raise SettingsError("POSTGRES_DSN", "expected postgresql://[user[:password]@]host[:port]/database")
+        _check_range("EMBEDDED_POSTGRES_PORT", self.embedded_postgres_port, 1, 65535)
+        _check_range("POSTGRES_POOL_MIN_SIZE", self.postgres_pool_min_size, 0, 1000)
+        _check_range("POSTGRES_POOL_MAX_SIZE", self.postgres_pool_max_size, 1, 1000)
+        if self.postgres_pool_max_size < self.postgres_pool_min_size:
+            raise SettingsError("POSTGRES_POOL_MAX_SIZE", "must be >= BLACKROAD_POSTGRES_POOL_MIN_SIZE")
+        _check_range("POSTGRES_COMMAND_TIMEOUT", self.postgres_command_timeout, 0.1, 3600.0)
+        _check_range("HISTORY_BATCH_ROWS", self.history_batch_rows, 1, 1_000_000)
         if self.log_level not in {"debug", "info", "warning", "error", "critical"}:
             raise SettingsError("LOG_LEVEL", "expected one of debug, info, warning, error, critical")
 

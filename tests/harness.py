@@ -65,6 +65,8 @@ class Deployment:
             "BLACKROAD_DATA_DIR": str(tmp / "data"),
             "BLACKROAD_LOG_LEVEL": "info",
             "BLACKROAD_WORKER_PROCESSES": "1",
+            # The history (PostgreSQL) has tests of its own (tests/test_history.py), which turn it on.
+            "BLACKROAD_HISTORY": "off",
             **{f"BLACKROAD_{k.upper()}": v for k, v in settings.items()},
         }
         self.workers: list[Worker] = []

@@ -77,6 +77,7 @@ def test_ctrl_c_and_sigkill_then_up_again_serve_every_agent_memory_task_and_stat
         **os.environ,
         "BLACKROAD_ENGINE": "kafka",
         "BLACKROAD_EMBEDDED_BROKER_PORT": str(free_port()),
+        "BLACKROAD_EMBEDDED_POSTGRES_PORT": str(free_port()),
         "BLACKROAD_WEB_PORT": str(free_port()),
         "BLACKROAD_DATA_DIR": str(tmp_path / "data"),
         "BLACKROAD_LOG_LEVEL": "info",
