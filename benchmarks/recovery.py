@@ -114,6 +114,8 @@ def measure(args: argparse.Namespace, broker: Any, tmp: Path, web: int, ports: l
         "BLACKROAD_DATA_DIR": str(tmp / "data"),
         "BLACKROAD_WORKER_PROCESSES": str(processes),
         "BLACKROAD_TASK_RETENTION": f"{args.task_retention:g}",
+        # The tables' state and recovery alone; the history has its own benchmark.
+        "BLACKROAD_HISTORY": "off",
     }
     command = [sys.executable, "-m", "streams.cli", "worker"]
     worker = subprocess.Popen(command, cwd=ROOT, env=env)  # noqa: S603

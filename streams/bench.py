@@ -350,6 +350,9 @@ class Project(System):
             "BLACKROAD_DATA_DIR": str(workdir),
             "BLACKROAD_PARTITIONS": str(PARTITIONS),
             "BLACKROAD_WORKER_PROCESSES": str(self.processes),
+            # The pipeline alone, as the baselines run: the history sink is measured on its own
+            # (benchmarks/history_write.py).
+            "BLACKROAD_HISTORY": "off",
         }
         log = (workdir / "worker.log").open("wb")
         return subprocess.Popen(
