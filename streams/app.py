@@ -17,7 +17,6 @@ from mode import Service
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
 from streams.exactly_once import TransactionalSender
-from streams.history.sink import HistorySink
 from streams.ingress import IngressProducer
 from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import client_id
@@ -60,8 +59,6 @@ class BlackroadApp(faust.App):
     pipeline: Pipeline
     #: How this worker process stops (bounded), and with which exit code.
     stopping: WorkerStop
-    #: Copies the changelogs into PostgreSQL (None with BLACKROAD_HISTORY=off).
-    history: HistorySink | None = None
     #: Topics whose records go to the batch processor (the rest take Faust's path).
     batch_topics: frozenset[str] = frozenset()
 
@@ -352,10 +349,6 @@ def create_app(
     )
     app.pipeline = Pipeline(app, tables, registry, metrics, loop=None)
     app.add_dependency(app.pipeline)
-    app.history = None
-    if settings.history_enabled:
-        app.history = HistorySink(settings, metrics, loop=None)
-        app.add_dependency(app.history)
     from streams.web import register_views
 
     register_views(app, tables, metrics)

@@ -330,8 +330,10 @@ class Project(System):
 
     name = "blackroad-streams"
 
-    def __init__(self, pack: int = 1, processes: int = 1) -> None:
+    def __init__(self, pack: int = 1, processes: int = 1, env: dict[str, str] | None = None) -> None:
         self.pack = pack
+        #: Settings of the worker besides the bench's own (``BLACKROAD_*``).
+        self.env = env or {}
         #: Worker processes (0: one per core).
         self.processes = processes or max(1, min(os.cpu_count() or 1, PARTITIONS))
         self.name = f"blackroad-streams, {self.processes} process{'es' if self.processes > 1 else ''}"
@@ -353,6 +355,7 @@ class Project(System):
             # The pipeline alone, as the baselines run: the history sink is measured on its own
             # (benchmarks/history_write.py).
             "BLACKROAD_HISTORY": "off",
+            **self.env,
         }
         log = (workdir / "worker.log").open("wb")
         return subprocess.Popen(

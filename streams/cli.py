@@ -313,11 +313,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         durable = broker.durable
         broker.on_unexpected_exit(lambda code: _embedded_broker_died(code, stopping, durable))
     demo: subprocess.Popen[bytes] | None = None
+    history: subprocess.Popen[bytes] | None = None
     try:
         history_port = settings.embedded_postgres_port
         if settings.history_enabled and settings.embedded_postgres and not port_is_open(history_port):
             postgres = _start_postgres(settings)
             postgres.on_unexpected_exit(_postgres_died)
+        if settings.history_enabled:
+            history = _start_history()
         settings = _reach(settings)
         count = settings.process_count
         ports = f"{settings.web_port}" if count == 1 else f"{settings.web_port}-{settings.web_port + count - 1}"
@@ -356,10 +359,23 @@ def cmd_up(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 demo.kill()
                 demo.wait()
+        if history is not None:
+            _stop_child(history, settings.stop_timeout)
         if postgres is not None:
             postgres.stop()
         if broker is not None:
             broker.stop()
+
+
+def _stop_child(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGINT (unless a terminal's Ctrl-C already reached it), then SIGKILL after ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def cmd_postgres(args: argparse.Namespace) -> int:
@@ -374,6 +390,39 @@ def cmd_postgres(args: argparse.Namespace) -> int:
     done.wait()
     postgres.stop()
     return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """Copy the changelogs into PostgreSQL until SIGINT/SIGTERM (see streams.history.sink)."""
+    import logging
+
+    from streams.history.sink import HistorySink
+
+    settings = _settings()
+    if not settings.history_enabled:
+        raise SystemExit("blackroad: BLACKROAD_HISTORY is off; no history is kept")
+    _require_broker(settings)
+    settings = _reach(settings)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+    )
+    logging.getLogger("streams.history").setLevel(logging.INFO)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await HistorySink(settings).run(stop)
+
+    asyncio.run(run())
+    return 0
+
+
+def _start_history() -> subprocess.Popen[bytes]:
+    """``up``'s history sink: a process of its own beside the workers."""
+    command = [sys.executable, "-m", "streams.cli", "history"]
+    return subprocess.Popen(command, preexec_fn=die_with_parent)  # noqa: S603, PLW1509 - own module; prctl only
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
@@ -439,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     postgres = commands.add_parser("postgres", help="just the embedded PostgreSQL of the history")
     postgres.set_defaults(run=cmd_postgres)
+
+    history = commands.add_parser("history", help="the sink copying the tables' changelogs into PostgreSQL")
+    history.set_defaults(run=cmd_history)
 
     db = commands.add_parser("db", help="the history database")
     db_commands = db.add_subparsers(dest="db_command", required=True)

@@ -84,6 +84,12 @@ class Deployment:
         self.workers.append(worker)
         return worker
 
+    def history_sink(self) -> Worker:
+        """A ``blackroad history`` process (not started): the sink into PostgreSQL."""
+        sink = Worker(self, free_port(), self.tmp / f"history-{len(self.workers)}.log", 1, "history")
+        self.workers.append(sink)
+        return sink
+
     def close(self) -> None:
         for worker in self.workers:
             worker.stop()

@@ -91,18 +91,25 @@ def _history_matches(deployment: Deployment, dsn: str, load: SteadyLoad, urls: l
 
 
 def _run(deployment: Deployment, dsn: str, kills: int) -> tuple[SteadyLoad, list[str]]:
+    """A steady load through two worker processes and a sink; with ``kills``, that many SIGKILLs
+    of a worker process and as many of the sink (each restarted)."""
+    deployment.env.update(BLACKROAD_HISTORY="on", BLACKROAD_POSTGRES_DSN=dsn)
     supervisor = deployment.worker(processes=2).start()
+    sink = deployment.history_sink().start()
     ports = [supervisor.port, supervisor.port + 1]
     for port in ports:
         supervisor.at(port).wait_ready(90)
     load = SteadyLoad(deployment.bootstrap, deployment.topic("tasks"), 200, 300.0, deployment.partitions, BAD_EVERY)
     load.start()
+    rng = random.Random(5)
     try:
-        if kills:
-            kill_randomly(supervisor.process.pid, load, kills, (4.0, 7.0), random.Random(5), KillReport())
-            time.sleep(3.0)
-        else:
-            time.sleep(8.0)
+        for _ in range(kills):
+            assert supervisor.process is not None
+            kill_randomly(supervisor.process.pid, load, 1, (2.0, 4.0), rng, KillReport())
+            time.sleep(rng.uniform(1.0, 3.0))
+            sink.kill()
+            sink = deployment.history_sink().start()
+        time.sleep(3.0 if kills else 8.0)
     finally:
         load.stop()
     urls = [supervisor.at(port).url for port in ports]
@@ -111,14 +118,45 @@ def _run(deployment: Deployment, dsn: str, kills: int) -> tuple[SteadyLoad, list
 
 
 def test_every_task_reaches_the_history_once_with_its_final_state(deployment: Deployment, history_dsn: str) -> None:
-    deployment.env.update(BLACKROAD_HISTORY="on", BLACKROAD_POSTGRES_DSN=history_dsn)
     load, problems = _run(deployment, history_dsn, kills=0)
     assert not problems, problems
     assert load.count > 1000
 
 
-def test_worker_kills_leave_the_history_exact(deployment: Deployment, history_dsn: str) -> None:
-    deployment.env.update(BLACKROAD_HISTORY="on", BLACKROAD_POSTGRES_DSN=history_dsn)
+def test_worker_and_sink_kills_leave_the_history_exact(deployment: Deployment, history_dsn: str) -> None:
     load, problems = _run(deployment, history_dsn, kills=3)
     assert not problems, problems
     assert load.count > 1000
+
+
+def test_a_task_row_from_its_changelog_array_is_the_row_from_its_map() -> None:
+    from streams import state
+    from streams.history.store import HistoryBatch
+    from tests.factories import task
+
+    row = state.new_task(task("agent_x_001"), 12, "completed", 1_000)
+    row.update(result={"ok": 1}, completed_at=1_500, attempts=1)
+    from_map, from_values = HistoryBatch(), HistoryBatch()
+    from_map.add_task(row, 3)
+    from_values.add_task_values(state.task_values(row), 3)
+    assert from_map.tasks == from_values.tasks
+    assert from_map.tasks[row["id"]][-2:] == (3, 12)  # source partition and offset
+
+
+def test_the_circuit_opens_after_repeated_failures_and_closes_on_a_success() -> None:
+    from streams.history.circuit import CircuitBreaker
+
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=1.0, max_reset_timeout=4.0, clock=lambda: now[0])
+    breaker.failed()
+    breaker.failed()
+    assert breaker.state == "closed" and breaker.wait_seconds() == breaker.retry_delay
+    breaker.failed()
+    assert breaker.state == "open" and breaker.wait_seconds() == 1.0
+    now[0] = 1.0
+    assert breaker.state == "half_open" and breaker.wait_seconds() == 0.0
+    breaker.failed()  # the trial failed: open for twice as long
+    assert breaker.state == "open" and breaker.wait_seconds() == 2.0
+    now[0] = 3.0
+    breaker.succeeded()
+    assert breaker.state == "closed" and breaker.wait_seconds() == 0.0

@@ -1,8 +1,12 @@
 """The sink stage: the tasks and agents changelogs, copied into PostgreSQL.
 
-Every worker process runs one sink, a consumer of its own group (``<app id>-history``)
-on the tasks and agents changelogs, read ``read_committed`` where flushes are
-transactions: each committed version of a row reaches it once, in order per partition.
+The sink is a process of its own (``blackroad history``; ``blackroad up`` starts one), a
+consumer of its own group (``<app id>-history``) on the tasks and agents changelogs,
+read ``read_committed`` where flushes are transactions: each committed version of a row
+reaches it once, in order per partition. Beside the workers it has a core to itself on a
+small machine, and PostgreSQL being slow or gone never holds a worker's event loop.
+Several sink processes (on several machines) share the changelogs' partitions.
+
 A fetch becomes one :class:`~streams.history.store.HistoryBatch` (the newest version of
 each row in it), written in one PostgreSQL transaction; only then are the fetch's
 offsets committed to Kafka. A crash in between re-reads the fetch, and the merge, which
@@ -11,33 +15,37 @@ in the database once, at its latest state. Tombstones (a finished task leaving t
 table after its retention) are not deletions of history and are skipped.
 
 When PostgreSQL is slow or down, the write is retried through a circuit breaker and the
-sink reads nothing more meanwhile: its lag grows on the broker (shown in ``/v1/stats``
-and ``/metrics``) while task processing and the live views go on; it catches up when the
+sink reads nothing more meanwhile: its lag grows on the broker (``/v1/stats``,
+``/metrics``) while task processing and the live views go on; it catches up when the
 server answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
+import msgpack
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from mode import Service
 
 from streams.history import schema, store
 from streams.history.circuit import CircuitBreaker
-from streams.metrics import Metrics
 from streams.settings import Settings
-from streams.tables import decode_row
 
 log = logging.getLogger(__name__)
 
 #: What a failed write or connection to PostgreSQL raises.
 POSTGRES_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+#: Seconds between the sink's progress lines in its log.
+REPORT_EVERY = 10.0
+
+T = TypeVar("T")
 
 
 def changelog_topic(settings: Settings, table: str) -> str:
@@ -49,7 +57,7 @@ def history_group(settings: Settings) -> str:
 
 
 async def open_pool(settings: Settings) -> asyncpg.Pool:
-    """The worker's connection pool (sizes and command timeout from the settings), schema migrated."""
+    """The sink's connection pool (sizes and command timeout from the settings), schema migrated."""
     pool = await asyncpg.create_pool(
         settings.postgres_url,
         min_size=settings.postgres_pool_min_size,
@@ -67,58 +75,50 @@ async def open_pool(settings: Settings) -> asyncpg.Pool:
     return pool
 
 
-def collect(records: dict[TopicPartition, list[Any]], tasks_topic: str) -> store.HistoryBatch:
-    """One fetch of the changelogs as a batch of rows (tombstones skipped)."""
-    batch = store.HistoryBatch()
+def collect(records: dict[TopicPartition, list[Any]], tasks_topic: str, batch: store.HistoryBatch) -> None:
+    """Add one fetch of the changelogs to ``batch``: the last version of each key in the fetch
+    (earlier ones are not even decoded: an agent's row is written at every flush), tombstones skipped."""
+    unpack = msgpack.unpackb
     for tp, partition_records in records.items():
-        tasks = tp.topic == tasks_topic
-        for record in partition_records:
-            if record.value is None:
-                continue
-            row = decode_row(record.value)
-            if tasks:
-                batch.add_task(row, tp.partition)
-            else:
-                batch.add_agent(row, tp.partition)
-    return batch
+        partition = tp.partition
+        add = batch.add_task_values if tp.topic == tasks_topic else batch.add_agent
+        seen: set[bytes] = set()
+        for record in reversed(partition_records):
+            key = record.key
+            if record.value is None or key in seen:
+                continue  # a tombstone: the version before it, if this fetch has one, is still history
+            seen.add(key)
+            add(unpack(record.value, raw=False, strict_map_key=False), partition)
 
 
-class HistorySink(Service):
-    """Copies the changelogs into PostgreSQL (see the module's docstring); owned by the worker app."""
+async def _put_unless_done(queue: asyncio.Queue[Any], item: Any, consumer_of_queue: asyncio.Task[None]) -> None:
+    """Put ``item`` on ``queue`` (waiting for room), unless the task that empties it has ended."""
+    put = asyncio.ensure_future(queue.put(item))
+    await asyncio.wait({put, consumer_of_queue}, return_when=asyncio.FIRST_COMPLETED)
+    if not put.done():
+        put.cancel()
 
-    def __init__(self, settings: Settings, metrics: Metrics, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+
+class HistorySink:
+    """Copies the changelogs into PostgreSQL until ``stop`` is set (see the module's docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = metrics
         self.breaker = CircuitBreaker()
         self.pool: asyncpg.Pool | None = None
-        self._consumer: AIOKafkaConsumer | None = None
         self._tasks_topic = changelog_topic(settings, "tasks")
         self._topics = (self._tasks_topic, changelog_topic(settings, "agents"))
-        #: Rows written so far by this worker's sink.
+        #: Row versions written so far.
         self.rows_written = 0
-        #: Changelog records this worker's sink has yet to write (as of its last fetch).
-        self.lag = 0
-        #: Whether the last attempt to reach PostgreSQL failed (and why).
+        #: Why the last attempt to reach PostgreSQL failed (None once one succeeded).
         self.last_error: str | None = None
+        self._reported_at = time.monotonic()
+        self._reported_rows = 0
 
-    @property
-    def connected(self) -> bool:
-        return self.pool is not None and self.last_error is None
-
-    async def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
-        """Changelog records this worker's sink has yet to write (over its assigned partitions)."""
-        behind = 0
-        for tp in consumer.assignment():
-            end = consumer.last_stable_offset(tp) if self.settings.exactly_once else consumer.highwater(tp)
-            if end is not None:
-                behind += max(0, end - await consumer.position(tp))
-        self.lag = behind
-        self.metrics.history_lag.set(behind)
-
-    @Service.task
-    async def _copy(self) -> None:
-        self.pool = await self._until_written(lambda: open_pool(self.settings), "connect")
+    async def run(self, stop: asyncio.Event) -> None:
+        self.pool = await self._until_done(lambda: open_pool(self.settings), "connect to", stop)
+        if self.pool is None:
+            return
         consumer = AIOKafkaConsumer(
             *self._topics,
             bootstrap_servers=self.settings.bootstrap,
@@ -133,62 +133,112 @@ class HistorySink(Service):
             # Waiting out a PostgreSQL outage is not a stuck consumer.
             max_poll_interval_ms=24 * 3600 * 1000,
         )
+        await self._wait_for_changelogs(stop)
         await consumer.start()
-        self._consumer = consumer
+        # While PostgreSQL writes one batch, the next gathers every fetch that arrives meanwhile:
+        # batches grow with the load (few large transactions) and stay small when it is light.
+        written: asyncio.Queue[tuple[store.HistoryBatch, dict[TopicPartition, int]]] = asyncio.Queue(maxsize=1)
+        writer = asyncio.create_task(self._write_in_order(consumer, written, stop))
+        limit = self.settings.history_batch_rows
+        gathering, offsets = store.HistoryBatch(), {}
         try:
-            while not self.should_stop:
-                records = await consumer.getmany(timeout_ms=200, max_records=self.settings.history_batch_rows)
+            while not stop.is_set() and not writer.done():
+                records = await consumer.getmany(timeout_ms=100 if len(gathering) else 200, max_records=limit)
                 if records:
-                    await self._write(consumer, records)
-                await self._measure_lag(consumer)
+                    collect(records, self._tasks_topic, gathering)
+                    offsets.update({tp: batch[-1].offset + 1 for tp, batch in records.items()})
+                if offsets and (written.empty() or len(gathering) >= limit):
+                    await _put_unless_done(written, (gathering, offsets), writer)
+                    gathering, offsets = store.HistoryBatch(), {}
+                self._report()
         finally:
-            self._consumer = None
-            await consumer.stop()
+            stop.set()
+            writer.cancel()
+            try:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+            finally:
+                await consumer.stop()
+                await self.pool.close()
 
-    async def _write(self, consumer: AIOKafkaConsumer, records: dict[TopicPartition, list[Any]]) -> None:
-        batch = collect(records, self._tasks_topic)
-        started = time.perf_counter()
-        if len(batch):
-            pool = self.pool
-            assert pool is not None
+    async def _wait_for_changelogs(self, stop: asyncio.Event) -> None:
+        """Wait until the workers have created the changelogs (a sink may start first)."""
+        from aiokafka.admin import AIOKafkaAdminClient
 
-            async def write() -> None:
-                async with pool.acquire() as conn:
-                    await store.write(conn, batch)
-
-            await self._until_written(write, "write")
-        self.metrics.history_write_seconds.observe(time.perf_counter() - started)
-        self.metrics.history_rows.inc(len(batch))
-        self.rows_written += len(batch)
-        offsets = {tp: partition_records[-1].offset + 1 for tp, partition_records in records.items()}
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap)
+        await admin.start()
         try:
-            await consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-            # The partitions moved on: their next owner re-reads these records, and the
-            # merge makes writing them again a no-op.
-            log.info("history sink: offsets not committed (%r); the next owner re-reads them", exc)
+            told = False
+            while not stop.is_set():
+                missing = set(self._topics) - set(await admin.list_topics())
+                if not missing:
+                    return
+                if not told:
+                    log.info("history: waiting for the workers to create %s", ", ".join(sorted(missing)))
+                    told = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+        finally:
+            await admin.close()
 
-    async def _until_written(self, attempt: Any, what: str) -> Any:
-        """Run ``attempt()`` until it succeeds, through the circuit breaker (waits while it is open)."""
-        while True:
+    async def _write_in_order(
+        self,
+        consumer: AIOKafkaConsumer,
+        written: asyncio.Queue[tuple[store.HistoryBatch, dict[TopicPartition, int]]],
+        stop: asyncio.Event,
+    ) -> None:
+        """Write each fetch in one transaction, then commit its offsets; in fetch order."""
+        while not stop.is_set():
+            batch, offsets = await written.get()
+            if len(batch) and not await self._write(batch, stop):
+                return
+            self.rows_written += len(batch)
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+                # The partitions moved on: their next owner re-reads these records, and the
+                # merge makes writing them again a no-op.
+                log.info("history: offsets not committed (%r); the partitions' next owner re-reads them", exc)
+
+    async def _write(self, batch: store.HistoryBatch, stop: asyncio.Event) -> bool:
+        """Write one batch (retried until it is in); False if stopped before."""
+        pool = self.pool
+        assert pool is not None
+
+        async def write() -> bool:
+            await store.write_concurrently(pool, batch, self.settings.postgres_pool_max_size)
+            return True
+
+        return await self._until_done(write, "write to", stop) is not None
+
+    async def _until_done(self, attempt: Callable[[], Awaitable[T]], what: str, stop: asyncio.Event) -> T | None:
+        """``attempt()`` until it succeeds, through the circuit breaker; None if stopped first."""
+        while not stop.is_set():
             try:
                 result = await attempt()
             except POSTGRES_ERRORS as exc:
                 self.breaker.failed()
-                self.metrics.history_failures.inc()
                 reason = f"{type(exc).__name__}: {exc}"
                 if self.last_error is None:
-                    log.warning("history sink: cannot %s PostgreSQL (%s); retrying, processing goes on", what, reason)
+                    log.warning("history: cannot %s PostgreSQL (%s); retrying, task processing goes on", what, reason)
                 self.last_error = reason
-                await asyncio.sleep(self.breaker.wait_seconds())
+                try:
+                    await asyncio.wait_for(stop.wait(), self.breaker.wait_seconds())
+                except TimeoutError:
+                    pass
                 continue
             if self.last_error is not None:
-                log.warning("history sink: PostgreSQL answers again; catching up")
+                log.warning("history: PostgreSQL answers again; catching up")
             self.last_error = None
             self.breaker.succeeded()
             return result
+        return None
 
-    async def on_stop(self) -> None:
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            await pool.close()
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._reported_at < REPORT_EVERY:
+            return
+        rate = (self.rows_written - self._reported_rows) / (now - self._reported_at)
+        if rate:
+            log.info("history: %d row versions written, %.0f/s lately", self.rows_written, rate)
+        self._reported_at, self._reported_rows = now, self.rows_written

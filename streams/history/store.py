@@ -10,11 +10,16 @@ late, changes nothing. ``benchmarks/history_write.py`` measures this against
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from streams.state import TASK_FIELDS
+
+_TASK_FIELD_COUNT = len(TASK_FIELDS)
 
 #: Staging tables, one per connection (temporary), emptied by each commit.
 _STAGING = """
@@ -30,10 +35,6 @@ CREATE TEMPORARY TABLE IF NOT EXISTS incoming_agents (
     avg_response_ms double precision, peak_concurrent_tasks integer,
     last_activity bigint, created_at bigint, updated_at bigint,
     source_partition integer, source_offset bigint
-) ON COMMIT DELETE ROWS;
-CREATE TEMPORARY TABLE IF NOT EXISTS incoming_memory (
-    id text, agent_id text, key text, role text, content text, memory_type text, tokens integer,
-    hash text, prev_hash text, created_at bigint, source_partition integer, source_offset bigint
 ) ON COMMIT DELETE ROWS;
 """
 
@@ -74,20 +75,8 @@ AGENT_COLUMNS = (
     "source_partition",
     "source_offset",
 )
-MEMORY_COLUMNS = (
-    "id",
-    "agent_id",
-    "key",
-    "role",
-    "content",
-    "memory_type",
-    "tokens",
-    "hash",
-    "prev_hash",
-    "created_at",
-    "source_partition",
-    "source_offset",
-)
+#: Task rows below which a batch is written on one connection (splitting costs round trips).
+_SPLIT_AT = 2000
 
 #: How far a task has got: versions of a task row with the same source offset (its
 #: handler finished after the event that started it) are ordered by this.
@@ -101,7 +90,8 @@ AGENT_NEWER = "(a.source_offset, a.updated_at) < (EXCLUDED.source_offset, EXCLUD
 
 
 def _ms(column: str) -> str:
-    return f"to_timestamp({column} / 1000.0)"
+    """Milliseconds since the epoch as a timestamptz (in floating point: numeric division is slow)."""
+    return f"to_timestamp({column}::float8 / 1000)"
 
 
 _MERGE_TASKS = f"""
@@ -126,15 +116,6 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE {AGENT_NEWER}
 """  # noqa: S608 - the module's own column names, no input
 
-_MERGE_MEMORY = f"""
-INSERT INTO memory_entries ({", ".join(MEMORY_COLUMNS)})
-SELECT id, agent_id, key, role, content, memory_type, tokens, hash, prev_hash, {_ms("created_at")},
-       source_partition, source_offset
-FROM incoming_memory
-ON CONFLICT (id) DO NOTHING
-"""  # noqa: S608 - the module's own column names, no input
-
-
 def json_text(value: Any) -> str | None:
     """A JSON column's value as text (None stays NULL)."""
     return None if value is None else orjson.dumps(value).decode()
@@ -146,10 +127,9 @@ class HistoryBatch:
 
     tasks: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     agents: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    memory: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.tasks) + len(self.agents) + len(self.memory)
+        return len(self.tasks) + len(self.agents)
 
     def add_task(self, row: dict[str, Any], partition: int) -> None:
         """A task row (as the tasks table holds it) from ``partition``; a later version replaces an earlier."""
@@ -174,6 +154,31 @@ class HistoryBatch:
             row["o"],
         )
 
+    def add_task_values(self, values: list[Any], partition: int) -> None:
+        """A task row as its changelog array (:data:`streams.state.TASK_FIELDS`), without a map."""
+        if len(values) != _TASK_FIELD_COUNT:
+            raise ValueError(f"a task row has {_TASK_FIELD_COUNT} fields, got an array of {len(values)}")
+        self.tasks[values[1]] = (
+            values[1],
+            values[2],
+            values[3],
+            values[4],
+            values[5],
+            values[6],
+            json_text(values[7]),
+            values[8],
+            json_text(values[9]),
+            values[10],
+            values[11],
+            values[12],
+            values[13],
+            values[14],
+            values[15],
+            json_text(values[16]),
+            partition,
+            values[0],
+        )
+
     def add_agent(self, row: dict[str, Any], partition: int) -> None:
         """An agent row from ``partition``; a later version replaces an earlier."""
         self.agents[row["id"]] = (
@@ -194,24 +199,6 @@ class HistoryBatch:
             row["o"],
         )
 
-    def add_memory_entries(self, entries: Iterable[dict[str, Any]], partition: int, offset: int) -> None:
-        """Memory entries seen in a memory row (each is written once; a second sighting is a no-op)."""
-        for entry in entries:
-            self.memory[entry["id"]] = (
-                entry["id"],
-                entry["agent_id"],
-                entry["key"],
-                entry["role"],
-                entry["content"],
-                entry["memory_type"],
-                entry["tokens"],
-                entry["hash"],
-                entry["prev_hash"],
-                entry["created_at"],
-                partition,
-                offset,
-            )
-
 
 async def prepare(conn: Any) -> None:
     """Per connection: the staging tables (asyncpg's ``init`` hook of the pool)."""
@@ -223,7 +210,24 @@ async def write(conn: Any, batch: HistoryBatch) -> None:
     async with conn.transaction():
         await _copy_and_merge(conn, "incoming_tasks", TASK_COLUMNS, batch.tasks.values(), _MERGE_TASKS)
         await _copy_and_merge(conn, "incoming_agents", AGENT_COLUMNS, batch.agents.values(), _MERGE_AGENTS)
-        await _copy_and_merge(conn, "incoming_memory", MEMORY_COLUMNS, batch.memory.values(), _MERGE_MEMORY)
+
+
+async def write_concurrently(pool: Any, batch: HistoryBatch, connections: int) -> None:
+    """Write ``batch`` over up to ``connections`` pooled connections at once (the server merges
+    on as many cores): the agent rows on one, the task rows split over the others. Each part
+    is its own transaction; all are in when this returns (a failure raises, and writing the
+    whole batch again is a no-op for the parts already in)."""
+    parts = [HistoryBatch(agents=batch.agents)]
+    task_rows = list(batch.tasks.items())
+    chunks = max(1, connections - 1) if len(task_rows) >= _SPLIT_AT else 1
+    size = max(1, -(-len(task_rows) // chunks))
+    parts += [HistoryBatch(tasks=dict(task_rows[i : i + size])) for i in range(0, len(task_rows), size)]
+
+    async def write_part(part: HistoryBatch) -> None:
+        async with pool.acquire() as conn:
+            await write(conn, part)
+
+    await asyncio.gather(*(write_part(part) for part in parts if len(part)))
 
 
 async def _copy_and_merge(
