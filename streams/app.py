@@ -170,6 +170,7 @@ class Pipeline(Service):
         )
         processor = self.processor
         self.stats_view.in_progress = lambda: processor.in_flight
+        self.stats_view.on_history_lag = self.metrics.history_lag.set
         # The changelogs first, compacted: the stats view reads one before Faust's table
         # manager would declare it, and a broker that creates topics on first use would
         # create it without compaction.

@@ -54,19 +54,9 @@ class Metrics:
         self.tasks_expired = Counter(
             "blackroad_tasks_expired", "Finished tasks removed from the live tasks table.", registry=r
         )
-        self.history_rows = Counter(
-            "blackroad_history_rows", "Row versions the history sink wrote to PostgreSQL.", registry=r
-        )
-        self.history_failures = Counter(
-            "blackroad_history_failures", "Failed attempts to reach or write PostgreSQL.", registry=r
-        )
         self.history_lag = Gauge(
-            "blackroad_history_lag", "Changelog records the history sink has yet to write.", registry=r
-        )
-        self.history_write_seconds = Histogram(
-            "blackroad_history_write_seconds",
-            "Time to write one fetch of the changelogs to PostgreSQL.",
-            buckets=_LATENCY_BUCKETS,
+            "blackroad_history_lag",
+            "Changelog records the history sink has yet to write to PostgreSQL (all sinks, from the broker).",
             registry=r,
         )
         self.duplicates = Counter(

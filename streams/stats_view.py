@@ -9,17 +9,22 @@ change; ``GET /v1/stats`` only serves it. So any worker answers for all.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from mode import Service
 
 from streams import histogram
+from streams.history.lag import history_lag, lag_reader
 from streams.settings import Settings
 from streams.tables import newer
+
+log = logging.getLogger(__name__)
 
 _REFRESH_SECONDS = 0.1
 
@@ -34,7 +39,12 @@ class StatsView(Service):
         #: Reads this worker's count of tasks inside handlers.
         self.in_progress: Callable[[], int] = lambda: 0
         self._consumer: AIOKafkaConsumer | None = None
+        self._lag_reader: AIOKafkaConsumer | None = None
         self._changed = asyncio.Event()
+        #: Changelog records the history sink has yet to write (None: off, or not known yet).
+        self.history_lag: int | None = None
+        #: Sets the Prometheus gauge of the history lag.
+        self.on_history_lag: Callable[[int], None] = lambda lag: None
 
     async def on_start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -49,10 +59,28 @@ class StatsView(Service):
         tps = [TopicPartition(self.topic, p) for p in range(self.settings.partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
+        if self.settings.history_enabled:
+            self._lag_reader = lag_reader(self.settings)
+            await self._lag_reader.start()
 
     async def on_stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
+        if self._lag_reader is not None:
+            await self._lag_reader.stop()
+
+    @Service.timer(2.0)
+    async def _follow_history(self) -> None:
+        if self._lag_reader is None:
+            return
+        try:
+            lag = await history_lag(self.settings, self._lag_reader)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.debug("history lag not known: %r", exc)
+            self.history_lag = None
+            return
+        self.history_lag = lag
+        self.on_history_lag(lag)
 
     @Service.task
     async def _follow(self) -> None:
@@ -86,7 +114,9 @@ class StatsView(Service):
         self.refresh()
 
     def refresh(self) -> None:
-        self.snapshot = summarize(self.rows, self.in_progress())
+        snapshot = summarize(self.rows, self.in_progress())
+        snapshot["history_lag"] = self.history_lag
+        self.snapshot = snapshot
 
 
 def summarize(rows: dict[int, dict[str, Any]], in_progress: int) -> dict[str, Any]:

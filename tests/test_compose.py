@@ -109,7 +109,23 @@ def test_the_reader_reads_what_the_files_hold() -> None:
     assert set(single) == {"kafka", "postgres"}
     assert single["kafka"]["ports"] == ["127.0.0.1:9092:9092"]
     assert environment(single["kafka"])["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
-    assert top_level_names(SINGLE, "volumes") == ["kafka-data"]
+    assert top_level_names(SINGLE, "volumes") == ["kafka-data", "postgres-data"]
+
+
+def test_compose_runs_the_postgresql_major_version_of_the_embedded_server() -> None:
+    import re
+    import subprocess
+
+    from streams.history.embedded import binaries
+
+    version = subprocess.run(
+        [str(binaries() / "postgres"), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    match = re.search(r"PostgreSQL\) (\d+)\.", version)
+    assert match is not None, version
+    postgres = services(SINGLE)["postgres"]
+    assert postgres["image"] == f"postgres:{match.group(1)}"
+    assert postgres["ports"] == ["127.0.0.1:5432:5432"]
 
 
 @pytest.mark.parametrize(("path", "nodes"), [(SINGLE, 1), (CLUSTER, 3)])

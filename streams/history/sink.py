@@ -36,6 +36,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from streams.history import schema, store
 from streams.history.circuit import CircuitBreaker
+from streams.history.lag import SUNK_TABLES, changelog_topic, history_group
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,6 @@ POSTGRES_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg
 REPORT_EVERY = 10.0
 
 T = TypeVar("T")
-
-
-def changelog_topic(settings: Settings, table: str) -> str:
-    return f"{settings.app_id}-{table}-changelog"
-
-
-def history_group(settings: Settings) -> str:
-    return f"{settings.app_id}-history"
 
 
 async def open_pool(settings: Settings) -> asyncpg.Pool:
@@ -91,6 +84,16 @@ def collect(records: dict[TopicPartition, list[Any]], tasks_topic: str, batch: s
             add(unpack(record.value, raw=False, strict_map_key=False), partition)
 
 
+async def _positions(consumer: AIOKafkaConsumer, records: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, int]:
+    """Where the fetch leaves each partition: the position, not the last record + 1, since it
+    is past transaction markers too (a partition revoked meanwhile is left to its next owner)."""
+    positions = {}
+    for tp in records:
+        with contextlib.suppress(IllegalStateError):
+            positions[tp] = await consumer.position(tp)
+    return positions
+
+
 async def _put_unless_done(queue: asyncio.Queue[Any], item: Any, consumer_of_queue: asyncio.Task[None]) -> None:
     """Put ``item`` on ``queue`` (waiting for room), unless the task that empties it has ended."""
     put = asyncio.ensure_future(queue.put(item))
@@ -107,7 +110,7 @@ class HistorySink:
         self.breaker = CircuitBreaker()
         self.pool: asyncpg.Pool | None = None
         self._tasks_topic = changelog_topic(settings, "tasks")
-        self._topics = (self._tasks_topic, changelog_topic(settings, "agents"))
+        self._topics = tuple(changelog_topic(settings, table) for table in SUNK_TABLES)
         #: Row versions written so far.
         self.rows_written = 0
         #: Why the last attempt to reach PostgreSQL failed (None once one succeeded).
@@ -146,7 +149,7 @@ class HistorySink:
                 records = await consumer.getmany(timeout_ms=100 if len(gathering) else 200, max_records=limit)
                 if records:
                     collect(records, self._tasks_topic, gathering)
-                    offsets.update({tp: batch[-1].offset + 1 for tp, batch in records.items()})
+                    offsets.update(await _positions(consumer, records))
                 if offsets and (written.empty() or len(gathering) >= limit):
                     await _put_unless_done(written, (gathering, offsets), writer)
                     gathering, offsets = store.HistoryBatch(), {}

@@ -1,0 +1,53 @@
+"""How far the history sink is behind: the changelogs' ends less the sink group's committed offsets.
+
+Read from the broker, so every worker answers the same (``GET /v1/stats``, ``/metrics``),
+whichever sink processes run and wherever.
+"""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.settings import Settings
+
+#: The changelogs the sink copies.
+SUNK_TABLES = ("tasks", "agents")
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    return f"{settings.app_id}-{table}-changelog"
+
+
+def history_group(settings: Settings) -> str:
+    return f"{settings.app_id}-history"
+
+
+def lag_reader(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer (not started) that reads the sink group's committed offsets and the changelogs'
+    ends. It is assigned its partitions by :func:`history_lag` and never joins the group nor
+    commits (the admin client's OffsetFetch is not understood by every broker: Tansu's answer
+    fails to decode; the consumer's is)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        group_id=history_group(settings),
+        enable_auto_commit=False,
+        # Under exactly-once the ends are the last stable offsets, as the sink reads.
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+    )
+
+
+async def history_lag(settings: Settings, reader: AIOKafkaConsumer) -> int:
+    """Changelog records not yet in PostgreSQL (a partition the sink never committed counts whole)."""
+    tps = [
+        TopicPartition(changelog_topic(settings, table), partition)
+        for table in SUNK_TABLES
+        for partition in range(settings.partitions)
+    ]
+    if reader.assignment() != set(tps):
+        reader.assign(tps)
+    ends = await reader.end_offsets(tps)
+    behind = 0
+    for tp in tps:
+        committed = await reader.committed(tp)
+        behind += max(0, ends.get(tp, 0) - (committed or 0))
+    return behind
