@@ -237,6 +237,8 @@ def _progress_text(progress: object, count: int, settings: Settings | None) -> s
                 f" dead {stats['dead_tasks']} | {stats['tasks_per_minute']}/min"
                 f" | latency p50 {latency['p50']} ms p99 {latency['p99']} ms | agents {stats['active_agents']}"
             )
+            if stats.get("history_lag") is not None:
+                text += f" | history lag {stats['history_lag']}"
     return text
 
 
