@@ -56,6 +56,16 @@ def binaries() -> Path:
     return path
 
 
+def _stand_in() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(ROOT_STAND_IN)
+    except KeyError:
+        raise PostgresError(
+            f"PostgreSQL refuses to run as root, and there is no {ROOT_STAND_IN!r} user to run it as; "
+            "run as another user, or set BLACKROAD_POSTGRES_DSN"
+        ) from None
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server run as this process's child on ``127.0.0.1:port``, data in ``home``."""
 
@@ -68,7 +78,7 @@ class EmbeddedPostgres:
         self.log = home / "postgres.log"
         self._process: subprocess.Popen[bytes] | None = None
         #: Who the server runs as: this process's user, or ``nobody`` when that is root.
-        stand_in = pwd.getpwnam(ROOT_STAND_IN) if os.geteuid() == 0 else None
+        stand_in = _stand_in() if os.geteuid() == 0 else None
         self._uid = stand_in.pw_uid if stand_in is not None else None
         self._gid = stand_in.pw_gid if stand_in is not None else None
 
