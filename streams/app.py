@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import faust
 from aiokafka import AIOKafkaProducer
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
@@ -136,6 +137,8 @@ class Pipeline(Service):
         #: Set once a check found that the broker lost data this worker had (then it stops).
         self.lost_data: BrokerLostData | None = None
         self._started_event = asyncio.Event()
+        self._history_pool: asyncpg.Pool | None = None
+        self._history_pool_lock = asyncio.Lock()
 
     async def on_start(self) -> None:
         consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
@@ -238,8 +241,24 @@ class Pipeline(Service):
         if self.transactions is not None:
             await self.transactions.release(self._task_partitions(revoked))
 
+    async def history_pool(self) -> asyncpg.Pool:
+        """The connections the history views read PostgreSQL through, opened at the first request
+        (a worker starts and serves its live views whether or not PostgreSQL is up)."""
+        async with self._history_pool_lock:
+            if self._history_pool is None:
+                self._history_pool = await asyncpg.create_pool(
+                    self.settings.postgres_url,
+                    min_size=0,
+                    max_size=self.settings.postgres_pool_max_size,
+                    command_timeout=self.settings.postgres_command_timeout,
+                    timeout=self.settings.postgres_command_timeout,
+                )
+            return self._history_pool
+
     async def on_stop(self) -> None:
         self.peers.close()
+        if self._history_pool is not None:
+            await self._history_pool.close()
         # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.stopping).
         budget = self.settings.stop_timeout / 2
         try:

@@ -18,6 +18,8 @@ from yarl import URL
 from agents.memory import entries
 from schemas import domain, wire
 from schemas.wire import WireError
+from streams.history import queries
+from streams.history.sink import POSTGRES_ERRORS as HISTORY_ERRORS
 from streams.ingress import BrokerUnavailable, IngressProducer
 from streams.metrics import Metrics
 from streams.peers import PeerClient, PeerError
@@ -346,6 +348,35 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                     "head": row["head"],
                 },
             )
+
+    @app.page("/v1/agents/{agent_id}/tasks")
+    class AgentTaskHistory(ApiView):
+        """The agent's tasks from the history in PostgreSQL, newest first (any worker answers)."""
+
+        name = "agent_tasks"
+        reads_tables = False
+
+        async def get(self, request: Any, agent_id: str) -> Any:
+            if not app.settings.history_enabled:
+                raise ApiError("not_found", "the history is off (BLACKROAD_HISTORY=off)")
+            limit = _int_query(request, "limit", 20, 1, 100)
+            status = request.query.get("status") or None
+            if status is not None:
+                status = domain.canonical_task_status(status)
+                if status is None:
+                    raise ApiError("invalid_request", f"unknown status; expected one of {list(domain.TASK_STATUSES)}")
+            before = request.query.get("before") or None
+            try:
+                pool = await app.pipeline.history_pool()
+                async with pool.acquire() as conn:
+                    tasks, next_before = await queries.agent_tasks(conn, agent_id, status, before, limit)
+            except queries.BadCursor as exc:
+                raise ApiError("invalid_request", str(exc), details={"before": before}) from None
+            except HISTORY_ERRORS as exc:
+                raise ApiError(
+                    "internal_error", f"the history database is unavailable: {type(exc).__name__}", 503
+                ) from None
+            return _json(self, {"agent_id": agent_id, "tasks": tasks, "limit": limit, "next_before": next_before})
 
     @app.page("/v1/tasks/{task_id}")
     class TaskDetail(ApiView):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 
 from streams.broker import free_port
 from streams.history import schema
@@ -145,6 +146,66 @@ def test_every_task_reaches_the_history_once_with_its_final_state(deployment: De
     load, problems = _run(deployment, history_dsn, kills=0)
     assert not problems, problems
     assert load.count > 1000
+    # The history view pages through an agent's tasks, newest first, on either worker.
+    agent_id = load.agent_ids[7]
+    worker = deployment.workers[0]
+    seen: list[dict[str, Any]] = []
+    before = ""
+    for port in (worker.port, worker.port + 1) * 100:
+        status, page = get_json(f"http://127.0.0.1:{port}/v1/agents/{agent_id}/tasks?limit=4&before={before}")
+        assert status == 200, page
+        seen += page["tasks"]
+        before = page["next_before"]
+        if before is None:
+            break
+    assert sorted(t["id"] for t in seen) == sorted(load.sent[agent_id].tasks)
+    order = [(t["created_at"], t["id"]) for t in seen]
+    assert order == sorted(order, reverse=True)
+    assert {t["status"] for t in seen} <= set(TERMINAL) and all(t["agent_id"] == agent_id for t in seen)
+    status, body = get_json(f"http://127.0.0.1:{worker.port}/v1/agents/{agent_id}/tasks?status=completed&limit=100")
+    assert status == 200 and len(body["tasks"]) == len([t for t in seen if t["status"] == "completed"])
+    status, body = get_json(f"http://127.0.0.1:{worker.port}/v1/agents/{agent_id}/tasks?before=yesterday")
+    assert status == 400 and orjson.loads(body)["error"]["code"] == "invalid_request"
+
+
+def test_the_history_views_queries_run_on_the_indexes(history_dsn: str) -> None:
+    from streams.history import queries, store
+
+    async def run() -> list[str]:
+        conn = await asyncpg.connect(history_dsn)
+        try:
+            await schema.migrate(conn)
+            await store.prepare(conn)
+            batch = store.HistoryBatch()
+            for i in range(20_000):
+                status = ("completed", "failed", "queued")[i % 3]
+                row = {
+                    "o": i, "id": f"task_x{i:08d}", "agent_id": f"agent_x_{i % 500:03d}", "title": "t",
+                    "description": "", "kind": "inference", "priority": "normal", "payload": {}, "status": status,
+                    "result": None, "error": None, "attempts": 1, "created_at": 1_700_000_000_000 + i,
+                    "started_at": None, "completed_at": None, "deadline": None, "metadata": {},
+                }
+                batch.add_task(row, i % 4)
+            await store.write(conn, batch)
+            await conn.execute("ANALYZE tasks")
+            plans = []
+            for args in (
+                ("agent_x_007", None, None, None, 20),
+                ("agent_x_007", "completed", None, None, 20),
+                ("agent_x_007", None, 1_700_000_010_000, "task_x00010007", 20),
+            ):
+                rows = await conn.fetch("EXPLAIN " + queries.AGENT_TASKS, *args)
+                plans.append("\n".join(r[0] for r in rows))
+            return plans
+        finally:
+            await conn.close()
+
+    plain, by_status, after_cursor = asyncio.run(run())
+    # Newest first straight off the index (no sort); by status on the (agent, status) index.
+    assert "Index Scan Backward using tasks_by_agent on tasks" in plain and "Sort" not in plain, plain
+    assert "on tasks_by_agent_status" in by_status, by_status
+    assert "on tasks_by_agent " in after_cursor and "ROW(created_at, id) <" in after_cursor, after_cursor
+    assert "Seq Scan" not in plain + by_status + after_cursor
 
 
 def test_worker_and_sink_kills_leave_the_history_exact(deployment: Deployment, history_dsn: str) -> None:
