@@ -55,7 +55,14 @@ class SteadyLoad(threading.Thread):
     """Sends ``rate`` tasks/s over ``agents`` agents until :meth:`stop`."""
 
     def __init__(
-        self, bootstrap: str, topic: str, agents: int, rate: float, partitions: int, bad_every: int = 0
+        self,
+        bootstrap: str,
+        topic: str,
+        agents: int,
+        rate: float,
+        partitions: int,
+        bad_every: int = 0,
+        idempotent: bool = False,
     ) -> None:
         super().__init__(daemon=True, name="steady-load")
         self.bootstrap = bootstrap
@@ -65,6 +72,9 @@ class SteadyLoad(threading.Thread):
         #: Every ``bad_every``-th record is undecodable (0: none); their (partition, offset).
         self.bad_every = bad_every
         self.bad: list[tuple[int, int]] = []
+        #: An idempotent producer (Kafka only): a send retried after a broker died mid-request
+        #: cannot put a task on the topic twice, so every duplicate counted is the worker's own.
+        self.idempotent = idempotent
         self.agent_ids = [f"agent_chaos_{i:05d}" for i in range(agents)]
         self.sent: dict[str, AgentLoad] = {agent: AgentLoad() for agent in self.agent_ids}
         #: Highest offset the broker acknowledged per partition.
@@ -103,7 +113,9 @@ class SteadyLoad(threading.Thread):
         return TaskEvent(task_id, agent_id, kind, "normal", f"chaos {sequence}", "", payload, wire.now_ms())
 
     async def _send(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=5, acks="all")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, linger_ms=5, acks="all", enable_idempotence=self.idempotent
+        )
         await producer.start()
         started = time.monotonic()
         pending: list[asyncio.Future[Any]] = []
@@ -512,7 +524,13 @@ def run_with_kills(
     follower = StatsFollower(deployment.bootstrap, stats_changelog, deployment.partitions, isolation)
     follower.start()
     load = SteadyLoad(
-        deployment.bootstrap, deployment.topic("tasks"), agents, rate, deployment.partitions, bad_every=BAD_EVERY
+        deployment.bootstrap,
+        deployment.topic("tasks"),
+        agents,
+        rate,
+        deployment.partitions,
+        bad_every=BAD_EVERY,
+        idempotent=exactly_once,
     )
     load.start()
     report = KillReport()
