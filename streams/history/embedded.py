@@ -19,11 +19,9 @@ import os
 import pwd
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Self
 
-from streams.broker import die_with_parent, port_is_open, terminate, watch_exit
+from streams.broker import ChildBroker, die_with_parent, port_is_open, terminate
 
 DATABASE = "blackroad"
 USER = "postgres"
@@ -67,17 +65,18 @@ def _stand_in() -> pwd.struct_passwd:
         ) from None
 
 
-class EmbeddedPostgres:
-    """A PostgreSQL server run as this process's child on ``127.0.0.1:port``, data in ``home``."""
+class EmbeddedPostgres(ChildBroker):
+    """A PostgreSQL server run as this process's child on ``127.0.0.1:port``, data in ``home``
+    (started, watched, killed and stopped as the embedded brokers are, but with a fast shutdown)."""
 
+    durable = True
     stop_timeout = 10.0
 
     def __init__(self, port: int, home: Path) -> None:
-        self.port = port
+        super().__init__(port)
         self.home = home
         self.pgdata = home / "data"
         self.log = home / "postgres.log"
-        self._process: subprocess.Popen[bytes] | None = None
         #: Who the server runs as: this process's user, or ``nobody`` when that is root.
         stand_in = _stand_in() if os.geteuid() == 0 else None
         self._uid = stand_in.pw_uid if stand_in is not None else None
@@ -86,10 +85,6 @@ class EmbeddedPostgres:
     @property
     def dsn(self) -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{DATABASE}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     def start(self, timeout: float = 60.0) -> None:
         """Initialise the data directory the first time, start the server, create the database."""
@@ -126,26 +121,6 @@ class EmbeddedPostgres:
             process.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
             terminate(process, timeout=1.0)
-
-    def kill(self) -> None:
-        """SIGKILL the server, as a crash would; it recovers from its log at the next start."""
-        process, self._process = self._process, None
-        if process is not None:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-
-    def on_unexpected_exit(self, callback: Callable[[int], None]) -> None:
-        process = self._process
-        if process is not None:
-            watch_exit(process, lambda: self._process is process, callback)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def _initdb(self) -> None:
         self.pgdata.mkdir(mode=0o700, exist_ok=True)

@@ -38,26 +38,8 @@ CREATE TEMPORARY TABLE IF NOT EXISTS incoming_agents (
 ) ON COMMIT DELETE ROWS;
 """
 
-TASK_COLUMNS = (
-    "id",
-    "agent_id",
-    "title",
-    "description",
-    "kind",
-    "priority",
-    "payload",
-    "status",
-    "result",
-    "error",
-    "attempts",
-    "created_at",
-    "started_at",
-    "completed_at",
-    "deadline",
-    "metadata",
-    "source_partition",
-    "source_offset",
-)
+#: A task's columns: its changelog fields but ``"o"`` (``source_offset``), then where it came from.
+TASK_COLUMNS = (*TASK_FIELDS[1:], "source_partition", "source_offset")
 AGENT_COLUMNS = (
     "id",
     "name",
