@@ -41,8 +41,15 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: What a failed write or connection to PostgreSQL raises.
-POSTGRES_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+#: What a failed write or connection to PostgreSQL raises (the client's own protocol errors
+#: too: a connection cut mid-statement can leave one; the connection is closed, not reused).
+POSTGRES_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 #: Seconds between the sink's progress lines in its log.
 REPORT_EVERY = 10.0
 

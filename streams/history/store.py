@@ -11,10 +11,11 @@ late, changes nothing. ``benchmarks/history_write.py`` measures this against
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import orjson
 
 from streams.state import TASK_FIELDS
@@ -207,9 +208,32 @@ async def write_concurrently(pool: Any, batch: HistoryBatch, connections: int) -
 
     async def write_part(part: HistoryBatch) -> None:
         async with pool.acquire() as conn:
-            await write(conn, part)
+            try:
+                await write(conn, part)
+            except asyncpg.PostgresError:
+                raise  # the server refused the statement; the connection itself is fine
+            except BaseException:
+                # Cut short (a timeout, a cancel, a dead server): the connection may be mid-protocol,
+                # so it is closed rather than handed to the next write.
+                conn.terminate()
+                raise
 
-    await asyncio.gather(*(write_part(part) for part in parts if len(part)))
+    await _all_or_none_running([write_part(part) for part in parts if len(part)])
+
+
+async def _all_or_none_running(steps: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``steps`` at once; the first failure cancels the others and is raised once they have
+    all ended (a retry then never overlaps a step of this try still on the server)."""
+    running = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.wait(running)
+    for task in running:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
 
 async def _copy_and_merge(
