@@ -2,13 +2,16 @@
 
 Lookups by agent id are answered by the worker that owns the agent's partition:
 any other worker forwards the request there. Lookups by task id and the agent
-list ask the other workers too when this worker does not hold the answer.
+list ask the other workers too when this worker does not hold the answer. The
+history views (an agent's tasks, the task feed, a task gone from the live table,
+agents' recent tasks) read PostgreSQL, from any worker (``streams.history.queries``).
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web as aiohttp_web
@@ -25,8 +28,12 @@ from streams.metrics import Metrics
 from streams.peers import PeerClient, PeerError
 from streams.tables import Tables, task_expired, thaw
 
+T = TypeVar("T")
+
 MAX_BODY_BYTES = 256 * 1024
 MAX_BATCH_REQUESTS = 1000
+#: Tasks per agent in ``GET /v1/agents?include=recent_tasks``, newest first.
+RECENT_TASKS = 5
 FORWARDED = "X-Blackroad-Forwarded"
 _FORWARD_HEADERS = {FORWARDED: "1"}
 _TASK_FIELDS = {
@@ -230,6 +237,32 @@ def _int_query(request: Any, name: str, default: int, low: int, high: int) -> in
     return value
 
 
+def _task_status_query(request: Any) -> str | None:
+    """The ``status`` query parameter, canonical (a variant mapped), or None."""
+    raw = request.query.get("status") or None
+    if raw is None:
+        return None
+    status = domain.canonical_task_status(raw)
+    if status is None:
+        raise ApiError(
+            "invalid_request",
+            f"unknown status; expected one of {list(domain.TASK_STATUSES)}",
+            details={"field": "status"},
+        )
+    return status
+
+
+def _cursor_query(request: Any, name: str, parse: Callable[[str], Any]) -> str | None:
+    """A page cursor query parameter (checked by ``parse``), or None."""
+    raw = request.query.get(name) or None
+    if raw is not None:
+        try:
+            parse(raw)
+        except queries.BadCursor as exc:
+            raise ApiError("invalid_request", str(exc), details={"field": name}) from None
+    return raw
+
+
 def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     settings = app.settings
     agents_rows: dict[str, Any] = tables.agents.data.data
@@ -282,6 +315,19 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 retry_after=BROKER_RETRY_AFTER,
             ) from None
 
+    async def from_history(read: Callable[[Any], Awaitable[T]]) -> T:
+        """``read(conn)`` on a connection to the history database, its failures as API errors."""
+        if not settings.history_enabled:
+            raise ApiError("not_found", "the history is off (BLACKROAD_HISTORY=off)")
+        try:
+            pool = await app.pipeline.history_pool()
+            async with pool.acquire() as conn:
+                return await read(conn)
+        except HISTORY_ERRORS as exc:
+            raise ApiError(
+                "internal_error", f"the history database is unavailable: {type(exc).__name__}", 503
+            ) from None
+
     @app.page("/v1/agents")
     class AgentList(ApiView):
         name = "agents"
@@ -290,6 +336,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             limit = _int_query(request, "limit", 20, 1, 100)
             offset = _int_query(request, "offset", 0, 0, 10_000_000)
             status = request.query.get("status")
+            include = {part for part in request.query.get("include", "").split(",") if part}
+            if include - {"recent_tasks"}:
+                raise ApiError("invalid_request", "include may only be recent_tasks", details={"field": "include"})
             if status:
                 status = domain.canonical_agent_status(status)
                 if status is None:
@@ -311,9 +360,13 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                     docs.extend(body["agents"])
                     total += body["total"]
             docs.sort(key=lambda d: d["id"])
-            return _json(
-                self, {"agents": docs[offset : offset + limit], "total": total, "limit": limit, "offset": offset}
-            )
+            page = docs[offset : offset + limit]
+            if include:
+                ids = [doc["id"] for doc in page]
+                recent = await from_history(lambda conn: queries.recent_tasks_of_agents(conn, ids, RECENT_TASKS))
+                for doc in page:
+                    doc["recent_tasks"] = recent.get(doc["id"], [])
+            return _json(self, {"agents": page, "total": total, "limit": limit, "offset": offset})
 
     @app.page("/v1/agents/{agent_id}")
     class AgentDetail(ApiView):
@@ -357,25 +410,12 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         reads_tables = False
 
         async def get(self, request: Any, agent_id: str) -> Any:
-            if not app.settings.history_enabled:
-                raise ApiError("not_found", "the history is off (BLACKROAD_HISTORY=off)")
             limit = _int_query(request, "limit", 20, 1, 100)
-            status = request.query.get("status") or None
-            if status is not None:
-                status = domain.canonical_task_status(status)
-                if status is None:
-                    raise ApiError("invalid_request", f"unknown status; expected one of {list(domain.TASK_STATUSES)}")
-            before = request.query.get("before") or None
-            try:
-                pool = await app.pipeline.history_pool()
-                async with pool.acquire() as conn:
-                    tasks, next_before = await queries.agent_tasks(conn, agent_id, status, before, limit)
-            except queries.BadCursor as exc:
-                raise ApiError("invalid_request", str(exc), details={"before": before}) from None
-            except HISTORY_ERRORS as exc:
-                raise ApiError(
-                    "internal_error", f"the history database is unavailable: {type(exc).__name__}", 503
-                ) from None
+            status = _task_status_query(request)
+            before = _cursor_query(request, "before", queries.parse_cursor)
+            tasks, next_before = await from_history(
+                lambda conn: queries.agent_tasks(conn, agent_id, status, before, limit)
+            )
             return _json(self, {"agent_id": agent_id, "tasks": tasks, "limit": limit, "next_before": next_before})
 
     @app.page("/v1/tasks/{task_id}")
@@ -391,11 +431,23 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                     code, body = await fetch(peer, request.path)
                     if code == 200:
                         return _json(self, body)
+                # No worker holds it live (it finished longer ago than the retention): the history.
+                if settings.history_enabled and (task := await from_history(lambda c: queries.task_by_id(c, task_id))):
+                    return _json(self, task)
             raise ApiError("not_found", f"no task {task_id!r}", details={"task_id": task_id})
 
     @app.page("/v1/tasks")
-    class TaskCreate(ApiView):
+    class Tasks(ApiView):
+        """``POST``: a new task. ``GET``: the history's tasks from ``since`` on, oldest first."""
+
         name = "tasks"
+
+        async def get(self, request: Any) -> Any:
+            limit = _int_query(request, "limit", 20, 1, 100)
+            status = _task_status_query(request)
+            since = _cursor_query(request, "since", queries.parse_since)
+            tasks, next_since = await from_history(lambda conn: queries.task_feed(conn, status, since, limit))
+            return _json(self, {"tasks": tasks, "limit": limit, "next_since": next_since})
 
         async def post(self, request: Any) -> Any:
             event = parse_task_request(await read_json(request))

@@ -143,9 +143,13 @@ def _run(
 
 
 def test_every_task_reaches_the_history_once_with_its_final_state(deployment: Deployment, history_dsn: str) -> None:
+    # Finished tasks leave the live table 2 s on: the views below read them from the history.
+    deployment.env["BLACKROAD_TASK_RETENTION"] = "2"
     load, problems = _run(deployment, history_dsn, kills=0)
     assert not problems, problems
     assert load.count > 1000
+    _check_task_feed(deployment, history_dsn, load)
+    _check_recent_tasks_of_agents(deployment)
     # The history view pages through an agent's tasks, newest first, on either worker.
     agent_id = load.agent_ids[7]
     worker = deployment.workers[0]
@@ -168,19 +172,83 @@ def test_every_task_reaches_the_history_once_with_its_final_state(deployment: De
     assert status == 400 and orjson.loads(body)["error"]["code"] == "invalid_request"
 
 
+def _check_task_feed(deployment: Deployment, dsn: str, load: SteadyLoad) -> None:
+    """GET /v1/tasks pages through every task oldest first, on either worker; a task gone from the
+    live table is still found by id; ``since`` as a time includes it."""
+    worker = deployment.workers[0]
+    sent = {task_id for agent in load.sent.values() for task_id in agent.tasks}
+    seen: list[dict[str, Any]] = []
+    since = ""
+    for port in (worker.port, worker.port + 1) * 1000:
+        status, page = get_json(f"http://127.0.0.1:{port}/v1/tasks?limit=100&since={since}")
+        assert status == 200, page
+        seen += page["tasks"]
+        since = page["next_since"]
+        if since is None:
+            break
+    assert sorted(t["id"] for t in seen) == sorted(sent)
+    order = [(t["created_at"], t["id"]) for t in seen]
+    assert order == sorted(order)
+    middle = seen[len(seen) // 2]
+    status, page = get_json(f"http://127.0.0.1:{worker.port}/v1/tasks?limit=1&since={middle['created_at']}")
+    assert status == 200 and page["tasks"][0]["created_at"] == middle["created_at"], page
+    failed = fetch(dsn, "SELECT count(*) AS n FROM tasks WHERE status = 'failed'")[0]["n"]
+    status, page = get_json(f"http://127.0.0.1:{worker.port + 1}/v1/tasks?status=failed&limit=100")
+    assert status == 200 and {t["status"] for t in page["tasks"]} <= {"failed"}
+    assert len(page["tasks"]) == min(failed, 100)
+    status, body = get_json(f"http://127.0.0.1:{worker.port}/v1/tasks?since=yesterday")
+    assert status == 400 and orjson.loads(body)["error"]["details"] == {"field": "since"}
+    # Retention is 2 s: the first task left the live tables long ago; either worker finds it.
+    first = seen[0]
+    for port in (worker.port, worker.port + 1):
+        status, task = get_json(f"http://127.0.0.1:{port}/v1/tasks/{first['id']}")
+        assert status == 200 and task == first, (task, first)
+    status, body = get_json(f"http://127.0.0.1:{worker.port}/v1/tasks/task_never_sent")
+    assert status == 404 and orjson.loads(body)["error"]["code"] == "not_found"
+
+
+def _check_recent_tasks_of_agents(deployment: Deployment) -> None:
+    """GET /v1/agents?include=recent_tasks: each agent's newest tasks, as its task history's first page."""
+    port = deployment.workers[0].port
+    status, body = get_json(f"http://127.0.0.1:{port}/v1/agents?limit=100&include=recent_tasks")
+    assert status == 200 and body["agents"], body
+    for agent in body["agents"]:
+        status, history = get_json(f"http://127.0.0.1:{port + 1}/v1/agents/{agent['id']}/tasks?limit=5")
+        assert status == 200 and agent["recent_tasks"] == history["tasks"], (agent, history)
+    assert any(agent["recent_tasks"] for agent in body["agents"])
+    status, body = get_json(f"http://127.0.0.1:{port}/v1/agents?include=everything")
+    assert status == 400 and orjson.loads(body)["error"]["details"] == {"field": "include"}
+
+
 def test_the_history_views_queries_run_on_the_indexes(history_dsn: str) -> None:
+    """EXPLAIN of every history view's query, with the planner's custom plan and with the generic
+    plan a prepared statement may switch to: each reads an index in order, none scans the table."""
     from streams.history import queries, store
 
-    async def run() -> list[str]:
+    inf = float("inf")
+    cursor = (1_700_000_010_000.0, "task_x00010007")
+    cases = {
+        "agent": (queries.AGENT_TASKS, ("agent_x_007", inf, "", 20)),
+        "agent by status": (queries.AGENT_TASKS_WITH_STATUS, ("agent_x_007", inf, "", 20, "failed")),
+        "agent after a cursor": (queries.AGENT_TASKS, ("agent_x_007", *cursor, 20)),
+        "feed": (queries.TASK_FEED, (0.0, "", 20)),
+        "feed after a cursor": (queries.TASK_FEED, (*cursor, 20)),
+        "feed by status": (queries.TASK_FEED_WITH_STATUS, (*cursor, 20, "failed")),
+        "by id": (queries.TASK_BY_ID, ("task_x00000042",)),
+        "recent of agents": (queries.RECENT_TASKS_OF_AGENTS, (["agent_x_007", "agent_x_008"], 5)),
+    }
+
+    async def run() -> dict[tuple[str, str], str]:
         conn = await asyncpg.connect(history_dsn)
         try:
             await schema.migrate(conn)
             await store.prepare(conn)
             batch = store.HistoryBatch()
-            for i in range(20_000):
-                status = ("completed", "failed", "queued")[i % 3]
+            for i in range(100_000):
+                # Mostly completed, as a history is: a status filter is worth an index for the rest.
+                status = "failed" if i % 50 == 0 else "queued" if i % 50 == 1 else "completed"
                 row = {
-                    "o": i, "id": f"task_x{i:08d}", "agent_id": f"agent_x_{i % 500:03d}", "title": "t",
+                    "o": i, "id": f"task_x{i:08d}", "agent_id": f"agent_x_{i % 200:03d}", "title": "t",
                     "description": "", "kind": "inference", "priority": "normal", "payload": {}, "status": status,
                     "result": None, "error": None, "attempts": 1, "created_at": 1_700_000_000_000 + i,
                     "started_at": None, "completed_at": None, "deadline": None, "metadata": {},
@@ -188,24 +256,93 @@ def test_the_history_views_queries_run_on_the_indexes(history_dsn: str) -> None:
                 batch.add_task(row, i % 4)
             await store.write(conn, batch)
             await conn.execute("ANALYZE tasks")
-            plans = []
-            for args in (
-                ("agent_x_007", None, None, None, 20),
-                ("agent_x_007", "completed", None, None, 20),
-                ("agent_x_007", None, 1_700_000_010_000, "task_x00010007", 20),
-            ):
-                rows = await conn.fetch("EXPLAIN " + queries.AGENT_TASKS, *args)
-                plans.append("\n".join(r[0] for r in rows))
+            plans = {}
+            for mode in ("force_custom_plan", "force_generic_plan"):
+                await conn.execute(f"SET plan_cache_mode = {mode}")
+                for name, (query, args) in cases.items():
+                    rows = await conn.fetch("EXPLAIN " + query, *args)
+                    plans[name, mode] = "\n".join(r[0] for r in rows)
             return plans
         finally:
             await conn.close()
 
-    plain, by_status, after_cursor = asyncio.run(run())
-    # Newest first straight off the index (no sort); by status on the (agent, status) index.
-    assert "Index Scan Backward using tasks_by_agent on tasks" in plain and "Sort" not in plain, plain
-    assert "on tasks_by_agent_status" in by_status, by_status
-    assert "on tasks_by_agent " in after_cursor and "ROW(created_at, id) <" in after_cursor, after_cursor
-    assert "Seq Scan" not in plain + by_status + after_cursor
+    plans = asyncio.run(run())
+    indexes = {
+        "agent": "tasks_by_agent",
+        "agent by status": "tasks_by_agent_status",
+        "agent after a cursor": "tasks_by_agent",
+        "feed": "tasks_by_created",
+        "feed after a cursor": "tasks_by_created",
+        "feed by status": "tasks_by_status",
+        "by id": "tasks_pkey",
+        "recent of agents": "tasks_by_agent",
+    }
+    for (name, mode), plan in plans.items():
+        assert "Seq Scan" not in plan, (name, mode, plan)
+        assert f"using {indexes[name]} on tasks" in plan or f"on {indexes[name]} " in plan, (name, mode, plan)
+        if name.startswith(("agent", "feed")) and "status" not in name:
+            # Read in the index's order, no sort (a status filter's few rows may be sorted, and
+            # the agents' recent tasks are: the page's rows, grouped by agent).
+            assert "Sort" not in plan, (name, mode, plan)
+        if "cursor" in name:  # the keyset is an index condition, not a filter over earlier rows
+            conditions = [line for line in plan.splitlines() if "Index Cond:" in line]
+            assert any("ROW(created_at, id)" in line for line in conditions), (name, mode, plan)
+
+
+def test_a_batch_that_fails_leaves_none_of_its_parts_running_behind_it(history_dsn: str) -> None:
+    """One part of a split batch fails while another waits on a lock: the write raises only once
+    every part has ended, so a retry never shares the server (or a connection) with the last try."""
+    from streams.history import store
+
+    def task_row(i: int, created_at: int) -> dict[str, Any]:
+        return {
+            "o": i, "id": f"task_y{i:08d}", "agent_id": "agent_y_001", "title": "t", "description": "",
+            "kind": "inference", "priority": "normal", "payload": {}, "status": "completed", "result": None,
+            "error": None, "attempts": 1, "created_at": created_at, "started_at": None, "completed_at": None,
+            "deadline": None, "metadata": {},
+        }
+
+    agent = {
+        "o": 1, "id": "agent_y_001", "name": "y", "type": "worker", "status": "idle", "config": {},
+        "tasks_completed": 0, "tasks_failed": 0, "avg_response_ms": 0.0, "last_activity": None,
+        "created_at": 1_700_000_000_000, "updated_at": 1_700_000_000_000,
+    }
+
+    async def run() -> tuple[str, int, int, list[str]]:
+        pool = await asyncpg.create_pool(history_dsn, min_size=4, max_size=4, init=store.prepare)
+        locker = await asyncpg.connect(history_dsn)
+        try:
+            async with pool.acquire() as conn:
+                await schema.migrate(conn)
+            first = store.HistoryBatch()
+            first.add_agent(agent, 0)
+            await store.write_concurrently(pool, first, 4)
+            batch = store.HistoryBatch()
+            batch.add_agent({**agent, "o": 2, "updated_at": agent["updated_at"] + 1}, 0)
+            for i in range(3 * store._SPLIT_AT):
+                # The last part holds a time no timestamp can hold: its merge fails at once.
+                batch.add_task(task_row(i, 10**17 if i == 3 * store._SPLIT_AT - 1 else 1_700_000_000_000 + i), 0)
+            async with locker.transaction():
+                await locker.execute("SELECT 1 FROM agents WHERE id = 'agent_y_001' FOR UPDATE")
+                try:
+                    await store.write_concurrently(pool, batch, 4)
+                    raised = "nothing"
+                except asyncpg.PostgresError as exc:
+                    raised = type(exc).__name__
+                idle, size = pool.get_idle_size(), pool.get_size()
+                running = await locker.fetch(
+                    "SELECT query FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state = 'active' AND pid <> pg_backend_pid()"
+                )
+            return raised, idle, size, [r["query"] for r in running]
+        finally:
+            await locker.close()
+            await pool.close()
+
+    raised, idle, size, running = asyncio.run(run())
+    assert raised == "DatetimeFieldOverflowError", raised
+    assert running == [], running
+    assert idle == size, (idle, size)
 
 
 def test_worker_and_sink_kills_leave_the_history_exact(deployment: Deployment, history_dsn: str) -> None:
@@ -263,8 +400,9 @@ def _completed(deployment: Deployment) -> int:
 def test_postgresql_stopped_then_killed_mid_stream_loses_nothing_and_never_stops_processing(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    """SIGSTOP every PostgreSQL process for 15 s, then SIGKILL the server and start it again
-    10 s later: tasks keep completing throughout, the lag shows, and the history ends exact."""
+    """SIGSTOP every PostgreSQL process for 15 s, then SIGKILL the server and start it again 15 s
+    later (30 s without a history): tasks keep completing throughout, the lag shows, and the
+    history ends exact."""
     server = EmbeddedPostgres(free_port(), tmp_path / "postgres")
     server.start()
     try:
@@ -286,7 +424,7 @@ def test_postgresql_stopped_then_killed_mid_stream_loses_nothing_and_never_stops
             time.sleep(2.0)
             server.kill()
             before = _completed(deployment)
-            time.sleep(10.0)
+            time.sleep(15.0)
             seen["completed while down"] = _completed(deployment) - before
             server.start()
 
