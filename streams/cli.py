@@ -452,6 +452,39 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Compare the history in PostgreSQL with the tables' changelogs; exit 1 on any difference."""
+    import asyncpg
+
+    from streams.history.verify import verify
+
+    settings = _settings()
+    if not settings.history_enabled:
+        raise SystemExit("blackroad: BLACKROAD_HISTORY is off; there is no history to verify")
+    _require_broker(settings)
+    settings = _reach(settings)
+    try:
+        report = asyncio.run(verify(settings, args.wait, progress=print))
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise SystemExit(f"blackroad: cannot read the history database at {settings.postgres_url}: {exc}") from None
+    if report.history_behind:
+        print(
+            f"the history sink is still {report.history_behind} changelog records behind after {args.wait:g} s:"
+            " rows it has not copied yet show as differences"
+        )
+    shown = report.differences[: args.show]
+    for line in shown:
+        print(f"  {line}")
+    if len(report.differences) > len(shown):
+        print(f"  ... and {len(report.differences) - len(shown)} more")
+    checked = f"{report.tasks} task rows and {report.agents} agent rows"
+    if report.differences:
+        print(f"{len(report.differences)} difference(s) between PostgreSQL and the tables ({checked} compared)")
+        return 1
+    print(f"no differences: PostgreSQL holds the tables' {checked}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -498,6 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     migrate = db_commands.add_parser("migrate", help="apply the schema's pending migrations")
     migrate.set_defaults(run=cmd_db_migrate)
+
+    verify = commands.add_parser("verify", help="compare the history in PostgreSQL with the tables")
+    verify.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for the history sink to catch up first"
+    )
+    verify.add_argument("--show", type=int, default=20, help="differences to print (all are counted)")
+    verify.set_defaults(run=cmd_verify)
 
     worker = commands.add_parser("worker", help="stream-processing workers (BLACKROAD_WORKER_PROCESSES of them)")
     worker.add_argument("--web-port", type=int, default=0, help="overrides BLACKROAD_WEB_PORT")

@@ -9,6 +9,8 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +65,18 @@ def test_migrations_apply_on_an_empty_database_and_are_a_no_op_on_a_current_one(
     } <= indexes
 
 
+def verify(deployment: Deployment) -> subprocess.CompletedProcess[str]:
+    """``blackroad verify`` on the deployment."""
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", "verify", "--wait", "60"],
+        env=deployment.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
 def _history_matches(deployment: Deployment, dsn: str, load: SteadyLoad, urls: list[str]) -> list[str]:
     """Every task sent is in the history once, finished; every agent's counts equal the live table's."""
     sent = {task_id for agent in load.sent.values() for task_id in agent.tasks}
@@ -73,6 +87,10 @@ def _history_matches(deployment: Deployment, dsn: str, load: SteadyLoad, urls: l
 
     wait_until(all_in, 120, 0.5, what="every finished task in PostgreSQL")
     problems: list[str] = []
+    verified = verify(deployment)
+    if verified.returncode != 0 or "no differences" not in verified.stdout:
+        output = verified.stdout[-3000:] + verified.stderr[-3000:]
+        problems.append(f"blackroad verify: exit {verified.returncode}: {output}")
     rows = fetch(dsn, "SELECT id, status, agent_id FROM tasks")
     stored = {r["id"]: r for r in rows}
     if len(rows) != len(stored):
@@ -150,6 +168,17 @@ def test_every_task_reaches_the_history_once_with_its_final_state(deployment: De
     assert load.count > 1000
     _check_task_feed(deployment, history_dsn, load)
     _check_recent_tasks_of_agents(deployment)
+    # verify finds a task set back and an agent miscounted in PostgreSQL.
+    task_id = sorted(load.sent[load.agent_ids[3]].tasks)[0]
+    agent_id = load.agent_ids[4]
+    tamper = "UPDATE tasks SET status = 'queued' WHERE id = $1"
+    fetch(history_dsn, tamper, task_id)
+    fetch(history_dsn, "UPDATE agents SET tasks_completed = tasks_completed + 1 WHERE id = $1", agent_id)
+    verified = verify(deployment)
+    assert verified.returncode == 1, verified
+    assert f"task {task_id}: PostgreSQL has an older version (queued" in verified.stdout, verified.stdout
+    assert f"agent {agent_id}: tasks_completed is" in verified.stdout, verified.stdout
+    assert "2 difference(s)" in verified.stdout, verified.stdout
     # The history view pages through an agent's tasks, newest first, on either worker.
     agent_id = load.agent_ids[7]
     worker = deployment.workers[0]

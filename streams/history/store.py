@@ -210,11 +210,14 @@ async def write_concurrently(pool: Any, batch: HistoryBatch, connections: int) -
         async with pool.acquire() as conn:
             try:
                 await write(conn, part)
-            except asyncpg.PostgresError:
-                raise  # the server refused the statement; the connection itself is fine
+            except (asyncpg.PostgresError, asyncio.CancelledError):
+                # The server refused a statement, or a sibling part failed and this one was
+                # cancelled: asyncpg cancels the statement on the server and the pool resets the
+                # connection before taking it back.
+                raise
             except BaseException:
-                # Cut short (a timeout, a cancel, a dead server): the connection may be mid-protocol,
-                # so it is closed rather than handed to the next write.
+                # A timeout, a dead server, a confused protocol: the connection may be
+                # mid-statement, so it is closed rather than handed to the next write.
                 conn.terminate()
                 raise
 

@@ -1,0 +1,213 @@
+"""``blackroad verify``: the history in PostgreSQL against the tables, as their changelogs hold them.
+
+The changelogs are read to the ends they have when the check starts (committed records only
+under exactly-once), keeping the newest version of each task and agent row; a task tombstoned
+after its retention is still compared, by the last version before its tombstone. The check
+first waits (``--wait``) for the history sink to have copied those records, then compares
+each row with PostgreSQL's:
+
+- a row missing from PostgreSQL is a difference;
+- a row PostgreSQL holds at an older version (source offset, then how far the task got or
+  when the agent changed) is a difference; one it holds at a newer version moved on while
+  the check ran, and is not;
+- at the same version the fields that matter must be equal: a task's status, attempts,
+  result and error; an agent's status and counts.
+
+Rows that PostgreSQL holds and the changelogs no longer do (compacted away long after their
+tombstone) are history, not differences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import msgpack
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.history.lag import SUNK_TABLES, changelog_topic, lag_reader
+from streams.settings import Settings
+from streams.state import task_from_values
+
+#: Rows looked up in PostgreSQL per query.
+_CHUNK = 10_000
+_STATUS_RANK = {"queued": 0, "in_progress": 1}
+
+
+@dataclass
+class Report:
+    """What the check compared and what differed (every difference, one line each)."""
+
+    tasks: int = 0
+    agents: int = 0
+    history_behind: int = 0
+    differences: list[str] = field(default_factory=list)
+
+
+async def read_changelog(
+    settings: Settings, table: str, version: Callable[[dict[str, Any]], Any]
+) -> tuple[list[dict[str, Any]], dict[TopicPartition, int]]:
+    """The newest version of each row of ``table``'s changelog up to its current ends, and those
+    ends. Newest by ``version(row)``, as table restore decides (a late copy of an older version,
+    written by a worker that had lost the partition, does not replace a newer one); a tombstoned
+    row keeps its version before the tombstone."""
+    topic = changelog_topic(settings, table)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        newest: dict[bytes, tuple[Any, dict[str, Any]]] = {}
+        remaining = {tp for tp in partitions if ends[tp] > 0}
+        while remaining:
+            fetched = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, records in fetched.items():
+                for record in records:
+                    if record.offset >= ends[tp] or record.value is None:
+                        continue
+                    row = _decode(table, record.value)
+                    seen = newest.get(record.key)
+                    if seen is None or version(row) >= seen[0]:
+                        newest[record.key] = (version(row), row)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return [row for _, row in newest.values()], ends
+    finally:
+        await consumer.stop()
+
+
+def _decode(table: str, value: bytes) -> dict[str, Any]:
+    decoded = msgpack.unpackb(value, raw=False, strict_map_key=False)
+    return task_from_values(decoded) if table == "tasks" else dict(decoded)
+
+
+async def wait_for_sink(settings: Settings, ends: dict[TopicPartition, int], timeout: float) -> int:
+    """Wait up to ``timeout`` s for the sink group's committed offsets to reach ``ends``; the
+    records still behind then (0: the sink has copied everything the check reads)."""
+    reader = lag_reader(settings)
+    await reader.start()
+    try:
+        reader.assign(list(ends))
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = 0
+            for tp, end in ends.items():
+                behind += max(0, end - (await reader.committed(tp) or 0))
+            if behind == 0 or time.monotonic() >= deadline:
+                return behind
+            await asyncio.sleep(0.5)
+    finally:
+        await reader.stop()
+
+
+def compare_tasks(tables: Iterable[dict[str, Any]], stored: dict[str, Any], differences: list[str]) -> None:
+    """Each task row of the tables against PostgreSQL's (``stored``: id -> record)."""
+    for row in tables:
+        task_id = row["id"]
+        held = stored.get(task_id)
+        if held is None:
+            differences.append(f"task {task_id}: not in PostgreSQL (the table has it {row['status']})")
+            continue
+        ours = task_version(row)
+        theirs = task_version({"o": held["source_offset"], "status": held["status"]})
+        if theirs > ours:
+            continue  # moved on while the check ran
+        if theirs < ours:
+            differences.append(
+                f"task {task_id}: PostgreSQL has an older version ({held['status']}, source offset "
+                f"{held['source_offset']}) than the table ({row['status']}, source offset {row['o']})"
+            )
+            continue
+        result = None if held["result"] is None else orjson.loads(held["result"])
+        for name, theirs_value in (("attempts", held["attempts"]), ("error", held["error"]), ("result", result)):
+            if theirs_value != row[name]:
+                differences.append(_differs(f"task {task_id}", name, theirs_value, row[name]))
+
+
+def _differs(what: str, name: str, stored: Any, live: Any) -> str:
+    return f"{what}: {name} is {stored!r} in PostgreSQL, {live!r} in the table"
+
+
+_AGENT_FIELDS = ("status", "tasks_completed", "tasks_failed", "tasks_dead")
+
+
+def compare_agents(tables: Iterable[dict[str, Any]], stored: dict[str, Any], differences: list[str]) -> None:
+    """Each agent row of the tables against PostgreSQL's (``stored``: id -> record)."""
+    for row in tables:
+        agent_id = row["id"]
+        held = stored.get(agent_id)
+        if held is None:
+            differences.append(f"agent {agent_id}: not in PostgreSQL")
+            continue
+        ours, theirs = agent_version(row), agent_version({"o": held["source_offset"], "updated_at": held["updated_at"]})
+        if theirs > ours:
+            continue
+        if theirs < ours:
+            differences.append(
+                f"agent {agent_id}: PostgreSQL has an older version (source offset {held['source_offset']}) "
+                f"than the table (source offset {row['o']})"
+            )
+            continue
+        for name in _AGENT_FIELDS:
+            if held[name] != row.get(name, 0):
+                differences.append(_differs(f"agent {agent_id}", name, held[name], row.get(name, 0)))
+
+
+async def _stored(conn: Any, query: str, ids: list[str]) -> dict[str, Any]:
+    stored: dict[str, Any] = {}
+    for start in range(0, len(ids), _CHUNK):
+        for record in await conn.fetch(query, ids[start : start + _CHUNK]):
+            stored[record["id"]] = record
+    return stored
+
+
+_TASKS = "SELECT id, status, attempts, error, result::text AS result, source_offset FROM tasks WHERE id = ANY($1)"
+_AGENTS = (
+    "SELECT id, status, tasks_completed, tasks_failed, tasks_dead, source_offset,"
+    " (extract(epoch FROM updated_at) * 1000)::bigint AS updated_at FROM agents WHERE id = ANY($1)"
+)
+
+
+def task_version(row: dict[str, Any]) -> tuple[int, int]:
+    """Which of two versions of a task row is newer: the later source event, then how far it got."""
+    return row["o"], _STATUS_RANK.get(row["status"], 2)
+
+
+def agent_version(row: dict[str, Any]) -> tuple[int, int]:
+    """Which of two versions of an agent row is newer: the later source event, then the later change."""
+    return row["o"], row["updated_at"]
+
+
+async def verify(settings: Settings, wait: float, progress: Callable[[str], None] = lambda _: None) -> Report:
+    """Compare the history with the tables (see the module's docstring)."""
+    report = Report()
+    rows: dict[str, list[dict[str, Any]]] = {}
+    all_ends: dict[TopicPartition, int] = {}
+    for table in SUNK_TABLES:
+        rows[table], ends = await read_changelog(settings, table, task_version if table == "tasks" else agent_version)
+        all_ends.update(ends)
+        progress(f"read {len(rows[table])} {table} rows from {changelog_topic(settings, table)}")
+    report.tasks, report.agents = len(rows["tasks"]), len(rows["agents"])
+    report.history_behind = await wait_for_sink(settings, all_ends, wait)
+    conn = await asyncpg.connect(settings.postgres_url, timeout=settings.postgres_command_timeout)
+    try:
+        tasks = await _stored(conn, _TASKS, [row["id"] for row in rows["tasks"]])
+        agents = await _stored(conn, _AGENTS, [row["id"] for row in rows["agents"]])
+    finally:
+        await conn.close()
+    compare_tasks(rows["tasks"], tasks, report.differences)
+    compare_agents(rows["agents"], agents, report.differences)
+    return report
