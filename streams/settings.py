@@ -116,6 +116,8 @@ class Settings:
     postgres_command_timeout: float = 10.0
     #: Most changelog records the history sink writes in one transaction.
     history_batch_rows: int = 20_000
+    #: Seconds between the history sink's writes of agent snapshots (0: with every batch).
+    history_agent_interval: float = 5.0
     log_level: str = "warning"
 
     @property
@@ -306,6 +308,7 @@ class Settings:
             raise SettingsError("POSTGRES_POOL_MAX_SIZE", "must be >= BLACKROAD_POSTGRES_POOL_MIN_SIZE")
         _check_range("POSTGRES_COMMAND_TIMEOUT", self.postgres_command_timeout, 0.1, 3600.0)
         _check_range("HISTORY_BATCH_ROWS", self.history_batch_rows, 1, 1_000_000)
+        _check_range("HISTORY_AGENT_INTERVAL", self.history_agent_interval, 0.0, 3600.0)
         if self.log_level not in {"debug", "info", "warning", "error", "critical"}:
             raise SettingsError("LOG_LEVEL", "expected one of debug, info, warning, error, critical")
 

