@@ -32,7 +32,11 @@ SERVER_OPTIONS = {
     "listen_addresses": "127.0.0.1",
     "unix_socket_directories": "",
     "max_connections": "100",
-    "shared_buffers": "128MB",
+    # The history's hot pages (the indexes' newest leaves, the agents) stay in the server's
+    # own cache; checkpoints are rarer (each first write of a page after one logs the whole page).
+    "shared_buffers": "512MB",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
     "fsync": "on",
     "synchronous_commit": "on",
     "log_min_messages": "warning",
