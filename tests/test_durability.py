@@ -52,9 +52,12 @@ def _views(web: Web, agent_ids: list[str], task_ids: list[str]) -> dict[str, Any
 
 
 def _all_done(web: Web, total: int) -> Any:
+    """Every task completed, every partition reporting, and the history in PostgreSQL caught up."""
+
     def check() -> Any:
         status, stats = web.get("/v1/stats")
-        return status == 200 and stats["completed_tasks"] == total and stats["partitions_reporting"] == 4 and stats
+        done = status == 200 and stats["completed_tasks"] == total and stats["partitions_reporting"] == 4
+        return done and stats["history_lag"] == 0 and stats
 
     return check
 

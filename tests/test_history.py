@@ -250,6 +250,36 @@ def _check_recent_tasks_of_agents(deployment: Deployment) -> None:
     assert status == 400 and orjson.loads(body)["error"]["details"] == {"field": "include"}
 
 
+def test_a_sink_stopped_cleanly_writes_the_agent_rows_it_held_back(deployment: Deployment, history_dsn: str) -> None:
+    """With agent snapshots held for an hour, SIGTERM to the sink writes them (and commits their
+    offsets) before it exits: PostgreSQL has every agent's counts and nothing is left to read."""
+    from tests.factories import record, task
+    from tests.harness import produce
+
+    deployment.env.update(
+        BLACKROAD_HISTORY="on", BLACKROAD_POSTGRES_DSN=history_dsn, BLACKROAD_HISTORY_AGENT_INTERVAL="3600"
+    )
+    worker = deployment.worker().start().wait_ready(90)
+    sink = deployment.history_sink().start()
+    events = [task(f"agent_held_{i % 7:03d}", "tool_execution", {"tool": "upper", "input": "x"}) for i in range(70)]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+
+    def all_in() -> bool:
+        try:
+            return bool(fetch(history_dsn, "SELECT count(*) AS n FROM tasks WHERE status = 'completed'")[0]["n"] == 70)
+        except asyncpg.UndefinedTableError:  # the sink has not created the schema yet
+            return False
+
+    wait_until(all_in, 90, 0.5, what="every task in PostgreSQL")
+    time.sleep(1.0)  # past the worker's next flush: every agent row is on its changelog and read
+    assert fetch(history_dsn, "SELECT count(*) AS n FROM agents")[0]["n"] == 0  # held back
+    sink.signal(signal.SIGTERM)
+    assert sink.exited_within(30) == 0, sink.log()
+    counts = {r["id"]: r["tasks_completed"] for r in fetch(history_dsn, "SELECT id, tasks_completed FROM agents")}
+    assert counts == {f"agent_held_{i:03d}": 10 for i in range(7)}, counts
+    wait_until(lambda: get_json(f"{worker.url}/v1/stats")[1]["history_lag"] == 0, 30, 0.5, what="no history lag")
+
+
 def test_the_history_views_queries_run_on_the_indexes(history_dsn: str) -> None:
     """EXPLAIN of every history view's query, with the planner's custom plan and with the generic
     plan a prepared statement may switch to: each reads an index in order, none scans the table."""

@@ -154,6 +154,8 @@ class HistorySink:
         self.pool: asyncpg.Pool | None = None
         self._tasks_topic = changelog_topic(settings, "tasks")
         self._topics = tuple(changelog_topic(settings, table) for table in SUNK_TABLES)
+        #: Agent rows held back between writes (see :class:`AgentSnapshots`).
+        self.snapshots = AgentSnapshots(settings.history_agent_interval)
         #: Row versions written so far.
         self.rows_written = 0
         #: Why the last attempt to reach PostgreSQL failed (None once one succeeded).
@@ -203,9 +205,27 @@ class HistorySink:
             try:
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
+                await self._write_held_agents(consumer)
             finally:
                 await consumer.stop()
                 await self.pool.close()
+
+    async def _write_held_agents(self, consumer: AIOKafkaConsumer) -> None:
+        """On a clean stop, the agent rows still held back: written and committed, within the
+        stop timeout (if not, the next sink re-reads them from the last committed offsets)."""
+        if not self.snapshots.offsets or self.pool is None:
+            return
+        batch, offsets = store.HistoryBatch(), dict[TopicPartition, int]()
+        self.snapshots.release_into(batch, offsets)
+        pool = self.pool
+        try:
+            async with asyncio.timeout(self.settings.stop_timeout):
+                await store.write_concurrently(pool, batch, 1)
+                await consumer.commit(offsets)
+        except (*POSTGRES_ERRORS, CommitFailedError, IllegalStateError, KafkaError) as exc:
+            log.info("history: the held agent rows were not written at the stop (%r); the next sink re-reads them", exc)
+            return
+        self.rows_written += len(batch)
 
     async def _wait_for_changelogs(self, stop: asyncio.Event) -> None:
         """Wait until the workers have created the changelogs (a sink may start first)."""
@@ -237,7 +257,7 @@ class HistorySink:
         wait in ``snapshots`` (the newest per agent) and go with the first batch at least
         ``BLACKROAD_HISTORY_AGENT_INTERVAL`` after the last went, or alone once that time is up;
         their offsets are committed once they are in."""
-        snapshots = AgentSnapshots(self.settings.history_agent_interval)
+        snapshots = self.snapshots
         while not stop.is_set():
             try:
                 batch, offsets = await asyncio.wait_for(written.get(), snapshots.seconds_to_due())
