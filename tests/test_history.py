@@ -183,15 +183,7 @@ def test_every_task_reaches_the_history_once_with_its_final_state(deployment: De
     # The history view pages through an agent's tasks, newest first, on either worker.
     agent_id = load.agent_ids[7]
     worker = deployment.workers[0]
-    seen: list[dict[str, Any]] = []
-    before = ""
-    for port in (worker.port, worker.port + 1) * 100:
-        status, page = get_json(f"http://127.0.0.1:{port}/v1/agents/{agent_id}/tasks?limit=4&before={before}")
-        assert status == 200, page
-        seen += page["tasks"]
-        before = page["next_before"]
-        if before is None:
-            break
+    seen = _every_page(worker, f"/v1/agents/{agent_id}/tasks?limit=4", "before")
     assert sorted(t["id"] for t in seen) == sorted(load.sent[agent_id].tasks)
     order = [(t["created_at"], t["id"]) for t in seen]
     assert order == sorted(order, reverse=True)
@@ -202,20 +194,27 @@ def test_every_task_reaches_the_history_once_with_its_final_state(deployment: De
     assert status == 400 and orjson.loads(body)["error"]["code"] == "invalid_request"
 
 
+def _every_page(worker: Any, path: str, cursor: str) -> list[dict[str, Any]]:
+    """Every task of a paged history view, asking the two workers in turn; ``cursor`` is the
+    query parameter that takes the previous page's ``next_<cursor>``."""
+    seen: list[dict[str, Any]] = []
+    position = ""
+    for port in (worker.port, worker.port + 1) * 1000:
+        status, page = get_json(f"http://127.0.0.1:{port}{path}&{cursor}={position}")
+        assert status == 200, page
+        seen += page["tasks"]
+        position = page[f"next_{cursor}"]
+        if position is None:
+            return seen
+    raise AssertionError(f"{path}: more than 2000 pages")
+
+
 def _check_task_feed(deployment: Deployment, dsn: str, load: SteadyLoad) -> None:
     """GET /v1/tasks pages through every task oldest first, on either worker; a task gone from the
     live table is still found by id; ``since`` as a time includes it."""
     worker = deployment.workers[0]
     sent = {task_id for agent in load.sent.values() for task_id in agent.tasks}
-    seen: list[dict[str, Any]] = []
-    since = ""
-    for port in (worker.port, worker.port + 1) * 1000:
-        status, page = get_json(f"http://127.0.0.1:{port}/v1/tasks?limit=100&since={since}")
-        assert status == 200, page
-        seen += page["tasks"]
-        since = page["next_since"]
-        if since is None:
-            break
+    seen = _every_page(worker, "/v1/tasks?limit=100", "since")
     assert sorted(t["id"] for t in seen) == sorted(sent)
     order = [(t["created_at"], t["id"]) for t in seen]
     assert order == sorted(order)
@@ -461,6 +460,28 @@ def test_agent_snapshots_are_held_newest_only_and_written_with_their_offsets_onc
     snapshots.release_into(batch, offsets)
     assert batch.agents == {"agent_x": ("agent_x", 2), "agent_y": ("agent_y", 1)} and offsets == {agents: 9}
     assert snapshots.seconds_to_due() is None and not snapshots.due()
+
+
+def test_verify_reports_missing_older_and_differing_rows_but_not_rows_that_moved_on() -> None:
+    from streams.history.verify import compare_tasks
+
+    def row(task_id: str, offset: int, status: str, attempts: int = 1) -> dict[str, Any]:
+        return {"id": task_id, "o": offset, "status": status, "attempts": attempts, "error": None, "result": None}
+
+    tables = [row("a", 5, "completed"), row("b", 5, "completed"), row("c", 5, "completed"), row("d", 5, "completed")]
+    stored = {
+        "b": row("b", 5, "in_progress"),  # older: the same event, not as far along
+        "c": row("c", 6, "queued"),  # newer: moved on while the check ran
+        "d": row("d", 5, "completed", attempts=2),
+    }
+    differences: list[str] = []
+    compare_tasks(tables, stored, differences)
+    assert differences == [
+        "task a: not in PostgreSQL (the table has completed, source offset 5)",
+        "task b: PostgreSQL has an older version (in_progress, source offset 5)"
+        " than the table (completed, source offset 5)",
+        "task d: attempts is 2 in PostgreSQL, 1 in the table",
+    ]
 
 
 def test_the_circuit_opens_after_repeated_failures_and_closes_on_a_success() -> None:

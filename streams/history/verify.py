@@ -91,7 +91,11 @@ async def read_changelog(
 
 def _decode(table: str, value: bytes) -> dict[str, Any]:
     decoded = msgpack.unpackb(value, raw=False, strict_map_key=False)
-    return task_from_values(decoded) if table == "tasks" else dict(decoded)
+    if table == "tasks":
+        return task_from_values(decoded)
+    row = dict(decoded)
+    row.setdefault("tasks_dead", 0)  # rows written before the field existed
+    return row
 
 
 async def wait_for_sink(settings: Settings, ends: dict[TopicPartition, int], timeout: float) -> int:
@@ -113,64 +117,64 @@ async def wait_for_sink(settings: Settings, ends: dict[TopicPartition, int], tim
         await reader.stop()
 
 
-def compare_tasks(tables: Iterable[dict[str, Any]], stored: dict[str, Any], differences: list[str]) -> None:
-    """Each task row of the tables against PostgreSQL's (``stored``: id -> record)."""
+def compare(
+    kind: str,
+    tables: Iterable[dict[str, Any]],
+    stored: dict[str, dict[str, Any]],
+    version: Callable[[dict[str, Any]], Any],
+    fields: tuple[str, ...],
+    describe: Callable[[dict[str, Any]], str],
+    differences: list[str],
+) -> None:
+    """Each ``kind`` row of the tables against PostgreSQL's (``stored``: id -> row, its source
+    offset as ``"o"``): missing, older, or at the same version with ``fields`` differing."""
     for row in tables:
-        task_id = row["id"]
-        held = stored.get(task_id)
+        what = f"{kind} {row['id']}"
+        held = stored.get(row["id"])
         if held is None:
-            differences.append(f"task {task_id}: not in PostgreSQL (the table has it {row['status']})")
+            differences.append(f"{what}: not in PostgreSQL (the table has {describe(row)})")
             continue
-        ours = task_version(row)
-        theirs = task_version({"o": held["source_offset"], "status": held["status"]})
+        ours, theirs = version(row), version(held)
         if theirs > ours:
             continue  # moved on while the check ran
         if theirs < ours:
             differences.append(
-                f"task {task_id}: PostgreSQL has an older version ({held['status']}, source offset "
-                f"{held['source_offset']}) than the table ({row['status']}, source offset {row['o']})"
+                f"{what}: PostgreSQL has an older version ({describe(held)}) than the table ({describe(row)})"
             )
             continue
-        result = None if held["result"] is None else orjson.loads(held["result"])
-        for name, theirs_value in (("attempts", held["attempts"]), ("error", held["error"]), ("result", result)):
-            if theirs_value != row[name]:
-                differences.append(_differs(f"task {task_id}", name, theirs_value, row[name]))
+        for name in fields:
+            if held[name] != row[name]:
+                differences.append(f"{what}: {name} is {held[name]!r} in PostgreSQL, {row[name]!r} in the table")
 
 
-def _differs(what: str, name: str, stored: Any, live: Any) -> str:
-    return f"{what}: {name} is {stored!r} in PostgreSQL, {live!r} in the table"
-
-
-_AGENT_FIELDS = ("status", "tasks_completed", "tasks_failed", "tasks_dead")
+def compare_tasks(tables: Iterable[dict[str, Any]], stored: dict[str, Any], differences: list[str]) -> None:
+    fields = ("attempts", "error", "result")
+    compare("task", tables, stored, task_version, fields, _describe_task, differences)
 
 
 def compare_agents(tables: Iterable[dict[str, Any]], stored: dict[str, Any], differences: list[str]) -> None:
-    """Each agent row of the tables against PostgreSQL's (``stored``: id -> record)."""
-    for row in tables:
-        agent_id = row["id"]
-        held = stored.get(agent_id)
-        if held is None:
-            differences.append(f"agent {agent_id}: not in PostgreSQL")
-            continue
-        ours, theirs = agent_version(row), agent_version({"o": held["source_offset"], "updated_at": held["updated_at"]})
-        if theirs > ours:
-            continue
-        if theirs < ours:
-            differences.append(
-                f"agent {agent_id}: PostgreSQL has an older version (source offset {held['source_offset']}) "
-                f"than the table (source offset {row['o']})"
-            )
-            continue
-        for name in _AGENT_FIELDS:
-            if held[name] != row.get(name, 0):
-                differences.append(_differs(f"agent {agent_id}", name, held[name], row.get(name, 0)))
+    fields = ("status", "tasks_completed", "tasks_failed", "tasks_dead")
+    compare("agent", tables, stored, agent_version, fields, _describe_agent, differences)
 
 
-async def _stored(conn: Any, query: str, ids: list[str]) -> dict[str, Any]:
-    stored: dict[str, Any] = {}
+def _describe_task(row: dict[str, Any]) -> str:
+    return f"{row['status']}, source offset {row['o']}"
+
+
+def _describe_agent(row: dict[str, Any]) -> str:
+    return f"source offset {row['o']}"
+
+
+async def _stored(conn: Any, query: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """PostgreSQL's rows of ``ids`` as the tables' rows look (the source offset as ``"o"``, JSON decoded)."""
+    stored: dict[str, dict[str, Any]] = {}
     for start in range(0, len(ids), _CHUNK):
         for record in await conn.fetch(query, ids[start : start + _CHUNK]):
-            stored[record["id"]] = record
+            row = dict(record)
+            row["o"] = row.pop("source_offset")
+            if "result" in row:
+                row["result"] = None if row["result"] is None else orjson.loads(row["result"])
+            stored[row["id"]] = row
     return stored
 
 
