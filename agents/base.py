@@ -27,6 +27,11 @@ class MemorySource(Protocol):
         writes are already in)."""
         ...
 
+    def archive(self, entries: list[dict[str, Any]]) -> None:
+        """Take entries that left the memory opened with ``keep`` (dropped turns, a system
+        message replaced), oldest first, to keep them beyond working memory."""
+        ...
+
 
 class TaskContext:
     """What a handler may use besides the task: the agent's working memory and the clock.
@@ -92,6 +97,7 @@ class TaskContext:
         elif self._memory is None:
             self._memory = working_memory.empty_memory()
         self._unopened = False
+        left: list[dict[str, Any]] = []
         entry = working_memory.append(
             self._memory,
             self.agent_id,
@@ -101,7 +107,10 @@ class TaskContext:
             timestamp_ms=self.now_ms,
             budget_tokens=self._budget,
             key=key,
+            left=left,
         )
+        if left and self._keep and self._source is not None:
+            self._source.archive(left)
         self.written.append(entry)
         return entry
 

@@ -1,7 +1,8 @@
 """Working memory of one agent: recent entries trimmed to a token budget.
 
-The system message is always kept; the oldest other turns are dropped first.
-Entries form a per-agent integrity chain:
+The system message is always kept; the oldest other turns are dropped first. Entries that
+leave (dropped turns, a system message replaced) are handed to the caller, which archives
+them (see :mod:`streams.agent_runner`). Entries form a per-agent integrity chain:
 ``hash = sha256(f"{content}|{timestamp}|{prev_hash}")``, starting at ``"GENESIS"``.
 The state is a plain dict so that it serialises straight into the memory table.
 """
@@ -37,8 +38,12 @@ def append(
     timestamp_ms: int,
     budget_tokens: int,
     key: str | None = None,
+    left: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Append one entry to ``memory`` (in place), trim it, and return the entry."""
+    """Append one entry to ``memory`` (in place), trim it, and return the entry.
+
+    The entries that leave working memory meanwhile are added to ``left``, oldest first.
+    """
     prev_hash = memory["head"]
     digest = chain_hash(content, timestamp_ms, prev_hash)
     tokens = token_count(content)
@@ -60,14 +65,16 @@ def append(
         old = memory["system"]
         memory["tokens"] += tokens - (old["tokens"] if old else 0)
         memory["system"] = entry
+        if old is not None and left is not None:
+            left.append(old)
     else:
         memory["turns"].append(entry)
         memory["tokens"] += tokens
-    _trim(memory, budget_tokens)
+    _trim(memory, budget_tokens, left)
     return entry
 
 
-def _trim(memory: dict[str, Any], budget_tokens: int) -> None:
+def _trim(memory: dict[str, Any], budget_tokens: int, left: list[dict[str, Any]] | None) -> None:
     turns = memory["turns"]
     drop = 0
     total = memory["tokens"]
@@ -75,6 +82,8 @@ def _trim(memory: dict[str, Any], budget_tokens: int) -> None:
         total -= turns[drop]["tokens"]
         drop += 1
     if drop:
+        if left is not None:
+            left.extend(turns[:drop])
         del turns[:drop]
         memory["tokens"] = total
 

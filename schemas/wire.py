@@ -528,3 +528,18 @@ def dead_letter(reason: str, topic: str, partition: int, offset: int, key: bytes
             "ts": now_ms(),
         }
     )
+
+
+def memory_archived(agent_id: str, source_offset: int, entries: list[dict[str, Any]]) -> bytes:
+    """A record of the memory-archive topic: ``entries`` left ``agent_id``'s working memory (oldest
+    first) while the tasks up to ``source_offset`` of its partition ran. Sent again after a crash
+    that may have lost it; an entry's ``id`` tells the copies apart."""
+    return encode(
+        {
+            "v": SCHEMA_VERSION,
+            "type": "memory.archived",
+            "agent_id": agent_id,
+            "source_offset": source_offset,
+            "entries": entries,
+        }
+    )

@@ -6,6 +6,15 @@ inline with no asyncio task; one that returns an awaitable gets a window of conc
 attempts. Each outcome changes the task row, the agent's counters, its memory and its
 partition's stats row, unless a crash replay finds that row already has the event
 (see :mod:`streams.state`).
+
+Memory entries that leave working memory go to the memory-archive topic (and on to the
+history in PostgreSQL), one record per agent per batch. Until the broker has that record,
+the memory row keeps them too (``"leaving"``: ``[offset, entries]`` groups): a crash
+after the row's changelog is written but before the record is loses the record, and the
+replay, which finds the row already past its events, sends the groups again. Under
+at-least-once the records go only once the row's changelog is on the broker
+(:class:`streams.tables.DirectSender`), so an entry is never archived from a version of
+the row that a crash undid.
 """
 
 from __future__ import annotations
@@ -119,6 +128,7 @@ class _AgentRun:
     """One agent's part of a batch: its rows and how far its earlier events got."""
 
     __slots__ = (
+        "acknowledged",
         "agent",
         "agent_base",
         "agent_id",
@@ -126,10 +136,12 @@ class _AgentRun:
         "events",
         "in_flight",
         "key",
+        "left",
         "memory",
         "memory_base",
         "memory_table",
         "partition",
+        "resent",
         "stored",
     )
 
@@ -140,6 +152,7 @@ class _AgentRun:
         agent: dict[str, Any],
         memory_table: CachedTable,
         events: Records,
+        acknowledged: int,
     ) -> None:
         self.agent_id = agent_id
         self.key = agent_id.encode()
@@ -155,6 +168,12 @@ class _AgentRun:
         self.memory: dict[str, Any] | None = None
         self.events = events
         self.in_flight = 0
+        #: The partition's next offset whose batches are all on the broker (-1: not known).
+        self.acknowledged = acknowledged
+        #: Entries that left working memory in this run, oldest first (None: none).
+        self.left: list[dict[str, Any]] | None = None
+        #: Whether this run sent the stored row's leaving entries again (a replay).
+        self.resent = False
 
     def emit(self, event: bytes) -> None:
         """Queue a lifecycle event of this agent for the events topic (sent with the next flush)."""
@@ -181,8 +200,19 @@ class _AgentRun:
             if row is None:
                 row = state.new_memory()
                 self.memory_table.put(self.agent_id, row, self.partition)
+            leaving = row.get("leaving")
+            if leaving:
+                # Groups whose batches are on the broker have their archive record there too.
+                row["leaving"] = [group for group in leaving if group[0] >= self.acknowledged]
             self.memory = row
         return self.memory
+
+    def archive(self, entries: list[dict[str, Any]]) -> None:
+        """Entries that left the memory this run writes (sent when the run settles)."""
+        if self.left is None:
+            self.left = list(entries)
+        else:
+            self.left.extend(entries)
 
 
 class AgentRunner:
@@ -205,6 +235,9 @@ class AgentRunner:
         self.tasks_topic = settings.topic("tasks")
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
+        self.archive_topic = settings.topic("memory-archive")
+        #: Per input partition, the next offset whose batches are all on the broker.
+        self.acknowledged: dict[int, int] = {}
         self._max_concurrent = settings.max_concurrent_tasks
         self._memory_budget = settings.working_memory_tokens
         self._handlers: dict[tuple[str, str], Handler | UnknownHandler] = {}
@@ -220,7 +253,14 @@ class AgentRunner:
         if agent is None:
             agent = state.new_agent(agent_id, items[0].event.agent_type, now, self._max_concurrent)
             self.agents.put(agent_id, agent, partition)
-        run = _AgentRun(agent_id, partition, agent, self.memory, self.writer.outbox(self.events_topic, partition))
+        run = _AgentRun(
+            agent_id,
+            partition,
+            agent,
+            self.memory,
+            self.writer.outbox(self.events_topic, partition),
+            self.acknowledged.get(partition, -1),
+        )
         stats_base = self.stats.base[partition]
         if len(items) > 1:
             items = self._first_copies(items, run, stats_base)
@@ -271,8 +311,19 @@ class AgentRunner:
         item.apply_task = task is None or task["status"] not in state.TERMINAL_TASK_STATUSES
         item.apply_agent = offset > run.agent_base
         item.apply_memory = offset > run.memory_base
+        if not item.apply_memory and not run.resent:
+            self._resend_leaving(run)
         item.apply_stats = offset > stats_base
         return item.apply_task or item.apply_agent or item.apply_memory or item.apply_stats
+
+    def _resend_leaving(self, run: _AgentRun) -> None:
+        """A replay of events the memory row already has: its archive records may be lost."""
+        run.resent = True
+        stored = run.read_memory()
+        for offset, entries in stored.get("leaving", ()) if stored is not None else ():
+            self.writer.emit(
+                self.archive_topic, run.partition, run.key, wire.memory_archived(run.agent_id, offset, entries)
+            )
 
     def _wake(self, run: _AgentRun, item: Item, now: int) -> None:
         run.agent["status"] = "idle"
@@ -487,8 +538,15 @@ class AgentRunner:
         agent["status"] = "idle"
         if last_offset > agent["o"]:
             agent["o"] = last_offset
-        if run.memory is not None and last_offset > run.memory["o"]:
-            run.memory["o"] = last_offset
+        memory = run.memory
+        if memory is not None:
+            if last_offset > memory["o"]:
+                memory["o"] = last_offset
+            left = run.left
+            if left is not None:
+                memory["leaving"] = [*memory.get("leaving", ()), [last_offset, left]]
+                value = wire.memory_archived(run.agent_id, last_offset, left)
+                self.writer.emit(self.archive_topic, run.partition, run.key, value)
         run.in_flight = 0
 
 

@@ -156,7 +156,9 @@ class Pipeline(Service):
                 client_id=f"{self.settings.app_id}-tables",
             )
             await self.producer.start()
-            sender = DirectSender(VerifiedProducer(self.producer))
+            sender = DirectSender(
+                VerifiedProducer(self.producer), last=frozenset({self.settings.topic("memory-archive")})
+            )
             on_processed = consumer.mark_processed
         cached = {name: CachedTable(name, table) for name, table in self.tables.all().items()}
         partitions = self.settings.partitions
@@ -179,7 +181,7 @@ class Pipeline(Service):
         # create it without compaction.
         for table in self.tables.all().values():
             await table.changelog_topic.maybe_declare()
-        for name in ("tasks", "events", "deadletter"):
+        for name in ("tasks", "events", "deadletter", "memory-archive"):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()
         ingress = IngressProducer(self.settings)

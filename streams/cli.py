@@ -469,7 +469,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise SystemExit(f"blackroad: cannot read the history database at {settings.postgres_url}: {exc}") from None
     if report.history_behind:
         print(
-            f"the history sink is still {report.history_behind} changelog records behind after {args.wait:g} s:"
+            f"the history sink is still {report.history_behind} records behind after {args.wait:g} s:"
             " rows it has not copied yet show as differences"
         )
     shown = report.differences[: args.show]
@@ -477,7 +477,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"  {line}")
     if len(report.differences) > len(shown):
         print(f"  ... and {len(report.differences) - len(shown)} more")
-    checked = f"{report.tasks} task rows and {report.agents} agent rows"
+    checked = (
+        f"{report.tasks} task rows, {report.agents} agent rows and {report.memory_chains} agents' memory chains"
+        f" ({report.memory_entries} entries)"
+    )
     if report.differences:
         print(f"{len(report.differences)} difference(s) between PostgreSQL and the tables ({checked} compared)")
         return 1

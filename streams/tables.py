@@ -346,14 +346,25 @@ class DirectSender:
     #: Whether a flush carries the input offsets (it does not: the consumer commits them).
     takes_offsets = False
 
-    def __init__(self, producer: Any) -> None:
+    def __init__(self, producer: Any, last: frozenset[str] = frozenset()) -> None:
         self._producer = producer
+        #: Topics whose records of a flush go once the broker has the rest of it: a record
+        #: there must never outlive, through a crash, the row versions it comes from.
+        self._last = last
 
     async def send(self, outgoing: Outgoing, offsets: dict[Any, int]) -> list[asyncio.Future[Any]]:
         """Hand every record to the producer; return the futures of their acknowledgements."""
         futures: list[asyncio.Future[Any]] = []
+        held: list[tuple[str, int, Records]] = []
         for (topic, partition, _source), records in outgoing.items():
-            futures.extend(await send_bulk(self._producer, topic, partition, records))
+            if topic in self._last:
+                held.append((topic, partition, records))
+            else:
+                futures.extend(await send_bulk(self._producer, topic, partition, records))
+        if held:
+            await asyncio.gather(*futures)
+            for topic, partition, records in held:
+                futures.extend(await send_bulk(self._producer, topic, partition, records))
         return futures
 
 

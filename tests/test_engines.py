@@ -60,7 +60,7 @@ def test_changelog_topics_are_compacted_on_the_broker(deployment: Deployment) ->
     deployment.worker().start().wait_ready()
     app_id = deployment.env["BLACKROAD_APP_ID"]
     changelogs = [f"{app_id}-{table}-changelog" for table in ("agents", "tasks", "memory", "stats")]
-    others = [deployment.topic(name) for name in ("tasks", "events", "deadletter")]
+    others = [deployment.topic(name) for name in ("tasks", "events", "deadletter", "memory-archive")]
 
     async def configs() -> dict[str, dict[str, str]]:
         admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)

@@ -79,7 +79,8 @@ def verify(deployment: Deployment) -> subprocess.CompletedProcess[str]:
 
 
 def _history_matches(deployment: Deployment, dsn: str, load: SteadyLoad, urls: list[str]) -> list[str]:
-    """Every task sent is in the history once, finished; every agent's counts equal the live table's."""
+    """Every task sent is in the history once, finished; every agent's counts equal the live table's; every
+    memory entry that left working memory is in it once; and `blackroad verify` finds no difference."""
     sent = {task_id for agent in load.sent.values() for task_id in agent.tasks}
 
     def all_in() -> bool:
@@ -92,6 +93,11 @@ def _history_matches(deployment: Deployment, dsn: str, load: SteadyLoad, urls: l
     if verified.returncode != 0 or "no differences" not in verified.stdout:
         output = verified.stdout[-3000:] + verified.stderr[-3000:]
         problems.append(f"blackroad verify: exit {verified.returncode}: {output}")
+    # Each note is 6 tokens: the 16-token working memory keeps an agent's last 2, the rest left it.
+    left = sum(max(0, len(agent.notes) - 2) for agent in load.sent.values())
+    archived = fetch(dsn, "SELECT count(*) AS n, count(DISTINCT hash) AS hashes FROM memory_entries")[0]
+    if (archived["n"], archived["hashes"]) != (left, left) or not left:
+        problems.append(f"{left} memory entries left working memory; PostgreSQL has {tuple(archived.values())}")
     rows = fetch(dsn, "SELECT id, status, agent_id FROM tasks")
     stored = {r["id"]: r for r in rows}
     if len(rows) != len(stored):
@@ -122,7 +128,7 @@ def _run(
 ) -> tuple[SteadyLoad, list[str]]:
     """A steady load through two worker processes and a sink; with ``kills``, that many SIGKILLs
     of a worker process and as many of the sink (each restarted); ``outage`` runs mid-load."""
-    deployment.env.update(BLACKROAD_HISTORY="on", BLACKROAD_POSTGRES_DSN=dsn)
+    deployment.env.update(BLACKROAD_HISTORY="on", BLACKROAD_POSTGRES_DSN=dsn, BLACKROAD_WORKING_MEMORY_TOKENS="16")
     supervisor = deployment.worker(processes=2).start()
     sink = deployment.history_sink().start()
     ports = [supervisor.port, supervisor.port + 1]
@@ -313,10 +319,23 @@ def test_the_history_views_queries_run_on_the_indexes(history_dsn: str) -> None:
                 # Mostly completed, as a history is: a status filter is worth an index for the rest.
                 status = "failed" if i % 50 == 0 else "queued" if i % 50 == 1 else "completed"
                 row = {
-                    "o": i, "id": f"task_x{i:08d}", "agent_id": f"agent_x_{i % 200:03d}", "title": "t",
-                    "description": "", "kind": "inference", "priority": "normal", "payload": {}, "status": status,
-                    "result": None, "error": None, "attempts": 1, "created_at": 1_700_000_000_000 + i * 10_000,
-                    "started_at": None, "completed_at": None, "deadline": None, "metadata": {},
+                    "o": i,
+                    "id": f"task_x{i:08d}",
+                    "agent_id": f"agent_x_{i % 200:03d}",
+                    "title": "t",
+                    "description": "",
+                    "kind": "inference",
+                    "priority": "normal",
+                    "payload": {},
+                    "status": status,
+                    "result": None,
+                    "error": None,
+                    "attempts": 1,
+                    "created_at": 1_700_000_000_000 + i * 10_000,
+                    "started_at": None,
+                    "completed_at": None,
+                    "deadline": None,
+                    "metadata": {},
                 }
                 batch.add_task(row, i % 4)
             await store.write(conn, batch)
@@ -364,16 +383,38 @@ def test_a_batch_that_fails_leaves_none_of_its_parts_running_behind_it(history_d
 
     def task_row(i: int, created_at: int) -> dict[str, Any]:
         return {
-            "o": i, "id": f"task_y{i:08d}", "agent_id": "agent_y_001", "title": "t", "description": "",
-            "kind": "inference", "priority": "normal", "payload": {}, "status": "completed", "result": None,
-            "error": None, "attempts": 1, "created_at": created_at, "started_at": None, "completed_at": None,
-            "deadline": None, "metadata": {},
+            "o": i,
+            "id": f"task_y{i:08d}",
+            "agent_id": "agent_y_001",
+            "title": "t",
+            "description": "",
+            "kind": "inference",
+            "priority": "normal",
+            "payload": {},
+            "status": "completed",
+            "result": None,
+            "error": None,
+            "attempts": 1,
+            "created_at": created_at,
+            "started_at": None,
+            "completed_at": None,
+            "deadline": None,
+            "metadata": {},
         }
 
     agent = {
-        "o": 1, "id": "agent_y_001", "name": "y", "type": "worker", "status": "idle", "config": {},
-        "tasks_completed": 0, "tasks_failed": 0, "avg_response_ms": 0.0, "last_activity": None,
-        "created_at": 1_700_000_000_000, "updated_at": 1_700_000_000_000,
+        "o": 1,
+        "id": "agent_y_001",
+        "name": "y",
+        "type": "worker",
+        "status": "idle",
+        "config": {},
+        "tasks_completed": 0,
+        "tasks_failed": 0,
+        "avg_response_ms": 0.0,
+        "last_activity": None,
+        "created_at": 1_700_000_000_000,
+        "updated_at": 1_700_000_000_000,
     }
 
     async def run() -> tuple[str, int, int, list[str]]:
@@ -442,17 +483,18 @@ def test_agent_snapshots_are_held_newest_only_and_written_with_their_offsets_onc
     now = [100.0]
     snapshots = AgentSnapshots(5.0, clock=lambda: now[0])
     tasks, agents = TopicPartition("tasks-changelog", 0), TopicPartition("agents-changelog", 0)
+    archive = TopicPartition("memory-archive", 0)
     assert snapshots.seconds_to_due() is None and not snapshots.due()
     first = HistoryBatch(tasks={"task_a": ("task_a",)}, agents={"agent_x": ("agent_x", 1)})
-    offsets = {tasks: 10, agents: 7}
-    snapshots.hold(first, offsets, "tasks-changelog")
-    # The task rows and their offsets go on; the agent rows and theirs wait.
-    assert first.agents == {} and offsets == {tasks: 10}
+    offsets = {tasks: 10, agents: 7, archive: 3}
+    snapshots.hold(first, offsets, "agents-changelog")
+    # The task rows, the memory entries and their offsets go on; the agent rows and theirs wait.
+    assert first.agents == {} and offsets == {tasks: 10, archive: 3}
     assert snapshots.seconds_to_due() == 5.0 and not snapshots.due()
     now[0] = 103.0
     second = HistoryBatch(agents={"agent_x": ("agent_x", 2), "agent_y": ("agent_y", 1)})
     offsets = {agents: 9}
-    snapshots.hold(second, offsets, "tasks-changelog")
+    snapshots.hold(second, offsets, "agents-changelog")
     assert offsets == {} and snapshots.seconds_to_due() == 2.0
     now[0] = 105.0
     assert snapshots.due()
@@ -481,6 +523,46 @@ def test_verify_reports_missing_older_and_differing_rows_but_not_rows_that_moved
         "task b: PostgreSQL has an older version (in_progress, source offset 5)"
         " than the table (completed, source offset 5)",
         "task d: attempts is 2 in PostgreSQL, 1 in the table",
+    ]
+
+
+def test_verify_walks_each_memory_chain_through_working_memory_and_postgresql() -> None:
+    from agents import memory
+    from streams.history.verify import compare_memory
+
+    row, left = {**memory.empty_memory(), "agent_id": "agent_x_001"}, []
+    for n in range(6):
+        memory.append(
+            row,
+            "agent_x_001",
+            f"note {n:02d} kept",
+            role="user",
+            memory_type="conversation",
+            timestamp_ms=1000 + n,
+            budget_tokens=8,
+            left=left,
+        )
+    assert len(left) == 4 and len(memory.entries(row)) == 2
+
+    def differences(archived: list[dict[str, Any]], changed: dict[str, Any] | None = None) -> list[str]:
+        found: list[str] = []
+        compare_memory({**row, **(changed or {})}, archived, found)
+        return found
+
+    assert differences(left) == []
+    assert differences(left[:1] + left[2:]) == [
+        f"memory of agent_x_001: entry 2 of 6 ({left[1]['hash'][:12]}) left working memory but is not in PostgreSQL"
+    ]
+    tampered = [*left[:3], {**left[3], "content": "rewritten"}]
+    assert differences(tampered) == [
+        f"memory of agent_x_001: entry 4 ({left[3]['hash'][:12]}) in PostgreSQL does not match its hash"
+    ]
+    stray = {**left[0], "id": "mem_stray", "hash": "f" * 64}
+    assert differences([*left, stray]) == [
+        "memory of agent_x_001: 1 entries in PostgreSQL are not on its chain, e.g. mem_stray"
+    ]
+    assert differences(left, {"written": 7}) == [
+        "memory of agent_x_001: the chain holds 6 entries, the row counts 7 written"
     ]
 
 

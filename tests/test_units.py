@@ -129,10 +129,11 @@ def test_undecodable_values() -> None:
 
 def test_working_memory_keeps_system_message_and_trims_oldest() -> None:
     mem = memory.empty_memory()
-    memory.append(
+    left: list[dict[str, Any]] = []
+    system = memory.append(
         mem, "agent_a_001", "s" * 40, role="system", memory_type="conversation", timestamp_ms=1, budget_tokens=30
     )
-    for i in range(10):
+    turns = [
         memory.append(
             mem,
             "agent_a_001",
@@ -141,7 +142,11 @@ def test_working_memory_keeps_system_message_and_trims_oldest() -> None:
             memory_type="conversation",
             timestamp_ms=2 + i,
             budget_tokens=30,
+            left=left,
         )
+        for i in range(10)
+    ]
+    assert left == turns[:5]  # what left, oldest first
     kept = memory.entries(mem)
     assert kept[0]["role"] == "system"
     assert [e["content"][:6] for e in kept[1:]] == [f"turn {i}" for i in range(5, 10)]  # 10 + 5 * 4 tokens
@@ -149,6 +154,11 @@ def test_working_memory_keeps_system_message_and_trims_oldest() -> None:
     assert mem["tokens"] == sum(e["tokens"] for e in kept)
     assert mem["written"] == 11
     assert memory.verify_chain(mem)
+    # A system message replaced leaves too.
+    memory.append(
+        mem, "agent_a_001", "s", role="system", memory_type="conversation", timestamp_ms=20, left=left, budget_tokens=30
+    )
+    assert left[-1] is system
     mem["turns"][1]["content"] = "tampered"
     assert not memory.verify_chain(mem)
 
@@ -847,3 +857,129 @@ def test_the_bench_kafka_broker_holds_a_new_groups_first_join(tmp_path: Path) ->
     assert configured["auto.create.topics.enable"] == "false"
     # The project's own embedded Kafka keeps forming a group at once.
     assert KafkaBroker(broker.port, tmp_path).configuration(broker.port + 1)["group.initial.rebalance.delay.ms"] == "0"
+
+
+def _records(events: list[wire.TaskEvent], first_offset: int) -> list[Any]:
+    return [
+        types.SimpleNamespace(
+            topic="tasks",
+            partition=0,
+            offset=first_offset + i,
+            timestamp=e.created_ms,
+            key=e.agent_id.encode(),
+            value=wire.encode_task(e),
+        )
+        for i, e in enumerate(events)
+    ]
+
+
+class _Worker:
+    """A batch processor over fresh table stores, one partition, sending to a :class:`_Producer`."""
+
+    def __init__(self, settings: Settings, memory_row: dict[str, Any] | None = None) -> None:
+        self.producer = _Producer()
+        self.stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
+        if memory_row is not None:  # restored from its changelog
+            self.stores["memory"].rows["agent_x_001"] = memory_row
+        sender = tables.DirectSender(self.producer, last=frozenset({settings.topic("memory-archive")}))
+        self.processor = BatchProcessor(
+            settings,
+            tables.TableWriter(sender, self.stores),
+            default_registry(),
+            Metrics(),
+            wire.Partitioner(1),
+            lambda offsets: None,
+            lambda tp: None,
+            asyncio.Lock(),
+        )
+
+    async def process(self, events: list[wire.TaskEvent], first_offset: int) -> None:
+        acknowledging = asyncio.ensure_future(self.processor.acknowledge())
+        await self.processor({TP(self.processor.tasks_topic, 0): _records(events, first_offset)})
+        async with self.processor.lock:
+            await self.processor.drain()
+        acknowledging.cancel()
+
+    def sent(self, topic: str) -> list[Any]:
+        return [msgpack.unpackb(value) for sent_to, _, _, value in self.producer.sent if sent_to == topic]
+
+
+def test_entries_leaving_working_memory_are_archived_once_on_the_broker_and_again_after_a_crash_lost_them() -> None:
+    from streams.history.verify import compare_memory
+
+    settings = Settings(working_memory_tokens=16)
+    archive = settings.topic("memory-archive")
+    notes = [f"note number {n:02d} of the agent" for n in range(8)]  # 8 tokens each: 2 fit
+    writes = [task("agent_x_001", "memory_operation", {"op": "write", "content": note}) for note in notes]
+
+    async def scenario() -> None:
+        worker = _Worker(settings)
+        await worker.process(writes[:6], 0)
+        # The 4 entries that left went out after the row's changelog, in one record for the batch.
+        topics = [topic for topic, *_ in worker.producer.sent]
+        assert topics.index(archive) > topics.index("memory-changelog")
+        [record] = worker.sent(archive)
+        assert (record["agent_id"], record["source_offset"]) == ("agent_x_001", 5)
+        assert [entry["content"] for entry in record["entries"]] == notes[:4]
+        row = worker.stores["memory"].get("agent_x_001")
+        assert [entry["content"] for entry in memory.entries(row)] == notes[4:6]
+        assert row["leaving"] == [[5, record["entries"]]]  # until the batch is known to be on the broker
+        assert worker.processor.runner.acknowledged == {0: 6}
+
+        await worker.process(writes[6:7], 6)
+        row = worker.stores["memory"].get("agent_x_001")
+        assert [(offset, [e["content"] for e in entries]) for offset, entries in row["leaving"]] == [(6, notes[4:5])]
+        changelog = [value for topic, _, _, value in worker.producer.sent if topic == "memory-changelog"]
+
+        # A crash after the last row version reached its changelog, before its archive record
+        # did: a new worker restores that version, and the replay of offset 6 sends it again.
+        restored = msgpack.unpackb(changelog[-1])
+        again = _Worker(settings, memory_row=restored)
+        await again.process(writes[6:7], 6)
+        assert again.sent(archive) == worker.sent(archive)[1:]
+        assert again.stores["memory"].get("agent_x_001") == restored  # nothing written twice
+        # Every entry is on the chain: in the archive or in working memory.
+        archived = [entry for record in worker.sent(archive) for entry in record["entries"]]
+        differences: list[str] = []
+        assert compare_memory({**restored, "agent_id": "agent_x_001"}, archived, differences) == 7
+        assert differences == []
+
+    asyncio.run(scenario())
+
+
+def test_records_of_a_topic_sent_last_wait_for_the_rest_of_their_flush() -> None:
+    class Held(_Producer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.acks: list[asyncio.Future[None]] = []
+
+        async def send_batch(self, batch: Any, topic: str, partition: int) -> asyncio.Future[None]:
+            await super().send_batch(batch, topic, partition)
+            self.acks.append(asyncio.get_running_loop().create_future())
+            return self.acks[-1]
+
+    async def run() -> list[list[str]]:
+        producer = Held()
+        table = _cached_table("memory")
+        writer = tables.TableWriter(tables.DirectSender(producer, last=frozenset({"archive"})), {"memory": table})
+        table.put("agent_x_001", state.new_memory(), 0)
+        writer.emit("archive", 0, b"agent_x_001", b"left")
+        writer.emit("events", 0, b"agent_x_001", b"event")
+        writer.end_batch()
+        await writer.flush()
+        seen = []
+        for _ in range(3):
+            await asyncio.sleep(0)
+        seen.append([topic for topic, *_ in producer.sent])
+        for ack in producer.acks:
+            ack.set_result(None)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        seen.append([topic for topic, *_ in producer.sent])
+        producer.acks[-1].set_result(None)
+        await writer.sent()
+        return seen
+
+    before, after = asyncio.run(run())
+    assert sorted(before) == ["events", "memory-changelog"]
+    assert after == [*before, "archive"]

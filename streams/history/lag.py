@@ -1,4 +1,4 @@
-"""How far the history sink is behind: the changelogs' ends less the sink group's committed offsets.
+"""How far the history sink is behind: its topics' ends less the sink group's committed offsets.
 
 Read from the broker, so every worker answers the same (``GET /v1/stats``, ``/metrics``),
 whichever sink processes run and wherever.
@@ -16,6 +16,16 @@ SUNK_TABLES = ("tasks", "agents")
 
 def changelog_topic(settings: Settings, table: str) -> str:
     return f"{settings.app_id}-{table}-changelog"
+
+
+def archive_topic(settings: Settings) -> str:
+    """Where the workers send memory entries that left working memory (see :mod:`streams.agent_runner`)."""
+    return settings.topic("memory-archive")
+
+
+def sunk_topics(settings: Settings) -> tuple[str, ...]:
+    """Every topic the sink copies: the changelogs of :data:`SUNK_TABLES` and the memory archive."""
+    return (*(changelog_topic(settings, table) for table in SUNK_TABLES), archive_topic(settings))
 
 
 def history_group(settings: Settings) -> str:
@@ -37,11 +47,9 @@ def lag_reader(settings: Settings) -> AIOKafkaConsumer:
 
 
 async def history_lag(settings: Settings, reader: AIOKafkaConsumer) -> int:
-    """Changelog records not yet in PostgreSQL (a partition the sink never committed counts whole)."""
+    """Records of the sunk topics not yet in PostgreSQL (a partition the sink never committed counts whole)."""
     tps = [
-        TopicPartition(changelog_topic(settings, table), partition)
-        for table in SUNK_TABLES
-        for partition in range(settings.partitions)
+        TopicPartition(topic, partition) for topic in sunk_topics(settings) for partition in range(settings.partitions)
     ]
     if reader.assignment() != set(tps):
         reader.assign(tps)

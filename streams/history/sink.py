@@ -1,9 +1,9 @@
-"""The sink stage: the tasks and agents changelogs, copied into PostgreSQL.
+"""The sink stage: the tasks and agents changelogs and the memory archive, copied into PostgreSQL.
 
 The sink is a process of its own (``blackroad history``; ``blackroad up`` starts one), a
-consumer of its own group (``<app id>-history``) on the tasks and agents changelogs,
-read ``read_committed`` where flushes are transactions: each committed version of a row
-reaches it once, in order per partition. Beside the workers it has a core to itself on a
+consumer of its own group (``<app id>-history``) on the tasks and agents changelogs and
+the memory-archive topic, read ``read_committed`` where flushes are transactions: each
+committed version of a row reaches it once, in order per partition. Beside the workers it has a core to itself on a
 small machine, and PostgreSQL being slow or gone never holds a worker's event loop.
 Several sink processes (on several machines) share the changelogs' partitions.
 
@@ -11,7 +11,7 @@ A fetch becomes one :class:`~streams.history.store.HistoryBatch` (the newest ver
 each row in it), written in one PostgreSQL transaction; only then are the fetch's
 offsets committed to Kafka. A crash in between re-reads the fetch, and the merge, which
 keeps the newer version of each row only, makes the second write a no-op: each task is
-in the database once, at its latest state. Tombstones (a finished task leaving the live
+in the database once, at its latest state; a memory entry is inserted once. Tombstones (a finished task leaving the live
 table after its retention) are not deletions of history and are skipped.
 
 When PostgreSQL is slow or down, the write is retried through a circuit breaker and the
@@ -36,7 +36,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from streams.history import schema, store
 from streams.history.circuit import CircuitBreaker
-from streams.history.lag import SUNK_TABLES, changelog_topic, history_group
+from streams.history.lag import archive_topic, changelog_topic, history_group, sunk_topics
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,19 @@ async def open_pool(settings: Settings) -> asyncpg.Pool:
     return pool
 
 
-def collect(records: dict[TopicPartition, list[Any]], tasks_topic: str, batch: store.HistoryBatch) -> None:
-    """Add one fetch of the changelogs to ``batch``: the last version of each key in the fetch
-    (earlier ones are not even decoded: an agent's row is written at every flush), tombstones skipped."""
+def collect(
+    records: dict[TopicPartition, list[Any]], tasks_topic: str, archive: str, batch: store.HistoryBatch
+) -> None:
+    """Add one fetch to ``batch``: from a changelog the last version of each key in the fetch
+    (earlier ones are not even decoded: an agent's row is written at every flush), tombstones
+    skipped; from the memory archive (``archive``) every entry."""
     unpack = msgpack.unpackb
     for tp, partition_records in records.items():
         partition = tp.partition
+        if tp.topic == archive:
+            for record in partition_records:
+                batch.add_memory(unpack(record.value, raw=False), partition)
+            continue
         add = batch.add_task_values if tp.topic == tasks_topic else batch.add_agent
         seen: set[bytes] = set()
         for record in reversed(partition_records):
@@ -121,11 +128,11 @@ class AgentSnapshots:
         self._clock = clock
         self._last_written = clock()
 
-    def hold(self, batch: store.HistoryBatch, offsets: dict[TopicPartition, int], tasks_topic: str) -> None:
-        """Take ``batch``'s agent rows and their changelogs' offsets out of it and ``offsets``."""
+    def hold(self, batch: store.HistoryBatch, offsets: dict[TopicPartition, int], agents_topic: str) -> None:
+        """Take ``batch``'s agent rows and their changelog's offsets out of it and ``offsets``."""
         self.rows.update(batch.agents)
         batch.agents = {}
-        for tp in [tp for tp in offsets if tp.topic != tasks_topic]:
+        for tp in [tp for tp in offsets if tp.topic == agents_topic]:
             self.offsets[tp] = offsets.pop(tp)
 
     def due(self) -> bool:
@@ -153,7 +160,9 @@ class HistorySink:
         self.breaker = CircuitBreaker()
         self.pool: asyncpg.Pool | None = None
         self._tasks_topic = changelog_topic(settings, "tasks")
-        self._topics = tuple(changelog_topic(settings, table) for table in SUNK_TABLES)
+        self._agents_topic = changelog_topic(settings, "agents")
+        self._archive_topic = archive_topic(settings)
+        self._topics = sunk_topics(settings)
         #: Agent rows held back between writes (see :class:`AgentSnapshots`).
         self.snapshots = AgentSnapshots(settings.history_agent_interval)
         #: Row versions written so far.
@@ -193,7 +202,7 @@ class HistorySink:
             while not stop.is_set() and not writer.done():
                 records = await consumer.getmany(timeout_ms=100 if len(gathering) else 200, max_records=limit)
                 if records:
-                    collect(records, self._tasks_topic, gathering)
+                    collect(records, self._tasks_topic, self._archive_topic, gathering)
                     offsets.update(await _positions(consumer, records))
                 if offsets and (written.empty() or len(gathering) >= limit):
                     await _put_unless_done(written, (gathering, offsets), writer)
@@ -253,7 +262,7 @@ class HistorySink:
         written: asyncio.Queue[tuple[store.HistoryBatch, dict[TopicPartition, int]]],
         stop: asyncio.Event,
     ) -> None:
-        """Write each batch's task rows, then commit their offsets, in fetch order. Agent rows
+        """Write each batch's task rows and memory entries, then commit their offsets, in fetch order. Agent rows
         wait in ``snapshots`` (the newest per agent) and go with the first batch at least
         ``BLACKROAD_HISTORY_AGENT_INTERVAL`` after the last went, or alone once that time is up;
         their offsets are committed once they are in."""
@@ -263,7 +272,7 @@ class HistorySink:
                 batch, offsets = await asyncio.wait_for(written.get(), snapshots.seconds_to_due())
             except TimeoutError:
                 batch, offsets = store.HistoryBatch(), {}
-            snapshots.hold(batch, offsets, self._tasks_topic)
+            snapshots.hold(batch, offsets, self._agents_topic)
             if snapshots.due():
                 snapshots.release_into(batch, offsets)
             if len(batch) and not await self._write(batch, stop):

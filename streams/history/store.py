@@ -1,10 +1,10 @@
 """Writes into the history database: a batch of rows in one transaction, by COPY and one upsert.
 
 A batch's rows are copied (binary COPY) into temporary staging tables, then merged into
-the history tables with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` per table.
-The merge keeps the newer version of each row only (:data:`TASK_NEWER`,
-:data:`AGENT_NEWER`), so a batch written twice, or an older copy of a row arriving
-late, changes nothing. ``benchmarks/history_write.py`` measures this against
+the history tables with one ``INSERT ... SELECT ... ON CONFLICT`` per table. The merge
+keeps the newer version of each row only (:data:`TASK_NEWER`, :data:`AGENT_NEWER`), and
+a memory entry, which never changes, is inserted once, so a batch written twice, or an
+older copy of a row arriving late, changes nothing. ``benchmarks/history_write.py`` measures this against
 ``executemany`` of a prepared upsert.
 """
 
@@ -37,6 +37,10 @@ CREATE TEMPORARY TABLE IF NOT EXISTS incoming_agents (
     last_activity bigint, created_at bigint, updated_at bigint,
     source_partition integer, source_offset bigint
 ) ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS incoming_memory (
+    id text, agent_id text, key text, role text, content text, memory_type text, tokens integer,
+    hash text, prev_hash text, created_at bigint, source_partition integer, source_offset bigint
+) ON COMMIT DELETE ROWS;
 """
 
 #: A task's columns: its changelog fields but ``"o"`` (``source_offset``), then where it came from.
@@ -58,7 +62,21 @@ AGENT_COLUMNS = (
     "source_partition",
     "source_offset",
 )
-#: Task rows below which a batch is written on one connection (splitting costs round trips).
+MEMORY_COLUMNS = (
+    "id",
+    "agent_id",
+    "key",
+    "role",
+    "content",
+    "memory_type",
+    "tokens",
+    "hash",
+    "prev_hash",
+    "created_at",
+    "source_partition",
+    "source_offset",
+)
+#: Rows of a kind below which they are written on one connection (splitting costs round trips).
 _SPLIT_AT = 2000
 
 #: How far a task has got: versions of a task row with the same source offset (its
@@ -99,6 +117,16 @@ ON CONFLICT (id) DO UPDATE SET
 WHERE {AGENT_NEWER}
 """  # noqa: S608 - the module's own column names, no input
 
+
+_INSERT_MEMORY = f"""
+INSERT INTO memory_entries ({", ".join(MEMORY_COLUMNS)})
+SELECT id, agent_id, key, role, content, memory_type, tokens, hash, prev_hash, {_ms("created_at")},
+       source_partition, source_offset
+FROM incoming_memory
+ON CONFLICT (id) DO NOTHING
+"""  # noqa: S608 - the module's own column names, no input
+
+
 def json_text(value: Any) -> str | None:
     """A JSON column's value as text (None stays NULL)."""
     return None if value is None else orjson.dumps(value).decode()
@@ -110,9 +138,10 @@ class HistoryBatch:
 
     tasks: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     agents: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    memory: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.tasks) + len(self.agents)
+        return len(self.tasks) + len(self.agents) + len(self.memory)
 
     def add_task(self, row: dict[str, Any], partition: int) -> None:
         """A task row (as the tasks table holds it) from ``partition``; a later version replaces an earlier."""
@@ -182,6 +211,25 @@ class HistoryBatch:
             row["o"],
         )
 
+    def add_memory(self, archived: dict[str, Any], partition: int) -> None:
+        """The entries of a memory-archive record (:func:`schemas.wire.memory_archived`) from ``partition``."""
+        offset = archived["source_offset"]
+        for entry in archived["entries"]:
+            self.memory[entry["id"]] = (
+                entry["id"],
+                entry["agent_id"],
+                entry["key"],
+                entry["role"],
+                entry["content"],
+                entry["memory_type"],
+                entry["tokens"],
+                entry["hash"],
+                entry["prev_hash"],
+                entry["created_at"],
+                partition,
+                offset,
+            )
+
 
 async def prepare(conn: Any) -> None:
     """Per connection: the staging tables (asyncpg's ``init`` hook of the pool)."""
@@ -193,18 +241,17 @@ async def write(conn: Any, batch: HistoryBatch) -> None:
     async with conn.transaction():
         await _copy_and_merge(conn, "incoming_tasks", TASK_COLUMNS, batch.tasks.values(), _MERGE_TASKS)
         await _copy_and_merge(conn, "incoming_agents", AGENT_COLUMNS, batch.agents.values(), _MERGE_AGENTS)
+        await _copy_and_merge(conn, "incoming_memory", MEMORY_COLUMNS, batch.memory.values(), _INSERT_MEMORY)
 
 
 async def write_concurrently(pool: Any, batch: HistoryBatch, connections: int) -> None:
     """Write ``batch`` over up to ``connections`` pooled connections at once (the server merges
-    on as many cores): the agent rows on one, the task rows split over the others. Each part
-    is its own transaction; all are in when this returns (a failure raises, and writing the
-    whole batch again is a no-op for the parts already in)."""
+    on as many cores): the agent rows on one, the task rows and the memory entries each split
+    over the others. Each part is its own transaction; all are in when this returns (a failure
+    raises, and writing the whole batch again is a no-op for the parts already in)."""
     parts = [HistoryBatch(agents=batch.agents)]
-    task_rows = list(batch.tasks.items())
-    chunks = max(1, connections - 1) if len(task_rows) >= _SPLIT_AT else 1
-    size = max(1, -(-len(task_rows) // chunks))
-    parts += [HistoryBatch(tasks=dict(task_rows[i : i + size])) for i in range(0, len(task_rows), size)]
+    parts += [HistoryBatch(tasks=rows) for rows in _split(batch.tasks, connections - 1)]
+    parts += [HistoryBatch(memory=rows) for rows in _split(batch.memory, connections - 1)]
 
     async def write_part(part: HistoryBatch) -> None:
         async with pool.acquire() as conn:
@@ -222,6 +269,14 @@ async def write_concurrently(pool: Any, batch: HistoryBatch, connections: int) -
                 raise
 
     await _all_or_none_running([write_part(part) for part in parts if len(part)])
+
+
+def _split(rows: dict[str, tuple[Any, ...]], ways: int) -> list[dict[str, tuple[Any, ...]]]:
+    """``rows`` in up to ``ways`` parts of about the same size (one part below :data:`_SPLIT_AT`)."""
+    items = list(rows.items())
+    chunks = max(1, ways) if len(items) >= _SPLIT_AT else 1
+    size = max(1, -(-len(items) // chunks))
+    return [dict(items[i : i + size]) for i in range(0, len(items), size)]
 
 
 async def _all_or_none_running(steps: list[Coroutine[Any, Any, None]]) -> None:

@@ -11,7 +11,11 @@ each row with PostgreSQL's:
   when the agent changed) is a difference; one it holds at a newer version moved on while
   the check ran, and is not;
 - at the same version the fields that matter must be equal: a task's status, attempts,
-  result and error; an agent's status and counts.
+  result and error; an agent's status and counts;
+- each agent's memory chain, from its working memory's head back to ``GENESIS``, must be
+  whole: every entry no longer in working memory is in PostgreSQL, every entry's hash
+  matches its content, the chain is as long as the row counts entries written, and
+  PostgreSQL holds no entry of the agent off that chain.
 
 Rows that PostgreSQL holds and the changelogs no longer do (compacted away long after their
 tombstone) are history, not differences.
@@ -30,7 +34,8 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.history.lag import SUNK_TABLES, changelog_topic, lag_reader
+from agents.memory import GENESIS, chain_hash, entries
+from streams.history.lag import SUNK_TABLES, archive_topic, changelog_topic, lag_reader
 from streams.settings import Settings
 from streams.state import task_from_values
 
@@ -45,6 +50,9 @@ class Report:
 
     tasks: int = 0
     agents: int = 0
+    #: Agents whose memory chain was checked, and the entries on those chains.
+    memory_chains: int = 0
+    memory_entries: int = 0
     history_behind: int = 0
     differences: list[str] = field(default_factory=list)
 
@@ -77,7 +85,7 @@ async def read_changelog(
                 for record in records:
                     if record.offset >= ends[tp] or record.value is None:
                         continue
-                    row = _decode(table, record.value)
+                    row = _decode(table, record.key, record.value)
                     seen = newest.get(record.key)
                     if seen is None or version(row) >= seen[0]:
                         newest[record.key] = (version(row), row)
@@ -89,21 +97,30 @@ async def read_changelog(
         await consumer.stop()
 
 
-def _decode(table: str, value: bytes) -> dict[str, Any]:
+def _decode(table: str, key: bytes, value: bytes) -> dict[str, Any]:
     decoded = msgpack.unpackb(value, raw=False, strict_map_key=False)
     if table == "tasks":
         return task_from_values(decoded)
     row = dict(decoded)
-    row.setdefault("tasks_dead", 0)  # rows written before the field existed
+    if table == "agents":
+        row.setdefault("tasks_dead", 0)  # rows written before the field existed
+    else:  # a memory row, keyed by its agent
+        row["agent_id"] = key.decode()
     return row
 
 
-async def wait_for_sink(settings: Settings, ends: dict[TopicPartition, int], timeout: float) -> int:
-    """Wait up to ``timeout`` s for the sink group's committed offsets to reach ``ends``; the
-    records still behind then (0: the sink has copied everything the check reads)."""
+async def wait_for_sink(
+    settings: Settings, ends: dict[TopicPartition, int], timeout: float, and_topic: str | None = None
+) -> int:
+    """Wait up to ``timeout`` s for the sink group's committed offsets to reach ``ends`` (and
+    ``and_topic``'s ends as they are now); the records still behind then (0: the sink has
+    copied everything the check reads)."""
     reader = lag_reader(settings)
     await reader.start()
     try:
+        if and_topic is not None:
+            more = [TopicPartition(and_topic, partition) for partition in range(settings.partitions)]
+            ends = {**ends, **await reader.end_offsets(more)}
         reader.assign(list(ends))
         deadline = time.monotonic() + timeout
         while True:
@@ -157,6 +174,39 @@ def compare_agents(tables: Iterable[dict[str, Any]], stored: dict[str, Any], dif
     compare("agent", tables, stored, agent_version, fields, _describe_agent, differences)
 
 
+def compare_memory(memory: dict[str, Any], archived: list[dict[str, Any]], differences: list[str]) -> int:
+    """One agent's memory chain (its working memory row, and ``archived``: PostgreSQL's entries
+    of the agent) walked from the head back to ``GENESIS``; returns the entries walked."""
+    what = f"memory of {memory['agent_id']}"
+    written: int = memory["written"]
+    held = {entry["hash"]: entry for entry in entries(memory)}
+    stored = {entry["hash"]: entry for entry in archived}
+    on_chain: set[str] = set()
+    digest: str = memory["head"]
+    while digest != GENESIS:
+        number = written - len(on_chain)  # 1: the first entry written
+        entry = held.get(digest) or stored.get(digest)
+        if entry is None:
+            differences.append(
+                f"{what}: entry {number} of {written} ({digest[:12]}) left working memory but is not in PostgreSQL"
+            )
+            return len(on_chain)
+        if digest in on_chain or number < 1:
+            differences.append(f"{what}: the chain is longer than the {written} entries written")
+            return len(on_chain)
+        if chain_hash(entry["content"], entry["created_at"], entry["prev_hash"]) != digest:
+            where = "working memory" if digest in held else "PostgreSQL"
+            differences.append(f"{what}: entry {number} ({digest[:12]}) in {where} does not match its hash")
+        on_chain.add(digest)
+        digest = entry["prev_hash"]
+    if len(on_chain) != written:
+        differences.append(f"{what}: the chain holds {len(on_chain)} entries, the row counts {written} written")
+    off_chain = sorted(entry["id"] for digest, entry in stored.items() if digest not in on_chain)
+    if off_chain:
+        differences.append(f"{what}: {len(off_chain)} entries in PostgreSQL are not on its chain, e.g. {off_chain[0]}")
+    return len(on_chain)
+
+
 def _describe_task(row: dict[str, Any]) -> str:
     return f"{row['status']}, source offset {row['o']}"
 
@@ -178,6 +228,19 @@ async def _stored(conn: Any, query: str, ids: list[str]) -> dict[str, dict[str, 
     return stored
 
 
+async def _archived(conn: Any, agent_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """PostgreSQL's memory entries of ``agent_ids``, by agent (times back in ms, as hashed)."""
+    by_agent: dict[str, list[dict[str, Any]]] = {agent_id: [] for agent_id in agent_ids}
+    for start in range(0, len(agent_ids), _CHUNK):
+        for record in await conn.fetch(_MEMORY, agent_ids[start : start + _CHUNK]):
+            by_agent[record["agent_id"]].append(dict(record))
+    return by_agent
+
+
+_MEMORY = (
+    "SELECT agent_id, id, hash, prev_hash, content, round(extract(epoch FROM created_at) * 1000)::bigint AS created_at"
+    " FROM memory_entries WHERE agent_id = ANY($1)"
+)
 _TASKS = "SELECT id, status, attempts, error, result::text AS result, source_offset FROM tasks WHERE id = ANY($1)"
 _AGENTS = (
     "SELECT id, status, tasks_completed, tasks_failed, tasks_dead, source_offset,"
@@ -190,6 +253,11 @@ def task_version(row: dict[str, Any]) -> tuple[int, int]:
     return row["o"], _STATUS_RANK.get(row["status"], 2)
 
 
+def memory_version(row: dict[str, Any]) -> int:
+    """Which of two versions of a memory row is newer: the later source event."""
+    return int(row["o"])
+
+
 def agent_version(row: dict[str, Any]) -> tuple[int, int]:
     """Which of two versions of an agent row is newer: the later source event, then the later change."""
     return row["o"], row["updated_at"]
@@ -200,18 +268,26 @@ async def verify(settings: Settings, wait: float, progress: Callable[[str], None
     report = Report()
     rows: dict[str, list[dict[str, Any]]] = {}
     all_ends: dict[TopicPartition, int] = {}
-    for table in SUNK_TABLES:
-        rows[table], ends = await read_changelog(settings, table, task_version if table == "tasks" else agent_version)
-        all_ends.update(ends)
+    for table in (*SUNK_TABLES, "memory"):
+        version = task_version if table == "tasks" else agent_version if table == "agents" else memory_version
+        rows[table], ends = await read_changelog(settings, table, version)
+        if table in SUNK_TABLES:
+            all_ends.update(ends)
         progress(f"read {len(rows[table])} {table} rows from {changelog_topic(settings, table)}")
     report.tasks, report.agents = len(rows["tasks"]), len(rows["agents"])
-    report.history_behind = await wait_for_sink(settings, all_ends, wait)
+    # The archive's ends as they are after the memory rows were read: they hold every entry
+    # that left those rows (sent with, or under at-least-once just after, the row's version).
+    report.history_behind = await wait_for_sink(settings, all_ends, wait, and_topic=archive_topic(settings))
     conn = await asyncpg.connect(settings.postgres_url, timeout=settings.postgres_command_timeout)
     try:
         tasks = await _stored(conn, _TASKS, [row["id"] for row in rows["tasks"]])
         agents = await _stored(conn, _AGENTS, [row["id"] for row in rows["agents"]])
+        archived = await _archived(conn, [row["agent_id"] for row in rows["memory"]])
     finally:
         await conn.close()
     compare_tasks(rows["tasks"], tasks, report.differences)
     compare_agents(rows["agents"], agents, report.differences)
+    for memory in rows["memory"]:
+        report.memory_entries += compare_memory(memory, archived[memory["agent_id"]], report.differences)
+    report.memory_chains = len(rows["memory"])
     return report
