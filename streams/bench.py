@@ -228,10 +228,8 @@ def available_engines(requested: str) -> tuple[list[str], str | None]:
     return [requested], None
 
 
-def _produce(bootstrap: str, agents: int, rate: float, count: int, pack: int = 1) -> None:
-    asyncio.run(
-        loadgen.produce(bootstrap, TOPIC, agents, rate, count, kind="tool_execution", pack=pack, partitions=PARTITIONS)
-    )
+def _produce(bootstrap: str, agents: int, rate: float, count: int, pack: int = 1, kind: str = "tool_execution") -> None:
+    asyncio.run(loadgen.produce(bootstrap, TOPIC, agents, rate, count, kind=kind, pack=pack, partitions=PARTITIONS))
 
 
 class System:

@@ -171,7 +171,7 @@ def test_every_task_reaches_the_history_once_with_its_final_state(deployment: De
     # Finished tasks leave the live table 2 s on: the views below read them from the history.
     deployment.env["BLACKROAD_TASK_RETENTION"] = "2"
     load, problems = _run(deployment, history_dsn, kills=0)
-    assert not problems, problems
+    assert not problems, "\n".join(problems)
     assert load.count > 1000
     _check_task_feed(deployment, history_dsn, load)
     _check_recent_tasks_of_agents(deployment)
@@ -456,7 +456,7 @@ def test_a_batch_that_fails_leaves_none_of_its_parts_running_behind_it(history_d
 
 def test_worker_and_sink_kills_leave_the_history_exact(deployment: Deployment, history_dsn: str) -> None:
     load, problems = _run(deployment, history_dsn, kills=3)
-    assert not problems, problems
+    assert not problems, "\n".join(problems)
     assert load.count > 1000
 
 
@@ -630,7 +630,7 @@ def test_postgresql_stopped_then_killed_mid_stream_loses_nothing_and_never_stops
             server.start()
 
         load, problems = _run(deployment, dsn, outage=outage)
-        assert not problems, problems
+        assert not problems, "\n".join(problems)
         assert load.count > 10_000, (load.count, seen)
         # 300 tasks/s went on being processed with PostgreSQL stopped, then gone.
         assert seen["completed during the stop"] > 1000, seen

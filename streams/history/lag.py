@@ -9,6 +9,7 @@ from __future__ import annotations
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.settings import Settings
+from streams.transport import fetch_highwaters
 
 #: The changelogs the sink copies.
 SUNK_TABLES = ("tasks", "agents")
@@ -46,6 +47,17 @@ def lag_reader(settings: Settings) -> AIOKafkaConsumer:
     )
 
 
+async def topic_ends(
+    settings: Settings, reader: AIOKafkaConsumer, tps: list[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """The ends of ``tps`` as the sink reads them: ListOffsets through ``reader``, or on Tansu,
+    which answers that too low, the high-water marks of a Fetch response."""
+    if settings.on_tansu:
+        return await fetch_highwaters(settings.bootstrap, tps)
+    ends: dict[TopicPartition, int] = await reader.end_offsets(tps)
+    return ends
+
+
 async def history_lag(settings: Settings, reader: AIOKafkaConsumer) -> int:
     """Records of the sunk topics not yet in PostgreSQL (a partition the sink never committed counts whole)."""
     tps = [
@@ -53,7 +65,7 @@ async def history_lag(settings: Settings, reader: AIOKafkaConsumer) -> int:
     ]
     if reader.assignment() != set(tps):
         reader.assign(tps)
-    ends = await reader.end_offsets(tps)
+    ends = await topic_ends(settings, reader, tps)
     behind = 0
     for tp in tps:
         committed = await reader.committed(tp)

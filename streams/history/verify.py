@@ -35,7 +35,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.memory import GENESIS, chain_hash, entries
-from streams.history.lag import SUNK_TABLES, archive_topic, changelog_topic, lag_reader
+from streams.history.lag import SUNK_TABLES, archive_topic, changelog_topic, lag_reader, topic_ends
 from streams.settings import Settings
 from streams.state import task_from_values
 
@@ -76,7 +76,7 @@ async def read_changelog(
         partitions = [TopicPartition(topic, p) for p in range(settings.partitions)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
+        ends = await topic_ends(settings, consumer, partitions)
         newest: dict[bytes, tuple[Any, dict[str, Any]]] = {}
         remaining = {tp for tp in partitions if ends[tp] > 0}
         while remaining:
@@ -120,7 +120,7 @@ async def wait_for_sink(
     try:
         if and_topic is not None:
             more = [TopicPartition(and_topic, partition) for partition in range(settings.partitions)]
-            ends = {**ends, **await reader.end_offsets(more)}
+            ends = {**ends, **await topic_ends(settings, reader, more)}
         reader.assign(list(ends))
         deadline = time.monotonic() + timeout
         while True:
