@@ -8,13 +8,17 @@ partition's stats row, unless a crash replay finds that row already has the even
 (see :mod:`streams.state`).
 
 Memory entries that leave working memory go to the memory-archive topic (and on to the
-history in PostgreSQL), one record per agent per batch. Until the broker has that record,
-the memory row keeps them too (``"leaving"``: ``[offset, entries]`` groups): a crash
-after the row's changelog is written but before the record is loses the record, and the
-replay, which finds the row already past its events, sends the groups again. Under
-at-least-once the records go only once the row's changelog is on the broker
-(:class:`streams.tables.DirectSender`), so an entry is never archived from a version of
-the row that a crash undid.
+history in PostgreSQL), one record per agent per batch. Under exactly-once the record is in
+the flush's transaction with the memory row's changelog: both or neither. Under
+at-least-once they are not atomic:
+
+* the records go only once the rest of the flush is on the broker, and the next flush
+  only once they are (:class:`streams.tables.DirectSender`), so an entry is never
+  archived from a version of the row that a crash undid;
+* the memory row's changelog record of the flush carries them too (``"leaving"``:
+  ``[offset, entries]`` groups; the live row does not hold them): a crash after that
+  record is written but before the archive record is loses the latter, and the replay,
+  which finds the restored row already past its events, sends the groups again.
 """
 
 from __future__ import annotations
@@ -128,7 +132,6 @@ class _AgentRun:
     """One agent's part of a batch: its rows and how far its earlier events got."""
 
     __slots__ = (
-        "acknowledged",
         "agent",
         "agent_base",
         "agent_id",
@@ -152,7 +155,6 @@ class _AgentRun:
         agent: dict[str, Any],
         memory_table: CachedTable,
         events: Records,
-        acknowledged: int,
     ) -> None:
         self.agent_id = agent_id
         self.key = agent_id.encode()
@@ -168,8 +170,6 @@ class _AgentRun:
         self.memory: dict[str, Any] | None = None
         self.events = events
         self.in_flight = 0
-        #: The partition's next offset whose batches are all on the broker (-1: not known).
-        self.acknowledged = acknowledged
         #: Entries that left working memory in this run, oldest first (None: none).
         self.left: list[dict[str, Any]] | None = None
         #: Whether this run sent the stored row's leaving entries again (a replay).
@@ -200,10 +200,8 @@ class _AgentRun:
             if row is None:
                 row = state.new_memory()
                 self.memory_table.put(self.agent_id, row, self.partition)
-            leaving = row.get("leaving")
-            if leaving:
-                # Groups whose batches are on the broker have their archive record there too.
-                row["leaving"] = [group for group in leaving if group[0] >= self.acknowledged]
+            if "leaving" in row:  # restored from its changelog: sent again by a replay, if need be
+                del row["leaving"]
             self.memory = row
         return self.memory
 
@@ -236,8 +234,8 @@ class AgentRunner:
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
         self.archive_topic = settings.topic("memory-archive")
-        #: Per input partition, the next offset whose batches are all on the broker.
-        self.acknowledged: dict[int, int] = {}
+        #: Whether memory changelog records carry what left the rows (at-least-once).
+        self._carry_leaving = not settings.exactly_once
         self._max_concurrent = settings.max_concurrent_tasks
         self._memory_budget = settings.working_memory_tokens
         self._handlers: dict[tuple[str, str], Handler | UnknownHandler] = {}
@@ -253,14 +251,7 @@ class AgentRunner:
         if agent is None:
             agent = state.new_agent(agent_id, items[0].event.agent_type, now, self._max_concurrent)
             self.agents.put(agent_id, agent, partition)
-        run = _AgentRun(
-            agent_id,
-            partition,
-            agent,
-            self.memory,
-            self.writer.outbox(self.events_topic, partition),
-            self.acknowledged.get(partition, -1),
-        )
+        run = _AgentRun(agent_id, partition, agent, self.memory, self.writer.outbox(self.events_topic, partition))
         stats_base = self.stats.base[partition]
         if len(items) > 1:
             items = self._first_copies(items, run, stats_base)
@@ -321,9 +312,15 @@ class AgentRunner:
         run.resent = True
         stored = run.read_memory()
         for offset, entries in stored.get("leaving", ()) if stored is not None else ():
-            self.writer.emit(
-                self.archive_topic, run.partition, run.key, wire.memory_archived(run.agent_id, offset, entries)
-            )
+            self._archive(run, offset, entries)
+
+    def _archive(self, run: _AgentRun, offset: int, entries: list[dict[str, Any]]) -> None:
+        """Send ``entries`` to the memory archive (and under at-least-once with the row's changelog)."""
+        if self._carry_leaving:
+            self.memory.carry(run.agent_id, "leaving", [offset, entries])
+        self.writer.emit(
+            self.archive_topic, run.partition, run.key, wire.memory_archived(run.agent_id, offset, entries)
+        )
 
     def _wake(self, run: _AgentRun, item: Item, now: int) -> None:
         run.agent["status"] = "idle"
@@ -542,11 +539,8 @@ class AgentRunner:
         if memory is not None:
             if last_offset > memory["o"]:
                 memory["o"] = last_offset
-            left = run.left
-            if left is not None:
-                memory["leaving"] = [*memory.get("leaving", ()), [last_offset, left]]
-                value = wire.memory_archived(run.agent_id, last_offset, left)
-                self.writer.emit(self.archive_topic, run.partition, run.key, value)
+            if run.left is not None:
+                self._archive(run, last_offset, run.left)
         run.in_flight = 0
 
 

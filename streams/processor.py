@@ -147,10 +147,6 @@ class BatchProcessor:
                 for future in waits:
                     await future
                 self.on_processed(offsets)
-                acknowledged = self.runner.acknowledged
-                for tp, offset in offsets.items():
-                    if tp.topic == self.tasks_topic:
-                        acknowledged[tp.partition] = offset
             finally:
                 self._unacked.task_done()
 

@@ -217,10 +217,22 @@ class CachedTable:
 
     Keeps Faust's key->partition index, so Faust still knows which partition each row
     belongs to. ``undo`` holds each row's value from before the current batch (for
-    :meth:`TableWriter.rollback`); ``dirty`` the keys changed since the last flush.
+    :meth:`TableWriter.rollback`); ``dirty`` the keys changed since the last flush;
+    ``carried`` what the keys' next changelog records carry beside the rows (:meth:`carry`).
     """
 
-    __slots__ = ("_as_array", "_key_partition", "changelog_topic", "dirty", "freeze_when", "name", "rows", "undo")
+    __slots__ = (
+        "_as_array",
+        "_key_partition",
+        "carried",
+        "carrying",
+        "changelog_topic",
+        "dirty",
+        "freeze_when",
+        "name",
+        "rows",
+        "undo",
+    )
 
     def __init__(self, name: str, table: Any) -> None:
         store = table.data
@@ -232,6 +244,28 @@ class CachedTable:
         self.changelog_topic: str = table.changelog_topic.get_topic_name()
         self.undo: dict[str, tuple[int, Any]] = {}
         self.dirty: dict[str, int] = {}
+        #: Fields for the keys' next changelog records: of the batches since the last flush,
+        #: and of the batch in progress (moved over when it ends, dropped if it is rolled back).
+        self.carried: dict[str, dict[str, list[Any]]] = {}
+        self.carrying: dict[str, dict[str, list[Any]]] = {}
+
+    def carry(self, key: str, name: str, item: Any) -> None:
+        """Add ``item`` to the list ``name`` that the key's next changelog record carries beside
+        the row. The row itself never holds it (a row restored from that record does), and it
+        is dropped at that flush, whether the key's row is written then or not."""
+        fields = self.carrying.get(key)
+        if fields is None:
+            self.carrying[key] = {name: [item]}
+        else:
+            fields.setdefault(name, []).append(item)
+
+    def end_carrying(self) -> None:
+        """The batch ended: what it carries waits for the flush."""
+        for key, fields in self.carrying.items():
+            held = self.carried.setdefault(key, {})
+            for name, items in fields.items():
+                held.setdefault(name, []).extend(items)
+        self.carrying = {}
 
     def get(self, key: str) -> Any:
         """The row as a plain value (frozen rows decoded), or None."""
@@ -323,6 +357,7 @@ class CachedTable:
                 self._key_partition[key] = partition
         # Rows stay dirty: re-sending a restored value is harmless.
         self.undo = {}
+        self.carrying = {}
 
 
 #: Records to produce as one flat list of keys and values: key, value, key, value, ...
@@ -348,8 +383,9 @@ class DirectSender:
 
     def __init__(self, producer: Any, last: frozenset[str] = frozenset()) -> None:
         self._producer = producer
-        #: Topics whose records of a flush go once the broker has the rest of it: a record
-        #: there must never outlive, through a crash, the row versions it comes from.
+        #: Topics whose records of a flush go once the broker has the rest of it, and that the
+        #: next flush waits for: a record there must never outlive, through a crash, the row
+        #: versions it comes from, and a row's next version must not land before it.
         self._last = last
 
     async def send(self, outgoing: Outgoing, offsets: dict[Any, int]) -> list[asyncio.Future[Any]]:
@@ -363,8 +399,11 @@ class DirectSender:
                 futures.extend(await send_bulk(self._producer, topic, partition, records))
         if held:
             await asyncio.gather(*futures)
+            last: list[asyncio.Future[Any]] = []
             for topic, partition, records in held:
-                futures.extend(await send_bulk(self._producer, topic, partition, records))
+                last.extend(await send_bulk(self._producer, topic, partition, records))
+            await asyncio.gather(*last)
+            futures.extend(last)
         return futures
 
 
@@ -444,6 +483,8 @@ class TableWriter:
                 self._outgoing_count += len(records) // 2
         self._batch = {}
         for table in self.tables.values():
+            if table.carrying:
+                table.end_carrying()
             if table.undo:
                 changed = True
                 if table.name in FREEZE_AT_BATCH_END:
@@ -493,14 +534,18 @@ class TableWriter:
             rows = table.rows
             topic = table.changelog_topic
             freezes = table.freeze_when is not None
+            carried = table.carried
             by_partition: dict[int, Records] = {}
             for key, partition in table.dirty.items():
                 records = by_partition.get(partition)
                 if records is None:
                     records = by_partition[partition] = outgoing[(topic, partition, partition)] = []
                 value = rows.get(key)
+                extra = carried.get(key) if carried else None
                 if value is None:
                     packed = None
+                elif extra is not None:
+                    packed = table.pack({**thaw(value), **extra})  # the row stays without them
                 elif type(value) is bytes:
                     packed = frozen_value(value)
                 else:
@@ -510,6 +555,7 @@ class TableWriter:
                 records.append(key.encode())
                 records.append(packed)
             table.dirty = {}
+            table.carried = {}
         outgoing.update(self._outgoing)
         self._outgoing = {}
         self._outgoing_count = 0

@@ -907,7 +907,7 @@ class _Worker:
 def test_entries_leaving_working_memory_are_archived_once_on_the_broker_and_again_after_a_crash_lost_them() -> None:
     from streams.history.verify import compare_memory
 
-    settings = Settings(working_memory_tokens=16)
+    settings = Settings(working_memory_tokens=16, processing_guarantee="at_least_once")
     archive = settings.topic("memory-archive")
     notes = [f"note number {n:02d} of the agent" for n in range(8)]  # 8 tokens each: 2 fit
     writes = [task("agent_x_001", "memory_operation", {"op": "write", "content": note}) for note in notes]
@@ -922,18 +922,24 @@ def test_entries_leaving_working_memory_are_archived_once_on_the_broker_and_agai
         assert (record["agent_id"], record["source_offset"]) == ("agent_x_001", 5)
         assert [entry["content"] for entry in record["entries"]] == notes[:4]
         row = worker.stores["memory"].get("agent_x_001")
-        assert [entry["content"] for entry in memory.entries(row)] == notes[4:6]
-        assert row["leaving"] == [[5, record["entries"]]]  # until the batch is known to be on the broker
-        assert worker.processor.runner.acknowledged == {0: 6}
+        assert [entry["content"] for entry in memory.entries(row)] == notes[4:6] and "leaving" not in row
+        # The row's changelog record carries them too, in case the archive record is lost.
+        changelog = [
+            msgpack.unpackb(value) for topic, _, _, value in worker.producer.sent if topic == "memory-changelog"
+        ]
+        assert changelog[-1] == {**row, "leaving": [[5, record["entries"]]]}
 
         await worker.process(writes[6:7], 6)
-        row = worker.stores["memory"].get("agent_x_001")
-        assert [(offset, [e["content"] for e in entries]) for offset, entries in row["leaving"]] == [(6, notes[4:5])]
-        changelog = [value for topic, _, _, value in worker.producer.sent if topic == "memory-changelog"]
+        changelog = [
+            msgpack.unpackb(value) for topic, _, _, value in worker.producer.sent if topic == "memory-changelog"
+        ]
+        assert [(offset, [e["content"] for e in entries]) for offset, entries in changelog[-1]["leaving"]] == [
+            (6, notes[4:5])
+        ]
 
         # A crash after the last row version reached its changelog, before its archive record
         # did: a new worker restores that version, and the replay of offset 6 sends it again.
-        restored = msgpack.unpackb(changelog[-1])
+        restored = changelog[-1]
         again = _Worker(settings, memory_row=restored)
         await again.process(writes[6:7], 6)
         assert again.sent(archive) == worker.sent(archive)[1:]
@@ -943,6 +949,23 @@ def test_entries_leaving_working_memory_are_archived_once_on_the_broker_and_agai
         differences: list[str] = []
         assert compare_memory({**restored, "agent_id": "agent_x_001"}, archived, differences) == 7
         assert differences == []
+
+    asyncio.run(scenario())
+
+
+def test_under_exactly_once_the_memory_row_keeps_nothing_that_left_it() -> None:
+    """The archive record is in the flush's transaction with the row's changelog: both or neither."""
+    settings = Settings(working_memory_tokens=16, processing_guarantee="exactly_once")
+    notes = [f"note number {n:02d} of the agent" for n in range(4)]
+    writes = [task("agent_x_001", "memory_operation", {"op": "write", "content": note}) for note in notes]
+
+    async def scenario() -> None:
+        worker = _Worker(settings)
+        await worker.process(writes, 0)
+        [record] = worker.sent(settings.topic("memory-archive"))
+        assert [entry["content"] for entry in record["entries"]] == notes[:2]
+        [changelog] = [value for topic, _, _, value in worker.producer.sent if topic == "memory-changelog"]
+        assert "leaving" not in msgpack.unpackb(changelog)
 
     asyncio.run(scenario())
 
