@@ -1006,3 +1006,31 @@ def test_records_of_a_topic_sent_last_wait_for_the_rest_of_their_flush() -> None
     before, after = asyncio.run(run())
     assert sorted(before) == ["events", "memory-changelog"]
     assert after == [*before, "archive"]
+
+
+def test_carried_fields_reach_the_next_changelog_record_only_and_a_rollback_drops_them() -> None:
+    async def run() -> list[Any]:
+        producer = _Producer()
+        table = _cached_table("memory")
+        writer = tables.TableWriter(tables.DirectSender(producer), {"memory": table})
+        row = state.new_memory()
+        table.put("agent_a_001", row, 0)
+        table.carry("agent_a_001", "leaving", [1, ["a"]])
+        table.carry("agent_b_001", "leaving", [1, ["b"]])  # a row not written in this flush
+        writer.end_batch()
+        table.carry("agent_a_001", "leaving", [2, ["rolled back"]])
+        writer.rollback()
+        table.put("agent_a_001", table.get("agent_a_001"), 0)
+        table.carry("agent_a_001", "leaving", [3, ["c"]])
+        writer.end_batch()
+        await writer.flush()
+        table.put("agent_a_001", table.get("agent_a_001"), 0)
+        writer.end_batch()
+        await writer.flush()
+        await writer.sent()
+        assert "leaving" not in table.get("agent_a_001")  # the live row never holds them
+        return [msgpack.unpackb(value) for _, _, _, value in producer.sent]
+
+    first, second = asyncio.run(run())
+    assert first["leaving"] == [[1, ["a"]], [3, ["c"]]]
+    assert "leaving" not in second
