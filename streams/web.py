@@ -23,6 +23,7 @@ from schemas import domain, wire
 from schemas.wire import WireError
 from streams.history import queries
 from streams.history.sink import POSTGRES_ERRORS as HISTORY_ERRORS
+from streams.history.verify import compare_memory
 from streams.ingress import BrokerUnavailable, IngressProducer
 from streams.metrics import Metrics
 from streams.peers import PeerClient, PeerError
@@ -401,6 +402,33 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                     "head": row["head"],
                 },
             )
+
+    @app.page("/v1/agents/{agent_id}/memory/verify")
+    class AgentMemoryVerify(ApiView):
+        """Walks the agent's memory chain from its head back to GENESIS, through working memory
+        and the entries that left it, in the history (answered by the agent's owner)."""
+
+        name = "memory_verify"
+
+        async def get(self, request: Any, agent_id: str) -> Any:
+            if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
+                return await forward(self, request, owner)
+            row = thaw(memory_rows.get(agent_id))
+            if row is None:
+                raise ApiError("not_found", f"no memory for agent {agent_id!r}", details={"agent_id": agent_id})
+            archived = await from_history(lambda conn: queries.archived_memory(conn, [agent_id]))
+            broken: list[str] = []
+            walked = compare_memory({**row, "agent_id": agent_id}, archived[agent_id], broken)
+            document = {
+                "agent_id": agent_id,
+                "valid": not broken,
+                "head": row["head"],
+                "written": row["written"],
+                "verified": walked,
+                "first_broken": broken[0] if broken else None,
+                "problems": broken,
+            }
+            return _json(self, document)
 
     @app.page("/v1/agents/{agent_id}/tasks")
     class AgentTaskHistory(ApiView):

@@ -175,6 +175,20 @@ def test_every_task_reaches_the_history_once_with_its_final_state(deployment: De
     assert load.count > 1000
     _check_task_feed(deployment, history_dsn, load)
     _check_recent_tasks_of_agents(deployment)
+    # An agent's memory chain walks whole from either worker; an entry rewritten in
+    # PostgreSQL is the broken link reported.
+    agent_id = load.agent_ids[5]
+    urls = [f"http://127.0.0.1:{deployment.workers[0].port + i}" for i in range(2)]
+    for url in urls:
+        status, chain = get_json(f"{url}/v1/agents/{agent_id}/memory/verify")
+        assert status == 200 and chain["valid"] and chain["first_broken"] is None, chain
+        assert chain["verified"] == chain["written"] == len(load.sent[agent_id].notes), chain
+    [entry] = fetch(history_dsn, "SELECT id, content FROM memory_entries WHERE agent_id = $1 LIMIT 1", agent_id)
+    fetch(history_dsn, "UPDATE memory_entries SET content = 'rewritten' WHERE id = $1", entry["id"])
+    status, chain = get_json(f"{urls[1]}/v1/agents/{agent_id}/memory/verify")
+    assert status == 200 and not chain["valid"], chain
+    assert "in PostgreSQL does not match its hash" in chain["first_broken"], chain
+    fetch(history_dsn, "UPDATE memory_entries SET content = $2 WHERE id = $1", entry["id"], entry["content"])
     # verify finds a task set back and an agent miscounted in PostgreSQL.
     task_id = sorted(load.sent[load.agent_ids[3]].tasks)[0]
     agent_id = load.agent_ids[4]

@@ -183,3 +183,19 @@ def _task(row: Any) -> dict[str, Any]:
         if task[name] is not None:
             task[name] = orjson.loads(task[name])
     return task
+
+
+_MEMORY = (
+    "SELECT agent_id, id, hash, prev_hash, content, round(extract(epoch FROM created_at) * 1000)::bigint AS created_at"
+    " FROM memory_entries WHERE agent_id = ANY($1)"
+)
+
+
+async def archived_memory(conn: Any, agent_ids: list[str], chunk: int = 10_000) -> dict[str, list[dict[str, Any]]]:
+    """The memory entries of ``agent_ids`` that left working memory, by agent (their chain
+    fields; times back in ms, as hashed), looked up ``chunk`` agents per query."""
+    by_agent: dict[str, list[dict[str, Any]]] = {agent_id: [] for agent_id in agent_ids}
+    for start in range(0, len(agent_ids), chunk):
+        for record in await conn.fetch(_MEMORY, agent_ids[start : start + chunk]):
+            by_agent[record["agent_id"]].append(dict(record))
+    return by_agent

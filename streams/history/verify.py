@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.memory import GENESIS, chain_hash, entries
 from streams.history.lag import SUNK_TABLES, archive_topic, changelog_topic, lag_reader, topic_ends
+from streams.history.queries import archived_memory
 from streams.settings import Settings
 from streams.state import task_from_values
 
@@ -228,19 +229,6 @@ async def _stored(conn: Any, query: str, ids: list[str]) -> dict[str, dict[str, 
     return stored
 
 
-async def _archived(conn: Any, agent_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """PostgreSQL's memory entries of ``agent_ids``, by agent (times back in ms, as hashed)."""
-    by_agent: dict[str, list[dict[str, Any]]] = {agent_id: [] for agent_id in agent_ids}
-    for start in range(0, len(agent_ids), _CHUNK):
-        for record in await conn.fetch(_MEMORY, agent_ids[start : start + _CHUNK]):
-            by_agent[record["agent_id"]].append(dict(record))
-    return by_agent
-
-
-_MEMORY = (
-    "SELECT agent_id, id, hash, prev_hash, content, round(extract(epoch FROM created_at) * 1000)::bigint AS created_at"
-    " FROM memory_entries WHERE agent_id = ANY($1)"
-)
 _TASKS = "SELECT id, status, attempts, error, result::text AS result, source_offset FROM tasks WHERE id = ANY($1)"
 _AGENTS = (
     "SELECT id, status, tasks_completed, tasks_failed, tasks_dead, source_offset,"
@@ -282,7 +270,7 @@ async def verify(settings: Settings, wait: float, progress: Callable[[str], None
     try:
         tasks = await _stored(conn, _TASKS, [row["id"] for row in rows["tasks"]])
         agents = await _stored(conn, _AGENTS, [row["id"] for row in rows["agents"]])
-        archived = await _archived(conn, [row["agent_id"] for row in rows["memory"]])
+        archived = await archived_memory(conn, [row["agent_id"] for row in rows["memory"]], _CHUNK)
     finally:
         await conn.close()
     compare_tasks(rows["tasks"], tasks, report.differences)
