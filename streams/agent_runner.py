@@ -7,8 +7,9 @@ attempts. Each outcome changes the task row, the agent's counters, its memory an
 partition's stats row, unless a crash replay finds that row already has the event
 (see :mod:`streams.state`).
 
-Memory entries that leave working memory go to the memory-archive topic (and on to the
-history in PostgreSQL), one record per agent per batch. Under exactly-once the record is in
+Memory entries that leave working memory go to episodic memory (the ``memory_entries``
+table) and to the memory-archive topic (and on to the history in PostgreSQL), one record
+per agent per batch. Under exactly-once the record is in
 the flush's transaction with the memory row's changelog: both or neither. Under
 at-least-once they are not atomic:
 
@@ -230,6 +231,11 @@ class AgentRunner:
         self.agents = writer.tables["agents"]
         self.tasks = writer.tables["tasks"]
         self.memory = writer.tables["memory"]
+        self.entries = writer.tables["memory_entries"]
+        #: Memory entries this batch wrote (by partition) and that left working memory, for
+        #: the memory search index (:meth:`take_memory_changes`).
+        self.memory_written: list[tuple[int, list[dict[str, Any]]]] = []
+        self.memory_left: list[dict[str, Any]] = []
         self.tasks_topic = settings.topic("tasks")
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
@@ -314,8 +320,21 @@ class AgentRunner:
         for offset, entries in stored.get("leaving", ()) if stored is not None else ():
             self._archive(run, offset, entries)
 
+    def take_memory_changes(self) -> tuple[list[tuple[int, list[dict[str, Any]]]], list[dict[str, Any]]]:
+        """The memory entries written since the last call (by partition), and those that left working memory."""
+        written, left = self.memory_written, self.memory_left
+        self.memory_written, self.memory_left = [], []
+        return written, left
+
     def _archive(self, run: _AgentRun, offset: int, entries: list[dict[str, Any]]) -> None:
-        """Send ``entries`` to the memory archive (and under at-least-once with the row's changelog)."""
+        """Move ``entries`` to episodic memory, and send them to the memory archive (under
+        at-least-once with the row's changelog too)."""
+        stored = self.entries.rows
+        for entry in entries:
+            entry_id: str = entry["id"]
+            if entry_id not in stored:  # a replay finds it there, perhaps in a later tier
+                self.entries.put_final(entry_id, {**entry, "o": offset, "tier": "episodic"}, run.partition)
+        self.memory_left.extend(entries)
         if self._carry_leaving:
             self.memory.carry(run.agent_id, "leaving", [offset, entries])
         self.writer.emit(
@@ -459,6 +478,7 @@ class AgentRunner:
             created_at = stored["created_at"] if stored is not None else event.created_ms
         written = outcome.memory_written
         if written and item.apply_memory:
+            self.memory_written.append((run.partition, written))
             for entry in written:
                 memory_event = wire.lifecycle_event(
                     "memory.written", now, agent_id=run.agent_id, memory_id=entry["id"], hash=entry["hash"]

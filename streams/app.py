@@ -21,6 +21,8 @@ from streams.exactly_once import TransactionalSender
 from streams.ingress import IngressProducer
 from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import client_id
+from streams.memory_search.embedding import CachedEmbedder, load_embedder
+from streams.memory_search.indexer import MemoryIndexer
 from streams.metrics import Metrics
 from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
@@ -74,6 +76,10 @@ class BlackroadApp(faust.App):
 
     async def batch_sink(self, batch: dict[Any, list[Any]], fetched_in: int) -> None:
         await self.pipeline.process(batch, fetched_in)
+
+    def rows_restored(self, tp: Any) -> None:
+        """Changelog records of ``tp`` were applied to its table's rows (table recovery)."""
+        self.pipeline.rows_restored(tp)
 
     async def _on_partitions_revoked(self, revoked: Any) -> None:
         # Let the batch in flight finish and reach the broker before Faust commits
@@ -139,6 +145,12 @@ class Pipeline(Service):
         self._started_event = asyncio.Event()
         self._history_pool: asyncpg.Pool | None = None
         self._history_pool_lock = asyncio.Lock()
+        #: Keeps the memory search index (set once started; None with memory search off).
+        self.indexer: MemoryIndexer | None = None
+        self._memory_changelogs = {
+            tables.memory.changelog_topic.get_topic_name(),
+            tables.memory_entries.changelog_topic.get_topic_name(),
+        }
 
     async def on_start(self) -> None:
         consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
@@ -156,9 +168,10 @@ class Pipeline(Service):
                 client_id=f"{self.settings.app_id}-tables",
             )
             await self.producer.start()
-            sender = DirectSender(
-                VerifiedProducer(self.producer), last=frozenset({self.settings.topic("memory-archive")})
-            )
+            # Records from entries that left working memory go last (streams.agent_runner).
+            entries_changelog = self.tables.memory_entries.changelog_topic.get_topic_name()
+            last = frozenset({self.settings.topic("memory-archive"), entries_changelog})
+            sender = DirectSender(VerifiedProducer(self.producer), last=last)
             on_processed = consumer.mark_processed
         cached = {name: CachedTable(name, table) for name, table in self.tables.all().items()}
         partitions = self.settings.partitions
@@ -173,6 +186,10 @@ class Pipeline(Service):
             lock=self.lock,
             rebalances=lambda: self.app.rebalances,
         )
+        if self.settings.memory_search_enabled:
+            embedder = CachedEmbedder(load_embedder(self.settings.embedding_model), self.settings.embedding_cache_size)
+            self.indexer = MemoryIndexer(embedder, cached["memory"], cached["memory_entries"])
+            self.processor.indexer = self.indexer
         processor = self.processor
         self.stats_view.in_progress = lambda: processor.in_flight
         self.stats_view.on_history_lag = self.metrics.history_lag.set
@@ -207,6 +224,39 @@ class Pipeline(Service):
             await self.sleep(self.settings.flush_interval / 2)
             if self.lost_data is None:
                 await self.processor.flush_if_due()
+
+    @Service.task
+    async def _index_owned_partitions(self) -> None:
+        """Index the memory of partitions this worker got, forget those it lost."""
+        await self.wait_for_started()
+        while not self.should_stop and self.indexer is not None and self.lost_data is None:
+            await self.sleep(0.2)
+            if not self.tables_ready():
+                continue
+            owned = self.owned_partitions()
+            self.indexer.drop(self.indexer.built - owned)
+            missing = self.indexer.missing(owned)
+            if missing:
+                async with self.lock:
+                    if self.tables_ready():
+                        await self.indexer.build(missing & self.owned_partitions())
+
+    def tables_ready(self) -> bool:
+        """True once table recovery has completed and none is running (e.g. after a rebalance)."""
+        recovery: Any = self.app.tables.recovery  # type: ignore[attr-defined]
+        return bool(recovery.completed.is_set() and not self.app.in_recovery)
+
+    def owned_partitions(self) -> set[int]:
+        """The tasks topic's partitions assigned to this worker."""
+        return self._task_partitions(self.app.consumer.assignment())
+
+    def memory_search_ready(self) -> bool:
+        """Whether every owned partition's memory is in the search index."""
+        return self.indexer is not None and self.tables_ready() and not self.indexer.missing(self.owned_partitions())
+
+    def rows_restored(self, tp: Any) -> None:
+        if self.indexer is not None and tp.topic in self._memory_changelogs:
+            self.indexer.drop({tp.partition})
 
     @Service.task
     async def _expire_finished_tasks(self) -> None:
@@ -259,6 +309,8 @@ class Pipeline(Service):
 
     async def on_stop(self) -> None:
         self.peers.close()
+        if self.indexer is not None:
+            self.indexer.close()
         if self._history_pool is not None:
             await self._history_pool.close()
         # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.stopping).

@@ -1,4 +1,4 @@
-"""GET requests to other workers' web views over kept-open, pipelined HTTP/1.1 connections.
+"""Requests to other workers' web views over kept-open, pipelined HTTP/1.1 connections.
 
 A lookup for an agent another worker owns is forwarded there. A general HTTP client
 builds a request object, a timer, headers and a response object for each call; at
@@ -117,7 +117,7 @@ class _Connection(asyncio.Protocol):
 
 
 class PeerClient:
-    """Sends GET requests to peers' web views, one kept-open connection per peer."""
+    """Sends requests to peers' web views, one kept-open connection per peer."""
 
     def __init__(self, timeout: float = 5.0) -> None:
         self.timeout = timeout
@@ -126,12 +126,22 @@ class PeerClient:
 
     async def get(self, url: URL, path_qs: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """GET ``path_qs`` (path and query string) from the peer at ``url``: its status and body."""
+        return await self.request("GET", url, path_qs, headers)
+
+    async def post(self, url: URL, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """POST ``body`` (JSON) to ``path`` of the peer at ``url``: its status and body."""
+        sent = {**(headers or {}), "Content-Type": "application/json", "Content-Length": str(len(body))}
+        return await self.request("POST", url, path, sent, body)
+
+    async def request(
+        self, method: str, url: URL, path_qs: str, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> tuple[int, bytes]:
         host, port = url.host or "localhost", url.port or 80
         connection = self._connections.get((host, port))
         if connection is None or connection.closed:
             connection = await self._connect(host, port)
         extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
-        request = f"GET {path_qs} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode()
+        request = f"{method} {path_qs} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode() + body
         future = connection.send(request)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.timeout, _expire, connection, future, self.timeout)

@@ -79,6 +79,9 @@ class BatchProcessor:
         self.behind = False
         self.tasks_topic = settings.topic("tasks")
         self.dead_letter_topic = settings.topic("deadletter")
+        #: The memory search index's keeper (:class:`streams.memory_search.indexer.MemoryIndexer`),
+        #: told of each batch's memory changes; None with memory search off.
+        self.indexer: Any = None
 
     @property
     def in_flight(self) -> int:
@@ -110,7 +113,11 @@ class BatchProcessor:
                 waits = self.writer.end_batch(offsets)
             except BaseException:
                 self.writer.rollback()
+                self.runner.take_memory_changes()
                 raise
+            written, left = self.runner.take_memory_changes()
+            if self.indexer is not None and (written or left):
+                await self.indexer.batch_done(written, left)
             # The next batch starts while this one's records wait for the flush.
             self._unacked.put_nowait((waits, offsets))
             produced = await self._flush() if self._flush_due() else 0

@@ -98,6 +98,13 @@ class Settings:
     stop_timeout: float = 4.0
     #: Token budget of an agent's working memory (about 4 characters per token).
     working_memory_tokens: int = 2048
+    #: ``on``: memory entries are embedded as they are written and searchable through
+    #: ``POST /v1/memory/search`` (:mod:`streams.memory_search`); ``off``: neither.
+    memory_search: str = "on"
+    #: The sentence-embedding model: ``wordllama`` (built in) or ``minilm`` (the minilm extra).
+    embedding_model: str = "wordllama"
+    #: Vectors the embedding cache keeps (by content hash), per worker process.
+    embedding_cache_size: int = 20_000
     #: Median and 99th percentile of the simulated inference handler, in milliseconds.
     inference_p50_ms: float = 20.0
     inference_p99_ms: float = 80.0
@@ -124,6 +131,10 @@ class Settings:
     def embedded(self) -> bool:
         """True when the project runs its own broker (none is configured)."""
         return self.kafka_bootstrap is None
+
+    @property
+    def memory_search_enabled(self) -> bool:
+        return self.memory_search == "on"
 
     @property
     def on_tansu(self) -> bool:
@@ -297,6 +308,11 @@ class Settings:
             raise SettingsError("APP_ID", f"expected a short lower-case id, got {self.app_id!r}")
         if not re.fullmatch(r"[a-z][a-z0-9_\-]{0,63}", self.topic_prefix):
             raise SettingsError("TOPIC_PREFIX", f"expected a short lower-case name, got {self.topic_prefix!r}")
+        if self.memory_search not in ("on", "off"):
+            raise SettingsError("MEMORY_SEARCH", f"expected on or off, got {self.memory_search!r}")
+        if self.embedding_model not in ("wordllama", "minilm"):
+            raise SettingsError("EMBEDDING_MODEL", f"expected wordllama or minilm, got {self.embedding_model!r}")
+        _check_range("EMBEDDING_CACHE_SIZE", self.embedding_cache_size, 0, 10_000_000)
         if self.history not in ("on", "off"):
             raise SettingsError("HISTORY", f"expected on or off, got {self.history!r}")
         if self.postgres_dsn is not None and not re.match(r"^postgres(ql)?://", self.postgres_dsn):

@@ -5,9 +5,10 @@
 | agents  | agent id             | status, type, counters, avg response, last activity          |
 | tasks   | task id              | status, result or error, attempts, timestamps, request       |
 | memory  | agent id             | working memory: system message + recent turns, token count   |
+| memory_entries | entry id      | an entry that left working memory: its tier (episodic, semantic) |
 | stats   | ``partition-NNNN``   | counters, latency histograms, per-second completion windows  |
 
-All four are Faust tables with changelog topics partitioned like the tasks topic.
+All five are Faust tables with changelog topics partitioned like the tasks topic.
 A row lives in the partition of the event that wrote it (its agent's partition).
 
 Faust writes one changelog record per table write, each awaited; :class:`TableWriter`
@@ -32,7 +33,7 @@ from schemas import wire
 from streams import state
 from streams.state import TERMINAL_TASK_STATUSES
 
-TABLE_NAMES = ("agents", "tasks", "memory", "stats")
+TABLE_NAMES = ("agents", "tasks", "memory", "memory_entries", "stats")
 _MISSING = object()
 #: Flushes that may be on their way to the producer at once; the next waits for the oldest.
 MAX_HANDOVERS = 2
@@ -145,8 +146,13 @@ def _memory_finished_at(row: Any) -> int:
 
 
 #: Per table: which rows freeze once packed for the changelog (and a task's finish time);
-#: None leaves a row as it is. Agent and stats rows change with nearly every batch.
-FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {"tasks": _task_finished_at, "memory": _memory_finished_at}
+#: None leaves a row as it is. Agent and stats rows change with nearly every batch; a
+#: memory entry that left working memory changes only when it moves to another tier.
+FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {
+    "tasks": _task_finished_at,
+    "memory": _memory_finished_at,
+    "memory_entries": _memory_finished_at,
+}
 
 
 #: Tables whose changed rows freeze when their batch ends, not at the flush. Task rows
@@ -180,10 +186,17 @@ class Tables:
     agents: Any
     tasks: Any
     memory: Any
+    memory_entries: Any
     stats: Any
 
     def all(self) -> dict[str, Any]:
-        return {"agents": self.agents, "tasks": self.tasks, "memory": self.memory, "stats": self.stats}
+        return {
+            "agents": self.agents,
+            "tasks": self.tasks,
+            "memory": self.memory,
+            "memory_entries": self.memory_entries,
+            "stats": self.stats,
+        }
 
 
 def define_tables(app: faust.App, partitions: int) -> Tables:
@@ -208,6 +221,7 @@ def define_tables(app: faust.App, partitions: int) -> Tables:
         agents=table("agents", "Agent state and counters by agent id."),
         tasks=table("tasks", "Task status and outcome by task id."),
         memory=table("memory", "Working memory by agent id."),
+        memory_entries=table("memory_entries", "Entries that left working memory, by entry id."),
         stats=table("stats", "Precomputed stats by partition."),
     )
 

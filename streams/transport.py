@@ -270,6 +270,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             last_applied = bulk_restore(recovery, tp, recs)
             if last_applied is not None:
                 self._last_restored[tp] = woken[tp] = last_applied
+                self.app.rows_restored(tp)  # type: ignore[attr-defined]
             self._read_offset[tp] = recs[-1].offset
         for tp, offsets, highwaters in _in_recovery(recovery):
             highwater = highwaters.get(tp)

@@ -9,6 +9,7 @@ agents' recent tasks) read PostgreSQL, from any worker (``streams.history.querie
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from streams.history import queries
 from streams.history.sink import POSTGRES_ERRORS as HISTORY_ERRORS
 from streams.history.verify import compare_memory
 from streams.ingress import BrokerUnavailable, IngressProducer
+from streams.memory_search.index import TIERS, Hit
 from streams.metrics import Metrics
 from streams.peers import PeerClient, PeerError
 from streams.tables import Tables, task_expired, thaw
@@ -264,6 +266,91 @@ def _cursor_query(request: Any, name: str, parse: Callable[[str], Any]) -> str |
     return raw
 
 
+class MemorySearch:
+    """A validated ``POST /v1/memory/search`` request."""
+
+    def __init__(self, query: str, limit: int, threshold: float | None, filters: dict[str, str]) -> None:
+        self.query = query
+        self.limit = limit
+        self.threshold = threshold
+        self.filters = filters
+        self.vector: Any = None
+
+
+_SEARCH_FIELDS = {"query", "limit", "threshold", "filters"}
+_SEARCH_FILTERS = {"agent_id", "memory_type", "tier"}
+MAX_QUERY_CHARS = 4000
+MAX_SEARCH_LIMIT = 100
+
+
+def parse_search(body: Any) -> MemorySearch:
+    """Validate a memory search request (``{query, limit, threshold, filters}``)."""
+    if not isinstance(body, dict):
+        raise ApiError("invalid_request", "body must be a JSON object")
+    unknown = sorted(set(body) - _SEARCH_FIELDS)
+    if unknown:
+        raise ApiError("invalid_request", f"unknown fields in body: {unknown}", details={"fields": unknown})
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise ApiError("invalid_request", "query must be a non-empty string", details={"field": "query"})
+    if len(query) > MAX_QUERY_CHARS:
+        raise ApiError(
+            "invalid_request", f"query is longer than {MAX_QUERY_CHARS} characters", details={"field": "query"}
+        )
+    limit = body.get("limit", 10)
+    if type(limit) is not int or not 1 <= limit <= MAX_SEARCH_LIMIT:
+        raise ApiError(
+            "invalid_request", f"limit must be an integer from 1 to {MAX_SEARCH_LIMIT}", details={"field": "limit"}
+        )
+    threshold = body.get("threshold")  # None: the model's own (Embedder.default_threshold)
+    if threshold is not None and (type(threshold) not in (int, float) or not -1.0 <= threshold <= 1.0):
+        raise ApiError("invalid_request", "threshold must be a number from -1 to 1", details={"field": "threshold"})
+    filters = body.get("filters") or {}
+    if not isinstance(filters, dict):
+        raise ApiError("invalid_request", "filters must be a JSON object", details={"field": "filters"})
+    unknown = sorted(set(filters) - _SEARCH_FILTERS)
+    if unknown:
+        raise ApiError(
+            "invalid_request",
+            f"unknown filters: {unknown}; known: {sorted(_SEARCH_FILTERS)}",
+            details={"fields": unknown},
+        )
+    chosen = {name: value for name, value in filters.items() if value is not None}
+    for name, value in chosen.items():
+        if not isinstance(value, str):
+            raise ApiError("invalid_request", f"filters.{name} must be a string", details={"field": f"filters.{name}"})
+    if "memory_type" in chosen and chosen["memory_type"] not in domain.MEMORY_TYPES:
+        raise ApiError(
+            "invalid_request",
+            f"unknown memory_type; expected one of {sorted(domain.MEMORY_TYPES)}",
+            details={"field": "filters.memory_type"},
+        )
+    if "tier" in chosen and chosen["tier"] not in TIERS:
+        raise ApiError(
+            "invalid_request", f"unknown tier; expected one of {list(TIERS)}", details={"field": "filters.tier"}
+        )
+    return MemorySearch(query, limit, None if threshold is None else float(threshold), chosen)
+
+
+def search_result(hit: Hit, entry: dict[str, Any]) -> dict[str, Any]:
+    """One search result as the API serves it."""
+    return {
+        "id": entry["id"],
+        "key": entry["key"],
+        "content": entry["content"],
+        "score": round(hit.score, 6),
+        "metadata": {
+            "agent_id": entry["agent_id"],
+            "memory_type": entry["memory_type"],
+            "tier": entry.get("tier", hit.tier),
+            "role": entry["role"],
+            "created_at": entry["created_at"],
+            "hash": entry["hash"],
+            "prev_hash": entry["prev_hash"],
+        },
+    }
+
+
 def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     settings = app.settings
     agents_rows: dict[str, Any] = tables.agents.data.data
@@ -429,6 +516,57 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 "problems": broken,
             }
             return _json(self, document)
+
+    async def search_peer(url: URL, body: bytes) -> tuple[int, Any]:
+        try:
+            status, answer = await peers_client.post(url, "/v1/memory/search", body, _FORWARD_HEADERS)
+        except PeerError as exc:
+            raise ApiError("internal_error", f"worker {url} cannot be reached; retry shortly ({exc})", 503) from None
+        return status, orjson.loads(answer)
+
+    def search_here(search: MemorySearch) -> list[dict[str, Any]]:
+        """This worker's best matches (its own partitions' entries)."""
+        pipeline = app.pipeline
+        if not settings.memory_search_enabled:
+            raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
+        if not pipeline.memory_search_ready():
+            raise ApiError("internal_error", "the worker is indexing its memory; retry shortly", 503)
+        indexer = pipeline.indexer
+        threshold = indexer.embedder.default_threshold if search.threshold is None else search.threshold
+        return [
+            search_result(hit, entry)
+            for hit in indexer.index.search(search.vector, search.limit, threshold, **search.filters)
+            if (entry := indexer.entry(hit)) is not None
+        ]
+
+    @app.page("/v1/memory/search")
+    class MemorySearchView(ApiView):
+        """Memory entries by similarity to a text: with an agent filter, answered by the agent's
+        owner; without, by every worker, merged by score (any worker gives the same answer)."""
+
+        name = "memory_search"
+
+        async def post(self, request: Any) -> Any:
+            raw = await read_json(request)
+            search = parse_search(raw)
+            agent_id = search.filters.get("agent_id")
+            forwarded = FORWARDED in request.headers
+            if not forwarded and agent_id is not None and (owner := owner_of(agent_id)) is not None:
+                status, answer = await search_peer(owner, orjson.dumps(raw))
+                return _json(self, answer, status)
+            if not settings.memory_search_enabled:
+                raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
+            search.vector = (await app.pipeline.indexer.embed([search.query]))[0]
+            results = search_here(search)
+            if not forwarded and agent_id is None:
+                body = orjson.dumps(raw)
+                for status, answer in await asyncio.gather(*(search_peer(peer, body) for peer in peers())):
+                    if status != 200:
+                        return _json(self, answer, status)
+                    results.extend(answer["results"])
+                results.sort(key=lambda result: (-result["score"], result["id"]))
+                del results[search.limit :]
+            return _json(self, {"results": results, "total": len(results), "model": app.pipeline.indexer.embedder.name})
 
     @app.page("/v1/agents/{agent_id}/tasks")
     class AgentTaskHistory(ApiView):

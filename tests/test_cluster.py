@@ -114,7 +114,7 @@ def test_a_broker_killed_mid_stream_loses_nothing(cluster: KafkaCluster, tmp_pat
         topics = asyncio.run(describe_replication(cluster.bootstrap, deployment))
         app_id = deployment.env["BLACKROAD_APP_ID"]
         expected = {deployment.topic(name) for name in ("tasks", "events", "deadletter", "memory-archive")}
-        expected |= {f"{app_id}-{name}-changelog" for name in ("agents", "tasks", "memory", "stats")}
+        expected |= {f"{app_id}-{name}-changelog" for name in ("agents", "tasks", "memory", "memory_entries", "stats")}
         assert expected <= set(topics), sorted(topics)
         for name, topic in topics.items():
             assert {len(partition["replicas"]) for partition in topic["partitions"]} == {3}, (name, topic)

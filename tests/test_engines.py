@@ -59,7 +59,7 @@ def test_changelog_topics_are_compacted_on_the_broker(deployment: Deployment) ->
     """And every topic has the replication resolved for the cluster: one broker, one copy, one in sync."""
     deployment.worker().start().wait_ready()
     app_id = deployment.env["BLACKROAD_APP_ID"]
-    changelogs = [f"{app_id}-{table}-changelog" for table in ("agents", "tasks", "memory", "stats")]
+    changelogs = [f"{app_id}-{table}-changelog" for table in ("agents", "tasks", "memory", "memory_entries", "stats")]
     others = [deployment.topic(name) for name in ("tasks", "events", "deadletter", "memory-archive")]
 
     async def configs() -> dict[str, dict[str, str]]:

@@ -881,7 +881,8 @@ class _Worker:
         self.stores = {name: _cached_table(name) for name in tables.TABLE_NAMES}
         if memory_row is not None:  # restored from its changelog
             self.stores["memory"].rows["agent_x_001"] = memory_row
-        sender = tables.DirectSender(self.producer, last=frozenset({settings.topic("memory-archive")}))
+        last = frozenset({settings.topic("memory-archive"), "memory_entries-changelog"})
+        sender = tables.DirectSender(self.producer, last=last)
         self.processor = BatchProcessor(
             settings,
             tables.TableWriter(sender, self.stores),
@@ -923,6 +924,12 @@ def test_entries_leaving_working_memory_are_archived_once_on_the_broker_and_agai
         assert [entry["content"] for entry in record["entries"]] == notes[:4]
         row = worker.stores["memory"].get("agent_x_001")
         assert [entry["content"] for entry in memory.entries(row)] == notes[4:6] and "leaving" not in row
+        # They are episodic memory now, each a row of its own, also written after the memory row.
+        episodic = {entry["id"]: worker.stores["memory_entries"].get(entry["id"]) for entry in record["entries"]}
+        assert [(row["content"], row["tier"], row["o"]) for row in episodic.values()] == [
+            (note, "episodic", 5) for note in notes[:4]
+        ]
+        assert topics.index("memory_entries-changelog") > topics.index("memory-changelog")
         # The row's changelog record carries them too, in case the archive record is lost.
         changelog = [
             msgpack.unpackb(value) for topic, _, _, value in worker.producer.sent if topic == "memory-changelog"
@@ -944,6 +951,8 @@ def test_entries_leaving_working_memory_are_archived_once_on_the_broker_and_agai
         await again.process(writes[6:7], 6)
         assert again.sent(archive) == worker.sent(archive)[1:]
         assert again.stores["memory"].get("agent_x_001") == restored  # nothing written twice
+        [resent] = again.sent(archive)[0]["entries"]
+        assert again.stores["memory_entries"].get(resent["id"])["content"] == notes[4]
         # Every entry is on the chain: in the archive or in working memory.
         archived = [entry for record in worker.sent(archive) for entry in record["entries"]]
         differences: list[str] = []

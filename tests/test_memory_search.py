@@ -1,0 +1,265 @@
+"""Memory search: the index and the embedding cache (pure logic), the built-in model, and
+``POST /v1/memory/search`` end to end on the real brokers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks.memory_corpus import sentences
+from streams.memory_search.embedding import CachedEmbedder, WordLlamaEmbedder
+from streams.memory_search.index import VectorIndex
+from streams.web import ApiError, parse_search
+from tests.factories import record, task
+from tests.harness import Deployment, produce, wait_until
+
+LABELLED = Path(__file__).parent / "data" / "memory_relevance.json"
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _filled_index(count: int, dimensions: int = 64, seed: int = 1) -> tuple[VectorIndex, np.ndarray]:
+    vectors = _unit(np.random.default_rng(seed).normal(size=(count, dimensions)))
+    index = VectorIndex(dimensions, candidates=count)  # every row scored: results equal exact search
+    index.add(
+        [f"mem_{i}" for i in range(count)],
+        [f"agent_a_{i % 10:03d}" for i in range(count)],
+        ["conversation" if i % 2 else "decision" for i in range(count)],
+        ["working" if i % 3 else "episodic" for i in range(count)],
+        [i % 4 for i in range(count)],
+        vectors,
+    )
+    return index, vectors
+
+
+def _exact(vectors: np.ndarray, query: np.ndarray, rows: list[int], limit: int) -> list[str]:
+    scores = vectors[rows] @ query
+    return [f"mem_{rows[i]}" for i in np.argsort(-scores, kind="stable")[:limit]]
+
+
+def test_index_search_equals_exact_search_with_and_without_filters() -> None:
+    index, vectors = _filled_index(3000)
+    query = vectors[17] + 0.1 * vectors[901]
+    query /= np.linalg.norm(query)
+    everything = list(range(3000))
+    assert [hit.entry_id for hit in index.search(query, 10, -1.0)] == _exact(vectors, query, everything, 10)
+    agent_rows = [i for i in everything if i % 10 == 7]
+    found = index.search(query, 5, -1.0, agent_id="agent_a_007")
+    assert [hit.entry_id for hit in found] == _exact(vectors, query, agent_rows, 5)
+    assert {hit.agent_id for hit in found} == {"agent_a_007"}
+    typed = [i for i in everything if i % 2 == 0 and i % 3 == 0]
+    found = index.search(query, 5, -1.0, memory_type="decision", tier="episodic")
+    assert [hit.entry_id for hit in found] == _exact(vectors, query, typed, 5)
+    assert {hit.tier for hit in found} == {"episodic"}
+    # Scores are cosine similarities (float16 vectors): the top one is entry 17's.
+    assert index.search(query, 1, -1.0)[0].score == pytest.approx(float(vectors[17] @ query), abs=2e-3)
+    assert index.search(query, 10, 2.0) == []
+    assert index.search(query, 5, -1.0, agent_id="agent_nobody_001") == []
+
+
+def test_index_tiers_removal_partitions_and_compaction() -> None:
+    index, vectors = _filled_index(2400)
+    index.set_tier(["mem_1", "mem_2"], "semantic")
+    assert index.tier_of("mem_1") == "semantic"
+    semantic = index.search(vectors[1], 10, -1.0, tier="semantic")
+    assert {hit.entry_id for hit in semantic} == {"mem_1", "mem_2"}
+    index.remove(["mem_1"])
+    assert "mem_1" not in index
+    assert all(hit.entry_id != "mem_1" for hit in index.search(vectors[1], 50, -1.0))
+    index.drop_partitions({0, 1})  # over a quarter of the rows: compacted
+    assert len(index) == 1200  # partitions 2 and 3 (mem_1 was in partition 1)
+    remaining = [i for i in range(2400) if i % 4 in (2, 3)]
+    query = vectors[2]
+    assert [hit.entry_id for hit in index.search(query, 10, -1.0)] == _exact(vectors, query, remaining, 10)
+    assert [hit.entry_id for hit in index.search(query, 3, -1.0, agent_id="agent_a_002")] == _exact(
+        vectors, query, [i for i in remaining if i % 10 == 2], 3
+    )
+    # An id added again replaces its row.
+    index.add(["mem_2"], ["agent_a_002"], ["decision"], ["episodic"], [2], vectors[5:6])
+    assert index.search(vectors[5], 1, -1.0, agent_id="agent_a_002")[0].entry_id == "mem_2"
+    assert index.tier_of("mem_2") == "episodic"
+
+
+class _CountingModel:
+    name = "counting"
+    dimensions = 4
+    default_threshold = 0.0
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def embed(self, texts: Any) -> np.ndarray:
+        self.calls.append(list(texts))
+        return _unit(np.array([[len(t), 1.0, 2.0, 3.0] for t in texts], dtype=np.float32))
+
+
+def test_the_embedding_cache_embeds_each_text_once_and_forgets_the_least_recent() -> None:
+    model = _CountingModel()
+    cache = CachedEmbedder(model, capacity=2)
+    first = cache.embed(["a", "bb", "a"])
+    assert model.calls == [["a", "bb"]]
+    assert np.array_equal(first[0], first[2])
+    cache.embed(["bb", "a"])
+    assert model.calls == [["a", "bb"]]
+    cache.embed(["ccc"])  # evicts "bb" (the least recently used)
+    cache.embed(["a", "bb"])
+    assert model.calls == [["a", "bb"], ["ccc"], ["bb"]]
+    assert len(cache) == 2
+
+
+def test_the_built_in_model_loads_offline_and_ranks_related_text_first() -> None:
+    model = WordLlamaEmbedder()
+    vectors = model.embed(
+        ["where is my parcel being delivered", "the package ships to Berlin tomorrow", "I like apples"]
+    )
+    assert vectors.shape == (3, model.dimensions)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+def test_the_labelled_queries_find_their_memory_among_ten_thousand_distractors() -> None:
+    """The relevance check of the built-in model (the figure: benchmarks/memory_relevance.py).
+
+    The issue's bar is 90% in the top 5; WordLlama reaches 73% on this set (docs/memory-search.md).
+    This guards against a change to the model or the index making it worse.
+    """
+    model = WordLlamaEmbedder()
+    pairs = json.loads(LABELLED.read_text())["pairs"]
+    assert len(pairs) >= 50
+    distractors = sentences(10_000)
+    texts = distractors + [pair["memory"] for pair in pairs]
+    index = VectorIndex(model.dimensions)
+    count = len(texts)
+    index.add(
+        [f"e{i}" for i in range(count)],
+        ["agent_x_001"] * count,
+        ["observation"] * count,
+        ["episodic"] * count,
+        [0] * count,
+        model.embed(texts),
+    )
+    queries = model.embed([pair["query"] for pair in pairs])
+    found = sum(
+        f"e{len(distractors) + number}" in [hit.entry_id for hit in index.search(query, 5, -1.0)]
+        for number, query in enumerate(queries)
+    )
+    assert found / len(pairs) >= 0.70
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ([], None),
+        ({"query": ""}, "query"),
+        ({"query": "x", "limit": 0}, "limit"),
+        ({"query": "x", "limit": True}, "limit"),
+        ({"query": "x", "threshold": "high"}, "threshold"),
+        ({"query": "x", "filters": {"tier": "cold"}}, "filters.tier"),
+        ({"query": "x", "filters": {"memory_type": "dream"}}, "filters.memory_type"),
+        ({"query": "x", "filters": {"colour": "red"}}, None),
+        ({"query": "x", "extra": 1}, None),
+    ],
+)
+def test_a_bad_search_request_is_refused_naming_the_field(body: Any, field: str | None) -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_search(body)
+    assert refused.value.status == 400
+    if field is not None:
+        assert refused.value.details["field"] == field
+
+
+def _search(worker: Any, body: dict[str, Any]) -> dict[str, Any]:
+    status, answer = worker.post("/v1/memory/search", body)
+    assert status == 200, answer
+    return answer  # type: ignore[no-any-return]
+
+
+def _searchable(worker: Any, body: dict[str, Any]):  # type: ignore[no-untyped-def]
+    def check():  # type: ignore[no-untyped-def]
+        status, answer = worker.post("/v1/memory/search", body)
+        return status == 200 and answer
+
+    return check
+
+
+def _finished(worker: Any, expected: int):  # type: ignore[no-untyped-def]
+    def check():  # type: ignore[no-untyped-def]
+        status, stats = worker.get("/v1/stats")
+        return status == 200 and stats["completed_tasks"] >= expected
+
+    return check
+
+
+#: Notes written per agent: with a 16-token working memory most of them leave it (episodic).
+NOTES = 6
+
+
+def _notes(agents: list[str]) -> list[Any]:
+    texts = sentences(len(agents) * NOTES, seed=3)
+    return [
+        task(agent, "memory_operation", {"op": "write", "content": texts[i * NOTES + n], "memory_type": "observation"})
+        for i, agent in enumerate(agents)
+        for n in range(NOTES)
+    ]
+
+
+def test_search_answers_the_same_from_either_worker_across_tiers(deployment: Deployment) -> None:
+    deployment.env["BLACKROAD_WORKING_MEMORY_TOKENS"] = "16"
+    first, second = deployment.worker().start(), deployment.worker().start()
+    first.wait_ready()
+    second.wait_ready()
+    agents = [f"agent_recall_{i:03d}" for i in range(40)]
+    events = _notes(agents)
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+    for worker in (first, second):
+        wait_until(_finished(worker, len(events)), 90, what="every note written")
+    target = events[7].payload["content"]
+    query = {"query": target, "limit": 20, "threshold": -1.0}
+    answers = [wait_until(_searchable(worker, query), 60, what="memory indexed") for worker in (first, second)]
+    assert answers[0] == answers[1]
+    results = answers[0]["results"]
+    assert len(results) == 20 and answers[0]["total"] == 20
+    assert results[0]["content"] == target and results[0]["score"] == pytest.approx(1.0, abs=2e-3)
+    assert results[0]["metadata"]["agent_id"] == events[7].agent_id
+    scores = [result["score"] for result in results]
+    assert scores == sorted(scores, reverse=True)
+    assert len({result["metadata"]["agent_id"] for result in results}) > 1  # both workers' agents
+    # Each agent's first notes left working memory (16 tokens) for episodic memory.
+    tiers = {result["metadata"]["tier"] for result in results}
+    assert tiers == {"working", "episodic"}
+    agent = events[7].agent_id
+    for worker in (first, second):
+        own = _search(worker, {"query": target, "limit": 10, "threshold": -1.0, "filters": {"agent_id": agent}})
+        assert own["total"] == NOTES
+        assert {result["metadata"]["agent_id"] for result in own["results"]} == {agent}
+        assert own["results"][0]["content"] == target
+        episodic = _search(worker, {"query": target, "threshold": -1.0, "filters": {"tier": "episodic"}})
+        assert {result["metadata"]["tier"] for result in episodic["results"]} == {"episodic"}
+    # A new entry is searchable once its task is done.
+    fresh = task(agent, "memory_operation", {"op": "write", "content": "the submarine surfaced near Reykjavik"})
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(fresh)])
+    wait_until(lambda: first.get(f"/v1/tasks/{fresh.task_id}")[0] == 200, 30, what="the new note written")
+    found = _search(second, {"query": "the submarine surfaced near Reykjavik", "limit": 1})
+    assert found["results"][0]["id"] == first.get(f"/v1/tasks/{fresh.task_id}")[1]["result"]["memory_id"]
+
+
+def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) -> None:
+    deployment.env["BLACKROAD_WORKING_MEMORY_TOKENS"] = "16"
+    worker = deployment.worker().start().wait_ready()
+    agents = [f"agent_keep_{i:03d}" for i in range(30)]
+    events = _notes(agents)
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+    wait_until(_finished(worker, len(events)), 90, what="every note written")
+    queries = [{"query": events[n].payload["content"], "limit": 10, "threshold": -1.0} for n in (0, 50, 111)]
+    before = [wait_until(_searchable(worker, query), 60, what="memory indexed") for query in queries]
+    worker.kill()
+    worker = deployment.worker().start().wait_ready()
+    after = [wait_until(_searchable(worker, query), 60, what="memory indexed again") for query in queries]
+    assert after == before
+    assert sum(len(answer["results"]) for answer in after) == 30
