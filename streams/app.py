@@ -21,7 +21,7 @@ from streams.exactly_once import TransactionalSender
 from streams.ingress import IngressProducer
 from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import client_id
-from streams.memory_search.embedding import CachedEmbedder, load_embedder
+from streams.memory_search.embedding import CachedEmbedder, ProcessEmbedder
 from streams.memory_search.indexer import MemoryIndexer
 from streams.metrics import Metrics
 from streams.peers import PeerClient
@@ -187,7 +187,10 @@ class Pipeline(Service):
             rebalances=lambda: self.app.rebalances,
         )
         if self.settings.memory_search_enabled:
-            embedder = CachedEmbedder(load_embedder(self.settings.embedding_model), self.settings.embedding_cache_size)
+            model = await asyncio.get_running_loop().run_in_executor(
+                None, ProcessEmbedder, self.settings.embedding_model
+            )
+            embedder = CachedEmbedder(model, self.settings.embedding_cache_size)
             self.indexer = MemoryIndexer(embedder, cached["memory"], cached["memory_entries"])
             self.processor.indexer = self.indexer
         processor = self.processor
@@ -231,6 +234,7 @@ class Pipeline(Service):
         await self.wait_for_started()
         while not self.should_stop and self.indexer is not None and self.lost_data is None:
             await self.sleep(0.2)
+            self.indexer.apply_done()
             if not self.tables_ready():
                 continue
             owned = self.owned_partitions()

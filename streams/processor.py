@@ -117,7 +117,7 @@ class BatchProcessor:
                 raise
             written, left = self.runner.take_memory_changes()
             if self.indexer is not None and (written or left):
-                await self.indexer.batch_done(written, left)
+                self.indexer.batch_done(written, left)
             # The next batch starts while this one's records wait for the flush.
             self._unacked.put_nowait((waits, offsets))
             produced = await self._flush() if self._flush_due() else 0
@@ -132,6 +132,8 @@ class BatchProcessor:
         return dirty > 0 and (dirty >= _MAX_DIRTY_ROWS or time.monotonic() - self._last_flush >= interval)
 
     async def _flush(self) -> int:
+        if self.indexer is not None:
+            await self.indexer.flushing()  # the previous flush's entries are searchable
         self._last_flush = time.monotonic()
         return await self.writer.flush()
 

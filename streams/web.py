@@ -568,6 +568,38 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 del results[search.limit :]
             return _json(self, {"results": results, "total": len(results), "model": app.pipeline.indexer.embedder.name})
 
+    @app.page("/v1/memory/stats")
+    class MemoryStats(ApiView):
+        """Entries per tier, the index's size and the embedding counts, of every worker (summed)
+        and of each (``workers``, by web URL)."""
+
+        name = "memory_stats"
+
+        async def get(self, request: Any) -> Any:
+            if not settings.memory_search_enabled:
+                raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
+            own = {**app.pipeline.indexer.stats(), "ready": app.pipeline.memory_search_ready()}
+            if FORWARDED in request.headers:
+                return _json(self, own)
+            workers = {settings.web_url: own}
+            for peer in peers():
+                status, body = await fetch(peer, "/v1/memory/stats")
+                if status != 200:
+                    raise ApiError("internal_error", f"worker {peer} answered {status}; retry shortly", 503)
+                workers[str(peer)] = body
+            totals = {tier: sum(w["entries"][tier] for w in workers.values()) for tier in TIERS}
+            document = {
+                "entries": totals,
+                "total": sum(totals.values()),
+                "index_bytes": sum(w["index_bytes"] for w in workers.values()),
+                "embedded": sum(w["embedded"] for w in workers.values()),
+                "embedding_cache_hits": sum(w["embedding_cache_hits"] for w in workers.values()),
+                "model": own["model"],
+                "ready": all(w["ready"] for w in workers.values()),
+                "workers": workers,
+            }
+            return _json(self, document)
+
     @app.page("/v1/agents/{agent_id}/tasks")
     class AgentTaskHistory(ApiView):
         """The agent's tasks from the history in PostgreSQL, newest first (any worker answers)."""

@@ -99,18 +99,20 @@ class _CountingModel:
         return _unit(np.array([[len(t), 1.0, 2.0, 3.0] for t in texts], dtype=np.float32))
 
 
-def test_the_embedding_cache_embeds_each_text_once_and_forgets_the_least_recent() -> None:
+def test_the_embedding_cache_embeds_each_text_once_and_forgets_the_oldest() -> None:
     model = _CountingModel()
     cache = CachedEmbedder(model, capacity=2)
     first = cache.embed(["a", "bb", "a"])
     assert model.calls == [["a", "bb"]]
-    assert np.array_equal(first[0], first[2])
-    cache.embed(["bb", "a"])
+    assert np.array_equal(first[0], first[2]) and not np.array_equal(first[0], first[1])
+    again = cache.embed(["bb", "a"])
     assert model.calls == [["a", "bb"]]
-    cache.embed(["ccc"])  # evicts "bb" (the least recently used)
-    cache.embed(["a", "bb"])
-    assert model.calls == [["a", "bb"], ["ccc"], ["bb"]]
-    assert len(cache) == 2
+    assert np.array_equal(again, first[[1, 0]])
+    cache.embed(["ccc"])  # takes the place of "a", the oldest
+    both = cache.embed(["a", "bb"])
+    assert model.calls == [["a", "bb"], ["ccc"], ["a"]]
+    assert np.array_equal(both, first[[0, 1]])
+    assert len(cache) == 2 and (cache.embedded, cache.hits) == (4, 4)
 
 
 def test_the_built_in_model_loads_offline_and_ranks_related_text_first() -> None:
@@ -196,6 +198,13 @@ def _finished(worker: Any, expected: int):  # type: ignore[no-untyped-def]
     return check
 
 
+def _descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, whichever of its threads started them."""
+    return [
+        int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()
+    ]
+
+
 #: Notes written per agent: with a 16-token working memory most of them leave it (episodic).
 NOTES = 6
 
@@ -244,9 +253,12 @@ def test_search_answers_the_same_from_either_worker_across_tiers(deployment: Dep
     # A new entry is searchable once its task is done.
     fresh = task(agent, "memory_operation", {"op": "write", "content": "the submarine surfaced near Reykjavik"})
     produce(deployment.bootstrap, deployment.topic("tasks"), [record(fresh)])
-    wait_until(lambda: first.get(f"/v1/tasks/{fresh.task_id}")[0] == 200, 30, what="the new note written")
-    found = _search(second, {"query": "the submarine surfaced near Reykjavik", "limit": 1})
-    assert found["results"][0]["id"] == first.get(f"/v1/tasks/{fresh.task_id}")[1]["result"]["memory_id"]
+    wait_until(_finished(first, len(events) + 1), 30, what="the new note written and flushed")
+    memory_id = first.get(f"/v1/tasks/{fresh.task_id}")[1]["result"]["memory_id"]
+    # Searchable by the flush after its own: within a flush interval or two (0.2 s each).
+    search = _searchable(second, {"query": "the submarine surfaced near Reykjavik", "limit": 1})
+    found = wait_until(lambda: (answer := search()) and answer["results"][0]["id"] == memory_id, 5, 0.05, what="it")
+    assert found
 
 
 def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) -> None:
@@ -258,7 +270,10 @@ def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) 
     wait_until(_finished(worker, len(events)), 90, what="every note written")
     queries = [{"query": events[n].payload["content"], "limit": 10, "threshold": -1.0} for n in (0, 50, 111)]
     before = [wait_until(_searchable(worker, query), 60, what="memory indexed") for query in queries]
+    helpers = _descendants(worker.process.pid)  # the embedding process and multiprocessing's resource tracker
+    assert helpers
     worker.kill()
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers), 10, what="its helpers to exit")
     worker = deployment.worker().start().wait_ready()
     after = [wait_until(_searchable(worker, query), 60, what="memory indexed again") for query in queries]
     assert after == before

@@ -123,6 +123,12 @@ class VectorIndex:
             self.ids.append(entry_id)
         self._size = end
 
+    def tier_counts(self) -> dict[str, int]:
+        """Live entries per tier."""
+        size = self._size
+        counts = np.bincount(self.tiers[:size][self.alive[:size]], minlength=len(TIERS))
+        return {name: int(counts[code]) for code, name in enumerate(TIERS)}
+
     def set_tier(self, ids: list[str], tier: str) -> None:
         """Move entries to another tier (ids not held are skipped)."""
         code = _TIER_CODE[tier]

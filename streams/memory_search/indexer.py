@@ -1,20 +1,25 @@
 """Keeps one worker's memory search index in step with its memory tables.
 
-* After each processing batch the entries it wrote are embedded in one call and added
-  (tier ``working``), and those that left working memory move to ``episodic``: an entry
-  is searchable once its batch ends, before its flush.
+* After each processing batch the entries it wrote are embedded in one call, on the
+  embedding thread while the next batches run, then added (tier ``working``); those that
+  left working memory move to ``episodic``, in batch order. Each flush first waits for
+  the batches of the flush before it to be in the index: an entry is searchable by the
+  flush after its own (usually well before), so embedding overlaps a whole flush interval
+  of processing, and a worker whose embedding falls behind slows down to it.
 * A partition the worker gets (at start, or from a rebalance) is indexed from its restored
   rows: every working-memory entry of its agents and every row of ``memory_entries``.
   Until each owned partition is, searches answer 503.
 * A partition handed away is dropped from the index.
 
-Embedding runs on one thread of its own, so the event loop keeps serving (web views,
-heartbeats) while a partition's rows are embedded.
+Embedding is waited for on one thread of its own (the model itself runs in a process of
+its own, :class:`ProcessEmbedder`), so the event loop keeps serving (web views,
+heartbeats) while a batch's or a partition's entries are embedded.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -41,36 +46,99 @@ class MemoryIndexer:
         #: Partitions whose rows are in the index.
         self.built: set[int] = set()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding")
+        #: Batches' changes not in the index yet, oldest first: (embedding, entries) of the
+        #: entries a batch wrote, or (None, ids) of those that left working memory.
+        self._queue: deque[tuple[asyncio.Future[np.ndarray] | None, list[Any]]] = deque()
+        #: Changes ever queued and applied, and how many were queued at the last flush.
+        self._queued = 0
+        self._applied = 0
+        self._mark = 0
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.embedder.model, "close", None)
+        if close is not None:
+            close()
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         """The texts' vectors, computed on the embedding thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self.embedder.embed, texts)
 
-    async def batch_done(self, written: Written, left: list[dict[str, Any]]) -> None:
-        """Index a batch's memory changes (entries of partitions not indexed yet come with them later)."""
-        ids: list[str] = []
-        agents: list[str] = []
-        types: list[str] = []
-        partitions: list[int] = []
-        texts: list[str] = []
-        for partition, entries in written:
-            if partition not in self.built:
-                continue
-            for entry in entries:
-                ids.append(entry["id"])
-                agents.append(entry["agent_id"])
-                types.append(entry["memory_type"])
-                partitions.append(partition)
-                texts.append(entry["content"])
-        if texts:
-            vectors = await self.embed(texts)
-            self.index.add(ids, agents, types, ["working"] * len(ids), partitions, vectors)
+    def batch_done(self, written: Written, left: list[dict[str, Any]]) -> None:
+        """Queue a batch's memory changes: its entries are embedded meanwhile (see :meth:`settle`)."""
+        self._apply_done()
+        entries = [(partition, entry) for partition, batch in written for entry in batch]
+        if entries:
+            loop = asyncio.get_running_loop()
+            texts = [entry["content"] for _, entry in entries]
+            self._queue.append((loop.run_in_executor(self._thread, self.embedder.embed, texts), entries))
+            self._queued += 1
         if left:
-            self.index.set_tier([entry["id"] for entry in left], "episodic")
+            self._queue.append((None, [entry["id"] for entry in left]))
+            self._queued += 1
+
+    async def settle(self) -> None:
+        """Wait until every queued batch is in the index."""
+        await self._settle_until(self._queued)
+
+    async def flushing(self) -> None:
+        """A flush begins: wait until the batches queued before the previous flush are in the index."""
+        await self._settle_until(self._mark)
+        self._mark = self._queued
+
+    async def _settle_until(self, count: int) -> None:
+        """Wait until the first ``count`` changes ever queued are in the index."""
+        while self._applied < count:
+            future, _ = self._queue[0]
+            if future is not None:
+                await asyncio.shield(future)
+            self._apply_done()
+
+    def apply_done(self) -> None:
+        """Apply what is embedded already (called on a timer, so an idle worker catches up too)."""
+        self._apply_done()
+
+    def _apply_done(self) -> None:
+        """Apply the queued changes whose embeddings are done, in batch order."""
+        queue = self._queue
+        while queue:
+            future, items = queue[0]
+            if future is None:
+                self.index.set_tier(items, "episodic")
+            elif future.done():
+                self._add_working(items, future.result())
+            else:
+                return
+            queue.popleft()
+            self._applied += 1
+
+    def _add_working(self, entries: list[tuple[int, dict[str, Any]]], vectors: np.ndarray) -> None:
+        """Add a batch's new entries, those of partitions still indexed (the rest come with a rebuild)."""
+        built = self.built
+        keep = [row for row, (partition, _) in enumerate(entries) if partition in built]
+        if not keep:
+            return
+        chosen = [entries[row] for row in keep]
+        self.index.add(
+            [entry["id"] for _, entry in chosen],
+            [entry["agent_id"] for _, entry in chosen],
+            [entry["memory_type"] for _, entry in chosen],
+            ["working"] * len(chosen),
+            [partition for partition, _ in chosen],
+            vectors[keep] if len(keep) < len(entries) else vectors,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """What this worker's index holds (``GET /v1/memory/stats``)."""
+        return {
+            "entries": self.index.tier_counts(),
+            "index_bytes": self.index.nbytes,
+            "partitions": sorted(self.built),
+            "model": self.embedder.name,
+            "embedded": self.embedder.embedded,
+            "embedding_cache_hits": self.embedder.hits,
+        }
 
     def drop(self, partitions: set[int]) -> None:
         """Partitions handed away: their entries leave the index."""
@@ -90,6 +158,7 @@ class MemoryIndexer:
         partitions = partitions - self.built
         if not partitions:
             return 0
+        await self.settle()  # queued batches of these partitions are in the rows read below
         self.index.drop_partitions(partitions)  # anything left from an earlier ownership
         count = 0
         rows = list(self._rows_of(partitions))

@@ -1,0 +1,287 @@
+"""Memory search against its bars, on this machine.
+
+Usage:
+  python benchmarks/memory_search.py stream [--engine kafka] [--count 200000] [--agents 1000] [--processes 1]
+  python benchmarks/memory_search.py search [--engine kafka] [--count 1000000] [--agents 30000] [--rate 500]
+  python benchmarks/memory_search.py recall [--count 1000000] [--workers 2]
+
+* ``stream``: a backlog of ``memory_operation`` writes, each a distinct generated sentence
+  (benchmarks/memory_corpus.py), through the worker with memory search on and then off:
+  tasks/s is entries embedded and indexed per second (read from the tasks changelog, first
+  to last completion, as ``blackroad bench`` does).
+* ``search``: ``--count`` entries over ``--agents`` agents written through two worker
+  processes, then a load of ``--rate`` tasks/s (the demo mix) while one client searches
+  over HTTP, one request at a time, without and with an agent filter: P50/P95/P99, and
+  each worker's RSS and index size (``GET /v1/memory/stats``).
+* ``recall``: in one process, the index over one worker's share of ``--count`` entries
+  (``--workers`` share them) against exact float32 search: recall@10 and latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.memory_corpus import sentences  # noqa: E402
+from schemas import wire  # noqa: E402
+from schemas.wire import TaskEvent  # noqa: E402
+from streams import bench, loadgen  # noqa: E402
+from streams.broker import create_topic  # noqa: E402
+from streams.memory_search.embedding import WordLlamaEmbedder  # noqa: E402
+from streams.memory_search.index import VectorIndex  # noqa: E402
+
+
+def note(agents: list[str], number: int, texts: list[str]) -> TaskEvent:
+    agent = agents[number % len(agents)]
+    # Unique text per entry: the embedding cache must not make the stream look faster.
+    content = f"{texts[number % len(texts)]} (entry {number} of {agent})"
+    return TaskEvent(
+        task_id=f"task_m{number:09d}",
+        agent_id=agent,
+        kind="memory_operation",
+        priority="normal",
+        title="note",
+        description="",
+        payload={"op": "write", "content": content, "memory_type": "observation"},
+        created_ms=wire.now_ms(),
+    )
+
+
+async def produce_notes(bootstrap: str, count: int, agents: int) -> None:
+    names = loadgen.agent_ids(agents)
+    texts = sentences(min(count, 200_000), seed=11)
+    await create_topic(bootstrap, bench.TOPIC, bench.PARTITIONS, None, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=512 * 1024, acks=1)
+    await producer.start()
+    try:
+        pending = []
+        for number in range(count):
+            event = note(names, number, texts)
+            pending.append(await producer.send(bench.TOPIC, wire.encode_task(event), key=event.agent_id.encode()))
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+
+
+def get(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - a local worker
+        return response.status, json.loads(response.read())
+
+
+def percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+
+    def at(share: float) -> float:
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+    return f"P50 {at(0.5):.2f} / P95 {at(0.95):.2f} / P99 {at(0.99):.2f} ms over {len(ordered)}"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def worker_pids(process: Any, processes: int) -> list[int]:
+    if processes == 1:
+        return [process.pid]
+    return [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+
+
+def stream(engine: str, count: int, agents: int, processes: int, tmp: Path) -> None:
+    for search in ("on", "off"):
+        workdir = tmp / f"stream-{search}"
+        workdir.mkdir()
+        with bench.running_broker(engine, workdir) as broker:
+            asyncio.run(produce_notes(broker.bootstrap, count, agents))
+            system = bench.Project(processes=processes, env={"BLACKROAD_MEMORY_SEARCH": search})
+            process = system.start(broker, count, workdir)
+            try:
+                system.wait_first(process, 120)
+                system.wait_done(process, 900)
+                stats = get(system.web_port, "/v1/memory/stats") if search == "on" else None
+                _, first, last = system.completion_span(broker)
+            finally:
+                bench._stop(process)  # noqa: SLF001 - the bench's own helper
+        rate = count / max(1e-6, last - first)
+        extra = f"; {stats['embedded']:,} embedded, {stats['embedding_cache_hits']:,} from the cache" if stats else ""
+        print(
+            f"stream, memory search {search}, {processes} process(es): {count:,} memory writes over {agents:,} agents"
+            f" in {last - first:.2f}s: {rate:,.0f} entries/s{extra}",
+            flush=True,
+        )
+
+
+def search_load(engine: str, count: int, agents: int, rate: float, queries: int, tmp: Path) -> None:
+    processes = 2
+    workdir = tmp / "search"
+    workdir.mkdir()
+    with bench.running_broker(engine, workdir) as broker:
+        started = time.monotonic()
+        asyncio.run(produce_notes(broker.bootstrap, count, agents))
+        print(f"produced {count:,} notes in {time.monotonic() - started:.1f}s", flush=True)
+        # A 64-token working memory: most of each agent's notes are episodic by the end.
+        env = {"BLACKROAD_WORKING_MEMORY_TOKENS": "64"}
+        system = bench.Project(processes=processes, env=env)
+        process = system.start(broker, count, workdir)
+        try:
+            system.wait_first(process, 120)
+            done = system.wait_done(process, 1800)
+            print(f"written and indexed in {done['last'] - done['first']:.1f}s", flush=True)
+            port = system.web_port
+            while not (memory := get(port, "/v1/memory/stats"))["ready"]:
+                time.sleep(0.5)
+            rng = random.Random(5)  # noqa: S311 - load, not secrets
+            texts = sentences(queries, seed=99)
+            names = loadgen.agent_ids(agents)
+            load = _background_load(broker.bootstrap, agents, rate)
+            time.sleep(2.0)
+            unfiltered, filtered = [], []
+            for number in range(queries):
+                body = {"query": texts[number], "limit": 10}
+                begin = time.perf_counter()
+                status, answer = post(port + number % processes, "/v1/memory/search", body)
+                unfiltered.append((time.perf_counter() - begin) * 1000)
+                assert status == 200, answer
+                body["filters"] = {"agent_id": rng.choice(names)}
+                begin = time.perf_counter()
+                status, answer = post(port + number % processes, "/v1/memory/search", body)
+                filtered.append((time.perf_counter() - begin) * 1000)
+                assert status == 200, answer
+            memory = get(port, "/v1/memory/stats")
+            rss = [rss_mb(pid) for pid in worker_pids(process, processes)]
+            load.cancel()
+        finally:
+            bench._stop(process)  # noqa: SLF001
+    where = f"{memory['total']:,} entries {memory['entries']} on {processes} workers"
+    print(f"search over {where}, {rate:g} tasks/s meanwhile:")
+    print(f"  without a filter: {percentiles(unfiltered)}")
+    print(f"  with an agent filter: {percentiles(filtered)}")
+    per_worker = [w["index_bytes"] / 1e6 for w in memory["workers"].values()]
+    arrays = ", ".join(f"{b:.0f} MB" for b in per_worker)
+    print(f"  RSS per worker: {', '.join(f'{r:.0f} MB' for r in rss)}; index arrays {arrays}")
+
+
+class _Load:
+    """A throttled load of the demo mix on a thread of its own (cancelled at the end)."""
+
+    def __init__(self, bootstrap: str, agents: int, rate: float) -> None:
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._task: Any = None
+        coroutine = loadgen.produce(bootstrap, bench.TOPIC, agents, rate, 0, seed=3, partitions=bench.PARTITIONS)
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._task = self._loop.create_task(coroutine)
+            try:
+                self._loop.run_until_complete(self._task)
+            except asyncio.CancelledError:
+                pass
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(10)
+
+
+def _background_load(bootstrap: str, agents: int, rate: float) -> _Load:
+    return _Load(bootstrap, agents, rate)
+
+
+def recall(count: int, workers: int, queries: int) -> None:
+    model = WordLlamaEmbedder()
+    share = count // workers
+    texts = sentences(min(share, 200_000), seed=11)
+    started = time.perf_counter()
+    vectors = model.embed([f"{texts[i % len(texts)]} (entry {i})" for i in range(share)])
+    print(f"embedded {share:,} entries in {time.perf_counter() - started:.1f}s", flush=True)
+    index = VectorIndex(model.dimensions)
+    started = time.perf_counter()
+    for start in range(0, share, 50_000):
+        end = min(share, start + 50_000)
+        index.add(
+            [f"e{i}" for i in range(start, end)],
+            [f"agent_{i % 15_000}" for i in range(start, end)],
+            ["observation"] * (end - start),
+            ["episodic"] * (end - start),
+            [0] * (end - start),
+            vectors[start:end],
+        )
+    print(f"indexed in {time.perf_counter() - started:.1f}s: {index.nbytes / 1e6:.0f} MB of arrays", flush=True)
+    query_vectors = model.embed(sentences(queries, seed=99))
+    found, times, exact_times = 0, [], []
+    for query in query_vectors:
+        begin = time.perf_counter()
+        hits = index.search(query, 10, -1.0)
+        times.append((time.perf_counter() - begin) * 1000)
+        begin = time.perf_counter()
+        scores = vectors @ query
+        best = np.argpartition(-scores, 10)[:10]
+        exact_times.append((time.perf_counter() - begin) * 1000)
+        tenth = np.sort(scores[best])[0]
+        # Tie-aware: a hit counts if it scores at least the exact tenth best (float16 rounding allowed).
+        found += sum(1 for hit in hits if scores[int(hit.entry_id[1:])] >= tenth - 1e-3)
+    print(f"recall@10 over {share:,} entries (one of {workers} workers' share): {found / (10 * queries):.4f}")
+    print(f"  index search: {percentiles(times)}; exact float32 search: {percentiles(exact_times)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("stream", "search", "recall"))
+    parser.add_argument("--engine", choices=("kafka", "tansu"), default="kafka")
+    parser.add_argument("--count", type=int, default=None)
+    parser.add_argument("--agents", type=int, default=None)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, {bench.machine()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="memory-search-") as tmp:
+        if args.part == "stream":
+            stream(args.engine, args.count or 200_000, args.agents or 1000, args.processes, Path(tmp))
+        elif args.part == "search":
+            search_load(args.engine, args.count or 1_000_000, args.agents or 30_000, args.rate, args.queries, Path(tmp))
+        else:
+            recall(args.count or 1_000_000, args.workers, args.queries)
+
+
+if __name__ == "__main__":
+    main()
