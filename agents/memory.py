@@ -14,6 +14,10 @@ from typing import Any
 
 GENESIS = "GENESIS"
 CHARS_PER_TOKEN = 4
+#: Consolidation (working -> episodic): once an agent holds more than this many entries,
+#: those older than ``CONSOLIDATE_AFTER_MS`` leave working memory.
+CONSOLIDATE_ABOVE = 100
+CONSOLIDATE_AFTER_MS = 3_600_000
 
 
 def token_count(text: str) -> int:
@@ -71,7 +75,28 @@ def append(
         memory["turns"].append(entry)
         memory["tokens"] += tokens
     _trim(memory, budget_tokens, left)
+    consolidate(memory, timestamp_ms, left)
     return entry
+
+
+def consolidate(memory: dict[str, Any], now_ms: int, left: list[dict[str, Any]] | None) -> int:
+    """Move turns older than an hour out of a memory holding over 100 entries; return how many.
+
+    The system message stays, as with trimming; what leaves is added to ``left``.
+    """
+    turns = memory["turns"]
+    if len(turns) + (1 if memory["system"] else 0) <= CONSOLIDATE_ABOVE:
+        return 0
+    cutoff = now_ms - CONSOLIDATE_AFTER_MS
+    old = 0
+    while old < len(turns) and turns[old]["created_at"] < cutoff:
+        old += 1
+    if old:
+        if left is not None:
+            left.extend(turns[:old])
+        memory["tokens"] -= sum(turn["tokens"] for turn in turns[:old])
+        del turns[:old]
+    return old
 
 
 def _trim(memory: dict[str, Any], budget_tokens: int, left: list[dict[str, Any]] | None) -> None:

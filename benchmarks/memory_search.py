@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import platform
@@ -45,6 +46,8 @@ from streams import bench, loadgen  # noqa: E402
 from streams.broker import create_topic  # noqa: E402
 from streams.memory_search.embedding import WordLlamaEmbedder  # noqa: E402
 from streams.memory_search.index import VectorIndex  # noqa: E402
+
+TASK_RETENTION = 30
 
 
 def note(agents: list[str], number: int, texts: list[str]) -> TaskEvent:
@@ -87,15 +90,17 @@ def get(port: int, path: str) -> Any:
         return json.loads(response.read())
 
 
+_connections: dict[int, http.client.HTTPConnection] = {}
+
+
 def post(port: int, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - a local worker
-        return response.status, json.loads(response.read())
+    """POST over a kept-open connection (as a client that searches often would)."""
+    connection = _connections.get(port)
+    if connection is None:
+        connection = _connections[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
 
 
 def percentiles(samples: list[float]) -> str:
@@ -153,7 +158,8 @@ def search_load(engine: str, count: int, agents: int, rate: float, queries: int,
         asyncio.run(produce_notes(broker.bootstrap, count, agents))
         print(f"produced {count:,} notes in {time.monotonic() - started:.1f}s", flush=True)
         # A 64-token working memory: most of each agent's notes are episodic by the end.
-        env = {"BLACKROAD_WORKING_MEMORY_TOKENS": "64"}
+        # Finished tasks leave the live table after 30 s, so RSS is the memory's, not theirs.
+        env = {"BLACKROAD_WORKING_MEMORY_TOKENS": "64", "BLACKROAD_TASK_RETENTION": str(TASK_RETENTION)}
         system = bench.Project(processes=processes, env=env)
         process = system.start(broker, count, workdir)
         try:
@@ -167,7 +173,7 @@ def search_load(engine: str, count: int, agents: int, rate: float, queries: int,
             texts = sentences(queries, seed=99)
             names = loadgen.agent_ids(agents)
             load = _background_load(broker.bootstrap, agents, rate)
-            time.sleep(2.0)
+            time.sleep(TASK_RETENTION + 5.0)  # the backlog's finished tasks swept
             unfiltered, filtered = [], []
             for number in range(queries):
                 body = {"query": texts[number], "limit": 10}

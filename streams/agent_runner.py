@@ -561,6 +561,15 @@ class AgentRunner:
                 memory["o"] = last_offset
             if run.left is not None:
                 self._archive(run, last_offset, run.left)
+                moved = wire.lifecycle_event(
+                    "memory.consolidated",
+                    _now_ms(),
+                    agent_id=run.agent_id,
+                    from_tier="working",
+                    to_tier="episodic",
+                    memory_ids=[entry["id"] for entry in run.left],
+                )
+                run.emit(moved)
         run.in_flight = 0
 
 

@@ -21,7 +21,7 @@ from streams.exactly_once import TransactionalSender
 from streams.ingress import IngressProducer
 from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import client_id
-from streams.memory_search.embedding import CachedEmbedder, ProcessEmbedder
+from streams.memory_search.embedding import CachedEmbedder, ProcessEmbedder, load_embedder
 from streams.memory_search.indexer import MemoryIndexer
 from streams.metrics import Metrics
 from streams.peers import PeerClient
@@ -191,7 +191,8 @@ class Pipeline(Service):
                 None, ProcessEmbedder, self.settings.embedding_model
             )
             embedder = CachedEmbedder(model, self.settings.embedding_cache_size)
-            self.indexer = MemoryIndexer(embedder, cached["memory"], cached["memory_entries"])
+            queries = CachedEmbedder(load_embedder(self.settings.embedding_model), 1000)
+            self.indexer = MemoryIndexer(embedder, cached["memory"], cached["memory_entries"], queries)
             self.processor.indexer = self.indexer
         processor = self.processor
         self.stats_view.in_progress = lambda: processor.in_flight

@@ -556,7 +556,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 return _json(self, answer, status)
             if not settings.memory_search_enabled:
                 raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
-            search.vector = (await app.pipeline.indexer.embed([search.query]))[0]
+            search.vector = await app.pipeline.indexer.embed_query(search.query)
             results = search_here(search)
             if not forwarded and agent_id is None:
                 body = orjson.dumps(raw)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agents import memory as working_memory
 from benchmarks.memory_corpus import sentences
 from streams.memory_search.embedding import CachedEmbedder, WordLlamaEmbedder
 from streams.memory_search.index import VectorIndex
@@ -152,6 +153,44 @@ def test_the_labelled_queries_find_their_memory_among_ten_thousand_distractors()
         for number, query in enumerate(queries)
     )
     assert found / len(pairs) >= 0.70
+
+
+HOUR_MS = 3_600_000
+
+
+def _memory_with(ages_ms: list[int], now_ms: int) -> dict[str, Any]:
+    memory = working_memory.empty_memory()
+    for number, age in enumerate(ages_ms):
+        working_memory.append(
+            memory, "agent_c_001", f"note {number}", role="user", memory_type="observation",
+            timestamp_ms=now_ms - age, budget_tokens=10**6,
+        )  # fmt: skip
+    return memory
+
+
+@pytest.mark.parametrize(
+    ("ages", "leaving"),
+    [
+        ([2 * HOUR_MS] * 100 + [0], 100),  # 101 entries, the oldest over an hour: the old ones leave
+        ([2 * HOUR_MS] * 60 + [HOUR_MS - 1000] * 41, 60),  # only those over an hour
+        ([2 * HOUR_MS] * 100, 0),  # 100 entries: not over the threshold
+        ([HOUR_MS - 1000] * 150, 0),  # many, none over an hour
+    ],
+)
+def test_working_memory_consolidates_into_episodic_at_the_thresholds(ages: list[int], leaving: int) -> None:
+    now = 10 * HOUR_MS
+    memory = _memory_with(ages[:-1], now)
+    left: list[dict[str, Any]] = []
+    working_memory.append(
+        memory, "agent_c_001", "the last note", role="user", memory_type="observation",
+        timestamp_ms=now - ages[-1], budget_tokens=10**6, left=left,
+    )  # fmt: skip
+    assert len(left) == leaving
+    assert [entry["content"] for entry in left] == [f"note {n}" for n in range(leaving)]
+    kept = working_memory.entries(memory)
+    assert len(kept) == len(ages) - leaving
+    assert memory["tokens"] == sum(entry["tokens"] for entry in kept)
+    assert memory["written"] == len(ages)
 
 
 @pytest.mark.parametrize(

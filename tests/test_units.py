@@ -930,6 +930,10 @@ def test_entries_leaving_working_memory_are_archived_once_on_the_broker_and_agai
             (note, "episodic", 5) for note in notes[:4]
         ]
         assert topics.index("memory_entries-changelog") > topics.index("memory-changelog")
+        [consolidated] = [
+            event for event in worker.sent(settings.topic("events")) if event["type"] == "memory.consolidated"
+        ]
+        assert consolidated["memory_ids"] == list(episodic) and consolidated["to_tier"] == "episodic"
         # The row's changelog record carries them too, in case the archive record is lost.
         changelog = [
             msgpack.unpackb(value) for topic, _, _, value in worker.producer.sent if topic == "memory-changelog"

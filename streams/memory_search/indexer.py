@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from agents.memory import entries as working_entries
-from streams.memory_search.embedding import CachedEmbedder
+from streams.memory_search.embedding import CachedEmbedder, Embedder
 from streams.memory_search.index import Hit, VectorIndex
 from streams.tables import CachedTable, thaw
 
@@ -38,8 +38,13 @@ Written = list[tuple[int, list[dict[str, Any]]]]
 
 
 class MemoryIndexer:
-    def __init__(self, embedder: CachedEmbedder, memory: CachedTable, entries: CachedTable) -> None:
+    def __init__(
+        self, embedder: CachedEmbedder, memory: CachedTable, entries: CachedTable, queries: Embedder | None = None
+    ) -> None:
         self.embedder = embedder
+        #: Embeds search queries in this process, at once: a query must not wait behind
+        #: the batches queued for the embedding process.
+        self.queries = queries
         self.index = VectorIndex(embedder.dimensions)
         self._memory = memory
         self._entries = entries
@@ -64,6 +69,13 @@ class MemoryIndexer:
         """The texts' vectors, computed on the embedding thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self.embedder.embed, texts)
+
+    async def embed_query(self, text: str) -> np.ndarray:
+        """A search query's vector."""
+        if self.queries is not None:
+            vector: np.ndarray = self.queries.embed([text])[0]
+            return vector
+        return (await self.embed([text]))[0]
 
     def batch_done(self, written: Written, left: list[dict[str, Any]]) -> None:
         """Queue a batch's memory changes: its entries are embedded meanwhile (see :meth:`settle`)."""
