@@ -32,6 +32,11 @@ class MemorySource(Protocol):
         message replaced), oldest first, to keep them beyond working memory."""
         ...
 
+    def search(self, query: str, limit: int) -> list[dict[str, Any]]:
+        """The agent's ``limit`` memory entries most similar to ``query``, best first (each
+        with its ``score``); none when memory search is off."""
+        ...
+
 
 class TaskContext:
     """What a handler may use besides the task: the agent's working memory and the clock.
@@ -87,6 +92,12 @@ class TaskContext:
         if self._memory is None or limit <= 0:
             return []
         return working_memory.entries(self._memory)[-limit:]
+
+    def search(self, query: str, limit: int = 5) -> list[dict[str, Any]]:
+        """The agent's memory entries (any tier) most similar to ``query``, best first."""
+        if self._source is None or limit <= 0:
+            return []
+        return self._source.search(query, limit)
 
     def remember(
         self, content: str, *, role: str = "assistant", memory_type: str = "conversation", key: str | None = None

@@ -172,7 +172,7 @@ def search_load(engine: str, count: int, agents: int, rate: float, queries: int,
             rng = random.Random(5)  # noqa: S311 - load, not secrets
             texts = sentences(queries, seed=99)
             names = loadgen.agent_ids(agents)
-            load = _background_load(broker.bootstrap, agents, rate)
+            load = _background_load(broker.bootstrap, agents, rate) if rate > 0 else None  # 0: no load
             time.sleep(TASK_RETENTION + 5.0)  # the backlog's finished tasks swept
             unfiltered, filtered = [], []
             for number in range(queries):
@@ -188,7 +188,8 @@ def search_load(engine: str, count: int, agents: int, rate: float, queries: int,
                 assert status == 200, answer
             memory = get(port, "/v1/memory/stats")
             rss = [rss_mb(pid) for pid in worker_pids(process, processes)]
-            load.cancel()
+            if load is not None:
+                load.cancel()
         finally:
             bench._stop(process)  # noqa: SLF001
     where = f"{memory['total']:,} entries {memory['entries']} on {processes} workers"

@@ -28,7 +28,7 @@ import asyncio
 import inspect
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agents.base import Handler, TaskContext, TaskFailed
@@ -39,6 +39,9 @@ from streams import histogram, state
 from streams.metrics import Metrics
 from streams.settings import Settings
 from streams.tables import CachedTable, Records, TableWriter, frozen_offset, thaw
+
+#: ``(agent_id, query, limit)`` -> the agent's most similar memory entries, best first.
+MemorySearcher = Callable[[str, str, int], list[dict[str, Any]]]
 
 _now_ms = wire.now_ms
 _perf = time.perf_counter
@@ -146,6 +149,7 @@ class _AgentRun:
         "memory_table",
         "partition",
         "resent",
+        "searcher",
         "stored",
     )
 
@@ -156,8 +160,10 @@ class _AgentRun:
         agent: dict[str, Any],
         memory_table: CachedTable,
         events: Records,
+        searcher: MemorySearcher | None = None,
     ) -> None:
         self.agent_id = agent_id
+        self.searcher = searcher
         self.key = agent_id.encode()
         self.partition = partition
         self.agent = agent
@@ -206,6 +212,10 @@ class _AgentRun:
             self.memory = row
         return self.memory
 
+    def search(self, query: str, limit: int) -> list[dict[str, Any]]:
+        """The agent's memory entries most similar to ``query`` (the memory search index)."""
+        return [] if self.searcher is None else self.searcher(self.agent_id, query, limit)
+
     def archive(self, entries: list[dict[str, Any]]) -> None:
         """Entries that left the memory this run writes (sent when the run settles)."""
         if self.left is None:
@@ -236,6 +246,8 @@ class AgentRunner:
         #: the memory search index (:meth:`take_memory_changes`).
         self.memory_written: list[tuple[int, list[dict[str, Any]]]] = []
         self.memory_left: list[dict[str, Any]] = []
+        #: Searches an agent's memory for handlers (set with memory search on).
+        self.searcher: MemorySearcher | None = None
         self.tasks_topic = settings.topic("tasks")
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
@@ -257,7 +269,9 @@ class AgentRunner:
         if agent is None:
             agent = state.new_agent(agent_id, items[0].event.agent_type, now, self._max_concurrent)
             self.agents.put(agent_id, agent, partition)
-        run = _AgentRun(agent_id, partition, agent, self.memory, self.writer.outbox(self.events_topic, partition))
+        run = _AgentRun(
+            agent_id, partition, agent, self.memory, self.writer.outbox(self.events_topic, partition), self.searcher
+        )
         stats_base = self.stats.base[partition]
         if len(items) > 1:
             items = self._first_copies(items, run, stats_base)

@@ -19,6 +19,8 @@ from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
 from streams.exactly_once import TransactionalSender
 from streams.ingress import IngressProducer
+from streams.llm.client import ChatClient
+from streams.llm.handler import ModelInference
 from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import client_id
 from streams.memory_search.embedding import CachedEmbedder, ProcessEmbedder, load_embedder
@@ -147,6 +149,8 @@ class Pipeline(Service):
         self._history_pool_lock = asyncio.Lock()
         #: Keeps the memory search index (set once started; None with memory search off).
         self.indexer: MemoryIndexer | None = None
+        #: The model server's client when ``inference`` runs on one (closed at stop).
+        self.llm_client: ChatClient | None = None
         self._memory_changelogs = {
             tables.memory.changelog_topic.get_topic_name(),
             tables.memory_entries.changelog_topic.get_topic_name(),
@@ -194,6 +198,7 @@ class Pipeline(Service):
             queries = CachedEmbedder(load_embedder(self.settings.embedding_model), 1000)
             self.indexer = MemoryIndexer(embedder, cached["memory"], cached["memory_entries"], queries)
             self.processor.indexer = self.indexer
+            self.processor.runner.searcher = self.indexer.search_agent
         processor = self.processor
         self.stats_view.in_progress = lambda: processor.in_flight
         self.stats_view.on_history_lag = self.metrics.history_lag.set
@@ -314,6 +319,8 @@ class Pipeline(Service):
 
     async def on_stop(self) -> None:
         self.peers.close()
+        if self.llm_client is not None:
+            await self.llm_client.close()
         if self.indexer is not None:
             self.indexer.close()
         if self._history_pool is not None:
@@ -427,6 +434,17 @@ def create_app(
         app.topic(settings.topic("tasks"), partitions=settings.partitions, key_serializer="raw", value_serializer="raw")
     )
     app.pipeline = Pipeline(app, tables, registry, metrics, loop=None)
+    if settings.llm_url is not None:
+        client = ChatClient(
+            settings.llm_api,
+            settings.llm_url,
+            settings.llm_model,
+            timeout=settings.llm_timeout,
+            retries=settings.llm_retries,
+            api_key=settings.llm_api_key,
+        )
+        registry.register("inference", ModelInference(client, settings.llm_context_tokens, settings.llm_memories))
+        app.pipeline.llm_client = client
     app.add_dependency(app.pipeline)
     from streams.web import register_views
 

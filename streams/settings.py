@@ -105,6 +105,19 @@ class Settings:
     embedding_model: str = "wordllama"
     #: Vectors the embedding cache keeps (by content hash), per worker process.
     embedding_cache_size: int = 20_000
+    #: A model server for ``inference`` tasks ("http://host:port"); unset: the simulated handler.
+    llm_url: str | None = None
+    #: Its API: ``ollama`` (``/api/chat``) or ``openai`` (``/v1/chat/completions``).
+    llm_api: str = "ollama"
+    llm_model: str = "llama3.2"
+    #: Sent as a bearer token (OpenAI-compatible servers that want one).
+    llm_api_key: str | None = None
+    #: Seconds one request may take; retries of a failed one; the context's token budget;
+    #: memories a search of the agent's memory adds to it.
+    llm_timeout: float = 60.0
+    llm_retries: int = 2
+    llm_context_tokens: int = 4096
+    llm_memories: int = 5
     #: Median and 99th percentile of the simulated inference handler, in milliseconds.
     inference_p50_ms: float = 20.0
     inference_p99_ms: float = 80.0
@@ -313,6 +326,14 @@ class Settings:
         if self.embedding_model not in ("wordllama", "minilm"):
             raise SettingsError("EMBEDDING_MODEL", f"expected wordllama or minilm, got {self.embedding_model!r}")
         _check_range("EMBEDDING_CACHE_SIZE", self.embedding_cache_size, 0, 10_000_000)
+        if self.llm_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.llm_url):
+            raise SettingsError("LLM_URL", f"expected http(s)://host[:port][/path], got {self.llm_url!r}")
+        if self.llm_api not in ("ollama", "openai"):
+            raise SettingsError("LLM_API", f"expected ollama or openai, got {self.llm_api!r}")
+        _check_range("LLM_TIMEOUT", self.llm_timeout, 0.05, 3600.0)
+        _check_range("LLM_RETRIES", self.llm_retries, 0, 10)
+        _check_range("LLM_CONTEXT_TOKENS", self.llm_context_tokens, 64, 10_000_000)
+        _check_range("LLM_MEMORIES", self.llm_memories, 0, 100)
         if self.history not in ("on", "off"):
             raise SettingsError("HISTORY", f"expected on or off, got {self.history!r}")
         if self.postgres_dsn is not None and not re.match(r"^postgres(ql)?://", self.postgres_dsn):

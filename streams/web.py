@@ -556,11 +556,21 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 return _json(self, answer, status)
             if not settings.memory_search_enabled:
                 raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
-            search.vector = await app.pipeline.indexer.embed_query(search.query)
-            results = search_here(search)
-            if not forwarded and agent_id is None:
-                body = orjson.dumps(raw)
-                for status, answer in await asyncio.gather(*(search_peer(peer, body) for peer in peers())):
+            asking = [] if forwarded or agent_id is not None else peers()
+            body = orjson.dumps(raw)
+            # The other workers search while this one does.
+            answers = [asyncio.ensure_future(search_peer(peer, body)) for peer in asking]
+            if answers:
+                await asyncio.sleep(0)  # their requests are written before this worker computes
+            try:
+                search.vector = await app.pipeline.indexer.embed_query(search.query)
+                results = search_here(search)
+            except BaseException:
+                for answer in answers:
+                    answer.cancel()
+                raise
+            if answers:
+                for status, answer in await asyncio.gather(*answers):
                     if status != 200:
                         return _json(self, answer, status)
                     results.extend(answer["results"])

@@ -581,7 +581,7 @@ def test_verify_walks_each_memory_chain_through_working_memory_and_postgresql() 
 
 
 def test_the_circuit_opens_after_repeated_failures_and_closes_on_a_success() -> None:
-    from streams.history.circuit import CircuitBreaker
+    from streams.circuit import CircuitBreaker
 
     now = [0.0]
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout=1.0, max_reset_timeout=4.0, clock=lambda: now[0])

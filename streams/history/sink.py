@@ -34,8 +34,8 @@ import msgpack
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from streams.circuit import CircuitBreaker
 from streams.history import schema, store
-from streams.history.circuit import CircuitBreaker
 from streams.history.lag import archive_topic, changelog_topic, history_group, sunk_topics
 from streams.settings import Settings
 

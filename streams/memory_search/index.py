@@ -251,7 +251,11 @@ class VectorIndex:
         # where the count reaches ``wanted`` (cheaper than a partial sort of every row).
         counts = np.bincount(distances, minlength=self._excluded + 1)
         cutoff = min(int(np.searchsorted(np.cumsum(counts), wanted)), self._excluded - 1)
-        selected: np.ndarray = np.flatnonzero(distances <= cutoff)
+        nearer = np.flatnonzero(distances < cutoff)
+        # Rows at the cutoff distance only as many as make up ``wanted``: near-duplicate
+        # entries can put tens of thousands at one distance.
+        at_cutoff = np.flatnonzero(distances == cutoff)[: max(0, wanted - len(nearer))]
+        selected: np.ndarray = np.concatenate((nearer, at_cutoff))
         return selected
 
 

@@ -205,6 +205,19 @@ class MemoryIndexer:
                 if row is not None:
                     yield partition, row["tier"], row
 
+    def search_agent(self, agent_id: str, query: str, limit: int) -> list[dict[str, Any]]:
+        """The agent's entries most similar to ``query``, best first, each with its ``score``
+        (for handlers: the agent's partition is this worker's)."""
+        if self.queries is None:
+            return []
+        vector = self.queries.embed([query])[0]
+        found = []
+        for hit in self.index.search(vector, limit, self.embedder.default_threshold, agent_id=agent_id):
+            entry = self.entry(hit)
+            if entry is not None:
+                found.append({**entry, "score": hit.score})
+        return found
+
     def entry(self, hit: Hit) -> dict[str, Any] | None:
         """The stored entry a hit stands for (None if it is gone meanwhile)."""
         stored = thaw(self._entries.rows.get(hit.entry_id))
