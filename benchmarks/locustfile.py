@@ -49,3 +49,20 @@ class BlackRoadUser(FastHttpUser):
                 "payload": {"tool": "echo"},
             },
         )
+
+    @task(3)
+    def search_memory(self) -> None:
+        """The seed's memory search: across all agents, or (one in three) within one agent's memory."""
+        body: dict[str, object] = {"query": random.choice(QUERIES), "limit": 10}  # noqa: S311
+        if random.random() < 1 / 3:  # noqa: S311
+            body["filters"] = {"agent_id": self._agent()}
+        self.client.post("/v1/memory/search", json=body, name="/v1/memory/search")
+
+
+QUERIES = (
+    "what did the agent note about the last task",
+    "demo task results and context",
+    "which notes mention the quarterly report",
+    "answers about coordination plans",
+    "memory of earlier conversations with the user",
+)

@@ -244,12 +244,13 @@ class Pipeline(Service):
             if not self.tables_ready():
                 continue
             owned = self.owned_partitions()
-            self.indexer.drop(self.indexer.built - owned)
-            missing = self.indexer.missing(owned)
-            if missing:
+            self.indexer.drop((self.indexer.built | self.indexer.building) - owned)
+            if self.indexer.missing(owned):
+                # Between batches: the rows are read as they are at one moment.
                 async with self.lock:
                     if self.tables_ready():
-                        await self.indexer.build(missing & self.owned_partitions())
+                        owned = self.owned_partitions()
+                        self.indexer.start_build(self.indexer.missing(owned))
 
     def tables_ready(self) -> bool:
         """True once table recovery has completed and none is running (e.g. after a rebalance)."""
@@ -262,7 +263,7 @@ class Pipeline(Service):
 
     def memory_search_ready(self) -> bool:
         """Whether every owned partition's memory is in the search index."""
-        return self.indexer is not None and self.tables_ready() and not self.indexer.missing(self.owned_partitions())
+        return self.indexer is not None and self.tables_ready() and self.indexer.ready(self.owned_partitions())
 
     def rows_restored(self, tp: Any) -> None:
         if self.indexer is not None and tp.topic in self._memory_changelogs:

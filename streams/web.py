@@ -468,13 +468,31 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 raise ApiError("not_found", f"no agent {agent_id!r}", details={"agent_id": agent_id})
             return _json(self, agent_document(row))
 
+    def beyond_working_memory(agent_id: str, tier: str, limit: int) -> dict[str, Any]:
+        """An agent's entries of the episodic or semantic tier (found through the search index)."""
+        pipeline = app.pipeline
+        if not settings.memory_search_enabled:
+            raise ApiError("not_found", "tiers beyond working memory are listed by memory search, which is off")
+        if not pipeline.memory_search_ready():
+            raise ApiError("internal_error", "the worker is indexing its memory; retry shortly", 503)
+        found = pipeline.indexer.agent_entries(agent_id, tier)
+        return {"agent_id": agent_id, "tier": tier, "entries": found[-limit:], "total": len(found)}
+
     @app.page("/v1/agents/{agent_id}/memory")
     class AgentMemory(ApiView):
         name = "memory"
 
         async def get(self, request: Any, agent_id: str) -> Any:
+            tier = request.query.get("tier", "working")
+            if tier not in TIERS:
+                raise ApiError(
+                    "invalid_request", f"unknown tier; expected one of {list(TIERS)}", details={"field": "tier"}
+                )
+            limit = _int_query(request, "limit", 100, 1, 1000)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
+            if tier != "working":
+                return _json(self, beyond_working_memory(agent_id, tier, limit))
             row = thaw(memory_rows.get(agent_id))
             if row is None:
                 raise ApiError("not_found", f"no memory for agent {agent_id!r}", details={"agent_id": agent_id})

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from agents import memory as working_memory
 from benchmarks.memory_corpus import sentences
 from streams.memory_search.embedding import CachedEmbedder, WordLlamaEmbedder
 from streams.memory_search.index import VectorIndex
+from streams.memory_search.indexer import MemoryIndexer
 from streams.web import ApiError, parse_search
 from tests.factories import record, task
 from tests.harness import Deployment, produce, wait_until
@@ -289,6 +292,13 @@ def test_search_answers_the_same_from_either_worker_across_tiers(deployment: Dep
         assert own["results"][0]["content"] == target
         episodic = _search(worker, {"query": target, "threshold": -1.0, "filters": {"tier": "episodic"}})
         assert {result["metadata"]["tier"] for result in episodic["results"]} == {"episodic"}
+        # The agent's memory by tier: episodic then working is every note, in order.
+        working = worker.get(f"/v1/agents/{agent}/memory")[1]["entries"]
+        status, older = worker.get(f"/v1/agents/{agent}/memory?tier=episodic")
+        assert status == 200 and older["total"] == NOTES - len(working)
+        contents = [entry["content"] for entry in older["entries"] + working]
+        assert contents == [event.payload["content"] for event in events if event.agent_id == agent]
+        assert worker.get(f"/v1/agents/{agent}/memory?tier=cold")[0] == 400
     # A new entry is searchable once its task is done.
     fresh = task(agent, "memory_operation", {"op": "write", "content": "the submarine surfaced near Reykjavik"})
     produce(deployment.bootstrap, deployment.topic("tasks"), [record(fresh)])
@@ -296,7 +306,12 @@ def test_search_answers_the_same_from_either_worker_across_tiers(deployment: Dep
     memory_id = first.get(f"/v1/tasks/{fresh.task_id}")[1]["result"]["memory_id"]
     # Searchable by the flush after its own: within a flush interval or two (0.2 s each).
     search = _searchable(second, {"query": "the submarine surfaced near Reykjavik", "limit": 1})
-    found = wait_until(lambda: (answer := search()) and answer["results"][0]["id"] == memory_id, 5, 0.05, what="it")
+    found = wait_until(
+        lambda: (answer := search()) and answer["results"] and answer["results"][0]["id"] == memory_id,
+        5,
+        0.05,
+        what="it",
+    )
     assert found
 
 
@@ -317,3 +332,64 @@ def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) 
     after = [wait_until(_searchable(worker, query), 60, what="memory indexed again") for query in queries]
     assert after == before
     assert sum(len(answer["results"]) for answer in after) == 30
+
+
+class _GatedModel(_CountingModel):
+    """Embeds only once let through (a rebuild that takes a while)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def embed(self, texts: Any) -> np.ndarray:
+        if not self.gate.wait(10):
+            raise TimeoutError("never let through")
+        return super().embed(texts)
+
+
+def test_a_partition_is_indexed_while_processing_goes_on_and_later_changes_follow_in_order() -> None:
+    from tests.test_units import _cached_table
+
+    memory, entries = _cached_table("memory"), _cached_table("memory_entries")
+    agent = "agent_idx_001"
+    row = working_memory.empty_memory()
+    for number in range(3):
+        working_memory.append(
+            row, agent, f"note {number}", role="user", memory_type="observation", timestamp_ms=number, budget_tokens=99
+        )
+    memory.put(agent, {**row, "o": 3}, 0)
+    old = {**working_memory.entries(row)[0], "id": "mem_old", "o": 1, "tier": "episodic"}
+    entries.put("mem_old", old, 0)
+    model = _GatedModel()
+    indexer = MemoryIndexer(CachedEmbedder(model, 100), memory, entries, queries=None)
+    working = working_memory.entries(row)
+
+    async def scenario() -> None:
+        assert indexer.start_build({0}) == 4
+        assert not indexer.ready({0}) and indexer.missing({0}) == set()
+        # A batch meanwhile: a new entry, and the first note leaves working memory.
+        new = {**working[1], "id": "mem_new", "content": "a new note"}
+        indexer.batch_done([(0, [new])], [working[0]])
+        await asyncio.wait_for(indexer.flushing(), 1)  # does not wait for the rebuild
+        await asyncio.wait_for(indexer.flushing(), 1)
+        assert len(indexer.index) == 0
+        model.gate.set()
+        await asyncio.wait_for(indexer.settle(), 10)
+        assert indexer.ready({0})
+        tiers = {entry_id: indexer.index.tier_of(entry_id) for entry_id in [e["id"] for e in working]}
+        assert tiers == {working[0]["id"]: "episodic", working[1]["id"]: "working", working[2]["id"]: "working"}
+        assert indexer.index.tier_of("mem_old") == "episodic" and indexer.index.tier_of("mem_new") == "working"
+        assert len(indexer.index) == 5
+        # Handed away while being indexed again: nothing of it stays.
+        model.gate.clear()
+        indexer.drop({0})
+        indexer.start_build({0})
+        indexer.drop({0})
+        model.gate.set()
+        await asyncio.wait_for(indexer.settle(), 10)
+        assert len(indexer.index) == 0 and not indexer.ready({0}) and indexer.missing({0}) == {0}
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        indexer.close()

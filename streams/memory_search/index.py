@@ -123,6 +123,17 @@ class VectorIndex:
             self.ids.append(entry_id)
         self._size = end
 
+    def agent_entries(self, agent_id: str, tier: str | None = None) -> list[str]:
+        """The ids of the agent's live entries (of ``tier``, if given)."""
+        code = self._agent_code.get(agent_id)
+        if code is None:
+            return []
+        rows = np.asarray(self._agent_rows[code], dtype=np.int64)
+        keep = self.alive[rows]
+        if tier is not None:
+            keep &= self.tiers[rows] == _TIER_CODE.get(tier, -1)
+        return [entry_id for row in rows[keep].tolist() if (entry_id := self.ids[row]) is not None]
+
     def tier_counts(self) -> dict[str, int]:
         """Live entries per tier."""
         size = self._size

@@ -7,8 +7,10 @@
   flush after its own (usually well before), so embedding overlaps a whole flush interval
   of processing, and a worker whose embedding falls behind slows down to it.
 * A partition the worker gets (at start, or from a rebalance) is indexed from its restored
-  rows: every working-memory entry of its agents and every row of ``memory_entries``.
-  Until each owned partition is, searches answer 503.
+  rows: every working-memory entry of its agents and every row of ``memory_entries``,
+  read at one moment between batches and embedded in chunks while processing goes on;
+  the batches' changes after that moment follow in order. Until each owned partition is
+  indexed, searches answer 503, and flushes do not wait for the index.
 * A partition handed away is dropped from the index.
 
 Embedding is waited for on one thread of its own (the model itself runs in a process of
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,12 +49,16 @@ class MemoryIndexer:
         self.index = VectorIndex(embedder.dimensions)
         self._memory = memory
         self._entries = entries
-        #: Partitions whose rows are in the index.
+        #: Partitions whose rows are in the index, and those being indexed.
         self.built: set[int] = set()
+        self.building: set[int] = set()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding")
-        #: Batches' changes not in the index yet, oldest first: (embedding, entries) of the
-        #: entries a batch wrote, or (None, ids) of those that left working memory.
-        self._queue: deque[tuple[asyncio.Future[np.ndarray] | None, list[Any]]] = deque()
+        #: Changes not in the index yet, oldest first, as (kind, embedding or None, what):
+        #: ``batch``: the entries a batch wrote, [(partition, entry)];
+        #: ``left``: the ids of entries that left working memory;
+        #: ``rebuild``: a chunk of partitions being indexed, (partitions, first, last), whose
+        #: embedding gives the chunk's [(partition, tier, entry)] and their vectors.
+        self._queue: deque[tuple[str, asyncio.Future[Any] | None, Any]] = deque()
         #: Changes ever queued and applied, and how many were queued at the last flush.
         self._queued = 0
         self._applied = 0
@@ -78,32 +83,39 @@ class MemoryIndexer:
         return (await self.embed([text]))[0]
 
     def batch_done(self, written: Written, left: list[dict[str, Any]]) -> None:
-        """Queue a batch's memory changes: its entries are embedded meanwhile (see :meth:`settle`)."""
+        """Queue a batch's memory changes: its entries are embedded meanwhile (see :meth:`flushing`)."""
         self._apply_done()
         entries = [(partition, entry) for partition, batch in written for entry in batch]
         if entries:
-            loop = asyncio.get_running_loop()
             texts = [entry["content"] for _, entry in entries]
-            self._queue.append((loop.run_in_executor(self._thread, self.embedder.embed, texts), entries))
-            self._queued += 1
+            self._enqueue("batch", self._on_thread(self.embedder.embed, texts), entries)
         if left:
-            self._queue.append((None, [entry["id"] for entry in left]))
-            self._queued += 1
+            self._enqueue("left", None, [entry["id"] for entry in left])
+
+    def _enqueue(self, kind: str, future: asyncio.Future[Any] | None, what: Any) -> None:
+        self._queue.append((kind, future, what))
+        self._queued += 1
+
+    def _on_thread(self, function: Any, *args: Any) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
     async def settle(self) -> None:
-        """Wait until every queued batch is in the index."""
-        await self._settle_until(self._queued)
+        """Wait until every queued change is in the index."""
+        await self._settle_until(self._queued, wait_for_rebuilds=True)
 
     async def flushing(self) -> None:
-        """A flush begins: wait until the batches queued before the previous flush are in the index."""
-        await self._settle_until(self._mark)
+        """A flush begins: wait until the changes queued before the previous flush are in the
+        index (unless a partition being indexed holds them up: then not at all)."""
+        await self._settle_until(self._mark, wait_for_rebuilds=False)
         self._mark = self._queued
 
-    async def _settle_until(self, count: int) -> None:
+    async def _settle_until(self, count: int, wait_for_rebuilds: bool) -> None:
         """Wait until the first ``count`` changes ever queued are in the index."""
         while self._applied < count:
-            future, _ = self._queue[0]
-            if future is not None:
+            kind, future, _ = self._queue[0]
+            if future is not None and not future.done():
+                if kind == "rebuild" and not wait_for_rebuilds:
+                    return
                 await asyncio.shield(future)
             self._apply_done()
 
@@ -112,33 +124,54 @@ class MemoryIndexer:
         self._apply_done()
 
     def _apply_done(self) -> None:
-        """Apply the queued changes whose embeddings are done, in batch order."""
+        """Apply the queued changes whose embeddings are done, in order."""
         queue = self._queue
         while queue:
-            future, items = queue[0]
-            if future is None:
-                self.index.set_tier(items, "episodic")
-            elif future.done():
-                self._add_working(items, future.result())
-            else:
+            kind, future, what = queue[0]
+            if future is not None and not future.done():
                 return
+            if kind == "batch":
+                assert future is not None
+                self._add_batch(what, future.result())
+            elif kind == "left":
+                self.index.set_tier(what, "episodic")
+            else:
+                self._add_rebuilt(future, *what)
             queue.popleft()
             self._applied += 1
 
-    def _add_working(self, entries: list[tuple[int, dict[str, Any]]], vectors: np.ndarray) -> None:
-        """Add a batch's new entries, those of partitions still indexed (the rest come with a rebuild)."""
+    def _add_batch(self, entries: list[tuple[int, dict[str, Any]]], vectors: np.ndarray) -> None:
+        """Add a batch's new entries, those of indexed partitions (a rebuild brings the rest)."""
         built = self.built
         keep = [row for row, (partition, _) in enumerate(entries) if partition in built]
-        if not keep:
-            return
-        chosen = [entries[row] for row in keep]
+        if keep:
+            chosen = [entries[row] for row in keep]
+            self._add([(partition, "working", entry) for partition, entry in chosen], vectors[keep])
+
+    def _add_rebuilt(
+        self, future: asyncio.Future[Any] | None, partitions: frozenset[int], first: bool, last: bool
+    ) -> None:
+        """Add a chunk of a rebuild (of the partitions still wanted); the last one completes it."""
+        wanted = partitions & self.building
+        if first and wanted:
+            self.index.drop_partitions(set(wanted))  # anything left from an earlier ownership
+        if future is not None and wanted:
+            entries, vectors = future.result()
+            keep = [row for row, (partition, _, _) in enumerate(entries) if partition in wanted]
+            if keep:
+                self._add([entries[row] for row in keep], vectors[keep])
+        if last:
+            self.built |= wanted
+            self.building -= partitions
+
+    def _add(self, entries: list[tuple[int, str, dict[str, Any]]], vectors: np.ndarray) -> None:
         self.index.add(
-            [entry["id"] for _, entry in chosen],
-            [entry["agent_id"] for _, entry in chosen],
-            [entry["memory_type"] for _, entry in chosen],
-            ["working"] * len(chosen),
-            [partition for partition, _ in chosen],
-            vectors[keep] if len(keep) < len(entries) else vectors,
+            [entry["id"] for _, _, entry in entries],
+            [entry["agent_id"] for _, _, entry in entries],
+            [entry["memory_type"] for _, _, entry in entries],
+            [tier for _, tier, _ in entries],
+            [partition for partition, _, _ in entries],
+            vectors,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -147,63 +180,73 @@ class MemoryIndexer:
             "entries": self.index.tier_counts(),
             "index_bytes": self.index.nbytes,
             "partitions": sorted(self.built),
+            "indexing": sorted(self.building),
             "model": self.embedder.name,
             "embedded": self.embedder.embedded,
             "embedding_cache_hits": self.embedder.hits,
         }
 
     def drop(self, partitions: set[int]) -> None:
-        """Partitions handed away: their entries leave the index."""
-        gone = partitions & self.built
+        """Partitions handed away (or restored anew): their entries leave the index."""
+        gone = partitions & (self.built | self.building)
         if gone:
             self.index.drop_partitions(gone)
             self.built -= gone
+            self.building -= gone
 
     def missing(self, owned: set[int]) -> set[int]:
-        return owned - self.built
+        """Owned partitions neither indexed nor being indexed."""
+        return owned - self.built - self.building
 
-    async def build(self, partitions: set[int]) -> int:
-        """Index every entry of ``partitions`` from the tables; returns how many.
+    def ready(self, owned: set[int]) -> bool:
+        """Whether every owned partition is in the index."""
+        return owned <= self.built
 
-        The caller keeps batches out meanwhile (the rows must not change under it).
+    def start_build(self, partitions: set[int]) -> int:
+        """Start indexing ``partitions`` from the tables as they are now; returns the entries read.
+
+        Call it between batches: working memory is read at once; ``memory_entries`` rows
+        (which do not change) are read on the embedding thread, chunk by chunk.
         """
-        partitions = partitions - self.built
+        partitions = partitions - self.built - self.building
         if not partitions:
             return 0
-        await self.settle()  # queued batches of these partitions are in the rows read below
-        self.index.drop_partitions(partitions)  # anything left from an earlier ownership
-        count = 0
-        rows = list(self._rows_of(partitions))
-        for start in range(0, len(rows), REBUILD_CHUNK):
-            chunk = rows[start : start + REBUILD_CHUNK]
-            vectors = await self.embed([entry["content"] for _, _, entry in chunk])
-            self.index.add(
-                [entry["id"] for _, _, entry in chunk],
-                [entry["agent_id"] for _, _, entry in chunk],
-                [entry["memory_type"] for _, _, entry in chunk],
-                [tier for _, tier, _ in chunk],
-                [partition for partition, _, _ in chunk],
-                vectors,
-            )
-            count += len(chunk)
-        self.built |= partitions
-        return count
-
-    def _rows_of(self, partitions: set[int]) -> Iterator[tuple[int, str, dict[str, Any]]]:
-        """(partition, tier, entry) of every memory entry of ``partitions``."""
+        self.building |= partitions
+        sources: list[tuple[int, str, dict[str, Any]] | tuple[int, str]] = []
         memory_rows = self._memory.rows
         for agent_id, partition in list(self._memory._key_partition.items()):  # noqa: SLF001
             if partition in partitions:
                 row = thaw(memory_rows.get(agent_id))
                 if row is not None:
-                    for entry in working_entries(row):
-                        yield partition, "working", entry
-        entry_rows = self._entries.rows
+                    sources.extend((partition, "working", entry) for entry in working_entries(row))
         for entry_id, partition in list(self._entries._key_partition.items()):  # noqa: SLF001
             if partition in partitions:
-                row = thaw(entry_rows.get(entry_id))
+                sources.append((partition, entry_id))
+        frozen = frozenset(partitions)
+        chunks = [sources[start : start + REBUILD_CHUNK] for start in range(0, len(sources), REBUILD_CHUNK)]
+        if not chunks:
+            self._enqueue("rebuild", None, (frozen, True, True))
+        for number, chunk in enumerate(chunks):
+            future = self._on_thread(self._embed_sources, chunk)
+            self._enqueue("rebuild", future, (frozen, number == 0, number == len(chunks) - 1))
+        self._apply_done()
+        return len(sources)
+
+    def _embed_sources(
+        self, sources: list[tuple[int, str, dict[str, Any]] | tuple[int, str]]
+    ) -> tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray]:
+        """On the embedding thread: the chunk's entries (rows of ``memory_entries`` read now) and vectors."""
+        rows = self._entries.rows
+        entries: list[tuple[int, str, dict[str, Any]]] = []
+        for source in sources:
+            if len(source) == 3:
+                entries.append(source)  # type: ignore[arg-type]
+            else:
+                partition, entry_id = source  # type: ignore[misc]
+                row = thaw(rows.get(entry_id))
                 if row is not None:
-                    yield partition, row["tier"], row
+                    entries.append((partition, row["tier"], row))
+        return entries, self.embedder.embed([entry["content"] for _, _, entry in entries])
 
     def search_agent(self, agent_id: str, query: str, limit: int) -> list[dict[str, Any]]:
         """The agent's entries most similar to ``query``, best first, each with its ``score``
@@ -217,6 +260,12 @@ class MemoryIndexer:
             if entry is not None:
                 found.append({**entry, "score": hit.score})
         return found
+
+    def agent_entries(self, agent_id: str, tier: str) -> list[dict[str, Any]]:
+        """The agent's entries of a tier beyond working memory, oldest first."""
+        rows = self._entries.rows
+        found = [thaw(rows.get(entry_id)) for entry_id in self.index.agent_entries(agent_id, tier)]
+        return sorted((entry for entry in found if entry is not None), key=lambda entry: entry["created_at"])
 
     def entry(self, hit: Hit) -> dict[str, Any] | None:
         """The stored entry a hit stands for (None if it is gone meanwhile)."""
