@@ -26,9 +26,11 @@ import json
 import os
 import platform
 import random
+import signal
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,7 @@ def search_load(engine: str, count: int, agents: int, rate: float, queries: int,
                 assert status == 200, answer
             memory = get(port, "/v1/memory/stats")
             rss = [rss_mb(pid) for pid in worker_pids(process, processes)]
+            recovered = _kill_and_time_recovery(process, port + 1)
             if load is not None:
                 load.cancel()
         finally:
@@ -197,8 +200,34 @@ def search_load(engine: str, count: int, agents: int, rate: float, queries: int,
     print(f"  without a filter: {percentiles(unfiltered)}")
     print(f"  with an agent filter: {percentiles(filtered)}")
     per_worker = [w["index_bytes"] / 1e6 for w in memory["workers"].values()]
+    print(
+        f"  one worker SIGKILLed: its web views back after {recovered[0]:.1f}s, its partitions indexed and"
+        f" searched again after {recovered[1]:.1f}s"
+    )
     arrays = ", ".join(f"{b:.0f} MB" for b in per_worker)
     print(f"  RSS per worker: {', '.join(f'{r:.0f} MB' for r in rss)}; index arrays {arrays}")
+
+
+def _kill_and_time_recovery(process: Any, port: int) -> tuple[float, float]:
+    """SIGKILL the second worker process (its supervisor starts it again); seconds until it
+    serves its web views again, and until it answers searches (its partitions indexed)."""
+    victim = worker_pids(process, 2)[1]
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    serving = searching = None
+    while searching is None and time.monotonic() - killed < 600:
+        time.sleep(0.2)
+        try:
+            if serving is None:
+                get(port, "/v1/stats")
+                serving = time.monotonic() - killed
+            _connections.pop(port, None)
+            status, _ = post(port, "/v1/memory/search", {"query": "the quarterly report", "limit": 10})
+            if status == 200:
+                searching = time.monotonic() - killed
+        except (OSError, urllib.error.HTTPError, http.client.HTTPException):
+            continue
+    return serving or -1.0, searching or -1.0
 
 
 class _Load:
