@@ -468,14 +468,18 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 raise ApiError("not_found", f"no agent {agent_id!r}", details={"agent_id": agent_id})
             return _json(self, agent_document(row))
 
+    def memory_indexer(ready: bool = True) -> Any:
+        """This worker's memory search indexer: 404 with memory search off, 503 (with ``ready``)
+        until it has indexed every partition the worker owns."""
+        if not settings.memory_search_enabled:
+            raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
+        if ready and not app.pipeline.memory_search_ready():
+            raise ApiError("internal_error", "the worker is indexing its memory; retry shortly", 503)
+        return app.pipeline.indexer
+
     def beyond_working_memory(agent_id: str, tier: str, limit: int) -> dict[str, Any]:
         """An agent's entries of the episodic or semantic tier (found through the search index)."""
-        pipeline = app.pipeline
-        if not settings.memory_search_enabled:
-            raise ApiError("not_found", "tiers beyond working memory are listed by memory search, which is off")
-        if not pipeline.memory_search_ready():
-            raise ApiError("internal_error", "the worker is indexing its memory; retry shortly", 503)
-        found = pipeline.indexer.agent_entries(agent_id, tier)
+        found = memory_indexer().agent_entries(agent_id, tier)
         return {"agent_id": agent_id, "tier": tier, "entries": found[-limit:], "total": len(found)}
 
     @app.page("/v1/agents/{agent_id}/memory")
@@ -544,12 +548,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
     def search_here(search: MemorySearch) -> list[dict[str, Any]]:
         """This worker's best matches (its own partitions' entries)."""
-        pipeline = app.pipeline
-        if not settings.memory_search_enabled:
-            raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
-        if not pipeline.memory_search_ready():
-            raise ApiError("internal_error", "the worker is indexing its memory; retry shortly", 503)
-        indexer = pipeline.indexer
+        indexer = memory_indexer()
         threshold = indexer.embedder.default_threshold if search.threshold is None else search.threshold
         return [
             search_result(hit, entry)
@@ -572,8 +571,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             if not forwarded and agent_id is not None and (owner := owner_of(agent_id)) is not None:
                 status, answer = await search_peer(owner, orjson.dumps(raw))
                 return _json(self, answer, status)
-            if not settings.memory_search_enabled:
-                raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
+            indexer = memory_indexer(ready=False)
             asking = [] if forwarded or agent_id is not None else peers()
             body = orjson.dumps(raw)
             # The other workers search while this one does.
@@ -581,7 +579,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             if answers:
                 await asyncio.sleep(0)  # their requests are written before this worker computes
             try:
-                search.vector = await app.pipeline.indexer.embed_query(search.query)
+                search.vector = await indexer.embed_query(search.query)
                 results = search_here(search)
             except BaseException:
                 for answer in answers:
@@ -594,7 +592,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                     results.extend(answer["results"])
                 results.sort(key=lambda result: (-result["score"], result["id"]))
                 del results[search.limit :]
-            return _json(self, {"results": results, "total": len(results), "model": app.pipeline.indexer.embedder.name})
+            return _json(self, {"results": results, "total": len(results), "model": indexer.embedder.name})
 
     @app.page("/v1/memory/stats")
     class MemoryStats(ApiView):
@@ -604,9 +602,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "memory_stats"
 
         async def get(self, request: Any) -> Any:
-            if not settings.memory_search_enabled:
-                raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
-            own = {**app.pipeline.indexer.stats(), "ready": app.pipeline.memory_search_ready()}
+            own = {**memory_indexer(ready=False).stats(), "ready": app.pipeline.memory_search_ready()}
             if FORWARDED in request.headers:
                 return _json(self, own)
             workers = {settings.web_url: own}
