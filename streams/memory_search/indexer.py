@@ -72,8 +72,8 @@ class MemoryIndexer:
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         """The texts' vectors, computed on the embedding thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self.embedder.embed, texts)
+        vectors: np.ndarray = await self._on_thread(self.embedder.embed, texts)
+        return vectors
 
     async def embed_query(self, text: str) -> np.ndarray:
         """A search query's vector."""
@@ -84,7 +84,7 @@ class MemoryIndexer:
 
     def batch_done(self, written: Written, left: list[dict[str, Any]]) -> None:
         """Queue a batch's memory changes: its entries are embedded meanwhile (see :meth:`flushing`)."""
-        self._apply_done()
+        self.apply_done()
         entries = [(partition, entry) for partition, batch in written for entry in batch]
         if entries:
             texts = [entry["content"] for _, entry in entries]
@@ -117,14 +117,11 @@ class MemoryIndexer:
                 if kind == "rebuild" and not wait_for_rebuilds:
                     return
                 await asyncio.shield(future)
-            self._apply_done()
+            self.apply_done()
 
     def apply_done(self) -> None:
-        """Apply what is embedded already (called on a timer, so an idle worker catches up too)."""
-        self._apply_done()
-
-    def _apply_done(self) -> None:
-        """Apply the queued changes whose embeddings are done, in order."""
+        """Apply the queued changes whose embeddings are done, in order (also called on a timer,
+        so an idle worker catches up too)."""
         queue = self._queue
         while queue:
             kind, future, what = queue[0]
@@ -229,7 +226,7 @@ class MemoryIndexer:
         for number, chunk in enumerate(chunks):
             future = self._on_thread(self._embed_sources, chunk)
             self._enqueue("rebuild", future, (frozen, number == 0, number == len(chunks) - 1))
-        self._apply_done()
+        self.apply_done()
         return len(sources)
 
     def _embed_sources(
