@@ -10,6 +10,7 @@ The state is a plain dict so that it serialises straight into the memory table.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 GENESIS = "GENESIS"
@@ -18,6 +19,14 @@ CHARS_PER_TOKEN = 4
 #: those older than ``CONSOLIDATE_AFTER_MS`` leave working memory.
 CONSOLIDATE_ABOVE = 100
 CONSOLIDATE_AFTER_MS = 3_600_000
+#: Consolidation (episodic -> semantic): once an agent holds more than this many episodic
+#: entries, those older than ``PROMOTE_AFTER_MS`` become semantic (settings can change both).
+PROMOTE_ABOVE = 1000
+PROMOTE_AFTER_MS = 7 * 86_400_000
+#: Episodic entries are tallied by creation time in spans of a seventh of the promotion age
+#: (a day at the default): a promotion moves whole spans, so each entry it moves is older
+#: than the promotion age, and the memory row stays small whatever the episodic tier holds.
+SPANS_PER_PROMOTION_AGE = 7
 
 
 def token_count(text: str) -> int:
@@ -26,6 +35,66 @@ def token_count(text: str) -> int:
 
 def empty_memory() -> dict[str, Any]:
     return {"system": None, "turns": [], "tokens": 0, "head": GENESIS, "written": 0}
+
+
+def file_episodic(
+    memory: dict[str, Any],
+    left: list[dict[str, Any]],
+    now_ms: int,
+    promote_above: int = PROMOTE_ABOVE,
+    promote_after_ms: int = PROMOTE_AFTER_MS,
+) -> tuple[int, int] | None:
+    """Count ``left`` (entries that left working memory) into ``memory``'s episodic tier, then
+    promote its old entries to the semantic tier if it holds more than ``promote_above``.
+
+    The row keeps ``episodic``, a flat list ``[span, count, span, count, ...]`` (oldest span
+    first), ``semantic``, the entries promoted so far, and ``semantic_before``: an episodic
+    entry created before it is semantic (:func:`tier_of`). Returns ``(semantic_before,
+    promoted)`` when entries were promoted, else None. Lists are replaced, never changed in
+    place (rows share them with their stored copies).
+    """
+    span_ms = max(1, promote_after_ms // SPANS_PER_PROMOTION_AGE)
+    before: int = memory.get("semantic_before", 0)
+    tally = dict(zip(memory.get("episodic", ())[::2], memory.get("episodic", ())[1::2], strict=True))
+    semantic: int = memory.get("semantic", 0)
+    for entry in left:
+        created: int = entry["created_at"]
+        if created < before:
+            semantic += 1  # an old entry (a system message) leaving after its time was promoted
+        else:
+            span = created // span_ms
+            tally[span] = tally.get(span, 0) + 1
+    promoted = 0
+    if sum(tally.values()) > promote_above:
+        cutoff = (now_ms - promote_after_ms) // span_ms  # spans before it are wholly old enough
+        for span in [span for span in tally if span < cutoff]:
+            promoted += tally.pop(span)
+        if promoted:
+            before = max(before, cutoff * span_ms)
+            memory["semantic_before"] = before
+    memory["episodic"] = [number for span in sorted(tally) for number in (span, tally[span])]
+    memory["semantic"] = semantic + promoted
+    return (before, promoted) if promoted else None
+
+
+def tier_counts(memory: dict[str, Any]) -> dict[str, int]:
+    """The agent's entries in each tier."""
+    return {
+        "working": len(memory["turns"]) + (1 if memory["system"] else 0),
+        "episodic": sum(memory.get("episodic", ())[1::2]),
+        "semantic": memory.get("semantic", 0),
+    }
+
+
+def tier_of(entry: dict[str, Any], memory: dict[str, Any] | None, semantic_before: int | None = None) -> str:
+    """The tier of a stored entry (a row of ``memory_entries``), given its agent's memory row
+    (or the row's ``semantic_before``)."""
+    tier: str = entry.get("tier", "episodic")
+    if semantic_before is None:
+        semantic_before = 0 if memory is None else memory.get("semantic_before", 0)
+    if tier == "episodic" and entry["created_at"] < semantic_before:
+        return "semantic"
+    return tier
 
 
 def chain_hash(content: str, timestamp_ms: int, prev_hash: str) -> str:
@@ -52,7 +121,7 @@ def append(
     digest = chain_hash(content, timestamp_ms, prev_hash)
     tokens = token_count(content)
     entry = {
-        "id": f"mem_{digest[:20]}",
+        "id": entry_id(digest),
         "agent_id": agent_id,
         "key": f"{agent_id}:{key or digest[:12]}",
         "role": role,
@@ -60,6 +129,7 @@ def append(
         "memory_type": memory_type,
         "tokens": tokens,
         "created_at": timestamp_ms,
+        "seq": memory["written"] + 1,  # its place on the agent's chain, from 1
         "hash": digest,
         "prev_hash": prev_hash,
     }
@@ -117,6 +187,54 @@ def entries(memory: dict[str, Any]) -> list[dict[str, Any]]:
     """The entries in order: system message first, then turns oldest to newest."""
     system = memory["system"]
     return ([system] if system else []) + list(memory["turns"])
+
+
+def walk_chain(
+    memory: dict[str, Any],
+    find: Callable[[str], dict[str, Any] | None],
+    store: str,
+    problems: list[str],
+) -> set[str]:
+    """Walk an agent's memory chain from its head back to ``GENESIS``; returns the hashes walked.
+
+    ``memory`` is the agent's memory row with its ``agent_id``; entries not in working memory
+    are looked up by hash with ``find`` in the store named ``store``. What is wrong is added to
+    ``problems``, the first broken link first.
+    """
+    what = f"memory of {memory['agent_id']}"
+    written: int = memory["written"]
+    held = {entry["hash"]: entry for entry in entries(memory)}
+    on_chain: set[str] = set()
+    digest: str = memory["head"]
+    while digest != GENESIS:
+        number = written - len(on_chain)  # 1: the first entry written
+        entry = held.get(digest) or find(digest)
+        if entry is None:
+            problems.append(
+                f"{what}: entry {number} of {written} ({digest[:12]}) left working memory but is not in {store}"
+            )
+            return on_chain
+        if digest in on_chain or number < 1:
+            problems.append(f"{what}: the chain is longer than the {written} entries written")
+            return on_chain
+        if chain_hash(entry["content"], entry["created_at"], entry["prev_hash"]) != digest:
+            where = "working memory" if digest in held else store
+            problems.append(f"{what}: entry {number} ({digest[:12]}) in {where} does not match its hash")
+        on_chain.add(digest)
+        digest = entry["prev_hash"]
+    if len(on_chain) != written:
+        problems.append(f"{what}: the chain holds {len(on_chain)} entries, the row counts {written} written")
+    return on_chain
+
+
+def chain_order(entry: dict[str, Any]) -> tuple[int, int]:
+    """A sort key that puts an agent's entries in the order they were written."""
+    return entry.get("seq", 0), entry["created_at"]
+
+
+def entry_id(digest: str) -> str:
+    """The id of the entry whose hash is ``digest``."""
+    return f"mem_{digest[:20]}"
 
 
 def verify_chain(memory: dict[str, Any]) -> bool:

@@ -31,6 +31,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agents import memory as working_memory
 from agents.base import Handler, TaskContext, TaskFailed
 from agents.registry import HandlerRegistry, UnknownHandler
 from schemas import wire
@@ -246,6 +247,8 @@ class AgentRunner:
         #: the memory search index (:meth:`take_memory_changes`).
         self.memory_written: list[tuple[int, list[dict[str, Any]]]] = []
         self.memory_left: list[dict[str, Any]] = []
+        #: Agents whose episodic entries created before a time became semantic.
+        self.memory_promoted: list[tuple[str, int]] = []
         #: Searches an agent's memory for handlers (set with memory search on).
         self.searcher: MemorySearcher | None = None
         self.tasks_topic = settings.topic("tasks")
@@ -256,6 +259,8 @@ class AgentRunner:
         self._carry_leaving = not settings.exactly_once
         self._max_concurrent = settings.max_concurrent_tasks
         self._memory_budget = settings.working_memory_tokens
+        self._episodic_limit = settings.memory_episodic_limit
+        self._semantic_after_ms = int(settings.memory_semantic_after * 1000)
         self._handlers: dict[tuple[str, str], Handler | UnknownHandler] = {}
         #: Tasks inside handlers right now on this worker.
         self.in_flight = 0
@@ -334,11 +339,14 @@ class AgentRunner:
         for offset, entries in stored.get("leaving", ()) if stored is not None else ():
             self._archive(run, offset, entries)
 
-    def take_memory_changes(self) -> tuple[list[tuple[int, list[dict[str, Any]]]], list[dict[str, Any]]]:
-        """The memory entries written since the last call (by partition), and those that left working memory."""
-        written, left = self.memory_written, self.memory_left
-        self.memory_written, self.memory_left = [], []
-        return written, left
+    def take_memory_changes(
+        self,
+    ) -> tuple[list[tuple[int, list[dict[str, Any]]]], list[dict[str, Any]], list[tuple[str, int]]]:
+        """The memory entries written since the last call (by partition), those that left working
+        memory, and the agents whose episodic entries created before a time became semantic."""
+        changes = self.memory_written, self.memory_left, self.memory_promoted
+        self.memory_written, self.memory_left, self.memory_promoted = [], [], []
+        return changes
 
     def _archive(self, run: _AgentRun, offset: int, entries: list[dict[str, Any]]) -> None:
         """Move ``entries`` to episodic memory, and send them to the memory archive (under
@@ -584,7 +592,27 @@ class AgentRunner:
                     memory_ids=[entry["id"] for entry in run.left],
                 )
                 run.emit(moved)
+                self._promote(run, memory, run.left)
         run.in_flight = 0
+
+    def _promote(self, run: _AgentRun, memory: dict[str, Any], left: list[dict[str, Any]]) -> None:
+        """Count the entries that left into the episodic tier; move its old ones to the semantic tier
+        once it holds too many (timed by the newest entry, so a replay decides the same)."""
+        newest = memory["turns"][-1]["created_at"] if memory["turns"] else left[-1]["created_at"]
+        promoted = working_memory.file_episodic(memory, left, newest, self._episodic_limit, self._semantic_after_ms)
+        if promoted is not None:
+            before, count = promoted
+            self.memory_promoted.append((run.agent_id, before))
+            moved = wire.lifecycle_event(
+                "memory.consolidated",
+                _now_ms(),
+                agent_id=run.agent_id,
+                from_tier="episodic",
+                to_tier="semantic",
+                created_before=before,
+                count=count,
+            )
+            run.emit(moved)
 
 
 def _done(outcome: Outcome) -> asyncio.Future[Outcome]:

@@ -115,9 +115,9 @@ class BatchProcessor:
                 self.writer.rollback()
                 self.runner.take_memory_changes()
                 raise
-            written, left = self.runner.take_memory_changes()
-            if self.indexer is not None and (written or left):
-                self.indexer.batch_done(written, left)
+            written, left, promoted = self.runner.take_memory_changes()
+            if self.indexer is not None and (written or left or promoted):
+                self.indexer.batch_done(written, left, promoted)
             # The next batch starts while this one's records wait for the flush.
             self._unacked.put_nowait((waits, offsets))
             produced = await self._flush() if self._flush_due() else 0

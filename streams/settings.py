@@ -98,6 +98,10 @@ class Settings:
     stop_timeout: float = 4.0
     #: Token budget of an agent's working memory (about 4 characters per token).
     working_memory_tokens: int = 2048
+    #: Consolidation, episodic -> semantic: once an agent holds more than this many episodic
+    #: entries, those older than ``MEMORY_SEMANTIC_AFTER`` seconds become semantic.
+    memory_episodic_limit: int = 1000
+    memory_semantic_after: float = 7 * 86400.0
     #: ``on``: memory entries are embedded as they are written and searchable through
     #: ``POST /v1/memory/search`` (:mod:`streams.memory_search`); ``off``: neither.
     memory_search: str = "on"
@@ -313,6 +317,8 @@ class Settings:
         _check_range("INGRESS_TIMEOUT", self.ingress_timeout, 0.1, 60.0)
         _check_range("STOP_TIMEOUT", self.stop_timeout, 1.0, 600.0)
         _check_range("WORKING_MEMORY_TOKENS", self.working_memory_tokens, 16, 10_000_000)
+        _check_range("MEMORY_EPISODIC_LIMIT", self.memory_episodic_limit, 0, 1_000_000_000)
+        _check_range("MEMORY_SEMANTIC_AFTER", self.memory_semantic_after, 1.0, 100 * 365 * 86400.0)
         _check_range("INFERENCE_P50_MS", self.inference_p50_ms, 0.0, 600_000.0)
         _check_range("INFERENCE_P99_MS", self.inference_p99_ms, 0.0, 600_000.0)
         if self.inference_p99_ms < self.inference_p50_ms:

@@ -19,7 +19,7 @@ from aiohttp import web as aiohttp_web
 from faust import web
 from yarl import URL
 
-from agents.memory import entries
+from agents.memory import entries, entry_id, tier_counts, walk_chain
 from schemas import domain, wire
 from schemas.wire import WireError
 from streams.history import queries
@@ -356,6 +356,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     agents_rows: dict[str, Any] = tables.agents.data.data
     tasks_rows: dict[str, Any] = tables.tasks.data.data
     memory_rows: dict[str, Any] = tables.memory.data.data
+    entry_rows: dict[str, Any] = tables.memory_entries.data.data
     retention_ms = int(settings.task_retention * 1000)
     own_url = URL(settings.web_url)
 
@@ -506,6 +507,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                     "agent_id": agent_id,
                     "tier": "working",
                     "entries": entries(row),
+                    "tiers": tier_counts(row),
                     "tokens": row["tokens"],
                     "written": row["written"],
                     "head": row["head"],
@@ -515,7 +517,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     @app.page("/v1/agents/{agent_id}/memory/verify")
     class AgentMemoryVerify(ApiView):
         """Walks the agent's memory chain from its head back to GENESIS, through working memory
-        and the entries that left it, in the history (answered by the agent's owner)."""
+        and the entries that left it (the ``memory_entries`` table), then, with the history on,
+        through its copy in PostgreSQL too (answered by the agent's owner)."""
 
         name = "memory_verify"
 
@@ -525,9 +528,14 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             row = thaw(memory_rows.get(agent_id))
             if row is None:
                 raise ApiError("not_found", f"no memory for agent {agent_id!r}", details={"agent_id": agent_id})
-            archived = await from_history(lambda conn: queries.archived_memory(conn, [agent_id]))
+            memory = {**row, "agent_id": agent_id}
             broken: list[str] = []
-            walked = compare_memory({**row, "agent_id": agent_id}, archived[agent_id], broken)
+            walked = len(
+                walk_chain(memory, lambda digest: thaw(entry_rows.get(entry_id(digest))), "the tables", broken)
+            )
+            if settings.history_enabled:
+                archived = await from_history(lambda conn: queries.archived_memory(conn, [agent_id]))
+                compare_memory(memory, archived[agent_id], broken)
             document = {
                 "agent_id": agent_id,
                 "valid": not broken,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from streams.memory_search.index import VectorIndex
 from streams.memory_search.indexer import MemoryIndexer
 from streams.web import ApiError, parse_search
 from tests.factories import record, task
-from tests.harness import Deployment, produce, wait_until
+from tests.harness import Deployment, consume_all, produce, wait_until
 
 LABELLED = Path(__file__).parent / "data" / "memory_relevance.json"
 
@@ -196,6 +197,123 @@ def test_working_memory_consolidates_into_episodic_at_the_thresholds(ages: list[
     assert memory["written"] == len(ages)
 
 
+DAY_MS = 86_400_000
+
+
+def _left(ages_ms: list[int], now_ms: int) -> list[dict[str, Any]]:
+    return [{"created_at": now_ms - age} for age in ages_ms]
+
+
+@pytest.mark.parametrize(
+    ("ages", "promoted"),
+    [
+        ([8 * DAY_MS] * 600 + [DAY_MS] * 401, 600),  # 1001 episodic: those over 7 days become semantic
+        ([8 * DAY_MS] * 600 + [DAY_MS] * 400, 0),  # 1000: not over the threshold
+        ([6 * DAY_MS] * 2000, 0),  # many, none over 7 days
+        ([7 * DAY_MS + 1000] * 1001, 0),  # just over 7 days, in the span that is not wholly old: wait
+        ([9 * DAY_MS] * 1 + [0] * 1000, 1),
+    ],
+)
+def test_episodic_memory_becomes_semantic_at_the_thresholds(ages: list[int], promoted: int) -> None:
+    now = 100 * DAY_MS + DAY_MS // 2  # midday
+    memory = working_memory.empty_memory()
+    # The entries leave working memory over two batches; promotion is decided after each.
+    assert working_memory.file_episodic(memory, _left(ages[:500], now), now) is None
+    moved = working_memory.file_episodic(memory, _left(ages[500:], now), now)
+    counts = working_memory.tier_counts(memory)
+    assert counts == {"working": 0, "episodic": len(ages) - promoted, "semantic": promoted}
+    if promoted:
+        assert moved is not None and moved[1] == promoted
+        before = memory["semantic_before"]
+        assert before <= now - 7 * DAY_MS  # everything promoted is over 7 days old
+        tiers = [working_memory.tier_of({"created_at": now - age, "tier": "episodic"}, memory) for age in ages]
+        assert tiers.count("semantic") == promoted
+    else:
+        assert moved is None and memory.get("semantic_before", 0) == 0
+    # An old entry that leaves later (a system message kept all along) is semantic at once.
+    if promoted:
+        working_memory.file_episodic(memory, _left([30 * DAY_MS], now), now)
+        assert working_memory.tier_counts(memory)["semantic"] == promoted + 1
+
+
+def _forge_entry(bootstrap: str, topic: str, partitions: int, entry_id: str, content: str) -> None:
+    """Write a changed copy of an entry's changelog record (as anyone who can write the topic could)."""
+    import msgpack
+    from aiokafka import AIOKafkaProducer
+
+    records = consume_all(bootstrap, topic, partitions, expect=10**6, timeout=3)
+    [original] = [r for r in records if r.key == entry_id.encode()][-1:]
+    forged = {**msgpack.unpackb(original.value), "content": content}
+
+    async def send() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, msgpack.packb(forged), key=original.key, partition=original.partition)
+        finally:
+            await producer.stop()
+
+    asyncio.run(send())
+
+
+def test_episodic_memory_becomes_semantic_in_the_stream_and_verify_walks_the_tables(deployment: Deployment) -> None:
+    # Consolidation at small thresholds: over 3 episodic entries, those over a second old.
+    deployment.env.update(
+        BLACKROAD_WORKING_MEMORY_TOKENS="16", BLACKROAD_MEMORY_EPISODIC_LIMIT="3", BLACKROAD_MEMORY_SEMANTIC_AFTER="1"
+    )
+    worker = deployment.worker().start().wait_ready()
+    agent = "agent_tiers_001"
+    notes = [
+        task(agent, "memory_operation", {"op": "write", "content": text, "memory_type": "observation"})
+        for text in sentences(2 * NOTES, seed=5)
+    ]
+    first, second = notes[:NOTES], notes[NOTES:]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in first])
+    wait_until(_finished(worker, NOTES), 60, what="the first notes written")
+    time.sleep(1.5)
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in second])
+    wait_until(_finished(worker, 2 * NOTES), 60, what="the second notes written")
+
+    def tiers(worker: Any) -> dict[str, list[str]]:
+        """The agent's entries by tier ({} while the worker indexes its memory)."""
+        found: dict[str, list[str]] = {}
+        for tier in ("semantic", "episodic", "working"):
+            status, answer = worker.get(f"/v1/agents/{agent}/memory?tier={tier}&limit=100")
+            if status == 503:
+                return {}
+            assert status == 200, answer
+            found[tier] = [entry["content"] for entry in answer["entries"]]
+        return found
+
+    written = [event.payload["content"] for event in first + second]
+    found = wait_until(lambda: (t := tiers(worker)).get("semantic") and t, 30, what="semantic memory")
+    assert found["semantic"] == written[:NOTES]  # every entry of the first notes, over a second older
+    assert found["semantic"] + found["episodic"] + found["working"] == written
+    status, row = worker.get(f"/v1/agents/{agent}/memory")
+    assert row["tiers"] == {tier: len(found[tier]) for tier in ("working", "episodic", "semantic")}
+    query = {"query": written[2], "threshold": -1.0, "filters": {"agent_id": agent, "tier": "semantic"}}
+    answer = _search(worker, query)
+    assert answer["total"] == NOTES and {r["metadata"]["tier"] for r in answer["results"]} == {"semantic"}
+    assert answer["results"][0]["content"] == written[2]
+    # verify walks the chain through working memory and the memory_entries table (no PostgreSQL here).
+    status, chain = worker.get(f"/v1/agents/{agent}/memory/verify")
+    assert status == 200 and chain["valid"] and chain["verified"] == chain["written"] == 2 * NOTES, chain
+    # A semantic entry rewritten in its changelog, restored by a restarted worker: verify names it.
+    forged = answer["results"][0]["id"]
+    topic = f"{deployment.env['BLACKROAD_APP_ID']}-memory_entries-changelog"
+    _forge_entry(deployment.bootstrap, topic, deployment.partitions, forged, "rewritten")
+    worker.kill()
+    worker = deployment.worker().start().wait_ready()
+    assert wait_until(lambda: (t := tiers(worker)).get("semantic") and t, 60, what="the tiers again")["semantic"] == [
+        "rewritten" if n == 2 else text for n, text in enumerate(written[:NOTES])
+    ]
+    status, chain = worker.get(f"/v1/agents/{agent}/memory/verify")
+    assert status == 200 and not chain["valid"], chain
+    assert chain["first_broken"] == (
+        f"memory of {agent}: entry 3 ({forged[4:16]}) in the tables does not match its hash"
+    ), chain
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -315,6 +433,22 @@ def test_search_answers_the_same_from_either_worker_across_tiers(deployment: Dep
     assert found
 
 
+def _wait_indexed(worker: Any, agents: list[str]) -> None:
+    """Wait until the worker's index holds the agents' memory as their rows do now, each entry in its tier."""
+    tiers: dict[str, int] = {"working": 0, "episodic": 0, "semantic": 0}
+    for agent in agents:
+        status, row = worker.get(f"/v1/agents/{agent}/memory")
+        assert status == 200, row
+        for tier, count in row["tiers"].items():
+            tiers[tier] += count
+
+    def indexed() -> bool:
+        status, stats = worker.get("/v1/memory/stats")
+        return status == 200 and stats["entries"] == tiers
+
+    wait_until(indexed, 60, what=f"the index to hold {tiers}")
+
+
 def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) -> None:
     deployment.env["BLACKROAD_WORKING_MEMORY_TOKENS"] = "16"
     worker = deployment.worker().start().wait_ready()
@@ -323,7 +457,8 @@ def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) 
     produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
     wait_until(_finished(worker, len(events)), 90, what="every note written")
     queries = [{"query": events[n].payload["content"], "limit": 10, "threshold": -1.0} for n in (0, 50, 111)]
-    before = [wait_until(_searchable(worker, query), 60, what="memory indexed") for query in queries]
+    _wait_indexed(worker, agents)
+    before = [_search(worker, query) for query in queries]
     helpers = _descendants(worker.process.pid)  # the embedding process and multiprocessing's resource tracker
     assert helpers
     worker.kill()

@@ -34,7 +34,7 @@ import msgpack
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.memory import GENESIS, chain_hash, entries
+from agents.memory import walk_chain
 from streams.history.lag import SUNK_TABLES, archive_topic, changelog_topic, lag_reader, topic_ends
 from streams.history.queries import archived_memory
 from streams.settings import Settings
@@ -178,32 +178,11 @@ def compare_agents(tables: Iterable[dict[str, Any]], stored: dict[str, Any], dif
 def compare_memory(memory: dict[str, Any], archived: list[dict[str, Any]], differences: list[str]) -> int:
     """One agent's memory chain (its working memory row, and ``archived``: PostgreSQL's entries
     of the agent) walked from the head back to ``GENESIS``; returns the entries walked."""
-    what = f"memory of {memory['agent_id']}"
-    written: int = memory["written"]
-    held = {entry["hash"]: entry for entry in entries(memory)}
     stored = {entry["hash"]: entry for entry in archived}
-    on_chain: set[str] = set()
-    digest: str = memory["head"]
-    while digest != GENESIS:
-        number = written - len(on_chain)  # 1: the first entry written
-        entry = held.get(digest) or stored.get(digest)
-        if entry is None:
-            differences.append(
-                f"{what}: entry {number} of {written} ({digest[:12]}) left working memory but is not in PostgreSQL"
-            )
-            return len(on_chain)
-        if digest in on_chain or number < 1:
-            differences.append(f"{what}: the chain is longer than the {written} entries written")
-            return len(on_chain)
-        if chain_hash(entry["content"], entry["created_at"], entry["prev_hash"]) != digest:
-            where = "working memory" if digest in held else "PostgreSQL"
-            differences.append(f"{what}: entry {number} ({digest[:12]}) in {where} does not match its hash")
-        on_chain.add(digest)
-        digest = entry["prev_hash"]
-    if len(on_chain) != written:
-        differences.append(f"{what}: the chain holds {len(on_chain)} entries, the row counts {written} written")
+    on_chain = walk_chain(memory, stored.get, "PostgreSQL", differences)
     off_chain = sorted(entry["id"] for digest, entry in stored.items() if digest not in on_chain)
     if off_chain:
+        what = f"memory of {memory['agent_id']}"
         differences.append(f"{what}: {len(off_chain)} entries in PostgreSQL are not on its chain, e.g. {off_chain[0]}")
     return len(on_chain)
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from agents.memory import entries as working_entries
+from agents.memory import chain_order, tier_of
 from streams.memory_search.embedding import CachedEmbedder, Embedder
 from streams.memory_search.index import Hit, VectorIndex
 from streams.tables import CachedTable, thaw
@@ -82,15 +83,22 @@ class MemoryIndexer:
             return vector
         return (await self.embed([text]))[0]
 
-    def batch_done(self, written: Written, left: list[dict[str, Any]]) -> None:
-        """Queue a batch's memory changes: its entries are embedded meanwhile (see :meth:`flushing`)."""
+    def batch_done(
+        self, written: Written, left: list[dict[str, Any]], promoted: list[tuple[str, int]] | None = None
+    ) -> None:
+        """Queue a batch's memory changes: its entries are embedded meanwhile (see :meth:`flushing`).
+
+        ``promoted``: agents whose episodic entries created before a time became semantic.
+        """
         self.apply_done()
         entries = [(partition, entry) for partition, batch in written for entry in batch]
         if entries:
             texts = [entry["content"] for _, entry in entries]
             self._enqueue("batch", self._on_thread(self.embedder.embed, texts), entries)
         if left:
-            self._enqueue("left", None, [entry["id"] for entry in left])
+            self._enqueue("left", None, left)
+        if promoted:
+            self._enqueue("promoted", None, promoted)
 
     def _enqueue(self, kind: str, future: asyncio.Future[Any] | None, what: Any) -> None:
         self._queue.append((kind, future, what))
@@ -131,11 +139,43 @@ class MemoryIndexer:
                 assert future is not None
                 self._add_batch(what, future.result())
             elif kind == "left":
-                self.index.set_tier(what, "episodic")
+                self._leave_working(what)
+            elif kind == "promoted":
+                self._promote(what)
             else:
                 self._add_rebuilt(future, *what)
             queue.popleft()
             self._applied += 1
+
+    def _leave_working(self, left: list[dict[str, Any]]) -> None:
+        """Entries that left working memory: episodic, or semantic if their agent's are by then."""
+        befores: dict[str, int] = {}
+        tiers: dict[str, list[str]] = {"episodic": [], "semantic": []}
+        for entry in left:
+            old = entry["created_at"] < self._semantic_before(entry["agent_id"], befores)
+            tiers["semantic" if old else "episodic"].append(entry["id"])
+        for tier, ids in tiers.items():
+            if ids:
+                self.index.set_tier(ids, tier)
+
+    def _semantic_before(self, agent_id: str, befores: dict[str, int]) -> int:
+        """Episodic entries of the agent created before this are semantic (kept in ``befores``)."""
+        before = befores.get(agent_id)
+        if before is None:
+            memory = thaw(self._memory.rows.get(agent_id))
+            before = befores[agent_id] = 0 if memory is None else memory.get("semantic_before", 0)
+        return before
+
+    def _promote(self, promoted: list[tuple[str, int]]) -> None:
+        """Move agents' episodic entries created before a time to the semantic tier."""
+        rows = self._entries.rows
+        for agent_id, before in promoted:
+            old = []
+            for entry_id in self.index.agent_entries(agent_id, "episodic"):
+                entry = thaw(rows.get(entry_id))
+                if entry is not None and entry["created_at"] < before:
+                    old.append(entry_id)
+            self.index.set_tier(old, "semantic")
 
     def _add_batch(self, entries: list[tuple[int, dict[str, Any]]], vectors: np.ndarray) -> None:
         """Add a batch's new entries, those of indexed partitions (a rebuild brings the rest)."""
@@ -234,6 +274,7 @@ class MemoryIndexer:
     ) -> tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray]:
         """On the embedding thread: the chunk's entries (rows of ``memory_entries`` read now) and vectors."""
         rows = self._entries.rows
+        befores: dict[str, int] = {}
         entries: list[tuple[int, str, dict[str, Any]]] = []
         for source in sources:
             if len(source) == 3:
@@ -242,7 +283,9 @@ class MemoryIndexer:
                 partition, entry_id = source  # type: ignore[misc]
                 row = thaw(rows.get(entry_id))
                 if row is not None:
-                    entries.append((partition, row["tier"], row))
+                    entries.append(
+                        (partition, tier_of(row, None, self._semantic_before(row["agent_id"], befores)), row)
+                    )
         return entries, self.embedder.embed([entry["content"] for _, _, entry in entries])
 
     def search_agent(self, agent_id: str, query: str, limit: int) -> list[dict[str, Any]]:
@@ -262,13 +305,17 @@ class MemoryIndexer:
         """The agent's entries of a tier beyond working memory, oldest first."""
         rows = self._entries.rows
         found = [thaw(rows.get(entry_id)) for entry_id in self.index.agent_entries(agent_id, tier)]
-        return sorted((entry for entry in found if entry is not None), key=lambda entry: entry["created_at"])
+        return sorted(({**entry, "tier": tier} for entry in found if entry is not None), key=chain_order)
+
+    def _tier_of(self, entry: dict[str, Any]) -> str:
+        """A stored entry's tier (episodic entries become semantic with their agent's memory)."""
+        return tier_of(entry, None, self._semantic_before(entry["agent_id"], {}))
 
     def entry(self, hit: Hit) -> dict[str, Any] | None:
         """The stored entry a hit stands for (None if it is gone meanwhile)."""
         stored = thaw(self._entries.rows.get(hit.entry_id))
         if stored is not None:
-            return dict(stored)
+            return {**stored, "tier": self._tier_of(stored)}
         row = thaw(self._memory.rows.get(hit.agent_id))
         if row is not None:
             for entry in working_entries(row):
