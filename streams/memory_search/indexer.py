@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.memory import entries as working_entries
 from agents.memory import chain_order, tier_of
+from agents.memory import entries as working_entries
 from streams.memory_search.embedding import CachedEmbedder, Embedder
 from streams.memory_search.index import Hit, VectorIndex
 from streams.tables import CachedTable, thaw
