@@ -194,8 +194,9 @@ def walk_chain(
     find: Callable[[str], dict[str, Any] | None],
     store: str,
     problems: list[str],
-) -> set[str]:
-    """Walk an agent's memory chain from its head back to ``GENESIS``; returns the hashes walked.
+) -> tuple[set[str], bool]:
+    """Walk an agent's memory chain from its head back to ``GENESIS``; returns the hashes
+    walked, and whether the walk got there (not stopped by a missing entry or a loop).
 
     ``memory`` is the agent's memory row with its ``agent_id``; entries not in working memory
     are looked up by hash with ``find`` in the store named ``store``. What is wrong is added to
@@ -213,10 +214,10 @@ def walk_chain(
             problems.append(
                 f"{what}: entry {number} of {written} ({digest[:12]}) left working memory but is not in {store}"
             )
-            return on_chain
+            return on_chain, False
         if digest in on_chain or number < 1:
             problems.append(f"{what}: the chain is longer than the {written} entries written")
-            return on_chain
+            return on_chain, False
         if chain_hash(entry["content"], entry["created_at"], entry["prev_hash"]) != digest:
             where = "working memory" if digest in held else store
             problems.append(f"{what}: entry {number} ({digest[:12]}) in {where} does not match its hash")
@@ -224,7 +225,7 @@ def walk_chain(
         digest = entry["prev_hash"]
     if len(on_chain) != written:
         problems.append(f"{what}: the chain holds {len(on_chain)} entries, the row counts {written} written")
-    return on_chain
+    return on_chain, True
 
 
 def chain_order(entry: dict[str, Any]) -> tuple[int, int]:

@@ -530,9 +530,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 raise ApiError("not_found", f"no memory for agent {agent_id!r}", details={"agent_id": agent_id})
             memory = {**row, "agent_id": agent_id}
             broken: list[str] = []
-            walked = len(
-                walk_chain(memory, lambda digest: thaw(entry_rows.get(entry_id(digest))), "the tables", broken)
-            )
+            stored = entry_rows.get
+            on_chain, _ = walk_chain(memory, lambda digest: thaw(stored(entry_id(digest))), "the tables", broken)
+            walked = len(on_chain)
             if settings.history_enabled:
                 archived = await from_history(lambda conn: queries.archived_memory(conn, [agent_id]))
                 compare_memory(memory, archived[agent_id], broken)
@@ -558,10 +558,11 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         """This worker's best matches (its own partitions' entries)."""
         indexer = memory_indexer()
         threshold = indexer.embedder.default_threshold if search.threshold is None else search.threshold
+        befores: dict[str, int] = {}
         return [
             search_result(hit, entry)
             for hit in indexer.index.search(search.vector, search.limit, threshold, **search.filters)
-            if (entry := indexer.entry(hit)) is not None
+            if (entry := indexer.entry(hit, befores)) is not None
         ]
 
     @app.page("/v1/memory/search")

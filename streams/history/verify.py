@@ -179,9 +179,9 @@ def compare_memory(memory: dict[str, Any], archived: list[dict[str, Any]], diffe
     """One agent's memory chain (its working memory row, and ``archived``: PostgreSQL's entries
     of the agent) walked from the head back to ``GENESIS``; returns the entries walked."""
     stored = {entry["hash"]: entry for entry in archived}
-    on_chain = walk_chain(memory, stored.get, "PostgreSQL", differences)
+    on_chain, whole = walk_chain(memory, stored.get, "PostgreSQL", differences)
     off_chain = sorted(entry["id"] for digest, entry in stored.items() if digest not in on_chain)
-    if off_chain:
+    if whole and off_chain:
         what = f"memory of {memory['agent_id']}"
         differences.append(f"{what}: {len(off_chain)} entries in PostgreSQL are not on its chain, e.g. {off_chain[0]}")
     return len(on_chain)

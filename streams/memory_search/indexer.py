@@ -91,7 +91,10 @@ class MemoryIndexer:
         ``promoted``: agents whose episodic entries created before a time became semantic.
         """
         self.apply_done()
-        entries = [(partition, entry) for partition, batch in written for entry in batch]
+        # Entries of a partition neither indexed nor being indexed are not embedded: its
+        # rebuild, when it starts, reads them from the tables.
+        wanted = self.built | self.building
+        entries = [(partition, entry) for partition, batch in written if partition in wanted for entry in batch]
         if entries:
             texts = [entry["content"] for _, entry in entries]
             self._enqueue("batch", self._on_thread(self.embedder.embed, texts), entries)
@@ -178,7 +181,8 @@ class MemoryIndexer:
             self.index.set_tier(old, "semantic")
 
     def _add_batch(self, entries: list[tuple[int, dict[str, Any]]], vectors: np.ndarray) -> None:
-        """Add a batch's new entries, those of indexed partitions (a rebuild brings the rest)."""
+        """Add a batch's new entries, those of indexed partitions (a rebuild brings the rest:
+        a partition handed away and back meanwhile is rebuilt from rows that hold them)."""
         built = self.built
         keep = [row for row, (partition, _) in enumerate(entries) if partition in built]
         if keep:
@@ -295,8 +299,9 @@ class MemoryIndexer:
             return []
         vector = self.queries.embed([query])[0]
         found = []
+        befores: dict[str, int] = {}
         for hit in self.index.search(vector, limit, self.embedder.default_threshold, agent_id=agent_id):
-            entry = self.entry(hit)
+            entry = self.entry(hit, befores)
             if entry is not None:
                 found.append({**entry, "score": hit.score})
         return found
@@ -307,15 +312,13 @@ class MemoryIndexer:
         found = [thaw(rows.get(entry_id)) for entry_id in self.index.agent_entries(agent_id, tier)]
         return sorted(({**entry, "tier": tier} for entry in found if entry is not None), key=chain_order)
 
-    def _tier_of(self, entry: dict[str, Any]) -> str:
-        """A stored entry's tier (episodic entries become semantic with their agent's memory)."""
-        return tier_of(entry, None, self._semantic_before(entry["agent_id"], {}))
-
-    def entry(self, hit: Hit) -> dict[str, Any] | None:
-        """The stored entry a hit stands for (None if it is gone meanwhile)."""
+    def entry(self, hit: Hit, befores: dict[str, int] | None = None) -> dict[str, Any] | None:
+        """The stored entry a hit stands for (None if it is gone meanwhile); ``befores`` keeps
+        what the agents' memory rows say of tiers across the hits of one search."""
         stored = thaw(self._entries.rows.get(hit.entry_id))
         if stored is not None:
-            return {**stored, "tier": self._tier_of(stored)}
+            before = self._semantic_before(stored["agent_id"], {} if befores is None else befores)
+            return {**stored, "tier": tier_of(stored, None, before)}
         row = thaw(self._memory.rows.get(hit.agent_id))
         if row is not None:
             for entry in working_entries(row):
