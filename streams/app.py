@@ -25,6 +25,7 @@ from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import client_id
 from streams.memory_search.embedding import CachedEmbedder, ProcessEmbedder, load_embedder
 from streams.memory_search.indexer import MemoryIndexer
+from streams.memory_search.vector_log import VectorLog, vector_topic
 from streams.metrics import Metrics
 from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
@@ -149,6 +150,8 @@ class Pipeline(Service):
         self._history_pool_lock = asyncio.Lock()
         #: Keeps the memory search index (set once started; None with memory search off).
         self.indexer: MemoryIndexer | None = None
+        #: Sends the memory entries' vectors to the broker (with memory search on; stopped at stop).
+        self.vector_log: VectorLog | None = None
         #: The model server's client when ``inference`` runs on one (closed at stop).
         self.llm_client: ChatClient | None = None
         self._memory_changelogs = {
@@ -196,7 +199,17 @@ class Pipeline(Service):
             )
             embedder = CachedEmbedder(model, self.settings.embedding_cache_size)
             queries = CachedEmbedder(load_embedder(self.settings.embedding_model), 1000)
-            self.indexer = MemoryIndexer(embedder, cached["memory"], cached["memory_entries"], queries)
+            vector_log = VectorLog(
+                self.settings.bootstrap,
+                vector_topic(self.settings.topic_prefix, embedder.name),
+                embedder.dimensions,
+                self.settings.app_id,
+            )
+            vectors = self.app.topic(vector_log.topic, partitions=partitions, value_serializer="raw", compacting=True)
+            await vectors.maybe_declare()
+            await vector_log.start()
+            self.vector_log = vector_log
+            self.indexer = MemoryIndexer(embedder, cached["memory"], cached["memory_entries"], queries, vector_log)
             self.processor.indexer = self.indexer
             self.processor.runner.searcher = self.indexer.search_agent
         processor = self.processor
@@ -324,6 +337,8 @@ class Pipeline(Service):
             await self.llm_client.close()
         if self.indexer is not None:
             self.indexer.close()
+        if self.vector_log is not None:
+            await self.vector_log.stop()
         if self._history_pool is not None:
             await self._history_pool.close()
         # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.stopping).

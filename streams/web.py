@@ -627,6 +627,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 "index_bytes": sum(w["index_bytes"] for w in workers.values()),
                 "embedded": sum(w["embedded"] for w in workers.values()),
                 "embedding_cache_hits": sum(w["embedding_cache_hits"] for w in workers.values()),
+                "vectors_reused": sum(w["vectors_reused"] for w in workers.values()),
+                "vectors_stored": sum(w["vectors_stored"] for w in workers.values()),
                 "model": own["model"],
                 "ready": all(w["ready"] for w in workers.values()),
                 "workers": workers,

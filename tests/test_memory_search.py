@@ -433,6 +433,42 @@ def test_search_answers_the_same_from_either_worker_across_tiers(deployment: Dep
     assert found
 
 
+def test_the_vector_log_gives_back_the_vectors_sent_to_it(deployment: Deployment) -> None:
+    """Vectors sent for a few batches come back, per partition, with nothing else."""
+    from streams.broker import create_topic
+    from streams.memory_search.vector_log import VectorLog, vector_topic
+
+    topic = vector_topic(deployment.prefix, "test model/1")
+    assert topic == f"{deployment.prefix}.memory-vectors.test-model-1"
+    vectors = _unit(np.random.default_rng(5).normal(size=(300, 16))).astype(np.float16)
+
+    async def scenario() -> None:
+        await create_topic(deployment.bootstrap, topic, 4)
+        log = VectorLog(deployment.bootstrap, topic, 16, "test")
+        await log.start()
+        try:
+            for start in range(0, 300, 50):  # six batches, spread over the partitions
+                for partition in range(4):
+                    rows = [row for row in range(start, start + 50) if row % 4 == partition]
+                    log.send(partition, [f"mem_{row}" for row in rows], vectors[rows])
+            deadline = asyncio.get_running_loop().time() + 30
+            while log.sent < 300 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert (log.sent, log.dropped) == (300, 0)
+            stored = await log.read({1, 3})
+            assert len(stored) == 150
+            for row in range(300):
+                found = stored.get(f"mem_{row}")
+                if row % 4 in (1, 3):
+                    assert found is not None and np.array_equal(found, vectors[row])
+                else:
+                    assert found is None
+        finally:
+            await log.stop()
+
+    asyncio.run(scenario())
+
+
 def _wait_indexed(worker: Any, agents: list[str]) -> None:
     """Wait until the worker's index holds the agents' memory as their rows do now, each entry in its tier."""
     tiers: dict[str, int] = {"working": 0, "episodic": 0, "semantic": 0}
@@ -459,6 +495,9 @@ def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) 
     queries = [{"query": events[n].payload["content"], "limit": 10, "threshold": -1.0} for n in (0, 50, 111)]
     _wait_indexed(worker, agents)
     before = [_search(worker, query) for query in queries]
+    # Every vector reached the broker (sent in the background: one lost with the worker is
+    # computed again, which this test would not tell from a vector log that does not work).
+    wait_until(lambda: worker.get("/v1/memory/stats")[1]["vectors_stored"] == len(events), 30, what="the vectors sent")
     helpers = _descendants(worker.process.pid)  # the embedding process and multiprocessing's resource tracker
     assert helpers
     worker.kill()
@@ -466,6 +505,10 @@ def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) 
     worker = deployment.worker().start().wait_ready()
     after = [wait_until(_searchable(worker, query), 60, what="memory indexed again") for query in queries]
     assert after == before
+    # The vectors came back from the broker (the vector log) instead of being embedded again.
+    status, stats = worker.get("/v1/memory/stats")
+    assert status == 200 and stats["total"] == len(events)
+    assert stats["vectors_reused"] + stats["embedded"] == len(events) and stats["vectors_reused"] >= 0.9 * len(events)
     assert sum(len(answer["results"]) for answer in after) == 30
 
 

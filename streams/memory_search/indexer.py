@@ -31,6 +31,7 @@ from agents.memory import chain_order, tier_of
 from agents.memory import entries as working_entries
 from streams.memory_search.embedding import CachedEmbedder, Embedder
 from streams.memory_search.index import Hit, VectorIndex
+from streams.memory_search.vector_log import StoredVectors, VectorLog
 from streams.tables import CachedTable, thaw
 
 #: Entries embedded per call while a partition is indexed from its rows.
@@ -41,9 +42,18 @@ Written = list[tuple[int, list[dict[str, Any]]]]
 
 class MemoryIndexer:
     def __init__(
-        self, embedder: CachedEmbedder, memory: CachedTable, entries: CachedTable, queries: Embedder | None = None
+        self,
+        embedder: CachedEmbedder,
+        memory: CachedTable,
+        entries: CachedTable,
+        queries: Embedder | None = None,
+        vector_log: VectorLog | None = None,
     ) -> None:
         self.embedder = embedder
+        #: Where computed vectors are kept, and read back from when a partition is indexed.
+        self.vector_log = vector_log
+        #: Entries a rebuild took from the vector log rather than embedding them again.
+        self.reused = 0
         #: Embeds search queries in this process, at once: a query must not wait behind
         #: the batches queued for the embedding process.
         self.queries = queries
@@ -66,6 +76,9 @@ class MemoryIndexer:
         self._mark = 0
 
     def close(self) -> None:
+        for _, future, _ in self._queue:
+            if future is not None:
+                future.cancel()
         self._thread.shutdown(wait=False, cancel_futures=True)
         close = getattr(self.embedder.model, "close", None)
         if close is not None:
@@ -140,7 +153,9 @@ class MemoryIndexer:
                 return
             if kind == "batch":
                 assert future is not None
-                self._add_batch(what, future.result())
+                vectors = future.result()
+                self._keep(what, vectors)
+                self._add_batch(what, vectors)
             elif kind == "left":
                 self._leave_working(what)
             elif kind == "promoted":
@@ -180,6 +195,16 @@ class MemoryIndexer:
                     old.append(entry_id)
             self.index.set_tier(old, "semantic")
 
+    def _keep(self, entries: list[tuple[int, dict[str, Any]]], vectors: np.ndarray) -> None:
+        """Send computed vectors to the vector log, one record per partition."""
+        if self.vector_log is None or not entries:
+            return
+        rows: dict[int, list[int]] = {}
+        for row, (partition, _) in enumerate(entries):
+            rows.setdefault(partition, []).append(row)
+        for partition, chosen in rows.items():
+            self.vector_log.send(partition, [entries[row][1]["id"] for row in chosen], vectors[chosen])
+
     def _add_batch(self, entries: list[tuple[int, dict[str, Any]]], vectors: np.ndarray) -> None:
         """Add a batch's new entries, those of indexed partitions (a rebuild brings the rest:
         a partition handed away and back meanwhile is rebuilt from rows that hold them)."""
@@ -197,7 +222,8 @@ class MemoryIndexer:
         if first and wanted:
             self.index.drop_partitions(set(wanted))  # anything left from an earlier ownership
         if future is not None and wanted:
-            entries, vectors = future.result()
+            entries, vectors, fresh = future.result()
+            self._keep([(entries[row][0], entries[row][2]) for row in fresh], vectors[fresh])
             keep = [row for row, (partition, _, _) in enumerate(entries) if partition in wanted]
             if keep:
                 self._add([entries[row] for row in keep], vectors[keep])
@@ -225,6 +251,8 @@ class MemoryIndexer:
             "model": self.embedder.name,
             "embedded": self.embedder.embedded,
             "embedding_cache_hits": self.embedder.hits,
+            "vectors_reused": self.reused,
+            "vectors_stored": 0 if self.vector_log is None else self.vector_log.sent,
         }
 
     def drop(self, partitions: set[int]) -> None:
@@ -267,16 +295,29 @@ class MemoryIndexer:
         chunks = [sources[start : start + REBUILD_CHUNK] for start in range(0, len(sources), REBUILD_CHUNK)]
         if not chunks:
             self._enqueue("rebuild", None, (frozen, True, True))
+        stored = (
+            asyncio.ensure_future(self.vector_log.read(partitions)) if chunks and self.vector_log is not None else None
+        )
         for number, chunk in enumerate(chunks):
-            future = self._on_thread(self._embed_sources, chunk)
+            future = asyncio.ensure_future(self._rebuild_chunk(chunk, stored))
             self._enqueue("rebuild", future, (frozen, number == 0, number == len(chunks) - 1))
         self.apply_done()
         return len(sources)
 
+    async def _rebuild_chunk(
+        self, chunk: list[Any], stored: asyncio.Future[StoredVectors] | None
+    ) -> tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray, list[int]]:
+        """A chunk of a rebuild: its entries, their vectors, and which of them were embedded now."""
+        vectors = await asyncio.shield(stored) if stored is not None else None
+        result: tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray, list[int]]
+        result = await self._on_thread(self._embed_sources, chunk, vectors)
+        return result
+
     def _embed_sources(
-        self, sources: list[tuple[int, str, dict[str, Any]] | tuple[int, str]]
-    ) -> tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray]:
-        """On the embedding thread: the chunk's entries (rows of ``memory_entries`` read now) and vectors."""
+        self, sources: list[tuple[int, str, dict[str, Any]] | tuple[int, str]], stored: StoredVectors | None = None
+    ) -> tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray, list[int]]:
+        """On the embedding thread: the chunk's entries (rows of ``memory_entries`` read now), their
+        vectors (from ``stored`` where it has them), and the rows embedded now."""
         rows = self._entries.rows
         befores: dict[str, int] = {}
         entries: list[tuple[int, str, dict[str, Any]]] = []
@@ -290,7 +331,18 @@ class MemoryIndexer:
                     entries.append(
                         (partition, tier_of(row, None, self._semantic_before(row["agent_id"], befores)), row)
                     )
-        return entries, self.embedder.embed([entry["content"] for _, _, entry in entries])
+        vectors = np.empty((len(entries), self.embedder.dimensions), dtype=np.float32)
+        fresh: list[int] = []
+        for row, (_, _, entry) in enumerate(entries):
+            vector = stored.get(entry["id"]) if stored is not None else None
+            if vector is None:
+                fresh.append(row)
+            else:
+                vectors[row] = vector
+        self.reused += len(entries) - len(fresh)
+        if fresh:
+            vectors[fresh] = self.embedder.embed([entries[row][2]["content"] for row in fresh])
+        return entries, vectors, fresh
 
     def search_agent(self, agent_id: str, query: str, limit: int) -> list[dict[str, Any]]:
         """The agent's entries most similar to ``query``, best first, each with its ``score``
