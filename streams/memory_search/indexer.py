@@ -298,28 +298,35 @@ class MemoryIndexer:
         stored = (
             asyncio.ensure_future(self.vector_log.read(partitions)) if chunks and self.vector_log is not None else None
         )
+        # Each agent's memory row is read once for the whole rebuild (its entries are spread
+        # over every chunk), not once per chunk.
+        befores: dict[str, int] = {}
         for number, chunk in enumerate(chunks):
-            future = asyncio.ensure_future(self._rebuild_chunk(chunk, stored))
+            future = asyncio.ensure_future(self._rebuild_chunk(chunk, stored, befores))
             self._enqueue("rebuild", future, (frozen, number == 0, number == len(chunks) - 1))
         self.apply_done()
         return len(sources)
 
     async def _rebuild_chunk(
-        self, chunk: list[Any], stored: asyncio.Future[StoredVectors] | None
+        self, chunk: list[Any], stored: asyncio.Future[StoredVectors] | None, befores: dict[str, int]
     ) -> tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray, list[int]]:
         """A chunk of a rebuild: its entries, their vectors, and which of them were embedded now."""
         vectors = await asyncio.shield(stored) if stored is not None else None
         result: tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray, list[int]]
-        result = await self._on_thread(self._embed_sources, chunk, vectors)
+        result = await self._on_thread(self._embed_sources, chunk, vectors, befores)
         return result
 
     def _embed_sources(
-        self, sources: list[tuple[int, str, dict[str, Any]] | tuple[int, str]], stored: StoredVectors | None = None
+        self,
+        sources: list[tuple[int, str, dict[str, Any]] | tuple[int, str]],
+        stored: StoredVectors | None = None,
+        befores: dict[str, int] | None = None,
     ) -> tuple[list[tuple[int, str, dict[str, Any]]], np.ndarray, list[int]]:
         """On the embedding thread: the chunk's entries (rows of ``memory_entries`` read now), their
-        vectors (from ``stored`` where it has them), and the rows embedded now."""
+        vectors (from ``stored`` where it has them), and the rows embedded now; ``befores``
+        keeps what agents' memory rows say of tiers, across the chunks of a rebuild."""
         rows = self._entries.rows
-        befores: dict[str, int] = {}
+        befores = {} if befores is None else befores
         entries: list[tuple[int, str, dict[str, Any]]] = []
         for source in sources:
             if len(source) == 3:
