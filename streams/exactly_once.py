@@ -30,6 +30,7 @@ import logging
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from streams.log_continuity import VerifiedProducer
 from streams.settings import Settings
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 #: How long a transaction may stay open before the broker aborts it. A worker killed in a
 #: flush leaves one open until the partition's next owner starts its producer, or this.
 TRANSACTION_TIMEOUT_MS = 30_000
+#: Seconds a transactional producer keeps trying to start while the broker is coming back
+#: (a claim runs inside a rebalance: it may wait, but not without end).
+START_PATIENCE = 15.0
 
 
 class NotOwner(RuntimeError):
@@ -97,6 +101,24 @@ class TransactionalSender:
         await self.release(set(self._producers))
 
     async def _start(self, partition: int) -> AIOKafkaProducer:
+        """A started transactional producer for ``partition``; a broker that is coming back
+        (no metadata yet, no coordinator) is tried again for up to :data:`START_PATIENCE` s."""
+        deadline = asyncio.get_running_loop().time() + START_PATIENCE
+        delay = 0.2
+        while True:
+            try:
+                return await self._start_once(partition)
+            except (KafkaError, AssertionError) as exc:
+                # aiokafka asserts "Did we not perform bootstrap?" when a metadata response
+                # named no broker, as a broker resumed after a hang may answer at first.
+                retriable = isinstance(exc, AssertionError) or isinstance(exc, KafkaConnectionError) or exc.retriable
+                if not retriable or asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                log.warning("transactional producer of partition %d not started (%r); trying again", partition, exc)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _start_once(self, partition: int) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.bootstrap,
             transactional_id=transactional_id(self.settings, partition),
