@@ -188,6 +188,19 @@ class _AgentRun:
         self.events.append(self.key)
         self.events.append(event)
 
+    def consolidated(self, from_tier: str, to_tier: str, **details: Any) -> None:
+        """Queue a ``memory.consolidated`` event: entries of this agent moved between tiers."""
+        self.emit(
+            wire.lifecycle_event(
+                "memory.consolidated",
+                _now_ms(),
+                agent_id=self.agent_id,
+                from_tier=from_tier,
+                to_tier=to_tier,
+                **details,
+            )
+        )
+
     def read_memory(self) -> dict[str, Any] | None:
         """The memory as a handler sees it: this batch's copy, else the stored row (decoded once)."""
         if self.memory is not None:
@@ -583,15 +596,7 @@ class AgentRunner:
                 memory["o"] = last_offset
             if run.left is not None:
                 self._archive(run, last_offset, run.left)
-                moved = wire.lifecycle_event(
-                    "memory.consolidated",
-                    _now_ms(),
-                    agent_id=run.agent_id,
-                    from_tier="working",
-                    to_tier="episodic",
-                    memory_ids=[entry["id"] for entry in run.left],
-                )
-                run.emit(moved)
+                run.consolidated("working", "episodic", memory_ids=[entry["id"] for entry in run.left])
                 self._promote(run, memory, run.left)
         run.in_flight = 0
 
@@ -603,16 +608,7 @@ class AgentRunner:
         if promoted is not None:
             before, count = promoted
             self.memory_promoted.append((run.agent_id, before))
-            moved = wire.lifecycle_event(
-                "memory.consolidated",
-                _now_ms(),
-                agent_id=run.agent_id,
-                from_tier="episodic",
-                to_tier="semantic",
-                created_before=before,
-                count=count,
-            )
-            run.emit(moved)
+            run.consolidated("episodic", "semantic", created_before=before, count=count)
 
 
 def _done(outcome: Outcome) -> asyncio.Future[Outcome]:
