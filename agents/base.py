@@ -37,6 +37,10 @@ class MemorySource(Protocol):
         with its ``score``); none when memory search is off."""
         ...
 
+    def count_accesses(self, offset: int, entry_ids: list[str]) -> None:
+        """Count an access of each entry (a search by the task at ``offset`` returned it)."""
+        ...
+
 
 class TaskContext:
     """What a handler may use besides the task: the agent's working memory and the clock.
@@ -57,6 +61,7 @@ class TaskContext:
         "agent_type",
         "attempt",
         "now_ms",
+        "offset",
         "written",
     )
 
@@ -70,11 +75,14 @@ class TaskContext:
         attempt: int = 1,
         source: MemorySource | None = None,
         keep_writes: bool = True,
+        offset: int = -1,
     ) -> None:
         self.agent_id = agent_id
         self.agent_type = agent_type
         self.now_ms = now_ms
         self.attempt = attempt
+        #: The task's offset in its partition (-1 outside a stream).
+        self.offset = offset
         self._memory = memory
         self._source = source
         self._keep = keep_writes
@@ -94,15 +102,27 @@ class TaskContext:
         return working_memory.entries(self._memory)[-limit:]
 
     def search(self, query: str, limit: int = 5) -> list[dict[str, Any]]:
-        """The agent's memory entries (any tier) most similar to ``query``, best first."""
+        """The agent's memory entries (any tier) most similar to ``query``, best first; each
+        counts as accessed (``access_count``, ``last_accessed``)."""
         if self._source is None or limit <= 0:
             return []
-        return self._source.search(query, limit)
+        found = self._source.search(query, limit)
+        if found and self._keep and self.offset >= 0:
+            self._source.count_accesses(self.offset, [entry["id"] for entry in found])
+        return found
 
     def remember(
-        self, content: str, *, role: str = "assistant", memory_type: str = "conversation", key: str | None = None
+        self,
+        content: str,
+        *,
+        role: str = "assistant",
+        memory_type: str = "conversation",
+        key: str | None = None,
+        importance: float = working_memory.DEFAULT_IMPORTANCE,
     ) -> dict[str, Any]:
-        """Write one entry into the agent's working memory."""
+        """Write one entry into the agent's working memory (``importance`` from 0 to 1)."""
+        if not 0.0 <= importance <= 1.0:
+            raise TaskFailed(f"importance must be from 0 to 1, got {importance!r}")
         if self._unopened and self._source is not None:
             self._memory = self._source.open_memory(self._keep)
         elif self._memory is None:
@@ -119,6 +139,7 @@ class TaskContext:
             budget_tokens=self._budget,
             key=key,
             left=left,
+            importance=importance,
         )
         if left and self._keep and self._source is not None:
             self._source.archive(left)

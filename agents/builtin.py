@@ -9,6 +9,7 @@ import random
 from statistics import NormalDist
 
 from agents.base import Result, TaskContext, TaskFailed
+from agents.memory import DEFAULT_IMPORTANCE
 from schemas.domain import MEMORY_TYPES
 from schemas.wire import TaskEvent
 
@@ -54,7 +55,7 @@ def analyse_code(task: TaskEvent, context: TaskContext) -> Result:
 
 
 def memory_operation(task: TaskEvent, context: TaskContext) -> Result:
-    """``memory_operation``: ``{"op": "write"|"system"|"recall", ...}`` on working memory."""
+    """``memory_operation``: ``{"op": "write"|"system"|"recall"|"search", ...}`` on the agent's memory."""
     op = task.payload.get("op", "write")
     if op in ("write", "system"):
         content = task.payload.get("content")
@@ -65,7 +66,16 @@ def memory_operation(task: TaskEvent, context: TaskContext) -> Result:
             raise TaskFailed(f"unknown memory_type {memory_type!r}")
         role = "system" if op == "system" else str(task.payload.get("role", "user"))
         key = task.payload.get("key")
-        entry = context.remember(content, role=role, memory_type=memory_type, key=key if isinstance(key, str) else None)
+        importance = task.payload.get("importance", DEFAULT_IMPORTANCE)
+        if type(importance) not in (int, float) or not 0 <= importance <= 1:
+            raise TaskFailed("memory write 'importance' must be a number from 0 to 1")
+        entry = context.remember(
+            content,
+            role=role,
+            memory_type=memory_type,
+            key=key if isinstance(key, str) else None,
+            importance=float(importance),
+        )
         return {"op": op, "memory_id": entry["id"], "hash": entry["hash"]}
     if op == "recall":
         limit = task.payload.get("limit", 10)
@@ -73,7 +83,16 @@ def memory_operation(task: TaskEvent, context: TaskContext) -> Result:
             raise TaskFailed("recall 'limit' must be a non-negative integer")
         recalled = context.recall(limit)
         return {"op": op, "entries": [{"id": e["id"], "role": e["role"], "content": e["content"]} for e in recalled]}
-    raise TaskFailed(f"unknown memory op {op!r}; expected write, system or recall")
+    if op == "search":
+        query = task.payload.get("query")
+        limit = task.payload.get("limit", 5)
+        if not isinstance(query, str) or not query:
+            raise TaskFailed("memory search needs a non-empty string 'query'")
+        if type(limit) is not int or not 1 <= limit <= 100:
+            raise TaskFailed("memory search 'limit' must be an integer from 1 to 100")
+        found = context.search(query, limit)
+        return {"op": op, "entries": [{"id": e["id"], "score": e.get("score"), "content": e["content"]} for e in found]}
+    raise TaskFailed(f"unknown memory op {op!r}; expected write, system, recall or search")
 
 
 class SimulatedInference:

@@ -27,6 +27,14 @@ PROMOTE_AFTER_MS = 7 * 86_400_000
 #: (a day at the default): a promotion moves whole spans, so each entry it moves is older
 #: than the promotion age, and the memory row stays small whatever the episodic tier holds.
 SPANS_PER_PROMOTION_AGE = 7
+#: How long an entry stays in a tier (DOMAIN.md): a turn older than a day leaves working
+#: memory at the agent's next memory write, and an episodic entry older than 30 days becomes
+#: semantic when the agent's episodic tier next changes, whatever the counts.
+WORKING_LIFETIME_MS = 86_400_000
+EPISODIC_LIFETIME_MS = 30 * 86_400_000
+TIER_LIFETIME_MS: dict[str, int] = {"working": WORKING_LIFETIME_MS, "episodic": EPISODIC_LIFETIME_MS}
+#: An entry's importance (0..1) unless its writer says otherwise; stored only when it differs.
+DEFAULT_IMPORTANCE = 0.5
 
 
 def token_count(text: str) -> int:
@@ -43,9 +51,11 @@ def file_episodic(
     now_ms: int,
     promote_above: int = PROMOTE_ABOVE,
     promote_after_ms: int = PROMOTE_AFTER_MS,
+    lifetime_ms: int = EPISODIC_LIFETIME_MS,
 ) -> tuple[int, int] | None:
     """Count ``left`` (entries that left working memory) into ``memory``'s episodic tier, then
-    promote its old entries to the semantic tier if it holds more than ``promote_above``.
+    promote its old entries to the semantic tier: those older than ``promote_after_ms`` if it
+    holds more than ``promote_above``, and those older than ``lifetime_ms`` in any case.
 
     The row keeps ``episodic``, a flat list ``[span, count, span, count, ...]`` (oldest span
     first), ``semantic``, the entries promoted so far, and ``semantic_before``: an episodic
@@ -65,13 +75,14 @@ def file_episodic(
             span = created // span_ms
             tally[span] = tally.get(span, 0) + 1
     promoted = 0
+    cutoff = (now_ms - lifetime_ms) // span_ms  # spans before it are wholly old enough
     if sum(tally.values()) > promote_above:
-        cutoff = (now_ms - promote_after_ms) // span_ms  # spans before it are wholly old enough
-        for span in [span for span in tally if span < cutoff]:
-            promoted += tally.pop(span)
-        if promoted:
-            before = max(before, cutoff * span_ms)
-            memory["semantic_before"] = before
+        cutoff = max(cutoff, (now_ms - promote_after_ms) // span_ms)
+    for span in [span for span in tally if span < cutoff]:
+        promoted += tally.pop(span)
+    if promoted:
+        before = max(before, cutoff * span_ms)
+        memory["semantic_before"] = before
     memory["episodic"] = [number for span in sorted(tally) for number in (span, tally[span])]
     memory["semantic"] = semantic + promoted
     return (before, promoted) if promoted else None
@@ -112,6 +123,7 @@ def append(
     budget_tokens: int,
     key: str | None = None,
     left: list[dict[str, Any]] | None = None,
+    importance: float = DEFAULT_IMPORTANCE,
 ) -> dict[str, Any]:
     """Append one entry to ``memory`` (in place), trim it, and return the entry.
 
@@ -133,6 +145,8 @@ def append(
         "hash": digest,
         "prev_hash": prev_hash,
     }
+    if importance != DEFAULT_IMPORTANCE:
+        entry["importance"] = importance
     memory["head"] = digest
     memory["written"] += 1
     if role == "system":
@@ -150,14 +164,14 @@ def append(
 
 
 def consolidate(memory: dict[str, Any], now_ms: int, left: list[dict[str, Any]] | None) -> int:
-    """Move turns older than an hour out of a memory holding over 100 entries; return how many.
+    """Move turns out of working memory and return how many: those older than a day (its
+    lifetime), and those older than an hour once it holds over 100 entries.
 
     The system message stays, as with trimming; what leaves is added to ``left``.
     """
     turns = memory["turns"]
-    if len(turns) + (1 if memory["system"] else 0) <= CONSOLIDATE_ABOVE:
-        return 0
-    cutoff = now_ms - CONSOLIDATE_AFTER_MS
+    crowded = len(turns) + (1 if memory["system"] else 0) > CONSOLIDATE_ABOVE
+    cutoff = now_ms - (CONSOLIDATE_AFTER_MS if crowded else WORKING_LIFETIME_MS)
     old = 0
     while old < len(turns) and turns[old]["created_at"] < cutoff:
         old += 1
@@ -226,6 +240,51 @@ def walk_chain(
     if len(on_chain) != written:
         problems.append(f"{what}: the chain holds {len(on_chain)} entries, the row counts {written} written")
     return on_chain, True
+
+
+def describe(entry: dict[str, Any], tier: str) -> dict[str, Any]:
+    """An entry as the API serves it: DOMAIN.md's fields (defaults filled in), its tier, and
+    when it leaves that tier (``expires_at``; None for the tiers kept forever)."""
+    lifetime = TIER_LIFETIME_MS.get(tier)
+    created: int = entry["created_at"]
+    return {
+        "id": entry["id"],
+        "agent_id": entry["agent_id"],
+        "key": entry["key"],
+        "content": entry["content"],
+        "memory_type": entry["memory_type"],
+        "role": entry["role"],
+        "importance": entry.get("importance", DEFAULT_IMPORTANCE),
+        "access_count": entry.get("access_count", 0),
+        "last_accessed": entry.get("last_accessed"),
+        "tier": tier,
+        "tokens": entry["tokens"],
+        "seq": entry.get("seq"),
+        "hash": entry["hash"],
+        "prev_hash": entry["prev_hash"],
+        "created_at": created,
+        "expires_at": None if lifetime is None else created + lifetime,
+    }
+
+
+def accessed(entry: dict[str, Any], at_ms: int) -> dict[str, Any]:
+    """A copy of ``entry`` with one more access, at ``at_ms``."""
+    return {**entry, "access_count": entry.get("access_count", 0) + 1, "last_accessed": at_ms}
+
+
+def count_accesses(memory: dict[str, Any], ids: set[str], at_ms: int) -> set[str]:
+    """Count an access of each working-memory entry whose id is in ``ids`` (the lists are
+    replaced, not changed in place); returns the ids found there."""
+    found: set[str] = set()
+    system = memory["system"]
+    if system is not None and system["id"] in ids:
+        memory["system"] = accessed(system, at_ms)
+        found.add(system["id"])
+    if any(turn["id"] in ids for turn in memory["turns"]):
+        turns = [accessed(turn, at_ms) if turn["id"] in ids else turn for turn in memory["turns"]]
+        found.update(turn["id"] for turn in turns if turn["id"] in ids)
+        memory["turns"] = turns
+    return found
 
 
 def chain_order(entry: dict[str, Any]) -> tuple[int, int]:

@@ -25,6 +25,10 @@ from schemas import domain
 SCHEMA_VERSION = 1
 TASK_CREATED = "task.created"
 TASK_BATCH = "task.batch"
+#: Entries of one agent that searches returned (see :class:`MemoryAccess`).
+MEMORY_ACCESSED = "memory.accessed"
+#: Most entries one ``memory.accessed`` event may name.
+MAX_ACCESSED_IDS = 1000
 #: Most tasks one ``task.batch`` event may carry.
 MAX_BATCH_TASKS = 10_000
 LIFECYCLE_EVENTS = (
@@ -159,13 +163,64 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class MemoryAccess:
+    """A validated ``memory.accessed`` event: searches returned these entries of one agent at ``ts``.
+
+    ``{"v": 1, "type": "memory.accessed", "agent_id": ..., "ts": <ms>, "ids": ["mem_...", ...]}``,
+    keyed by the agent like its tasks; the agent's worker counts one access of each entry.
+    """
+
+    __slots__ = ("agent_id", "ids", "ts")
+
+    def __init__(self, agent_id: str, ids: list[str], ts: int) -> None:
+        self.agent_id = agent_id
+        self.ids = ids
+        self.ts = ts
+
+
+def memory_accessed(agent_id: str, ids: list[str], ts_ms: int) -> bytes:
+    """Encode a ``memory.accessed`` event for the tasks topic."""
+    return encode({"v": SCHEMA_VERSION, "type": MEMORY_ACCESSED, "agent_id": agent_id, "ts": ts_ms, "ids": ids})
+
+
+def _memory_access(data: dict[str, Any]) -> MemoryAccess:
+    if data.get("v") != SCHEMA_VERSION or type(data.get("v")) is not int:
+        raise WireError(f"unsupported schema version {data.get('v')!r} (expected {SCHEMA_VERSION})")
+    agent_id = data.get("agent_id")
+    if type(agent_id) is not str or len(agent_id) > MAX_AGENT_ID or not _AGENT_ID_MATCH(agent_id):
+        raise WireError(f"memory.accessed: invalid agent_id {_brief(agent_id)}")
+    ts = data.get("ts")
+    if type(ts) is not int or not 0 <= ts <= MAX_TIME_MS:
+        raise WireError(f"memory.accessed: 'ts' must be milliseconds since the epoch, got {_brief(ts)}")
+    ids = data.get("ids")
+    if type(ids) is not list or not 1 <= len(ids) <= MAX_ACCESSED_IDS:
+        raise WireError(f"memory.accessed: 'ids' must be a list of 1 to {MAX_ACCESSED_IDS} memory ids")
+    for entry_id in ids:
+        if type(entry_id) is not str or not _MEMORY_ID_MATCH(entry_id):
+            raise WireError(f"memory.accessed: invalid memory id {_brief(entry_id)}")
+    return MemoryAccess(agent_id, ids, ts)
+
+
+def decode_record(raw: bytes | None) -> tuple[list[TaskEvent], list[str], MemoryAccess | None]:
+    """Decode one value of the tasks topic: tasks as :func:`decode_tasks` gives them, or a
+    ``memory.accessed`` event (then no tasks)."""
+    data = _unpack_map(raw)
+    if data.get("type") == MEMORY_ACCESSED:
+        return [], [], _memory_access(data)
+    tasks, refused = _decode_tasks(data)
+    return tasks, refused, None
+
+
 def decode_tasks(raw: bytes | None) -> tuple[list[TaskEvent], list[str]]:
     """Decode one value of the tasks topic: a ``task.created`` or a ``task.batch`` event.
 
     Returns the valid tasks and, for a batch, the reasons its invalid tasks were refused
     (the valid ones still run). A value that is not a task event at all raises WireError.
     """
-    data = _unpack_map(raw)
+    return _decode_tasks(_unpack_map(raw))
+
+
+def _decode_tasks(data: dict[str, Any]) -> tuple[list[TaskEvent], list[str]]:
     if data.get("type") != TASK_BATCH:
         return [task_from_map(data)], []
     if data.get("v") != SCHEMA_VERSION or type(data.get("v")) is not int:
@@ -410,6 +465,7 @@ def task_from_fields(
 
 _TASK_ID_MATCH = domain.TASK_ID.fullmatch
 _AGENT_ID_MATCH = domain.AGENT_ID.fullmatch
+_MEMORY_ID_MATCH = domain.MEMORY_ID.fullmatch
 _CANONICAL_PRIORITIES = frozenset(domain.PRIORITIES)
 
 

@@ -137,6 +137,7 @@ class _AgentRun:
     """One agent's part of a batch: its rows and how far its earlier events got."""
 
     __slots__ = (
+        "accesses",
         "agent",
         "agent_base",
         "agent_id",
@@ -150,7 +151,7 @@ class _AgentRun:
         "memory_table",
         "partition",
         "resent",
-        "searcher",
+        "runner",
         "stored",
     )
 
@@ -159,18 +160,20 @@ class _AgentRun:
         agent_id: str,
         partition: int,
         agent: dict[str, Any],
-        memory_table: CachedTable,
+        runner: AgentRunner,
         events: Records,
-        searcher: MemorySearcher | None = None,
+        accesses: list[tuple[int, int, wire.MemoryAccess]] | None = None,
     ) -> None:
         self.agent_id = agent_id
-        self.searcher = searcher
+        self.runner = runner
         self.key = agent_id.encode()
         self.partition = partition
         self.agent = agent
         self.agent_type: str = agent["type"]
         self.agent_base: int = agent["o"]
-        self.memory_table = memory_table
+        memory_table = self.memory_table = runner.memory
+        #: The batch's ``memory.accessed`` events of this agent not yet counted, in offset order.
+        self.accesses = accesses
         #: The agent's memory row as stored (perhaps frozen), and the private copy once a handler writes.
         self.stored: Any = memory_table.rows.get(agent_id)
         stored = self.stored
@@ -228,7 +231,12 @@ class _AgentRun:
 
     def search(self, query: str, limit: int) -> list[dict[str, Any]]:
         """The agent's memory entries most similar to ``query`` (the memory search index)."""
-        return [] if self.searcher is None else self.searcher(self.agent_id, query, limit)
+        searcher = self.runner.searcher
+        return [] if searcher is None else searcher(self.agent_id, query, limit)
+
+    def count_accesses(self, offset: int, entry_ids: list[str]) -> None:
+        """A handler's search (of the task at ``offset``) returned these entries."""
+        self.runner.count_access(self, offset, set(entry_ids), _now_ms())
 
     def archive(self, entries: list[dict[str, Any]]) -> None:
         """Entries that left the memory this run writes (sent when the run settles)."""
@@ -280,26 +288,36 @@ class AgentRunner:
         #: Tallies of the current batch, handed to the metrics once per batch.
         self.finished: Counter[str] = Counter()
 
-    def run(self, agent_id: str, items: list[Item], now: int) -> Awaitable[None] | None:
-        """Run ``items`` (one agent's tasks, in offset order); an awaitable if any must wait."""
+    def run(
+        self,
+        agent_id: str,
+        items: list[Item],
+        now: int,
+        accesses: list[tuple[int, int, wire.MemoryAccess]] | None = None,
+    ) -> Awaitable[None] | None:
+        """Run ``items`` (one agent's tasks, in offset order) and count ``accesses`` (the agent's
+        ``memory.accessed`` events of the batch) in their place among them; an awaitable if
+        any task must wait."""
         partition = items[0].partition
         agent = self.agents.writable(agent_id, partition, dict)
         if agent is None:
             agent = state.new_agent(agent_id, items[0].event.agent_type, now, self._max_concurrent)
             self.agents.put(agent_id, agent, partition)
-        run = _AgentRun(
-            agent_id, partition, agent, self.memory, self.writer.outbox(self.events_topic, partition), self.searcher
-        )
+        run = _AgentRun(agent_id, partition, agent, self, self.writer.outbox(self.events_topic, partition), accesses)
         stats_base = self.stats.base[partition]
         if len(items) > 1:
             items = self._first_copies(items, run, stats_base)
         runnable = [item for item in items if self._prepare(item, run, stats_base)]
         if not runnable:
+            if accesses:
+                self._count_accesses_before(run, None)
             return None
         if agent["status"] == "offline" and run.agent_base < runnable[0].offset:
             self._wake(run, runnable[0], now)
         agent["status"] = "busy"
         for index, item in enumerate(runnable):
+            if run.accesses:
+                self._count_accesses_before(run, item.offset)
             started = self._start(item, run)
             if type(started) is not Outcome:
                 return self._run_rest(run, runnable, index, started)  # type: ignore[arg-type]
@@ -393,6 +411,8 @@ class AgentRunner:
                     self._finish(done_item, run, await future)
                 run.in_flight = len(window) + 1
                 run.agent["peak_concurrent_tasks"] = max(run.agent["peak_concurrent_tasks"], run.in_flight)
+                if run.accesses:
+                    self._count_accesses_before(run, item.offset)
                 started = self._start(item, run)
                 window.append((item, _done(started) if type(started) is Outcome else asyncio.ensure_future(started)))  # type: ignore[arg-type]
             while window:
@@ -433,7 +453,15 @@ class AgentRunner:
         self, handler: Handler, item: Item, run: _AgentRun, attempt: int, now: int
     ) -> Outcome | Awaitable[Outcome]:
         context = TaskContext(
-            run.agent_id, run.agent_type, now, run.memory, self._memory_budget, attempt, run, item.apply_memory
+            run.agent_id,
+            run.agent_type,
+            now,
+            run.memory,
+            self._memory_budget,
+            attempt,
+            run,
+            item.apply_memory,
+            item.offset,
         )
         started = _perf()
         try:
@@ -586,6 +614,8 @@ class AgentRunner:
         self.metrics.dead_lettered.labels(reason="handler").inc()
 
     def _settle(self, run: _AgentRun, last_offset: int) -> None:
+        if run.accesses:
+            self._count_accesses_before(run, None)
         agent = run.agent
         agent["status"] = "idle"
         if last_offset > agent["o"]:
@@ -599,6 +629,42 @@ class AgentRunner:
                 run.consolidated("working", "episodic", memory_ids=[entry["id"] for entry in run.left])
                 self._promote(run, memory, run.left)
         run.in_flight = 0
+
+    def count_accesses(self, agent_id: str, accesses: list[tuple[int, int, wire.MemoryAccess]]) -> None:
+        """Count the ``memory.accessed`` events of an agent with no task in the batch."""
+        partition = accesses[0][0]
+        agent = self.agents.get(agent_id) or {"type": "", "o": -1}  # the row itself is not changed
+        run = _AgentRun(agent_id, partition, agent, self, self.writer.outbox(self.events_topic, partition), accesses)
+        self._count_accesses_before(run, None)
+
+    def _count_accesses_before(self, run: _AgentRun, offset: int | None) -> None:
+        """Count the run's access events from before ``offset`` (None: all of them)."""
+        pending = run.accesses
+        while pending and (offset is None or pending[0][1] < offset):
+            _, at, access = pending.pop(0)
+            self.count_access(run, at, set(access.ids), access.ts)
+
+    def count_access(self, run: _AgentRun, offset: int, ids: set[str], at_ms: int) -> None:
+        """Count one access of each of the agent's entries in ``ids`` (by the event at
+        ``offset``) wherever the entry is now: in working memory, leaving it in this run, or
+        in the ``memory_entries`` table. Each row counts an event once (its ``"o"``), so a
+        replay counts nothing twice."""
+        if offset > run.memory_base:
+            memory = run.read_memory()
+            if memory is not None and any(entry["id"] in ids for entry in working_memory.entries(memory)):
+                memory = run.open_memory(True)
+                ids = ids - working_memory.count_accesses(memory, ids, at_ms)
+                if offset > memory["o"]:
+                    memory["o"] = offset
+            left = run.left
+            if ids and left is not None and any(entry["id"] in ids for entry in left):
+                run.left = [working_memory.accessed(entry, at_ms) if entry["id"] in ids else entry for entry in left]
+                ids = ids - {entry["id"] for entry in left}
+        rows = self.entries.rows
+        for entry_id in ids:
+            stored = thaw(rows.get(entry_id))
+            if stored is not None and stored["agent_id"] == run.agent_id and stored["o"] < offset:
+                self.entries.put_final(entry_id, {**working_memory.accessed(stored, at_ms), "o": offset}, run.partition)
 
     def _promote(self, run: _AgentRun, memory: dict[str, Any], left: list[dict[str, Any]]) -> None:
         """Count the entries that left into the episodic tier; move its old ones to the semantic tier

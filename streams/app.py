@@ -23,6 +23,7 @@ from streams.llm.client import ChatClient
 from streams.llm.handler import ModelInference
 from streams.log_continuity import BrokerLostData, VerifiedProducer
 from streams.membership import client_id
+from streams.memory_search.accesses import AccessRecorder
 from streams.memory_search.embedding import CachedEmbedder, ProcessEmbedder, load_embedder
 from streams.memory_search.indexer import MemoryIndexer
 from streams.memory_search.vector_log import VectorLog, vector_topic
@@ -152,6 +153,8 @@ class Pipeline(Service):
         self.indexer: MemoryIndexer | None = None
         #: Sends the memory entries' vectors to the broker (with memory search on; stopped at stop).
         self.vector_log: VectorLog | None = None
+        #: Sends ``memory.accessed`` events for the entries HTTP searches return (with memory search on).
+        self.accesses: AccessRecorder | None = None
         #: The model server's client when ``inference`` runs on one (closed at stop).
         self.llm_client: ChatClient | None = None
         self._memory_changelogs = {
@@ -226,6 +229,9 @@ class Pipeline(Service):
         ingress = IngressProducer(self.settings)
         await ingress.start()
         self.ingress = ingress
+        if self.indexer is not None:
+            self.accesses = AccessRecorder(ingress)
+            self.accesses.start()
         await self.add_runtime_dependency(self.stats_view)
         self._started_event.set()
 
@@ -361,6 +367,8 @@ class Pipeline(Service):
         if self.processor is not None and self.lost_data is None:
             async with self.lock:
                 await self.processor.flush_changed_rows()
+        if self.accesses is not None:
+            await self.accesses.stop()
         if self.ingress is not None:
             await self.ingress.stop()
         if self.producer is not None:

@@ -17,6 +17,7 @@ before is counted once.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -61,6 +62,14 @@ class IngressProducer:
             raise BrokerUnavailable(f"the broker did not acknowledge the tasks within {self.timeout:g} s") from None
         except KafkaError as exc:
             raise BrokerUnavailable(f"the broker did not take the tasks: {exc}") from None
+
+    async def enqueue(self, key: bytes, value: bytes) -> asyncio.Future[Any]:
+        """Hand one record keyed by an agent to the producer without waiting for the broker;
+        the future it returns resolves once the broker has the record (or fails)."""
+        delivery: asyncio.Future[Any] = await self._producer.send(
+            self.topic, value, key=key, partition=self.partition_for(key)
+        )
+        return delivery
 
     async def _send(self, value: bytes, key: bytes, partition: int) -> None:
         delivered = await self._producer.send(self.topic, value, key=key, partition=partition)

@@ -79,6 +79,8 @@ class BatchProcessor:
         self.behind = False
         self.tasks_topic = settings.topic("tasks")
         self.dead_letter_topic = settings.topic("deadletter")
+        #: The batch's ``memory.accessed`` events by agent: ``(partition, offset, event)``.
+        self.accesses: dict[str, list[tuple[int, int, wire.MemoryAccess]]] = {}
         #: The memory search index's keeper (:class:`streams.memory_search.indexer.MemoryIndexer`),
         #: told of each batch's memory changes; None with memory search off.
         self.indexer: Any = None
@@ -197,6 +199,7 @@ class BatchProcessor:
         count = 0
         behind = False
         self.stats.reset()
+        accesses = self.accesses = {}
         for tp, records in batch.items():
             partition = tp.partition
             stats = self.stats.row(partition)
@@ -219,9 +222,11 @@ class BatchProcessor:
         pending: list[Awaitable[None]] = []
         run = self.runner.run
         for agent_id, items in by_agent.items():
-            remainder = run(agent_id, items, now)
+            remainder = run(agent_id, items, now, accesses.pop(agent_id, None) if accesses else None)
             if remainder is not None:
                 pending.append(remainder)
+        for agent_id, agent_accesses in accesses.items():  # agents with no task in the batch
+            self.runner.count_accesses(agent_id, agent_accesses)
         if pending:
             await asyncio.gather(*pending)
         return offsets, count
@@ -230,9 +235,12 @@ class BatchProcessor:
         self, record: Any, partition: int, stats: dict[str, Any], stats_base: int, by_agent: dict[str, list[Item]]
     ) -> None:
         try:
-            events, refused = wire.decode_tasks(record.value)
+            events, refused, access = wire.decode_record(record.value)
         except WireError as exc:
             self._dead_letter(record, partition, str(exc), stats, stats_base)
+            return
+        if access is not None:
+            self._route_access(record, partition, access)
             return
         for reason in refused:
             self._dead_letter(record, partition, reason, stats, stats_base)
@@ -252,6 +260,18 @@ class BatchProcessor:
                 by_agent[agent_id] = [Item(partition, offset, event)]
             else:
                 items.append(Item(partition, offset, event))
+
+    def _route_access(self, record: Any, partition: int, access: wire.MemoryAccess) -> None:
+        key = access.agent_id.encode()
+        if record.key != key:  # keyed by something else: send it on to its agent's partition
+            self.writer.emit(self.tasks_topic, self.partition_for(key), key, record.value, source=partition)
+            self.metrics.repartitioned.inc()
+            return
+        found = self.accesses.get(access.agent_id)
+        if found is None:
+            self.accesses[access.agent_id] = [(partition, record.offset, access)]
+        else:
+            found.append((partition, record.offset, access))
 
     def _dead_letter(self, record: Any, partition: int, reason: str, stats: dict[str, Any], stats_base: int) -> None:
         value = wire.dead_letter(reason, record.topic, partition, record.offset, record.key, record.value)

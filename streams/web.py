@@ -19,7 +19,7 @@ from aiohttp import web as aiohttp_web
 from faust import web
 from yarl import URL
 
-from agents.memory import entries, entry_id, tier_counts, walk_chain
+from agents.memory import describe, entries, entry_id, tier_counts, walk_chain
 from schemas import domain, wire
 from schemas.wire import WireError
 from streams.history import queries
@@ -333,21 +333,14 @@ def parse_search(body: Any) -> MemorySearch:
 
 
 def search_result(hit: Hit, entry: dict[str, Any]) -> dict[str, Any]:
-    """One search result as the API serves it."""
+    """One search result as the API serves it: the entry's other fields are its ``metadata``."""
+    metadata = describe(entry, entry.get("tier", hit.tier))
     return {
-        "id": entry["id"],
-        "key": entry["key"],
-        "content": entry["content"],
+        "id": metadata.pop("id"),
+        "key": metadata.pop("key"),
+        "content": metadata.pop("content"),
         "score": round(hit.score, 6),
-        "metadata": {
-            "agent_id": entry["agent_id"],
-            "memory_type": entry["memory_type"],
-            "tier": entry.get("tier", hit.tier),
-            "role": entry["role"],
-            "created_at": entry["created_at"],
-            "hash": entry["hash"],
-            "prev_hash": entry["prev_hash"],
-        },
+        "metadata": metadata,
     }
 
 
@@ -481,7 +474,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     def beyond_working_memory(agent_id: str, tier: str, limit: int) -> dict[str, Any]:
         """An agent's entries of the episodic or semantic tier (found through the search index)."""
         found = memory_indexer().agent_entries(agent_id, tier)
-        return {"agent_id": agent_id, "tier": tier, "entries": found[-limit:], "total": len(found)}
+        shown = [describe(entry, tier) for entry in found[-limit:]]
+        return {"agent_id": agent_id, "tier": tier, "entries": shown, "total": len(found)}
 
     @app.page("/v1/agents/{agent_id}/memory")
     class AgentMemory(ApiView):
@@ -506,7 +500,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 {
                     "agent_id": agent_id,
                     "tier": "working",
-                    "entries": entries(row),
+                    "entries": [describe(entry, "working") for entry in entries(row)],
                     "tiers": tier_counts(row),
                     "tokens": row["tokens"],
                     "written": row["written"],
@@ -565,6 +559,12 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             if (entry := indexer.entry(hit, befores)) is not None
         ]
 
+    def record_accesses(results: list[dict[str, Any]]) -> None:
+        """The entries a client's search returned count as accessed (see ``streams.memory_search.accesses``)."""
+        recorder = app.pipeline.accesses
+        if recorder is not None and results:
+            recorder.record(results)
+
     @app.page("/v1/memory/search")
     class MemorySearchView(ApiView):
         """Memory entries by similarity to a text: with an agent filter, answered by the agent's
@@ -579,6 +579,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             forwarded = FORWARDED in request.headers
             if not forwarded and agent_id is not None and (owner := owner_of(agent_id)) is not None:
                 status, answer = await search_peer(owner, orjson.dumps(raw))
+                if status == 200:
+                    record_accesses(answer["results"])
                 return _json(self, answer, status)
             indexer = memory_indexer(ready=False)
             asking = [] if forwarded or agent_id is not None else peers()
@@ -601,6 +603,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                     results.extend(answer["results"])
                 results.sort(key=lambda result: (-result["score"], result["id"]))
                 del results[search.limit :]
+            if not forwarded:
+                record_accesses(results)
             return _json(self, {"results": results, "total": len(results), "model": indexer.embedder.name})
 
     @app.page("/v1/memory/stats")
@@ -611,7 +615,12 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "memory_stats"
 
         async def get(self, request: Any) -> Any:
-            own = {**memory_indexer(ready=False).stats(), "ready": app.pipeline.memory_search_ready()}
+            recorder = app.pipeline.accesses
+            own = {
+                **memory_indexer(ready=False).stats(),
+                **(recorder.stats() if recorder is not None else {}),
+                "ready": app.pipeline.memory_search_ready(),
+            }
             if FORWARDED in request.headers:
                 return _json(self, own)
             workers = {settings.web_url: own}
@@ -629,6 +638,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 "embedding_cache_hits": sum(w["embedding_cache_hits"] for w in workers.values()),
                 "vectors_reused": sum(w["vectors_reused"] for w in workers.values()),
                 "vectors_stored": sum(w["vectors_stored"] for w in workers.values()),
+                "accesses_recorded": sum(w.get("accesses_recorded", 0) for w in workers.values()),
+                "accesses_dropped": sum(w.get("accesses_dropped", 0) for w in workers.values()),
                 "model": own["model"],
                 "ready": all(w["ready"] for w in workers.values()),
                 "workers": workers,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -236,9 +237,55 @@ def test_episodic_memory_becomes_semantic_at_the_thresholds(ages: list[int], pro
         assert working_memory.tier_counts(memory)["semantic"] == promoted + 1
 
 
+def test_entries_leave_a_tier_when_its_lifetime_is_over_whatever_the_counts() -> None:
+    now = 100 * DAY_MS
+    # Working memory (3 entries, far below 100): a turn over a day old leaves at the next write.
+    memory = _memory_with([DAY_MS + 1000, DAY_MS - 1000], now)
+    left: list[dict[str, Any]] = []
+    working_memory.append(
+        memory, "agent_c_001", "now", role="user", memory_type="observation",
+        timestamp_ms=now, budget_tokens=10**6, left=left,
+    )  # fmt: skip
+    assert [entry["content"] for entry in left] == ["note 0"]
+    assert [entry["content"] for entry in working_memory.entries(memory)] == ["note 1", "now"]
+    # Episodic memory (far below 1000 entries): entries over 30 days old become semantic.
+    episodic = working_memory.empty_memory()
+    moved = working_memory.file_episodic(episodic, _left([31 * DAY_MS] * 3 + [29 * DAY_MS] * 2, now), now)
+    assert moved is not None and moved[1] == 3 and moved[0] <= now - 30 * DAY_MS
+    assert working_memory.tier_counts(episodic) == {"working": 0, "episodic": 2, "semantic": 3}
+
+
+def test_an_entry_is_served_with_every_field_of_the_domain_and_counts_its_accesses() -> None:
+    memory = working_memory.empty_memory()
+    for number, importance in enumerate((0.9, 0.5)):
+        working_memory.append(
+            memory, "agent_c_001", f"note {number}", role="user", memory_type="decision",
+            timestamp_ms=1000 + number, budget_tokens=10**6, importance=importance,
+        )  # fmt: skip
+    first, second = working_memory.entries(memory)
+    assert "importance" not in second  # the default is not stored
+    shown = working_memory.describe(first, "working")
+    assert shown["importance"] == 0.9 and working_memory.describe(second, "episodic")["importance"] == 0.5
+    assert (shown["access_count"], shown["last_accessed"], shown["expires_at"]) == (0, None, 1000 + DAY_MS)
+    assert working_memory.describe(second, "episodic")["expires_at"] == 1001 + 30 * DAY_MS
+    assert working_memory.describe(second, "semantic")["expires_at"] is None
+    assert set(shown) >= {
+        "id", "agent_id", "key", "content", "memory_type", "importance", "access_count", "last_accessed",
+        "hash", "prev_hash", "created_at", "expires_at",
+    }  # fmt: skip
+    turns = memory["turns"]
+    found = working_memory.count_accesses(memory, {first["id"], "mem_00000000000000000000"}, 5000)
+    assert found == {first["id"]}
+    assert (
+        memory["turns"] is not turns and turns[0] is first and "access_count" not in first
+    )  # nothing changed in place
+    assert [working_memory.describe(e, "working")["access_count"] for e in working_memory.entries(memory)] == [1, 0]
+    again = working_memory.accessed(working_memory.entries(memory)[0], 6000)
+    assert (again["access_count"], again["last_accessed"]) == (2, 6000)
+
+
 def _forge_entry(bootstrap: str, topic: str, partitions: int, entry_id: str, content: str) -> None:
     """Write a changed copy of an entry's changelog record (as anyone who can write the topic could)."""
-    import msgpack
     from aiokafka import AIOKafkaProducer
 
     records = consume_all(bootstrap, topic, partitions, expect=10**6, timeout=3)
@@ -350,6 +397,16 @@ def _searchable(worker: Any, body: dict[str, Any]):  # type: ignore[no-untyped-d
     return check
 
 
+def _without_accesses(answer: dict[str, Any]) -> dict[str, Any]:
+    """A search answer without what searches change (the entries' access counts and times)."""
+    drop = {"access_count", "last_accessed"}
+    results = [
+        {**result, "metadata": {k: v for k, v in result["metadata"].items() if k not in drop}}
+        for result in answer["results"]
+    ]
+    return {**answer, "results": results}
+
+
 def _finished(worker: Any, expected: int):  # type: ignore[no-untyped-def]
     def check():  # type: ignore[no-untyped-def]
         status, stats = worker.get("/v1/stats")
@@ -391,7 +448,7 @@ def test_search_answers_the_same_from_either_worker_across_tiers(deployment: Dep
     target = events[7].payload["content"]
     query = {"query": target, "limit": 20, "threshold": -1.0}
     answers = [wait_until(_searchable(worker, query), 60, what="memory indexed") for worker in (first, second)]
-    assert answers[0] == answers[1]
+    assert _without_accesses(answers[0]) == _without_accesses(answers[1])
     results = answers[0]["results"]
     assert len(results) == 20 and answers[0]["total"] == 20
     assert results[0]["content"] == target and results[0]["score"] == pytest.approx(1.0, abs=2e-3)
@@ -431,6 +488,75 @@ def test_search_answers_the_same_from_either_worker_across_tiers(deployment: Dep
         what="it",
     )
     assert found
+
+
+def _entries_by_id(worker: Any, agent: str) -> dict[str, dict[str, Any]]:
+    """The agent's entries of every tier (as the memory views serve them) by id; {} while indexing."""
+    found: dict[str, dict[str, Any]] = {}
+    for tier in ("working", "episodic", "semantic"):
+        status, answer = worker.get(f"/v1/agents/{agent}/memory?tier={tier}")
+        if status == 503:
+            return {}
+        assert status == 200, answer
+        found.update((entry["id"], entry) for entry in answer["entries"])
+    return found
+
+
+def test_searches_count_accesses_of_what_they_return_exactly_across_workers_and_kills(deployment: Deployment) -> None:
+    deployment.env["BLACKROAD_WORKING_MEMORY_TOKENS"] = "16"  # most notes leave working memory
+    first, second = deployment.worker().start(), deployment.worker().start()
+    first.wait_ready()
+    second.wait_ready()
+    agent = "agent_access_001"
+    texts = sentences(NOTES, seed=11)
+    notes = [
+        task(agent, "memory_operation", {"op": "write", "content": text, "importance": 0.9 if n == 0 else 0.5})
+        for n, text in enumerate(texts)
+    ]
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in notes])
+    wait_until(_finished(first, NOTES), 60, what="the notes written")
+    every = {"query": texts[0], "limit": 10, "threshold": -1.0, "filters": {"agent_id": agent}}
+    counts: dict[str, int] = {}
+    # An agent filter from each worker (one of them forwards it to the owner), and a fan-out.
+    for worker in (first, second):
+        _wait_indexed(worker, [agent])  # a search while indexing would count what it returns too
+    searches = ((first, every, NOTES), (second, every, NOTES), (first, {"query": texts[2], "limit": 3}, 3))
+    for worker, body, expected in searches:
+        answer = _search(worker, {"threshold": -1.0, **body})
+        assert len(answer["results"]) == expected
+        for result in answer["results"]:
+            counts[result["id"]] = counts.get(result["id"], 0) + 1
+    assert sum(counts.values()) == 2 * NOTES + 3
+    # A handler's search counts too, as its task runs; a bad access event is dead-lettered.
+    searching = task(agent, "memory_operation", {"op": "search", "query": texts[4], "limit": 2})
+    bad = {"v": 1, "type": "memory.accessed", "agent_id": agent, "ts": 1, "ids": ["mem_nope"]}
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(searching), (agent.encode(), msgpack.packb(bad))])
+    wait_until(_finished(first, NOTES + 1), 30, what="the search task")
+    found = first.get(f"/v1/tasks/{searching.task_id}")[1]["result"]["entries"]
+    assert [entry["content"] for entry in found][:1] == [texts[4]]
+    for entry in found:
+        counts[entry["id"]] += 1
+
+    def counted(worker: Any) -> dict[str, int] | None:
+        entries = _entries_by_id(worker, agent)
+        seen = {entry_id: entry["access_count"] for entry_id, entry in entries.items() if entry["access_count"]}
+        return entries if seen == counts else None
+
+    entries = wait_until(lambda: counted(second), 30, what=f"the access counts {sorted(counts.values())}")
+    assert len(entries) == NOTES and all(entry["last_accessed"] for entry in entries.values())
+    by_content = {entry["content"]: entry for entry in entries.values()}
+    assert [by_content[text]["importance"] for text in texts] == [0.9] + [0.5] * (NOTES - 1)
+    for entry in entries.values():
+        lifetime = {"working": DAY_MS, "episodic": 30 * DAY_MS}[entry["tier"]]
+        assert entry["expires_at"] == entry["created_at"] + lifetime
+    status, stats = first.get("/v1/memory/stats")
+    assert status == 200 and (stats["accesses_recorded"], stats["accesses_dropped"]) == (3, 0)
+    [letter] = consume_all(deployment.bootstrap, deployment.topic("deadletter"), deployment.partitions, expect=1)
+    assert "invalid memory id" in msgpack.unpackb(letter.value)["reason"]
+    # The counts are in the tables: a SIGKILLed worker's replacement serves them, none counted twice.
+    first.kill()
+    first = deployment.worker().start().wait_ready()
+    wait_until(lambda: counted(first) and counted(second), 60, what="the same counts after the kill")
 
 
 def test_the_vector_log_gives_back_the_vectors_sent_to_it(deployment: Deployment) -> None:
@@ -504,7 +630,7 @@ def test_memory_and_its_index_survive_a_sigkill_exactly(deployment: Deployment) 
     wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers), 10, what="its helpers to exit")
     worker = deployment.worker().start().wait_ready()
     after = [wait_until(_searchable(worker, query), 60, what="memory indexed again") for query in queries]
-    assert after == before
+    assert [_without_accesses(answer) for answer in after] == [_without_accesses(answer) for answer in before]
     # The vectors came back from the broker (the vector log) instead of being embedded again.
     status, stats = worker.get("/v1/memory/stats")
     assert status == 200 and stats["total"] == len(events)

@@ -120,6 +120,27 @@ def test_wire_rejections_say_why(change: dict[str, object], reason: str) -> None
         wire.decode_task(raw)
 
 
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"agent_id": "Alice"}, "agent_id"),
+        ({"ts": "now"}, "'ts'"),
+        ({"ids": []}, "'ids'"),
+        ({"ids": ["mem_1"]}, "memory id"),
+        ({"ids": [7]}, "memory id"),
+        ({"v": 2}, "schema version"),
+    ],
+)
+def test_memory_accessed_events_decode_or_say_why(change: dict[str, object], reason: str) -> None:
+    valid = {"v": 1, "type": "memory.accessed", "agent_id": "agent_alice_001", "ts": 5, "ids": ["mem_" + "ab" * 10]}
+    tasks, refused, access = wire.decode_record(msgpack.packb(valid))
+    assert (tasks, refused) == ([], []) and access is not None
+    assert (access.agent_id, access.ids, access.ts) == ("agent_alice_001", ["mem_" + "ab" * 10], 5)
+    assert wire.decode_record(wire.encode_task(task("agent_alice_001")))[2] is None
+    with pytest.raises(WireError, match=reason):
+        wire.decode_record(msgpack.packb({**valid, **change}))
+
+
 def test_undecodable_values() -> None:
     with pytest.raises(WireError, match="not msgpack"):
         wire.decode_task(b"\xc1")
