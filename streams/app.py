@@ -28,14 +28,17 @@ from streams.memory_search.embedding import CachedEmbedder, ProcessEmbedder, loa
 from streams.memory_search.indexer import MemoryIndexer
 from streams.memory_search.vector_log import VectorLog, vector_topic
 from streams.metrics import Metrics
+from streams.peer_secret import shared_peer_secret
 from streams.peers import PeerClient
 from streams.processor import EXPIRY_CHUNK, BatchProcessor
+from streams.rate_limit import TokenBuckets
 from streams.settings import Settings
 from streams.stats_view import StatsView
 from streams.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
 from streams.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables
 from streams.transport import BatchConsumer, BatchTransport
 from streams.web import router_errors_in_envelope
+from streams.web_auth import ApiGuard
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,8 @@ class Pipeline(Service):
         #: Puts HTTP requests' tasks on the broker (set once started).
         self.ingress: IngressProducer | None = None
         self.processor: BatchProcessor | None = None
+        #: Lets web requests in (API tokens, the peer secret); set once started.
+        self.guard: ApiGuard | None = None
         #: Forwards web lookups to the workers that own them.
         self.peers = PeerClient()
         self.stats_view = StatsView(self.settings, tables.stats.changelog_topic.get_topic_name())
@@ -163,6 +168,14 @@ class Pipeline(Service):
         }
 
     async def on_start(self) -> None:
+        settings = self.settings
+        self.guard = ApiGuard(
+            settings.api_token_list(),
+            settings.api_reads == "token",
+            await shared_peer_secret(settings),
+            TokenBuckets(settings.rate_limit_requests, settings.rate_limit_requests * settings.rate_limit_burst),
+            TokenBuckets(settings.rate_limit_tasks, settings.rate_limit_tasks * settings.rate_limit_burst),
+        )
         consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
         sender: DirectSender | TransactionalSender
         if self.transactions is not None:

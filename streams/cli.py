@@ -248,8 +248,12 @@ def _finished_tasks(settings: Settings) -> int:
 
 
 def fetch_stats(settings: Settings) -> dict[str, Any] | None:
+    request = urllib.request.Request(f"{settings.web_url}/v1/stats")  # noqa: S310 - own URL
+    tokens = settings.api_token_list()
+    if tokens:
+        request.add_header("Authorization", f"Bearer {tokens[0]}")
     try:
-        with urllib.request.urlopen(f"{settings.web_url}/v1/stats", timeout=1) as response:  # noqa: S310 - own URL
+        with urllib.request.urlopen(request, timeout=1) as response:  # noqa: S310 - own URL
             return orjson.loads(response.read())  # type: ignore[no-any-return]
     except OSError:
         return None

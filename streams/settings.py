@@ -20,6 +20,10 @@ ENGINES = ("auto", "kafka", "tansu")
 GUARANTEES = ("auto", "exactly_once", "at_least_once")
 #: Most copies a topic may be asked for (Kafka's own limit is far above any cluster's size).
 MAX_REPLICAS = 1000
+#: Most tasks one ``POST /v1/batch`` carries (a client's task bucket must hold that many).
+MAX_BATCH_TASKS = 1000
+#: The shortest API token or peer secret accepted.
+MIN_TOKEN_CHARS = 16
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -142,7 +146,38 @@ class Settings:
     history_batch_rows: int = 20_000
     #: Seconds between the history sink's writes of agent snapshots (0: with every batch).
     history_agent_interval: float = 5.0
+    #: API tokens clients send as ``Authorization: Bearer <token>`` (comma-separated; more,
+    #: one per line, in ``API_TOKENS_FILE``). With any set, the write views need one; unset,
+    #: the views are open to whoever reaches ``WEB_HOST`` (127.0.0.1 by default).
+    api_tokens: str | None = None
+    api_tokens_file: str | None = None
+    #: Who may use the read views (the GETs and memory search): ``open`` or ``token``.
+    api_reads: str = "open"
+    #: What workers send each other with forwarded requests (``X-Blackroad-Forwarded``), the
+    #: same on every worker. Unset: made by the first worker and kept on the broker.
+    peer_secret: str | None = None
+    #: Per-client limits of each worker's web views (see :mod:`streams.rate_limit`): requests
+    #: a second (every view) and tasks a second (``POST /v1/tasks`` and ``/v1/batch``); 0 turns
+    #: one off. A client may use up ``RATE_LIMIT_BURST`` seconds' worth at once.
+    rate_limit_requests: float = 2000.0
+    rate_limit_tasks: float = 5000.0
+    rate_limit_burst: float = 2.0
     log_level: str = "warning"
+
+    def api_token_list(self) -> list[str]:
+        """The API tokens, from ``API_TOKENS`` and the file ``API_TOKENS_FILE`` (blank lines and
+        ``#`` comments skipped); each at least 16 characters of no white space."""
+        tokens = [("API_TOKENS", token.strip()) for token in (self.api_tokens or "").split(",") if token.strip()]
+        if self.api_tokens_file is not None:
+            try:
+                lines = Path(self.api_tokens_file).read_text().splitlines()
+            except OSError as exc:
+                raise SettingsError("API_TOKENS_FILE", f"cannot be read: {exc.strerror or exc}") from None
+            tokens += [("API_TOKENS_FILE", line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+        for name, token in tokens:
+            if len(token) < MIN_TOKEN_CHARS or any(character.isspace() for character in token):
+                raise SettingsError(name, f"each token needs at least {MIN_TOKEN_CHARS} characters and no white space")
+        return [token for _, token in tokens]
 
     @property
     def embedded(self) -> bool:
@@ -352,6 +387,20 @@ class Settings:
         _check_range("POSTGRES_COMMAND_TIMEOUT", self.postgres_command_timeout, 0.1, 3600.0)
         _check_range("HISTORY_BATCH_ROWS", self.history_batch_rows, 1, 1_000_000)
         _check_range("HISTORY_AGENT_INTERVAL", self.history_agent_interval, 0.0, 3600.0)
+        if self.api_reads not in ("open", "token"):
+            raise SettingsError("API_READS", f"expected open or token, got {self.api_reads!r}")
+        if not self.api_token_list() and self.api_reads == "token":
+            raise SettingsError("API_READS", "is token, but no token is set (BLACKROAD_API_TOKENS or _FILE)")
+        if self.peer_secret is not None and len(self.peer_secret) < MIN_TOKEN_CHARS:
+            raise SettingsError("PEER_SECRET", f"needs at least {MIN_TOKEN_CHARS} characters")
+        _check_range("RATE_LIMIT_REQUESTS", self.rate_limit_requests, 0.0, 1e9)
+        _check_range("RATE_LIMIT_TASKS", self.rate_limit_tasks, 0.0, 1e9)
+        _check_range("RATE_LIMIT_BURST", self.rate_limit_burst, 0.001, 3600.0)
+        if self.rate_limit_tasks and self.rate_limit_tasks * self.rate_limit_burst < MAX_BATCH_TASKS:
+            raise SettingsError(
+                "RATE_LIMIT_TASKS",
+                f"times BLACKROAD_RATE_LIMIT_BURST must allow a whole POST /v1/batch ({MAX_BATCH_TASKS} tasks)",
+            )
         if self.log_level not in {"debug", "info", "warning", "error", "critical"}:
             raise SettingsError("LOG_LEVEL", "expected one of debug, info, warning, error, critical")
 

@@ -29,16 +29,19 @@ from streams.ingress import BrokerUnavailable, IngressProducer
 from streams.memory_search.index import TIERS, Hit
 from streams.metrics import Metrics
 from streams.peers import PeerClient, PeerError
+from streams.rate_limit import retry_after
+from streams.settings import MAX_BATCH_TASKS
 from streams.tables import Tables, task_expired, thaw
+from streams.web_auth import ApiGuard, Refused
 
 T = TypeVar("T")
 
 MAX_BODY_BYTES = 256 * 1024
-MAX_BATCH_REQUESTS = 1000
+MAX_BATCH_REQUESTS = MAX_BATCH_TASKS
 #: Tasks per agent in ``GET /v1/agents?include=recent_tasks``, newest first.
 RECENT_TASKS = 5
+#: Carries the peer secret on requests one worker forwards to another (see ``streams.web_auth``).
 FORWARDED = "X-Blackroad-Forwarded"
-_FORWARD_HEADERS = {FORWARDED: "1"}
 _TASK_FIELDS = {
     "title": str,
     "description": str,
@@ -51,7 +54,14 @@ _TASK_FIELDS = {
     "agent_type": str,
     "id": str,
 }
-_STATUS = {"invalid_request": 400, "not_found": 404, "internal_error": 500}
+_STATUS = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "rate_limited": 429,
+    "internal_error": 500,
+}
 #: Seconds a client is asked to wait before retrying a 503 (``Retry-After``) unless the error says otherwise.
 RETRY_AFTER = 1
 #: ... while the broker does not acknowledge records: an outage tends to last seconds, not a moment.
@@ -60,9 +70,17 @@ BROKER_RETRY_AFTER = 2
 
 class ApiError(Exception):
     def __init__(
-        self, code: str, message: str, status: int | None = None, details: Any = None, retry_after: int | None = None
+        self,
+        code: str,
+        message: str,
+        status: int | None = None,
+        details: Any = None,
+        retry_after: int | None = None,
+        auth_challenge: bool = False,
     ) -> None:
         super().__init__(message)
+        #: Whether the answer tells the client how to authenticate (``WWW-Authenticate``).
+        self.auth_challenge = auth_challenge
         self.code = code
         self.message = message
         self.status = status or _STATUS.get(code, 400)
@@ -83,12 +101,15 @@ def _envelope(exc: ApiError) -> bytes:
     return orjson.dumps(body)
 
 
-def _retry_headers(exc: ApiError) -> dict[str, str] | None:
-    return None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+def _error_headers(exc: ApiError) -> dict[str, str] | None:
+    headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    if exc.auth_challenge:
+        headers["WWW-Authenticate"] = 'Bearer realm="blackroad"'
+    return headers or None
 
 
 def _error(view: web.View, exc: ApiError) -> Any:
-    return view.bytes(_envelope(exc), content_type="application/json", status=exc.status, headers=_retry_headers(exc))
+    return view.bytes(_envelope(exc), content_type="application/json", status=exc.status, headers=_error_headers(exc))
 
 
 @aiohttp_web.middleware
@@ -114,11 +135,14 @@ class ApiView(web.View):
     name = "api"
     #: Views that read tables answer 503 until the worker's tables are recovered.
     reads_tables = True
+    #: Methods that change something (they need an API token when tokens are in use).
+    write_methods: frozenset[str] = frozenset()
 
     async def dispatch(self, request: Any) -> Any:
         app: Any = self.app
         metrics: Metrics = app.pipeline.metrics
         try:
+            self._admit(request, app.pipeline.guard)
             if self.reads_tables and request.method == "GET" and not _tables_ready(app):
                 raise ApiError("internal_error", "the worker is recovering its tables; retry shortly", 503)
             response = await super().dispatch(request)
@@ -131,6 +155,45 @@ class ApiView(web.View):
             response = _error(self, ApiError("internal_error", "internal error"))
         metrics.http_request(self.name, response.status)
         return response
+
+    def _admit(self, request: Any, guard: ApiGuard | None) -> None:
+        """Let the request in (noting its :func:`client`), or raise the error that refuses it."""
+        if guard is None:
+            raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
+        forwarded = request.headers.get(FORWARDED)
+        if forwarded is not None:
+            if not guard.is_peer(forwarded):
+                raise ApiError("forbidden", f"{FORWARDED} is for requests between workers", 403)
+            return
+        try:
+            named = guard.client(request.headers.get("Authorization"), request.method in self.write_methods)
+        except Refused as refused:
+            code = "unauthorized" if refused.status == 401 else "forbidden"
+            raise ApiError(code, str(refused), refused.status, auth_challenge=refused.status == 401) from None
+        request[_CLIENT] = client = named or f"addr:{request.remote}"
+        over_limit(guard.requests.take(client, 1), "requests", guard.requests.rate)
+
+
+#: Where a request keeps who is asking (the view instances serve every request).
+_CLIENT = "blackroad.client"
+
+
+def client(request: Any) -> str | None:
+    """Who is asking: the API token's name or the client's address; None for a worker."""
+    name: str | None = request.get(_CLIENT)
+    return name
+
+
+def over_limit(wait: float, what: str, rate: float) -> None:
+    """Refuse with 429 when a client's bucket lacked what it asked for (``wait`` > 0)."""
+    if wait > 0:
+        raise ApiError(
+            "rate_limited",
+            f"over this worker's limit of {rate:g} {what} a second for each client; retry in {wait:.2f} s",
+            429,
+            details={"limit": what, "per_second": rate},
+            retry_after=retry_after(wait),
+        )
 
 
 class PartitionOwners:
@@ -366,9 +429,13 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
     peers_client: PeerClient = app.pipeline.peers
 
+    def forward_headers() -> dict[str, str]:
+        guard: ApiGuard = app.pipeline.guard
+        return {FORWARDED: guard.peer_secret}
+
     async def fetch_raw(url: URL, path_qs: str) -> tuple[int, bytes]:
         try:
-            return await peers_client.get(url, path_qs, _FORWARD_HEADERS)
+            return await peers_client.get(url, path_qs, forward_headers())
         except PeerError as exc:
             raise ApiError("internal_error", f"worker {url} cannot be reached; retry shortly ({exc})", 503) from None
 
@@ -380,11 +447,15 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         status, body = await fetch_raw(url, request.path_qs)
         return view.bytes(body, content_type="application/json", status=status)
 
-    async def produce(events: list[wire.TaskEvent]) -> None:
-        """Put a request's tasks on the broker as one record, or raise a 503 naming them (see ``streams.ingress``)."""
+    async def produce(request: Any, events: list[wire.TaskEvent]) -> None:
+        """Put a request's tasks on the broker as one record, or raise a 503 naming them (see
+        ``streams.ingress``), or a 429 if they are over the client's limit."""
         ingress: IngressProducer | None = app.pipeline.ingress
         if ingress is None:
             raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
+        if (asking := client(request)) is not None:
+            tasks = app.pipeline.guard.tasks
+            over_limit(tasks.take(asking, len(events)), "tasks", tasks.rate)
         try:
             await ingress.send(events)
         except BrokerUnavailable as exc:
@@ -543,7 +614,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
     async def search_peer(url: URL, body: bytes) -> tuple[int, Any]:
         try:
-            status, answer = await peers_client.post(url, "/v1/memory/search", body, _FORWARD_HEADERS)
+            status, answer = await peers_client.post(url, "/v1/memory/search", body, forward_headers())
         except PeerError as exc:
             raise ApiError("internal_error", f"worker {url} cannot be reached; retry shortly ({exc})", 503) from None
         return status, orjson.loads(answer)
@@ -685,6 +756,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         """``POST``: a new task. ``GET``: the history's tasks from ``since`` on, oldest first."""
 
         name = "tasks"
+        write_methods = frozenset({"POST"})
 
         async def get(self, request: Any) -> Any:
             limit = _int_query(request, "limit", 20, 1, 100)
@@ -695,12 +767,13 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
         async def post(self, request: Any) -> Any:
             event = parse_task_request(await read_json(request))
-            await produce([event])
+            await produce(request, [event])
             return _json(self, {"id": event.task_id, "status": "queued"}, 202)
 
     @app.page("/v1/batch")
     class Batch(ApiView):
         name = "batch"
+        write_methods = frozenset({"POST"})
 
         async def post(self, request: Any) -> Any:
             body = await read_json(request)
@@ -710,7 +783,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             if not 1 <= len(requests) <= MAX_BATCH_REQUESTS:
                 raise ApiError("invalid_request", f"requests must hold 1 to {MAX_BATCH_REQUESTS} tasks")
             events = [parse_task_request(r, f"requests[{i}]") for i, r in enumerate(requests)]
-            await produce(events)
+            await produce(request, events)
             return _json(self, {"results": [{"id": e.task_id, "status": "queued"} for e in events]}, 202)
 
     @app.page("/v1/stats")

@@ -100,6 +100,8 @@ class Web:
 
     def __init__(self, port: int) -> None:
         self.port = port
+        #: Sent as ``Authorization: Bearer`` with every request (for workers with API tokens).
+        self.token: str | None = None
 
     @property
     def url(self) -> str:
@@ -109,13 +111,19 @@ class Web:
         status, decoded, _ = self.exchange(method, path, body)
         return status, decoded
 
-    def exchange(self, method: str, path: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+    def exchange(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
         """One request: status (0 if no answer), decoded body and response headers."""
         if body is not None and not isinstance(body, bytes):
             body = orjson.dumps(body)
         request = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             request.add_header("Content-Type", "application/json")
+        if self.token is not None:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 raw = response.read()
@@ -165,6 +173,7 @@ class Worker(Web):
         """A handle on another web port of the same worker processes (for requests only)."""
         other = Worker(self.deployment, port, self.log_path, self.processes, self.command)
         other.process = self.process
+        other.token = self.token
         return other
 
     def children(self) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from faust.types import TP
 
@@ -170,3 +171,101 @@ def test_only_the_documented_views_are_served(deployment: Deployment) -> None:
     # A documented path with a method it does not take.
     _assert_envelope(*worker.post("/v1/stats", {}), 405, "invalid_request")
     assert "Traceback" not in worker.log_path.read_text(errors="replace")
+
+
+WRITER = "w" * 16 + "-writer"
+FROM_FILE = "f" * 16 + "-from-file"
+
+
+def _task(agent: str) -> dict[str, object]:
+    return {"agent_id": agent, "kind": "tool_execution", "payload": {"tool": "echo", "input": 1}}
+
+
+def test_api_tokens_guard_the_views_and_only_workers_may_forward(deployment: Deployment) -> None:
+    tokens_file = deployment.tmp / "tokens"
+    tokens_file.write_text(f"# one token per line\n{FROM_FILE}\n\n")
+    deployment.env.update(
+        BLACKROAD_API_TOKENS=WRITER, BLACKROAD_API_TOKENS_FILE=str(tokens_file), BLACKROAD_MEMORY_SEARCH="off"
+    )
+    first, second = deployment.worker().start(), deployment.worker().start()
+    first.wait_ready()
+    second.wait_ready()
+    # Writes need a known token, sent as a bearer token; a refused request sends nothing.
+    for headers in ({}, {"Authorization": "Bearer " + "x" * 20}, {"Authorization": f"Basic {WRITER}"}):
+        status, body, answer_headers = first.exchange("POST", "/v1/tasks", _task("agent_guard_001"), headers)
+        _assert_envelope(status, body, 401, "unauthorized")
+        assert answer_headers["WWW-Authenticate"].startswith("Bearer")
+    assert _topic_size(deployment) == 0
+    agents = [f"agent_guard_{n:03d}" for n in range(8)]
+    for n, agent in enumerate(agents):
+        token = WRITER if n % 2 else FROM_FILE
+        status, body, _ = first.exchange("POST", "/v1/tasks", _task(agent), {"Authorization": f"Bearer {token}"})
+        assert status == 202, body
+    status, body, _ = second.exchange(
+        "POST", "/v1/batch", {"requests": [_task("agent_guard_100")]}, {"Authorization": f"Bearer {WRITER}"}
+    )
+    assert status == 202, body
+    # Reads are open (BLACKROAD_API_READS=open), and any worker answers for any agent: one
+    # of the two forwards each lookup to the owner with the peer secret.
+    wait_until(lambda: first.stats()["completed_tasks"] == len(agents) + 1, 30, what="the tasks done")
+    for agent in agents:
+        assert first.get(f"/v1/agents/{agent}") == second.get(f"/v1/agents/{agent}")
+        assert first.get(f"/v1/agents/{agent}")[0] == 200
+    assert first.get("/v1/agents?limit=100")[1]["total"] == len(agents) + 1
+    # A client passing for a worker is refused, whatever it sends.
+    for forged in ("1", "", WRITER):
+        status, body, _ = first.exchange("GET", "/v1/agents?window=10000000", None, {"X-Blackroad-Forwarded": forged})
+        _assert_envelope(status, body, 403, "forbidden")
+    # No token reaches the logs.
+    first.stop()
+    second.stop()
+    for worker in (first, second):
+        text = worker.log_path.read_text(errors="replace")
+        assert WRITER not in text and FROM_FILE not in text
+    # With BLACKROAD_API_READS=token the reads need a token too.
+    deployment.env["BLACKROAD_API_READS"] = "token"
+    reader = deployment.worker().start()
+    reader.token = FROM_FILE
+    reader.wait_ready()
+    reader.token = None
+    for path in ("/v1/stats", "/metrics", "/v1/agents/agent_guard_001"):
+        status, body = reader.get(path)
+        _assert_envelope(status, body, 401, "unauthorized")
+    reader.token = WRITER
+    wait_until(lambda: reader.get("/v1/agents/agent_guard_001")[0] == 200, 30, what="the agent with a token")
+
+
+def test_a_greedy_client_gets_429_with_retry_after_while_a_polite_one_goes_on(deployment: Deployment) -> None:
+    greedy, polite = "g" * 20, "p" * 20
+    deployment.env.update(
+        BLACKROAD_API_TOKENS=f"{greedy},{polite}",
+        BLACKROAD_RATE_LIMIT_TASKS="1000",
+        BLACKROAD_RATE_LIMIT_REQUESTS="40",
+        BLACKROAD_RATE_LIMIT_BURST="1",
+        BLACKROAD_MEMORY_SEARCH="off",
+    )
+    worker = deployment.worker().start().wait_ready()
+    batch = {"requests": [_task(f"agent_greedy_{n:03d}") for n in range(1000)]}
+    as_greedy = {"Authorization": f"Bearer {greedy}"}
+    status, body, _ = worker.exchange("POST", "/v1/batch", batch, as_greedy)
+    assert status == 202, body
+    status, body, headers = worker.exchange("POST", "/v1/batch", batch, as_greedy)
+    _assert_envelope(status, body, 429, "rate_limited")
+    assert int(headers["Retry-After"]) >= 1 and body["error"]["details"] == {"limit": "tasks", "per_second": 1000.0}
+    # The other client's bucket is its own; the refused batch reached no topic.
+    status, body, _ = worker.exchange(
+        "POST", "/v1/tasks", _task("agent_polite_001"), {"Authorization": f"Bearer {polite}"}
+    )
+    assert status == 202, body
+    assert _topic_size(deployment) == 2
+    # Requests: 40 at once are let in, then the client waits.
+    started = time.monotonic()
+    answers = [worker.exchange("GET", "/v1/stats", None, {"Authorization": f"Bearer {polite}"}) for _ in range(80)]
+    refilled = 40 * (time.monotonic() - started)  # what the bucket took in meanwhile
+    statuses = [status for status, _, _ in answers]
+    assert 429 in statuses and statuses[:30] == [200] * 30, statuses
+    assert statuses.count(200) <= 40 + refilled, (statuses.count(200), refilled)
+    refused = next(body for status, body, _ in answers if status == 429)
+    assert refused["error"]["details"]["limit"] == "requests"
+    time.sleep(1.1)  # a second later its bucket has filled again
+    assert worker.exchange("GET", "/v1/stats", None, {"Authorization": f"Bearer {polite}"})[0] == 200

@@ -53,6 +53,14 @@ def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
         ("BLACKROAD_REPLICATION_FACTOR", "-1"),
         ("BLACKROAD_REPLICATION_FACTOR", "three"),
         ("BLACKROAD_MIN_INSYNC_REPLICAS", "-2"),
+        ("BLACKROAD_API_TOKENS", "short"),
+        ("BLACKROAD_API_TOKENS", "a token with spaces in it"),
+        ("BLACKROAD_API_TOKENS_FILE", "/no/such/file"),
+        ("BLACKROAD_API_READS", "token"),  # and no token set
+        ("BLACKROAD_API_READS", "closed"),
+        ("BLACKROAD_PEER_SECRET", "short"),
+        ("BLACKROAD_RATE_LIMIT_TASKS", "400"),  # a bucket that could never take a whole batch
+        ("BLACKROAD_RATE_LIMIT_REQUESTS", "-1"),
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str) -> None:
@@ -117,3 +125,38 @@ def test_worker_refuses_to_start_with_a_bad_setting() -> None:
     )
     assert result.returncode != 0
     assert "BLACKROAD_WEB_PORT" in result.stderr
+
+
+def test_the_api_guard_lets_in_by_token_and_tells_workers_by_the_peer_secret() -> None:
+    from streams.web_auth import ApiGuard, Refused, client_name
+
+    token = "t" * 24
+    guard = ApiGuard([token, "u" * 24], reads_need_token=False, peer_secret="p" * 20)
+    assert guard.client(f"Bearer {token}", writes=True) == client_name(token)
+    assert client_name(token).startswith("tok_") and token not in client_name(token)
+    assert guard.client(None, writes=False) is None  # reads are open
+    for header in (None, "Bearer " + "x" * 24, f"Basic {token}", "Bearer"):
+        with pytest.raises(Refused) as refused:
+            guard.client(header, writes=True)
+        assert refused.value.status == 401
+    strict = ApiGuard([token], reads_need_token=True, peer_secret="p" * 20)
+    with pytest.raises(Refused):
+        strict.client(None, writes=False)
+    assert guard.is_peer("p" * 20) and not guard.is_peer("p" * 19) and not guard.is_peer("1")
+    open_guard = ApiGuard([], reads_need_token=False, peer_secret="p" * 20)
+    assert open_guard.client(None, writes=True) is None and not open_guard.enabled
+
+
+def test_token_buckets_refill_at_their_rate_and_refuse_without_taking() -> None:
+    from streams.rate_limit import TokenBuckets, retry_after
+
+    buckets = TokenBuckets(rate=10, burst=20, clients=2)
+    assert buckets.take("a", 20, now=0.0) == 0.0  # a full bucket to start
+    assert buckets.take("a", 5, now=0.0) == pytest.approx(0.5)  # empty: 5 more in half a second
+    assert buckets.take("a", 5, now=0.5) == 0.0  # refilled meanwhile; the refusal took nothing
+    assert buckets.take("b", 20, now=0.5) == 0.0  # each client its own bucket
+    assert buckets.take("a", 100, now=0.5) == pytest.approx(2.0)  # more than a bucket holds: wait for a full one
+    buckets.take("c", 1, now=0.5)  # a third client: the one idle longest ("b") is forgotten
+    assert buckets.take("b", 20, now=0.5) == 0.0
+    assert TokenBuckets(rate=0, burst=0).take("a", 10**6) == 0.0  # off
+    assert (retry_after(0.01), retry_after(1.0), retry_after(1.2)) == (1, 1, 2)

@@ -1,0 +1,51 @@
+"""Per-client rate limits of the web views: token buckets.
+
+Each client (its API token's name, or its address when tokens are not in use) has two
+buckets on each worker: requests (every view, one each) and tasks (what ``POST
+/v1/tasks`` and ``/v1/batch`` put on the broker, one per task, so a batch of 1,000 costs
+what 1,000 single posts do). A bucket holds up to ``burst`` and refills at ``rate`` a
+second; a request that would take more than it holds is refused with 429 and told when to
+come back (``Retry-After``), and takes nothing. Requests forwarded between workers are not
+counted again. The buckets of clients idle longest are forgotten beyond ``clients`` of
+them (a forgotten client starts again with a full bucket).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+
+
+class TokenBuckets:
+    def __init__(self, rate: float, burst: float, clients: int = 100_000) -> None:
+        #: Refill per second; 0 turns the limit off.
+        self.rate = rate
+        self.burst = burst
+        self._clients = clients
+        #: client -> (tokens held, when last refilled), the most recently used last.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, client: str, cost: float, now: float | None = None) -> float:
+        """Take ``cost`` from the client's bucket: 0.0 when it held enough, else the seconds
+        until it will (nothing is taken then). A cost above ``burst`` can never be met: the
+        wait returned is then for a full bucket."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        held, since = self._buckets.pop(client, (self.burst, now))
+        held = min(self.burst, held + (now - since) * self.rate)
+        if held >= cost:
+            held -= cost
+            wait = 0.0
+        else:
+            wait = (min(cost, self.burst) - held) / self.rate
+        self._buckets[client] = (held, now)
+        if len(self._buckets) > self._clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def retry_after(wait: float) -> int:
+    """Whole seconds for ``Retry-After`` (at least 1)."""
+    return max(1, math.ceil(wait))
