@@ -156,6 +156,7 @@ def main() -> None:
             }
             process, url = run_worker(broker.bootstrap, env, Path(tmp))
             try:
+                asyncio.run(phase(url, args.polite_rate, 5.0, 0, f"{number}w"))  # warm-up, not counted
                 alone = asyncio.run(phase(url, args.polite_rate, args.seconds, 0, f"{number}a"))
                 loaded = asyncio.run(phase(url, args.polite_rate, args.seconds, args.greedy_connections, f"{number}b"))
             finally:

@@ -5,9 +5,12 @@ buckets on each worker: requests (every view, one each) and tasks (what ``POST
 /v1/tasks`` and ``/v1/batch`` put on the broker, one per task, so a batch of 1,000 costs
 what 1,000 single posts do). A bucket holds up to ``burst`` and refills at ``rate`` a
 second; a request that would take more than it holds is refused with 429 and told when to
-come back (``Retry-After``), and takes nothing. Requests forwarded between workers are not
-counted again. The buckets of clients idle longest are forgotten beyond ``clients`` of
-them (a forgotten client starts again with a full bucket).
+come back (``Retry-After``), and takes nothing. Until then the client is refused at the
+door (:meth:`TokenBuckets.blocked`), before its request is read: a client that ignores
+``Retry-After`` costs the worker a header check per request, not a parse of its body.
+Requests forwarded between workers are not counted again. The buckets of clients idle
+longest are forgotten beyond ``clients`` of them (a forgotten client starts again with a
+full bucket).
 """
 
 from __future__ import annotations
@@ -23,8 +26,16 @@ class TokenBuckets:
         self.rate = rate
         self.burst = burst
         self._clients = clients
-        #: client -> (tokens held, when last refilled), the most recently used last.
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        #: client -> (tokens held, when last refilled, refused until), the most recently used last.
+        self._buckets: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
+
+    def blocked(self, client: str, now: float | None = None) -> float:
+        """Seconds the client must still wait after its last refusal (0.0: none)."""
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, bucket[2] - now)
 
     def take(self, client: str, cost: float, now: float | None = None) -> float:
         """Take ``cost`` from the client's bucket: 0.0 when it held enough, else the seconds
@@ -33,14 +44,17 @@ class TokenBuckets:
         if self.rate <= 0:
             return 0.0
         now = time.monotonic() if now is None else now
-        held, since = self._buckets.pop(client, (self.burst, now))
+        held, since, until = self._buckets.pop(client, (self.burst, now, 0.0))
         held = min(self.burst, held + (now - since) * self.rate)
-        if held >= cost:
+        if now < until:
+            wait = until - now
+        elif held >= cost:
             held -= cost
             wait = 0.0
         else:
             wait = (min(cost, self.burst) - held) / self.rate
-        self._buckets[client] = (held, now)
+            until = now + wait
+        self._buckets[client] = (held, now, until)
         if len(self._buckets) > self._clients:
             self._buckets.popitem(last=False)
         return wait

@@ -160,7 +160,7 @@ class Settings:
     #: a second (every view) and tasks a second (``POST /v1/tasks`` and ``/v1/batch``); 0 turns
     #: one off. A client may use up ``RATE_LIMIT_BURST`` seconds' worth at once.
     rate_limit_requests: float = 2000.0
-    rate_limit_tasks: float = 5000.0
+    rate_limit_tasks: float = 1000.0
     rate_limit_burst: float = 2.0
     log_level: str = "warning"
 

@@ -153,7 +153,9 @@ def test_token_buckets_refill_at_their_rate_and_refuse_without_taking() -> None:
     buckets = TokenBuckets(rate=10, burst=20, clients=2)
     assert buckets.take("a", 20, now=0.0) == 0.0  # a full bucket to start
     assert buckets.take("a", 5, now=0.0) == pytest.approx(0.5)  # empty: 5 more in half a second
-    assert buckets.take("a", 5, now=0.5) == 0.0  # refilled meanwhile; the refusal took nothing
+    assert buckets.blocked("a", now=0.25) == pytest.approx(0.25) and buckets.blocked("b", now=0.25) == 0.0
+    assert buckets.take("a", 1, now=0.25) == pytest.approx(0.25)  # refused until then, whatever it asks
+    assert buckets.take("a", 5, now=0.5) == 0.0  # refilled meanwhile; the refusals took nothing
     assert buckets.take("b", 20, now=0.5) == 0.0  # each client its own bucket
     assert buckets.take("a", 100, now=0.5) == pytest.approx(2.0)  # more than a bucket holds: wait for a full one
     buckets.take("c", 1, now=0.5)  # a third client: the one idle longest ("b") is forgotten
