@@ -611,7 +611,7 @@ class AgentRunner:
             wire.encode_task(item.event),
         )
         self.writer.emit(self.dead_letter_topic, run.partition, run.key, value)
-        self.metrics.dead_lettered.labels(reason="handler").inc()
+        self.metrics.dead_letter("handler")
 
     def _settle(self, run: _AgentRun, last_offset: int) -> None:
         if run.accesses:

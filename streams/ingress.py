@@ -17,6 +17,7 @@ before is counted once.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -45,6 +46,8 @@ class IngressProducer:
             retry_backoff_ms=min(100, timeout_ms // 4),
             client_id=f"{settings.app_id}-ingress",
         )
+        self._checked_at = -1.0
+        self._broker_answered = False
 
     async def start(self) -> None:
         await self._producer.start()
@@ -70,6 +73,19 @@ class IngressProducer:
             self.topic, value, key=key, partition=self.partition_for(key)
         )
         return delivery
+
+    async def broker_answers(self) -> bool:
+        """Whether the broker answered a metadata request within the ingress timeout (checked
+        at most once a second; the answer in between is the last one)."""
+        now = time.monotonic()
+        if now - self._checked_at >= 1.0:
+            self._checked_at = now
+            try:
+                await asyncio.wait_for(self._producer.client.fetch_all_metadata(), self.timeout)
+                self._broker_answered = True
+            except (TimeoutError, KafkaError, OSError):
+                self._broker_answered = False
+        return self._broker_answered
 
     async def _send(self, value: bytes, key: bytes, partition: int) -> None:
         delivered = await self._producer.send(self.topic, value, key=key, partition=partition)

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import platform
+import re
 from collections.abc import Iterator, Mapping
+from importlib import metadata
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -13,6 +26,18 @@ from streams import histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+#: Distinct dead-letter ``reason`` labels kept before the rest are counted as ``other``.
+MAX_REASON_LABELS = 32
+_INDEX = re.compile(r"\[\d+\]")
+_LABEL_SHAPE = re.compile(r"[a-z][a-z_.]{0,31}")
+
+
+def reason_label(reason: str) -> str:
+    """The ``reason`` label of a dead letter: the first word of its reason, without list
+    indexes and the colon (``tasks[9999]: ...`` -> ``tasks``), or ``other`` if it is not a
+    plain lower-case word."""
+    word = _INDEX.sub("", reason.split(" ", 1)[0]).rstrip(":")
+    return word if _LABEL_SHAPE.fullmatch(word) else "other"
 
 
 class Metrics:
@@ -62,21 +87,52 @@ class Metrics:
         self.duplicates = Counter(
             "blackroad_duplicate_tasks", "Task events whose task id was already seen.", registry=r
         )
+        self.build = Info(
+            "blackroad_build", "The running code: version, Python, and whether the hot path is compiled.", registry=r
+        )
+        self.build.info(build_info())
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(GC_COLLECTOR)
         self.http_requests = Counter(
             "blackroad_http_requests", "HTTP requests, by view and status.", ["view", "status"], registry=r
+        )
+        self.http_seconds = Histogram(
+            "blackroad_http_request_duration_seconds",
+            "Time to answer an HTTP request, by view.",
+            ["view"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
 
         self.tasks_by_status = {
             status: self.tasks_done.labels(status=status) for status in ("completed", "failed", "dead")
         }
         self._http_counters: dict[tuple[str, int], Any] = {}
+        self._http_timers: dict[str, Any] = {}
+        self._dead_letter_counters: dict[str, Any] = {}
 
-    def http_request(self, view: str, status: int) -> None:
-        """Count one answered request (the labelled counter is looked up once per view and status)."""
+    def dead_letter(self, reason: str) -> None:
+        """Count one record sent to the dead-letter topic, labelled by :func:`reason_label`
+        (at most :data:`MAX_REASON_LABELS` labels, ``other`` among them)."""
+        label = reason_label(reason)
+        counter = self._dead_letter_counters.get(label)
+        if counter is None:
+            if len(self._dead_letter_counters) >= MAX_REASON_LABELS - 1:
+                label = "other"
+            counter = self._dead_letter_counters[label] = self.dead_lettered.labels(reason=label)
+        counter.inc()
+
+    def http_request(self, view: str, status: int, seconds: float) -> None:
+        """Count one answered request and its time (the labelled series are looked up once each)."""
         counter = self._http_counters.get((view, status))
         if counter is None:
             counter = self._http_counters[(view, status)] = self.http_requests.labels(view=view, status=str(status))
         counter.inc()
+        timer = self._http_timers.get(view)
+        if timer is None:
+            timer = self._http_timers[view] = self.http_seconds.labels(view=view)
+        timer.observe(seconds)
 
     def batch_done(self, events: int, produced: int, seconds: float, finished: Mapping[str, int]) -> None:
         self.batch_size.observe(events)
@@ -117,3 +173,14 @@ class _LogHistogramCollector(Collector):
         family = HistogramMetricFamily(self._name, self._documentation)
         family.add_metric([], buckets, total_seconds)
         yield family
+
+
+def build_info() -> dict[str, str]:
+    """What ``blackroad_build_info`` says of the running code."""
+    from streams import native
+
+    try:
+        version = metadata.version("blackroad-streams")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"version": version, "python": platform.python_version(), "hot_path": native.describe()}

@@ -276,7 +276,7 @@ class BatchProcessor:
     def _dead_letter(self, record: Any, partition: int, reason: str, stats: dict[str, Any], stats_base: int) -> None:
         value = wire.dead_letter(reason, record.topic, partition, record.offset, record.key, record.value)
         self.writer.emit(self.dead_letter_topic, partition, record.key, value)
-        self.metrics.dead_lettered.labels(reason=reason.split(" ", 1)[0]).inc()
+        self.metrics.dead_letter(reason)
         if record.offset > stats_base:
             stats["invalid_events"] += 1
 

@@ -10,7 +10,11 @@ agents' recent tasks) read PostgreSQL, from any worker (``streams.history.querie
 from __future__ import annotations
 
 import asyncio
+import gzip
+import logging
+import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -35,6 +39,7 @@ from streams.tables import Tables, task_expired, thaw
 from streams.web_auth import ApiGuard, Refused
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 256 * 1024
 MAX_BATCH_REQUESTS = MAX_BATCH_TASKS
@@ -93,12 +98,39 @@ def _json(view: web.View, value: Any, status: int = 200, headers: dict[str, str]
     return view.bytes(orjson.dumps(value), content_type="application/json", status=status, headers=headers)
 
 
-def _envelope(exc: ApiError) -> bytes:
-    body = {
-        "error": {"code": exc.code, "message": exc.message, "details": exc.details},
-        "request_id": f"req_{secrets.token_hex(8)}",
-    }
+#: Carries a request's id both ways: a client's own is kept if it is a plausible one.
+REQUEST_ID = "X-Request-ID"
+_REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+#: Responses longer than this go gzip-compressed to clients that accept it.
+COMPRESS_ABOVE = 1024
+
+
+def request_id(request: Any) -> str:
+    """The request's id: its ``X-Request-ID`` when that is 1-128 of ``A-Z a-z 0-9 . _ : -``, else a new one."""
+    given = request.headers.get(REQUEST_ID)
+    if given is not None and _REQUEST_ID_SHAPE.fullmatch(given):
+        return str(given)
+    return f"req_{secrets.token_hex(8)}"
+
+
+def _envelope(exc: ApiError, request_id: str) -> bytes:
+    body = {"error": {"code": exc.code, "message": exc.message, "details": exc.details}, "request_id": request_id}
     return orjson.dumps(body)
+
+
+def compress(request: Any, response: Any) -> None:
+    """gzip ``response``'s body in place when it is over :data:`COMPRESS_ABOVE` bytes and the
+    client accepts gzip (workers asking each other do not)."""
+    body = response.body
+    if (
+        isinstance(body, bytes)
+        and len(body) > COMPRESS_ABOVE
+        and "gzip" in request.headers.get("Accept-Encoding", "")
+        and "Content-Encoding" not in response.headers
+    ):
+        response.body = gzip.compress(body, compresslevel=1)
+        response.headers["Content-Encoding"] = "gzip"
+        response.headers["Vary"] = "Accept-Encoding"
 
 
 def _error_headers(exc: ApiError) -> dict[str, str] | None:
@@ -108,8 +140,10 @@ def _error_headers(exc: ApiError) -> dict[str, str] | None:
     return headers or None
 
 
-def _error(view: web.View, exc: ApiError) -> Any:
-    return view.bytes(_envelope(exc), content_type="application/json", status=exc.status, headers=_error_headers(exc))
+def _error(view: web.View, exc: ApiError, request_id: str) -> Any:
+    return view.bytes(
+        _envelope(exc, request_id), content_type="application/json", status=exc.status, headers=_error_headers(exc)
+    )
 
 
 @aiohttp_web.middleware
@@ -126,7 +160,10 @@ async def router_errors_in_envelope(request: aiohttp_web.Request, handler: Any) 
     except aiohttp_web.HTTPMethodNotAllowed as refused:
         allowed = sorted(refused.allowed_methods)
         exc = ApiError("invalid_request", f"method {request.method} not allowed", 405, {"allowed": allowed})
-    return aiohttp_web.Response(body=_envelope(exc), status=exc.status, content_type="application/json")
+    asked = request_id(request)
+    return aiohttp_web.Response(
+        body=_envelope(exc, asked), status=exc.status, content_type="application/json", headers={REQUEST_ID: asked}
+    )
 
 
 class ApiView(web.View):
@@ -138,26 +175,44 @@ class ApiView(web.View):
     #: Methods that change something (they need an API token when tokens are in use).
     write_methods: frozenset[str] = frozenset()
 
+    #: Views anyone may ask, with no token and no limit (the health checks).
+    open_to_all = False
+
     async def dispatch(self, request: Any) -> Any:
         app: Any = self.app
         metrics: Metrics = app.pipeline.metrics
+        started = time.perf_counter()
+        asked = request_id(request)
         try:
-            self._admit(request, app.pipeline.guard)
+            if not self.open_to_all:
+                self._admit(request, app.pipeline.guard)
             if self.reads_tables and request.method == "GET" and not _tables_ready(app):
                 raise ApiError("internal_error", "the worker is recovering its tables; retry shortly", 503)
             response = await super().dispatch(request)
         except ApiError as exc:
-            response = _error(self, exc)
+            response = _error(self, exc, asked)
             if request.body_exists and not request.content.at_eof():
                 # Refused before its body was read (no token, over its limit): closing costs
                 # less than reading a body nobody will use.
                 response.force_close()
         except KeyError:
-            response = _error(self, ApiError("invalid_request", f"method {request.method} not allowed", 405))
+            response = _error(self, ApiError("invalid_request", f"method {request.method} not allowed", 405), asked)
         except Exception as exc:
-            app.log.exception("web view failed: %r", exc)
-            response = _error(self, ApiError("internal_error", "internal error"))
-        metrics.http_request(self.name, response.status)
+            log.exception("web view %s failed (request %s): %r", self.name, asked, exc)
+            response = _error(self, ApiError("internal_error", "internal error"), asked)
+        response.headers[REQUEST_ID] = asked
+        compress(request, response)
+        status = response.status
+        metrics.http_request(self.name, status, time.perf_counter() - started)
+        if status >= 500 or log.isEnabledFor(logging.DEBUG):
+            log.log(
+                logging.WARNING if status >= 500 else logging.DEBUG,
+                "%s %s -> %d (request %s)",
+                request.method,
+                request.path,
+                status,
+                asked,
+            )
         return response
 
     def _admit(self, request: Any, guard: ApiGuard | None) -> None:
@@ -798,6 +853,39 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             events = [parse_task_request(r, f"requests[{i}]") for i, r in enumerate(requests)]
             await produce(request, events)
             return _json(self, {"results": [{"id": e.task_id, "status": "queued"} for e in events]}, 202)
+
+    @app.page("/healthz")
+    class Alive(ApiView):
+        """The process serves HTTP (for liveness probes: no token, no limit)."""
+
+        name = "healthz"
+        reads_tables = False
+        open_to_all = True
+
+        async def get(self, request: Any) -> Any:
+            return _json(self, {"status": "alive"})
+
+    @app.page("/readyz")
+    class Ready(ApiView):
+        """The worker has started, its tables are recovered and the broker answers (for
+        readiness probes: 200, else 503 naming what is not ready)."""
+
+        name = "readyz"
+        reads_tables = False
+        open_to_all = True
+
+        async def get(self, request: Any) -> Any:
+            ingress: IngressProducer | None = app.pipeline.ingress
+            checks = {
+                "started": ingress is not None and app.pipeline.guard is not None,
+                "tables": _tables_ready(app),
+                "broker": ingress is not None and await ingress.broker_answers(),
+            }
+            ready = all(checks.values())
+            headers = None if ready else {"Retry-After": str(RETRY_AFTER)}
+            return _json(
+                self, {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503, headers
+            )
 
     @app.page("/v1/stats")
     class Stats(ApiView):

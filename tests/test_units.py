@@ -1068,3 +1068,18 @@ def test_carried_fields_reach_the_next_changelog_record_only_and_a_rollback_drop
     first, second = asyncio.run(run())
     assert first["leaving"] == [[1, ["a"]], [3, ["c"]]]
     assert "leaving" not in second
+
+
+def test_dead_letter_reasons_become_a_bounded_set_of_labels() -> None:
+    from streams.metrics import MAX_REASON_LABELS, Metrics, reason_label
+
+    assert reason_label("tasks[9999]: task_id 'x' repeated in the batch") == "tasks"
+    assert reason_label("value is not msgpack: ...") == "value"
+    assert reason_label("memory.accessed: invalid memory id 'x'") == "memory.accessed"
+    assert reason_label("'columns' must be a map") == "other"
+    metrics = Metrics()
+    for n in range(MAX_REASON_LABELS + 10):
+        metrics.dead_letter(f"word{'abcdefghijklmnopqrstuvwxyz'[n % 26]}{'x' * (n // 26)} happened")
+    text = metrics.render().decode()
+    labels = {line.split('reason="')[1].split('"')[0] for line in text.splitlines() if "dead_lettered_total{" in line}
+    assert len(labels) == MAX_REASON_LABELS and "other" in labels
