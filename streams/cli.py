@@ -24,6 +24,7 @@ from streams.broker import BrokerError, die_with_parent, port_is_open
 from streams.client_log import RepeatedClientMessages
 from streams.engines import choice
 from streams.history.embedded import EmbeddedPostgres, PostgresError
+from streams.metrics import build_info
 from streams.settings import Settings, SettingsError
 from streams.stopping import EXIT_BROKER_LOST_DATA, EXIT_CRASHED, WorkerStop
 
@@ -513,57 +514,65 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blackroad", description="BlackRoad agent/task streams on Kafka.")
+    parser = argparse.ArgumentParser(
+        prog="blackroad",
+        description="BlackRoad agent/task streams on Kafka. Settings come from BLACKROAD_* environment "
+        "variables (see README, Settings).",
+    )
+    parser.add_argument("--version", action="version", version=f"blackroad {build_info()['version']}")
     commands = parser.add_subparsers(dest="command", required=True)
+    defaults: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    up = commands.add_parser("up", help="broker (unless configured) + worker + web views")
+    up = commands.add_parser("up", **defaults, help="broker (unless configured) + worker + web views")
     up.add_argument("--demo", action="store_true", help="also run a demo load with a live progress line")
-    up.add_argument("--agents", type=int, default=1000)
+    up.add_argument("--agents", type=int, default=1000, help="agents the demo tasks go to")
     # A gentle default: Tansu's fetches slow down with every batch it stores
     # (README, "Known limits of Tansu"); raise both on Kafka.
     up.add_argument("--rate", type=float, default=50.0, help="demo tasks per second")
     up.add_argument("--count", type=int, default=15_000, help="demo tasks to send (0 = until stopped)")
     up.set_defaults(run=cmd_up)
 
-    broker = commands.add_parser("broker", help="just the embedded broker (BLACKROAD_ENGINE)")
+    broker = commands.add_parser("broker", **defaults, help="just the embedded broker (BLACKROAD_ENGINE)")
     broker.set_defaults(run=cmd_broker)
 
-    postgres = commands.add_parser("postgres", help="just the embedded PostgreSQL of the history")
+    postgres = commands.add_parser("postgres", **defaults, help="just the embedded PostgreSQL of the history")
     postgres.set_defaults(run=cmd_postgres)
 
-    history = commands.add_parser("history", help="the sink copying the tables' changelogs into PostgreSQL")
+    history = commands.add_parser("history", **defaults, help="the sink copying the tables' changelogs into PostgreSQL")
     history.set_defaults(run=cmd_history)
 
-    db = commands.add_parser("db", help="the history database")
+    db = commands.add_parser("db", **defaults, help="the history database")
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    migrate = db_commands.add_parser("migrate", help="apply the schema's pending migrations")
+    migrate = db_commands.add_parser("migrate", **defaults, help="apply the schema's pending migrations")
     migrate.set_defaults(run=cmd_db_migrate)
 
-    verify = commands.add_parser("verify", help="compare the history in PostgreSQL with the tables")
+    verify = commands.add_parser("verify", **defaults, help="compare the history in PostgreSQL with the tables")
     verify.add_argument(
         "--wait", type=float, default=60.0, help="seconds to wait for the history sink to catch up first"
     )
     verify.add_argument("--show", type=int, default=20, help="differences to print (all are counted)")
     verify.set_defaults(run=cmd_verify)
 
-    worker = commands.add_parser("worker", help="stream-processing workers (BLACKROAD_WORKER_PROCESSES of them)")
+    worker = commands.add_parser(
+        "worker", **defaults, help="stream-processing workers (BLACKROAD_WORKER_PROCESSES of them)"
+    )
     worker.add_argument("--web-port", type=int, default=0, help="overrides BLACKROAD_WEB_PORT")
     worker.add_argument(
         "--processes", type=int, default=None, help="overrides BLACKROAD_WORKER_PROCESSES (0 = one per core)"
     )
     worker.set_defaults(run=cmd_worker)
 
-    produce = commands.add_parser("produce", help="load generator")
-    produce.add_argument("--agents", type=int, default=1000)
+    produce = commands.add_parser("produce", **defaults, help="load generator")
+    produce.add_argument("--agents", type=int, default=1000, help="agents the tasks go to")
     produce.add_argument("--rate", type=float, default=500.0, help="tasks per second (0 = unthrottled)")
     produce.add_argument("--count", type=int, default=10_000, help="tasks to send (0 = until stopped)")
-    produce.add_argument("--seed", type=int, default=7)
+    produce.add_argument("--seed", type=int, default=7, help="seed of the random load (the same seed, the same tasks)")
     produce.add_argument("--pack", type=int, default=1, help="tasks per task.batch event (1 = one task per event)")
     produce.add_argument("--stats", action="store_true", help="show the worker's stats in the progress line")
     produce.add_argument("--wait-for-worker", action="store_true", help="start once the worker's web views answer")
     produce.set_defaults(run=cmd_produce)
 
-    bench = commands.add_parser("bench", help="throughput and latency against the baselines, in one run")
+    bench = commands.add_parser("bench", **defaults, help="throughput and latency against the baselines, in one run")
     bench.add_argument("--count", type=int, default=300_000, help="backlog tasks per system")
     bench.add_argument("--agents", type=int, default=30_000)
     bench.add_argument("--rate", type=float, default=500.0, help="tasks per second of the latency phase")

@@ -417,6 +417,8 @@ class Settings:
                 known = ", ".join(PREFIX + n.upper() for n in fields)
                 raise SettingsError(name.upper(), f"unknown setting (known: {known})")
             values[name] = _parse(name.upper(), fields[name].type, raw)
+            if name == "log_level":
+                values[name] = str(values[name]).lower()  # INFO and info alike
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings

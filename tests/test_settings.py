@@ -162,3 +162,11 @@ def test_token_buckets_refill_at_their_rate_and_refuse_without_taking() -> None:
     assert buckets.take("b", 20, now=0.5) == 0.0
     assert TokenBuckets(rate=0, burst=0).take("a", 10**6) == 0.0  # off
     assert (retry_after(0.01), retry_after(1.0), retry_after(1.2)) == (1, 1, 2)
+
+
+def test_the_command_says_its_version_and_takes_the_log_level_in_any_case() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "--version"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and done.stdout.startswith("blackroad ") and done.stdout.strip() != "blackroad unknown"
+    assert Settings.from_env({"BLACKROAD_LOG_LEVEL": "INFO"}).log_level == "info"
