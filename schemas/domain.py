@@ -24,6 +24,7 @@ AGENT_ID = re.compile(r"agent_[a-z0-9]+(?:_[a-z0-9]+)*_\d{3,}")
 #: The longest agent id accepted (a task id's pattern caps it at 5 + 64 characters).
 MAX_AGENT_ID = 128
 TASK_ID = re.compile(r"task_[A-Za-z0-9_\-]{1,64}")
+MAX_TASK_ID = 69
 #: A memory entry's id: ``mem_`` and the first 20 hex digits of its chain hash.
 MEMORY_ID = re.compile(r"mem_[0-9a-f]{20}")
 

@@ -349,6 +349,16 @@ async def read_json(request: Any) -> Any:
         raise ApiError("invalid_request", f"malformed JSON: {exc}") from None
 
 
+def _path_id(value: str, field: str, shape: re.Pattern[str], longest: int) -> None:
+    """Refuse (400) an id in a path that no row could have: too long, or not of its shape."""
+    if len(value) > longest or not shape.fullmatch(value):
+        raise ApiError(
+            "invalid_request",
+            f"{field} is not a valid id (at most {longest} characters of the documented shape)",
+            details={"field": field},
+        )
+
+
 def _int_query(request: Any, name: str, default: int, low: int, high: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -592,6 +602,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "agent"
 
         async def get(self, request: Any, agent_id: str) -> Any:
+            _path_id(agent_id, "agent_id", domain.AGENT_ID, domain.MAX_AGENT_ID)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             row = agents_rows.get(agent_id)
@@ -619,6 +630,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "memory"
 
         async def get(self, request: Any, agent_id: str) -> Any:
+            _path_id(agent_id, "agent_id", domain.AGENT_ID, domain.MAX_AGENT_ID)
             tier = request.query.get("tier", "working")
             if tier not in TIERS:
                 raise ApiError(
@@ -654,6 +666,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "memory_verify"
 
         async def get(self, request: Any, agent_id: str) -> Any:
+            _path_id(agent_id, "agent_id", domain.AGENT_ID, domain.MAX_AGENT_ID)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             row = thaw(memory_rows.get(agent_id))
@@ -791,6 +804,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         reads_tables = False
 
         async def get(self, request: Any, agent_id: str) -> Any:
+            _path_id(agent_id, "agent_id", domain.AGENT_ID, domain.MAX_AGENT_ID)
             limit = _int_query(request, "limit", 20, 1, 100)
             status = _task_status_query(request)
             before = _cursor_query(request, "before", queries.parse_cursor)
@@ -804,6 +818,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "task"
 
         async def get(self, request: Any, task_id: str) -> Any:
+            _path_id(task_id, "task_id", domain.TASK_ID, domain.MAX_TASK_ID)
             row = tasks_rows.get(task_id)
             if row is not None and not task_expired(row, wire.now_ms() - retention_ms):
                 return _json(self, _public(thaw(row)))

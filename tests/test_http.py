@@ -294,6 +294,16 @@ def test_health_checks_request_ids_compression_and_metrics(deployment: Deploymen
         status, body, headers = worker.exchange("GET", "/v1/agents/agent_nobody_001", None, {"X-Request-ID": bad})
         _assert_envelope(status, body, 404, "not_found")
         assert headers["X-Request-ID"] == body["request_id"] != bad
+    # Ids in paths are held to the lengths and shapes of the wire format.
+    for path, field in (
+        ("/v1/agents/agent_" + "a" * 200 + "_001", "agent_id"),
+        ("/v1/agents/Alice/memory", "agent_id"),
+        ("/v1/tasks/task_" + "x" * 65, "task_id"),
+        ("/v1/tasks/42", "task_id"),
+    ):
+        status, body = worker.get(path)
+        _assert_envelope(status, body, 400, "invalid_request")
+        assert body["error"]["details"] == {"field": field}
     # Long answers go gzip-compressed to clients that accept it.
     batch = {"requests": [_task(f"agent_zip_{n:03d}") for n in range(40)]}
     assert worker.post("/v1/batch", batch)[0] == 202
