@@ -513,6 +513,60 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead_letters(settings: Settings) -> list[Any]:
+    from streams.operations.dead_letters import read_dead_letters
+
+    _require_broker(settings)
+    return asyncio.run(read_dead_letters(settings.bootstrap, settings.topic("deadletter"), settings.partitions))
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    letters = [letter for letter in _dead_letters(_settings()) if args.reason in letter.reason]
+    for letter in letters[: args.limit]:
+        print(letter.summary())
+    print(f"{len(letters)} dead letter(s)" + (f" whose reason contains {args.reason!r}" if args.reason else ""))
+    return 0
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    found = [letter for letter in _dead_letters(_settings()) if letter.ref == args.letter]
+    if not found:
+        print(f"blackroad: no dead letter {args.letter} (dlq list shows them)", file=sys.stderr)
+        return 1
+    print(orjson.dumps(found[0].details(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from streams.operations.dead_letters import replay_record, send_records
+
+    if not args.letters and args.reason is None:
+        print("blackroad: name the letters to replay (PARTITION:OFFSET ...) or --reason TEXT", file=sys.stderr)
+        return 2
+    settings = _settings()
+    letters = _dead_letters(settings)
+    chosen = [
+        letter
+        for letter in letters
+        if letter.ref in args.letters or (args.reason is not None and args.reason in letter.reason)
+    ]
+    unknown = sorted(set(args.letters) - {letter.ref for letter in letters})
+    for ref in unknown:
+        print(f"{ref}: no such dead letter", file=sys.stderr)
+    records = []
+    for letter in chosen:
+        record = replay_record(letter)
+        if isinstance(record, str):
+            print(f"{letter.ref}: skipped, {record}")
+        else:
+            records.append(record)
+            print(f"{letter.ref}: sent back")
+    if records:
+        asyncio.run(send_records(settings.bootstrap, settings.topic("tasks"), records, settings.partitions))
+    print(f"{len(records)} of {len(chosen)} chosen dead letter(s) sent back to {settings.topic('tasks')}")
+    return 1 if unknown else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blackroad",
@@ -571,6 +625,22 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--stats", action="store_true", help="show the worker's stats in the progress line")
     produce.add_argument("--wait-for-worker", action="store_true", help="start once the worker's web views answer")
     produce.set_defaults(run=cmd_produce)
+
+    dlq = commands.add_parser("dlq", **defaults, help="the dead-letter topic: list, show, replay")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    listing = dlq_commands.add_parser("list", **defaults, help="one line per dead letter, oldest first per partition")
+    listing.add_argument("--reason", default="", help="only letters whose reason contains this text")
+    listing.add_argument("--limit", type=int, default=100, help="letters to print (all are counted)")
+    listing.set_defaults(run=cmd_dlq_list)
+    show = dlq_commands.add_parser("show", **defaults, help="one dead letter in full, as JSON")
+    show.add_argument("letter", help="PARTITION:OFFSET, as dlq list shows it")
+    show.set_defaults(run=cmd_dlq_show)
+    replay = dlq_commands.add_parser(
+        "replay", **defaults, help="send chosen dead letters back to the tasks topic (once their cause is fixed)"
+    )
+    replay.add_argument("letters", nargs="*", help="PARTITION:OFFSET of each letter to send")
+    replay.add_argument("--reason", default=None, help="all letters whose reason contains this text")
+    replay.set_defaults(run=cmd_dlq_replay)
 
     bench = commands.add_parser("bench", **defaults, help="throughput and latency against the baselines, in one run")
     bench.add_argument("--count", type=int, default=300_000, help="backlog tasks per system")

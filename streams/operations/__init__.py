@@ -1,0 +1,1 @@
+"""Tools for operating a deployment: the dead-letter topic."""

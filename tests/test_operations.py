@@ -1,0 +1,72 @@
+"""Operating a deployment: ``blackroad dlq list|show|replay`` against a real broker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import msgpack
+import orjson
+
+from tests.factories import record, task
+from tests.harness import ROOT, Deployment, produce, wait_until
+
+
+def _blackroad(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args],
+        cwd=ROOT,
+        env=deployment.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_dead_letters_are_listed_shown_and_replayed_once_their_cause_is_fixed(deployment: Deployment) -> None:
+    deployment.env.update(BLACKROAD_MAX_ATTEMPTS="2", BLACKROAD_MEMORY_SEARCH="off")
+    worker = deployment.worker().start().wait_ready()
+    agent = "agent_letters_001"
+    failing = task(agent, "inference", {"fail_attempts": 3, "latency_ms": 0})  # dies after 2 attempts
+    good, bad = task("agent_letters_002").to_wire(), {"task_id": "nope"}
+    batch = msgpack.packb({"v": 1, "type": "task.batch", "ts": 5, "tasks": [good, bad]})
+    produce(
+        deployment.bootstrap,
+        deployment.topic("tasks"),
+        [record(failing), (agent.encode(), b"\xc1"), (b"agent_letters_002", batch)],
+    )
+    letters = {"dead_tasks": 1, "dead_lettered_events": 3}
+    wait_until(lambda: {k: worker.stats()[k] for k in letters} == letters, 30, what=f"the stats to show {letters}")
+    listed = _blackroad(deployment, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[-1] == "3 dead letter(s)" and len(lines) == 4, listed.stdout
+    refs = {line.split()[0]: line for line in lines[:-1]}
+    [dead] = [ref for ref, line in refs.items() if "handler failed after 2 attempts" in line]
+    [undecodable] = [ref for ref, line in refs.items() if "not msgpack" in line]
+    [refused] = [ref for ref, line in refs.items() if "tasks[1]:" in line]
+    filtered = _blackroad(deployment, "dlq", "list", "--reason", "not msgpack")
+    assert filtered.stdout.splitlines()[-1] == "1 dead letter(s) whose reason contains 'not msgpack'"
+    shown = _blackroad(deployment, "dlq", "show", dead)
+    assert shown.returncode == 0, shown.stderr
+    letter = orjson.loads(shown.stdout)
+    assert letter["reason"].startswith("handler failed") and letter["key"] == agent
+    assert letter["value"]["task_id"] == failing.task_id and letter["source"]["topic"] == deployment.topic("tasks")
+    assert _blackroad(deployment, "dlq", "show", "9:999999").returncode == 1
+    # The cause is fixed (more attempts allowed); the dead task runs again under a new id,
+    # the undecodable record and the batch's refused task are left alone.
+    worker.stop()
+    deployment.env["BLACKROAD_MAX_ATTEMPTS"] = "5"
+    worker = deployment.worker().start().wait_ready()
+    replayed = _blackroad(deployment, "dlq", "replay", undecodable, refused, "--reason", "handler failed")
+    assert replayed.returncode == 0, replayed.stderr
+    out = replayed.stdout
+    assert f"{dead}: sent back" in out and f"{undecodable}: skipped, still not a valid event" in out
+    assert f"{refused}: skipped, a task.batch with refused tasks" in out
+    assert out.splitlines()[-1] == f"1 of 3 chosen dead letter(s) sent back to {deployment.topic('tasks')}"
+    row = wait_until(
+        lambda: (a := worker.get(f"/v1/agents/{agent}")[1]).get("stats", {}).get("tasks_completed") and a, 30
+    )
+    assert (row["stats"]["tasks_completed"], row["stats"]["tasks_dead"]) == (1, 1)
+    assert worker.stats()["dead_lettered_events"] == 3  # nothing new refused or dead
