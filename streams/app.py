@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from mode import Service
 
+from agents.plugins import load_handlers
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
 from streams.exactly_once import TransactionalSender
@@ -482,6 +483,9 @@ def create_app(
         )
         registry.register("inference", ModelInference(client, settings.llm_context_tokens, settings.llm_memories))
         app.pipeline.llm_client = client
+    loaded = load_handlers(registry, settings.handler_specs)
+    if loaded:
+        log.info("handler plug-ins loaded: %s", ", ".join(loaded))
     app.add_dependency(app.pipeline)
     from streams.web import register_views
 

@@ -156,7 +156,22 @@ def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
     return (stopping.exit_code if stopping is not None else 0) or code
 
 
+def _handlers_option(args: argparse.Namespace) -> None:
+    """``--handlers`` stands for ``BLACKROAD_HANDLERS`` (the worker processes inherit it); the
+    plug-ins are loaded once here, so one that cannot be stops the command before any worker starts."""
+    from agents.plugins import PluginError, load_handlers
+    from agents.registry import HandlerRegistry
+
+    if args.handlers is not None:
+        os.environ["BLACKROAD_HANDLERS"] = args.handlers
+    try:
+        load_handlers(HandlerRegistry(), _settings().handler_specs)
+    except PluginError as exc:
+        raise SystemExit(f"blackroad: handler plug-in: {exc}") from None
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
+    _handlers_option(args)
     settings = _settings()
     try:
         if args.web_port:
@@ -311,6 +326,7 @@ def _postgres_died(code: int) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    _handlers_option(args)
     settings = _settings()
     broker: choice.Engine | None = None
     postgres: EmbeddedPostgres | None = None
@@ -584,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     # (README, "Known limits of Tansu"); raise both on Kafka.
     up.add_argument("--rate", type=float, default=50.0, help="demo tasks per second")
     up.add_argument("--count", type=int, default=15_000, help="demo tasks to send (0 = until stopped)")
+    up.add_argument(
+        "--handlers", default=None, help="handler plug-ins, module:function[,...] (overrides BLACKROAD_HANDLERS)"
+    )
     up.set_defaults(run=cmd_up)
 
     broker = commands.add_parser("broker", **defaults, help="just the embedded broker (BLACKROAD_ENGINE)")
@@ -613,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--web-port", type=int, default=0, help="overrides BLACKROAD_WEB_PORT")
     worker.add_argument(
         "--processes", type=int, default=None, help="overrides BLACKROAD_WORKER_PROCESSES (0 = one per core)"
+    )
+    worker.add_argument(
+        "--handlers", default=None, help="handler plug-ins, module:function[,...] (overrides BLACKROAD_HANDLERS)"
     )
     worker.set_defaults(run=cmd_worker)
 

@@ -162,7 +162,15 @@ class Settings:
     rate_limit_requests: float = 2000.0
     rate_limit_tasks: float = 1000.0
     rate_limit_burst: float = 2.0
+    #: Handler plug-ins to load after the installed ones (``module:function``, comma-separated;
+    #: see :mod:`agents.plugins`).
+    handlers: str | None = None
     log_level: str = "warning"
+
+    @property
+    def handler_specs(self) -> list[str]:
+        """The ``module:function`` specs of ``HANDLERS``."""
+        return [spec.strip() for spec in (self.handlers or "").split(",") if spec.strip()]
 
     def api_token_list(self) -> list[str]:
         """The API tokens, from ``API_TOKENS`` and the file ``API_TOKENS_FILE`` (blank lines and
@@ -401,6 +409,9 @@ class Settings:
                 "RATE_LIMIT_TASKS",
                 f"times BLACKROAD_RATE_LIMIT_BURST must allow a whole POST /v1/batch ({MAX_BATCH_TASKS} tasks)",
             )
+        for spec in self.handler_specs:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+                raise SettingsError("HANDLERS", f"expected module:function, got {spec!r}")
         if self.log_level not in {"debug", "info", "warning", "error", "critical"}:
             raise SettingsError("LOG_LEVEL", "expected one of debug, info, warning, error, critical")
 

@@ -70,3 +70,16 @@ def test_dead_letters_are_listed_shown_and_replayed_once_their_cause_is_fixed(de
     )
     assert (row["stats"]["tasks_completed"], row["stats"]["tasks_dead"]) == (1, 1)
     assert worker.stats()["dead_lettered_events"] == 3  # nothing new refused or dead
+
+
+def test_workers_run_handler_plug_ins_and_refuse_one_that_cannot_load(deployment: Deployment) -> None:
+    refused = _blackroad(deployment, "worker", "--handlers", "tests.plugin_handlers:broken")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "handler plug-in: tests.plugin_handlers:broken failed to register its handlers" in refused.stderr
+    deployment.env.update(BLACKROAD_HANDLERS="tests.plugin_handlers:register", BLACKROAD_MEMORY_SEARCH="off")
+    worker = deployment.worker().start().wait_ready()
+    analysis = task("agent_plugin_001", "code_analysis", {"code": "print(1)"})
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(analysis)])
+    done = wait_until(lambda: (t := worker.get(f"/v1/tasks/{analysis.task_id}")[1]).get("result") and t, 30)
+    assert done["result"] == {"plugin": "shout", "code": "PRINT(1)"}
+    assert worker.get("/v1/agents/agent_plugin_001/memory")[1]["entries"][0]["importance"] == 0.8

@@ -1083,3 +1083,38 @@ def test_dead_letter_reasons_become_a_bounded_set_of_labels() -> None:
     text = metrics.render().decode()
     labels = {line.split('reason="')[1].split('"')[0] for line in text.splitlines() if "dead_lettered_total{" in line}
     assert len(labels) == MAX_REASON_LABELS and "other" in labels
+
+
+def test_a_handler_runs_without_kafka_over_a_memory_snapshot() -> None:
+    from agents import builtin
+    from agents.testing import make_task, run_handler
+    from tests import plugin_handlers
+
+    snapshot = memory.empty_memory()
+    memory.append(snapshot, "agent_test_001", "earlier", role="user", memory_type="observation",
+                  timestamp_ms=1, budget_tokens=10**6)  # fmt: skip
+    run = run_handler(plugin_handlers.shout, make_task("code_analysis", {"code": "x = 1"}), snapshot, now_ms=5)
+    assert run.result == {"plugin": "shout", "code": "X = 1"}
+    assert [entry["content"] for entry in memory.entries(run.memory)] == ["earlier", "X = 1"]
+    assert run.written[0]["importance"] == 0.8 and len(memory.entries(snapshot)) == 1  # the snapshot is kept
+    slow = builtin.SimulatedInference(0, 0)
+    run = run_handler(slow, make_task("inference", {"latency_ms": 1}), search_results=[{"id": "m", "content": "c"}])
+    assert run.result and len(run.written) == 2  # an async handler, awaited
+    with pytest.raises(WireError):
+        make_task("singing")
+
+
+def test_handler_plug_ins_replace_built_ins_or_say_why_they_cannot_load() -> None:
+    from agents.plugins import PluginError, load_handlers
+    from agents.registry import default_registry
+
+    registry = default_registry()
+    assert "tests.plugin_handlers:register" in load_handlers(registry, ["tests.plugin_handlers:register"])
+    assert registry.resolve("code_analysis", "worker").__name__ == "shout"  # type: ignore[attr-defined]
+    for spec, reason in (
+        ("no_such_module:register", "cannot import"),
+        ("tests.plugin_handlers:missing", "no function missing"),
+        ("tests.plugin_handlers:broken", "cannot start"),
+    ):
+        with pytest.raises(PluginError, match=reason):
+            load_handlers(default_registry(), [spec])
