@@ -583,6 +583,26 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return 1 if unknown else 0
 
 
+def cmd_perf(args: argparse.Namespace) -> int:
+    from streams.operations import perf
+
+    settings = _settings()
+    urls = args.url or [f"http://{settings.web_host}:{settings.web_port + n}" for n in range(settings.process_count)]
+    tokens = settings.api_token_list()
+    fetch = perf.fetcher(tokens[0] if tokens else None)
+    while True:
+        try:
+            found = perf.measure(urls, args.interval, fetch)
+        except OSError as exc:
+            print(f"blackroad: the workers at {', '.join(urls)} do not answer: {exc}", file=sys.stderr)
+            return 1
+        text = perf.render(found, len(urls))
+        if not args.watch:
+            print(text)
+            return 0
+        print("\x1b[2J\x1b[H" + text, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blackroad",
@@ -663,6 +683,16 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("letters", nargs="*", help="PARTITION:OFFSET of each letter to send")
     replay.add_argument("--reason", default=None, help="all letters whose reason contains this text")
     replay.set_defaults(run=cmd_dlq_replay)
+
+    perf = commands.add_parser(
+        "perf", **defaults, help="the performance dashboard: latency, throughput, resources, the seed's targets"
+    )
+    perf.add_argument(
+        "--url", action="append", help="a worker's web URL (repeat for each; default: this machine's workers)"
+    )
+    perf.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes measured")
+    perf.add_argument("--watch", action="store_true", help="redraw every interval until stopped")
+    perf.set_defaults(run=cmd_perf)
 
     bench = commands.add_parser("bench", **defaults, help="throughput and latency against the baselines, in one run")
     bench.add_argument("--count", type=int, default=300_000, help="backlog tasks per system")

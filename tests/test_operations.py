@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import msgpack
 import orjson
@@ -83,3 +84,31 @@ def test_workers_run_handler_plug_ins_and_refuse_one_that_cannot_load(deployment
     done = wait_until(lambda: (t := worker.get(f"/v1/tasks/{analysis.task_id}")[1]).get("result") and t, 30)
     assert done["result"] == {"plugin": "shout", "code": "PRINT(1)"}
     assert worker.get("/v1/agents/agent_plugin_001/memory")[1]["entries"][0]["importance"] == 0.8
+
+
+def test_the_performance_dashboard_reports_a_running_worker(deployment: Deployment) -> None:
+    deployment.env["BLACKROAD_MEMORY_SEARCH"] = "off"
+    worker = deployment.worker().start().wait_ready()
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(task(f"agent_perf_{n:03d}")) for n in range(50)])
+    wait_until(lambda: worker.stats()["completed_tasks"] == 50, 30, what="the tasks done")
+    asking = threading.Event()
+
+    def ask() -> None:
+        while not asking.is_set():
+            worker.get("/v1/agents/agent_perf_001")
+
+    reader = threading.Thread(target=ask)
+    reader.start()
+    try:
+        shown = _blackroad(deployment, "perf", "--url", worker.url, "--interval", "1")
+    finally:
+        asking.set()
+        reader.join()
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "BLACKROAD PERFORMANCE"
+    rate = float(next(line for line in lines if "Requests/s:" in line).split(":")[1].replace(",", ""))
+    assert rate > 10
+    assert "  ✓ API latency P50 < 50 ms" in lines and "  Tasks/min: 50" in lines
+    down = _blackroad(deployment, "perf", "--url", "http://127.0.0.1:9", "--interval", "0.1")
+    assert down.returncode == 1 and "do not answer" in down.stderr

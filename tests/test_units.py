@@ -1118,3 +1118,40 @@ def test_handler_plug_ins_replace_built_ins_or_say_why_they_cannot_load() -> Non
     ):
         with pytest.raises(PluginError, match=reason):
             load_handlers(default_registry(), [spec])
+
+
+def test_the_performance_dashboard_reads_latency_and_rates_from_two_scrapes() -> None:
+    from streams.operations.perf import parse_metrics, render, report
+
+    def scrape(fast: int, slow: int, errors: int, cpu: float) -> str:
+        total = fast + slow
+        return "\n".join(
+            [
+                "# TYPE blackroad_http_request_duration_seconds histogram",
+                f'blackroad_http_request_duration_seconds_bucket{{le="0.005",view="agent"}} {fast}',
+                f'blackroad_http_request_duration_seconds_bucket{{le="0.25",view="agent"}} {total}',
+                f'blackroad_http_request_duration_seconds_bucket{{le="+Inf",view="agent"}} {total}',
+                f'blackroad_http_request_duration_seconds_bucket{{le="+Inf",view="metrics"}} {total * 9}',
+                f'blackroad_http_request_duration_seconds_count{{view="agent"}} {total}',
+                'blackroad_http_request_duration_seconds_sum{view="agent"} 1.0',
+                "# TYPE blackroad_http_requests counter",
+                f'blackroad_http_requests_total{{status="200",view="agent"}} {total - errors}',
+                f'blackroad_http_requests_total{{status="503",view="agent"}} {errors}',
+                "# TYPE process_cpu_seconds counter",
+                f"process_cpu_seconds_total {cpu}",
+                "# TYPE process_resident_memory_bytes gauge",
+                "process_resident_memory_bytes 104857600",
+                "",
+            ]
+        )
+
+    before = parse_metrics([scrape(100, 0, 0, 10.0)], at=0.0)
+    after = parse_metrics([scrape(1080, 20, 1, 11.0)], at=2.0)  # 1000 requests in 2 s, 20 of them slow, 1 failed
+    found = report(before, after, {"tasks_per_minute": 1500, "task_latency_ms": {"p50": 2, "p95": 5, "p99": 9}})
+    assert found.api_ms == {"p50": 5.0, "p95": 5.0, "p99": 250.0}  # the slowest 2% hold the P99
+    assert found.requests_per_second == 500.0 and found.error_share == 0.001 and found.cpu_percent == 50.0
+    checks = dict((what, met) for met, what in found.checks())
+    assert checks["API latency P50 < 50 ms"] and not checks["API latency P99 < 200 ms"]
+    assert checks["memory search P99 < 100 ms"] is None and checks["task throughput > 1,000/min"]
+    text = render(found, 1)
+    assert "P99: 250ms" in text and "⚠ API latency P99 < 200 ms" in text and "Memory: 100 MB" in text
