@@ -8,6 +8,7 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -148,12 +149,27 @@ def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
 
     ``stopping.request(code)`` stops them (as SIGTERM does) and sets the exit code.
     """
+    _require_free_web_ports(settings)
     if settings.process_count == 1:
         return run_worker(settings, stopping)
     from streams.supervisor import Supervisor
 
     code = Supervisor(settings, settings.process_count).run()
     return (stopping.exit_code if stopping is not None else 0) or code
+
+
+def _require_free_web_ports(settings: Settings) -> None:
+    """Stop with one line, before any worker starts, when a web port is taken."""
+    for port in range(settings.web_port, settings.web_port + settings.process_count):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((settings.web_host, port))
+            except OSError as exc:
+                raise SystemExit(
+                    f"blackroad: cannot serve the web views on {settings.web_host}:{port}: {exc.strerror or exc} "
+                    "(BLACKROAD_WEB_PORT; is another worker running?)"
+                ) from None
 
 
 def _handlers_option(args: argparse.Namespace) -> None:

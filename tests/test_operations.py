@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -112,3 +113,16 @@ def test_the_performance_dashboard_reports_a_running_worker(deployment: Deployme
     assert "  ✓ API latency P50 < 50 ms" in lines and "  Tasks/min: 50" in lines
     down = _blackroad(deployment, "perf", "--url", "http://127.0.0.1:9", "--interval", "0.1")
     assert down.returncode == 1 and "do not answer" in down.stderr
+
+
+def test_a_taken_web_port_stops_the_worker_with_one_line(deployment: Deployment) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = _blackroad(deployment, "worker", "--web-port", str(port))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"blackroad: cannot serve the web views on 127.0.0.1:{port}: Address already in use "
+        "(BLACKROAD_WEB_PORT; is another worker running?)"
+    ]
