@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import logging
+import logging.config
 import os
 import signal
 import socket
@@ -20,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from streams import native
+from streams import json_logs, native
 from streams.broker import BrokerError, die_with_parent, port_is_open
 from streams.client_log import RepeatedClientMessages
 from streams.engines import choice
@@ -135,7 +137,13 @@ def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     # often keeps the collector from rescanning them on the hot path.
     gc.set_threshold(50_000, 20, 100)
     health = BrokerHealth(settings.bootstrap, client_messages)
-    worker = _Worker(app, health, loglevel=settings.log_level.upper(), redirect_stdouts=False)
+    worker = _Worker(
+        app,
+        health,
+        loglevel=settings.log_level.upper(),
+        redirect_stdouts=False,
+        logging_config=json_logs.logging_config(settings.log_level) if settings.log_format == "json" else None,
+    )
     code = 0
     try:
         worker.execute_from_commandline()  # ends with SystemExit, always
@@ -156,6 +164,16 @@ def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
 
     code = Supervisor(settings, settings.process_count).run()
     return (stopping.exit_code if stopping is not None else 0) or code
+
+
+def _configure_logging(settings: Settings) -> None:
+    """Logging of the commands that are not workers (a worker's goes through Faust's worker)."""
+    if settings.log_format == "json":
+        logging.config.dictConfig(json_logs.logging_config(settings.log_level))
+    else:
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+        )
 
 
 def _require_free_web_ports(settings: Settings) -> None:
@@ -433,7 +451,6 @@ def cmd_postgres(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Copy the changelogs into PostgreSQL until SIGINT/SIGTERM (see streams.history.sink)."""
-    import logging
 
     from streams.history.sink import HistorySink
 
@@ -442,9 +459,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         raise SystemExit("blackroad: BLACKROAD_HISTORY is off; no history is kept")
     _require_broker(settings)
     settings = _reach(settings)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
-    )
+    _configure_logging(settings)
     logging.getLogger("streams.history").setLevel(logging.INFO)
 
     async def run() -> None:

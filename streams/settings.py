@@ -166,6 +166,8 @@ class Settings:
     #: see :mod:`agents.plugins`).
     handlers: str | None = None
     log_level: str = "warning"
+    #: ``text`` (one line per record, for people) or ``json`` (one JSON object per line).
+    log_format: str = "text"
 
     @property
     def handler_specs(self) -> list[str]:
@@ -412,6 +414,8 @@ class Settings:
         for spec in self.handler_specs:
             if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
                 raise SettingsError("HANDLERS", f"expected module:function, got {spec!r}")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError("LOG_FORMAT", f"expected text or json, got {self.log_format!r}")
         if self.log_level not in {"debug", "info", "warning", "error", "critical"}:
             raise SettingsError("LOG_LEVEL", "expected one of debug, info, warning, error, critical")
 
@@ -428,7 +432,7 @@ class Settings:
                 known = ", ".join(PREFIX + n.upper() for n in fields)
                 raise SettingsError(name.upper(), f"unknown setting (known: {known})")
             values[name] = _parse(name.upper(), fields[name].type, raw)
-            if name == "log_level":
+            if name in ("log_level", "log_format"):
                 values[name] = str(values[name]).lower()  # INFO and info alike
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -126,3 +127,17 @@ def test_a_taken_web_port_stops_the_worker_with_one_line(deployment: Deployment)
         f"blackroad: cannot serve the web views on 127.0.0.1:{port}: Address already in use "
         "(BLACKROAD_WEB_PORT; is another worker running?)"
     ]
+
+
+def test_json_logs_give_one_object_per_record(deployment: Deployment) -> None:
+    deployment.env.update(BLACKROAD_LOG_FORMAT="JSON", BLACKROAD_MEMORY_SEARCH="off")
+    worker = deployment.worker().start().wait_ready()
+    produce(deployment.bootstrap, deployment.topic("tasks"), [record(task("agent_logs_001"))])
+    wait_until(lambda: worker.stats()["completed_tasks"] == 1, 30, what="the task done")
+    worker.stop()
+    lines = worker.log_path.read_text().splitlines()
+    records = [orjson.loads(line) for line in lines if line.startswith("{")]
+    assert len(records) >= 10, lines[:20]
+    assert all(set(r) >= {"ts", "level", "logger", "process", "message"} for r in records)
+    assert {r["level"] for r in records} >= {"info"} and records[0]["ts"].endswith("+00:00")
+    assert not [line for line in lines if re.match(r"\[\d{4}-\d\d-\d\d ", line)]  # no record in the text format
