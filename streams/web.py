@@ -204,9 +204,11 @@ class ApiView(web.View):
         compress(request, response)
         status = response.status
         metrics.http_request(self.name, status, time.perf_counter() - started)
-        if status >= 500 or log.isEnabledFor(logging.DEBUG):
+        # A 503 (recovering, broker away) is expected and retried: no warning for each.
+        failed = status >= 500 and status != 503
+        if failed or log.isEnabledFor(logging.DEBUG):
             log.log(
-                logging.WARNING if status >= 500 else logging.DEBUG,
+                logging.WARNING if failed else logging.DEBUG,
                 "%s %s -> %d (request %s)",
                 request.method,
                 request.path,

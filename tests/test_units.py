@@ -1155,3 +1155,27 @@ def test_the_performance_dashboard_reads_latency_and_rates_from_two_scrapes() ->
     assert checks["memory search P99 < 100 ms"] is None and checks["task throughput > 1,000/min"]
     text = render(found, 1)
     assert "P99: 250ms" in text and "⚠ API latency P99 < 200 ms" in text and "Memory: 100 MB" in text
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_workers_export() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from streams.metrics import Metrics
+
+    dashboard = json.loads((Path(__file__).parents[1] / "dashboards" / "grafana.json").read_text())
+    exported = Metrics().render().decode()
+    families = set(re.findall(r"^# TYPE (\w+) (\w+)", exported, re.MULTILINE))
+    names = {name for name, _ in families}
+    names |= {
+        f"{name}{suffix}" for name, kind in families for suffix in ("_total", "_bucket", "_info") if kind != "gauge"
+    }
+    asked = {
+        metric
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for metric in re.findall(r"\b((?:blackroad|process)_\w+)", target["expr"])
+    }
+    assert len(dashboard["panels"]) >= 10 and asked
+    assert asked <= names, asked - names
