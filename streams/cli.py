@@ -160,7 +160,13 @@ def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
     _require_free_web_ports(settings)
     if settings.process_count == 1:
         return run_worker(settings, stopping)
+    from streams.peer_secret import shared_peer_secret
     from streams.supervisor import Supervisor
+
+    if settings.peer_secret is None:
+        # Read once here and inherited: a worker process started again after a crash then
+        # joins its group without first asking the broker for it.
+        os.environ["BLACKROAD_PEER_SECRET"] = asyncio.run(shared_peer_secret(settings))
 
     code = Supervisor(settings, settings.process_count).run()
     return (stopping.exit_code if stopping is not None else 0) or code
