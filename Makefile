@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) kafka
 
-## The hot path compiled with mypyc (see streams/native.py); plain Python if that fails.
+## The hot path compiled with mypyc (see streams/runtime/native.py); plain Python if that fails.
 NATIVE := build/native/.built
-$(NATIVE): $(STAMP) $(wildcard schemas/*.py agents/*.py streams/*.py)
+$(NATIVE): $(STAMP) $(wildcard schemas/*.py agents/*.py streams/*/*.py)
 	@mkdir -p build/native
-	@if $(BIN)/python -m streams.native build > build/native/build.log 2>&1; then \
+	@if $(BIN)/python -m streams.runtime.native build > build/native/build.log 2>&1; then \
 		echo "hot path compiled with mypyc"; \
 	else \
 		echo "warning: mypyc build failed (see build/native/build.log); running as plain Python"; \
@@ -44,12 +44,12 @@ test: $(NATIVE) kafka
 ## Tansu and Apache Kafka engines (Tansu alone where Kafka cannot start; ARGS="--engine kafka").
 bench: $(NATIVE) kafka
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/blackroad bench $(ARGS)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy streams agents schemas
 
 clean:
-	test ! -x $(BIN)/python || $(BIN)/python -m streams.native clean
+	test ! -x $(BIN)/python || $(BIN)/python -m streams.runtime.native clean
 	rm -rf $(VENV) build data .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,7 @@
 
 The system message is always kept; the oldest other turns are dropped first. Entries that
 leave (dropped turns, a system message replaced) are handed to the caller, which archives
-them (see :mod:`streams.agent_runner`). Entries form a per-agent integrity chain:
+them (see :mod:`streams.processing.agent_runner`). Entries form a per-agent integrity chain:
 ``hash = sha256(f"{content}|{timestamp}|{prev_hash}")``, starting at ``"GENESIS"``.
 The state is a plain dict so that it serialises straight into the memory table.
 """

@@ -1,1 +1,1 @@
-"""Baseline apps for ``blackroad bench`` (run as separate processes)."""
+"""Baseline apps for ``make bench`` (run as separate processes)."""

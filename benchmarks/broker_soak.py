@@ -23,10 +23,10 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streams import bench
-from streams.broker import free_port
+from benchmarks import bench
 from streams.engines.tansu import TansuBroker
-from streams.histogram import percentiles, record
+from streams.processing.histogram import percentiles, record
+from streams.runtime.broker import free_port
 
 TOPIC = "soak"
 

@@ -35,8 +35,8 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streams.bench import machine, running_broker  # noqa: E402
-from streams.broker import free_port  # noqa: E402
+from benchmarks.bench import machine, running_broker  # noqa: E402
+from streams.runtime.broker import free_port  # noqa: E402
 
 POLITE, GREEDY = "polite-client-token-0001", "greedy-client-token-0001"
 BATCH = orjson.dumps(

@@ -10,7 +10,7 @@ embedded broker for each part:
 * backlog: ``--count`` tasks produced first, then a worker, and a sink process (``blackroad
   history``) once the worker has finished (each at the machine's full speed), then again
   with both started together (sharing it); the pipeline's rate is read from the tasks
-  changelog (first to last completion, as ``blackroad bench`` does), the sink's from
+  changelog (first to last completion, as ``make bench`` does), the sink's from
   PostgreSQL (first to last ``recorded_at`` of those rows);
 * steady: ``--rate`` tasks/s for ``--seconds``; completion to row visible in PostgreSQL is
   ``recorded_at - completed_at`` of each row (both this machine's clock), P50/P95/P99.
@@ -37,9 +37,9 @@ from typing import Any
 
 import asyncpg
 
-from streams import bench
-from streams.broker import free_port
+from benchmarks import bench
 from streams.history.embedded import EmbeddedPostgres
+from streams.runtime.broker import free_port
 
 
 async def _query(dsn: str, sql: str) -> asyncpg.Record:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import asyncpg
 
-from streams import bench
-from streams.broker import free_port
+from benchmarks import bench
 from streams.history import schema
 from streams.history.embedded import EmbeddedPostgres
+from streams.runtime.broker import free_port
 
 _FILL = """
 INSERT INTO tasks (id, agent_id, title, description, kind, priority, payload, status, result, error, attempts,

@@ -25,9 +25,9 @@ from typing import Any
 
 import asyncpg
 
-from streams.broker import free_port
 from streams.history import schema, store
 from streams.history.embedded import EmbeddedPostgres
+from streams.runtime.broker import free_port
 
 _EXECUTEMANY = f"""
 INSERT INTO tasks AS t ({", ".join(store.TASK_COLUMNS)})

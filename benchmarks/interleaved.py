@@ -4,7 +4,7 @@ Usage: python benchmarks/interleaved.py OTHER_CHECKOUT [--rounds 2] [--count 300
 
 Changes are judged by interleaved runs on this noisy, shared 2-core host (see README,
 "Figures"): each round runs the backlog (one process, and two processes with
-``task.batch`` of 100) and the 500 tasks/s latency phase of ``blackroad bench`` first on
+``task.batch`` of 100) and the 500 tasks/s latency phase of ``make bench`` first on
 OTHER_CHECKOUT, then on this one, each on a fresh embedded broker of ``--engine`` (Tansu
 by default; an OTHER_CHECKOUT whose bench predates engines runs on Tansu only). Both
 checkouts must have their hot path built (``make native``) if it is to be compared compiled.
@@ -23,7 +23,11 @@ HERE = Path(__file__).resolve().parents[1]
 _PHASES = """
 import json, sys, tempfile
 from pathlib import Path
-from streams import bench, native
+try:  # the layout since streams/ was grouped by concern, then the one before
+    from benchmarks import bench
+    from streams.runtime import native
+except ImportError:
+    from streams import bench, native
 count, agents, packed_only, engine = int(sys.argv[1]), 30_000, sys.argv[2] == "1", sys.argv[3]
 on = {"engine": engine} if engine != "tansu" else {}
 out = []

@@ -8,7 +8,7 @@ Usage:
 * ``stream``: a backlog of ``memory_operation`` writes, each a distinct generated sentence
   (benchmarks/memory_corpus.py), through the worker with memory search on and then off:
   tasks/s is entries embedded and indexed per second (read from the tasks changelog, first
-  to last completion, as ``blackroad bench`` does).
+  to last completion, as ``make bench`` does).
 * ``search``: ``--count`` entries over ``--agents`` agents written through two worker
   processes, then a load of ``--rate`` tasks/s (the demo mix) while one client searches
   over HTTP, one request at a time, without and with an agent filter: P50/P95/P99, and
@@ -41,13 +41,14 @@ from aiokafka import AIOKafkaProducer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import bench  # noqa: E402
 from benchmarks.memory_corpus import sentences  # noqa: E402
 from schemas import wire  # noqa: E402
 from schemas.wire import TaskEvent  # noqa: E402
-from streams import bench, loadgen  # noqa: E402
-from streams.broker import create_topic  # noqa: E402
 from streams.memory_search.embedding import WordLlamaEmbedder  # noqa: E402
 from streams.memory_search.index import VectorIndex  # noqa: E402
+from streams.runtime import loadgen  # noqa: E402
+from streams.runtime.broker import create_topic  # noqa: E402
 
 TASK_RETENTION = 30
 

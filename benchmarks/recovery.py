@@ -31,10 +31,10 @@ from aiokafka import AIOKafkaProducer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench import new_broker  # noqa: E402
 from schemas import wire  # noqa: E402
-from streams import loadgen  # noqa: E402
-from streams.bench import new_broker  # noqa: E402
-from streams.broker import free_port  # noqa: E402
+from streams.runtime import loadgen  # noqa: E402
+from streams.runtime.broker import free_port  # noqa: E402
 
 
 def get(port: int, path: str) -> Any:

@@ -1,6 +1,6 @@
 """What every baseline app prints: one JSON line when it has processed the expected count.
 
-Run as a script, it prints the report of a ``blackroad bench`` run again from its JSON,
+Run as a script, it prints the report of a ``make bench`` run again from its JSON,
 one section per engine: ``python -m benchmarks.report [bench-results/latest.json]``.
 """
 
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     """Print the report of a bench run from its JSON (default ``bench-results/latest.json``)."""
     from pathlib import Path
 
-    from streams.bench import render
+    from benchmarks.bench import render
 
     path = Path(argv[0] if argv else "bench-results/latest.json")
     print(render(json.loads(path.read_text())))

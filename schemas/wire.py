@@ -59,7 +59,7 @@ class WireError(ValueError):
 class TaskEvent:
     """A validated ``task.created`` event (treat as read-only; not frozen, for speed).
 
-    Its ``__init__`` is written out: compiled (see :mod:`streams.native`), it runs
+    Its ``__init__`` is written out: compiled (see :mod:`streams.runtime.native`), it runs
     natively, while a dataclass's generated one stays interpreted.
     """
 
@@ -490,7 +490,7 @@ def json_problem(value: Any, depth: int = 1) -> str | None:
     return f": {_describe(value)} has no JSON form"
 
 
-# Maps and lists get functions of their own, typed: compiled (see streams.native), they
+# Maps and lists get functions of their own, typed: compiled (see streams.runtime.native), they
 # iterate natively. Every task passes here, so strings, the common case, need no call.
 def _map_problem(value: dict[Any, Any], depth: int) -> str | None:
     if depth > MAX_DEPTH:

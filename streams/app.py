@@ -18,28 +18,28 @@ from mode import Service
 from agents.plugins import load_handlers
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
-from streams.exactly_once import TransactionalSender
-from streams.ingress import IngressProducer
 from streams.llm.client import ChatClient
 from streams.llm.handler import ModelInference
-from streams.log_continuity import BrokerLostData, VerifiedProducer
-from streams.membership import client_id
 from streams.memory_search.accesses import AccessRecorder
 from streams.memory_search.embedding import CachedEmbedder, ProcessEmbedder, load_embedder
 from streams.memory_search.indexer import MemoryIndexer
 from streams.memory_search.vector_log import VectorLog, vector_topic
-from streams.metrics import Metrics
-from streams.peer_secret import shared_peer_secret
-from streams.peers import PeerClient
-from streams.processor import EXPIRY_CHUNK, BatchProcessor
-from streams.rate_limit import TokenBuckets
-from streams.settings import Settings
-from streams.stats_view import StatsView
-from streams.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
-from streams.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables
-from streams.transport import BatchConsumer, BatchTransport
-from streams.web import router_errors_in_envelope
-from streams.web_auth import ApiGuard
+from streams.processing.exactly_once import TransactionalSender
+from streams.processing.log_continuity import BrokerLostData, VerifiedProducer
+from streams.processing.metrics import Metrics
+from streams.processing.processor import EXPIRY_CHUNK, BatchProcessor
+from streams.processing.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables
+from streams.processing.transport import BatchConsumer, BatchTransport
+from streams.runtime.membership import client_id
+from streams.runtime.settings import Settings
+from streams.runtime.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
+from streams.serve.ingress import IngressProducer
+from streams.serve.peer_secret import shared_peer_secret
+from streams.serve.peers import PeerClient
+from streams.serve.rate_limit import TokenBuckets
+from streams.serve.stats_view import StatsView
+from streams.serve.web import router_errors_in_envelope
+from streams.serve.web_auth import ApiGuard
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class BlackroadWeb(AiohttpWeb):
     Faust mounts pages of its own: ``/table/...`` served the raw rows of some tables and
     a bare 500 (and a traceback in the log) for others; ``/router/...``, ``/`` and the
     debug pages show the cluster's insides. None of them is mounted. Unknown paths answer
-    404 in the error envelope (:func:`streams.web.router_errors_in_envelope`).
+    404 in the error envelope (:func:`streams.serve.web.router_errors_in_envelope`).
     """
 
     default_blueprints = ()
@@ -115,7 +115,7 @@ class BlackroadApp(faust.App):
         consumer.pause_partitions(assigned)
         consumer.hold_until_sought(assigned)
         # Under exactly-once, fence the partitions' previous owners before Faust restores
-        # their tables and reads their committed offsets (streams.exactly_once).
+        # their tables and reads their committed offsets (streams.processing.exactly_once).
         try:
             await self.pipeline.claim(assigned)
         except Exception as exc:  # noqa: BLE001 - as Faust treats its own rebalance failures
@@ -192,7 +192,7 @@ class Pipeline(Service):
                 client_id=f"{self.settings.app_id}-tables",
             )
             await self.producer.start()
-            # Records from entries that left working memory go last (streams.agent_runner).
+            # Records from entries that left working memory go last (streams.processing.agent_runner).
             entries_changelog = self.tables.memory_entries.changelog_topic.get_topic_name()
             last = frozenset({self.settings.topic("memory-archive"), entries_changelog})
             sender = DirectSender(VerifiedProducer(self.producer), last=last)
@@ -361,7 +361,7 @@ class Pipeline(Service):
             await self.vector_log.stop()
         if self._history_pool is not None:
             await self._history_pool.close()
-        # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.stopping).
+        # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.runtime.stopping).
         budget = self.settings.stop_timeout / 2
         try:
             await asyncio.wait_for(self._send_last_records(), budget)
@@ -440,7 +440,7 @@ def create_app(
         topic_replication_factor=settings.replication_factor,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
-        # Members are named after it, so a restarted process finds its predecessor's (streams.membership).
+        # Members are named after it, so a restarted process finds its predecessor's (streams.runtime.membership).
         broker_client_id=client_id(settings),
         broker_session_timeout=settings.group_session_timeout,
         broker_heartbeat_interval=settings.heartbeat_interval,
@@ -487,7 +487,7 @@ def create_app(
     if loaded:
         log.info("handler plug-ins loaded: %s", ", ".join(loaded))
     app.add_dependency(app.pipeline)
-    from streams.web import register_views
+    from streams.serve.web import register_views
 
     register_views(app, tables, metrics)
     return app

@@ -1,4 +1,4 @@
-"""The ``blackroad`` command: up, broker, postgres, worker, produce, db migrate, bench."""
+"""The ``blackroad`` command: up, broker, postgres, worker, produce, db migrate, dlq, perf."""
 
 from __future__ import annotations
 
@@ -17,19 +17,18 @@ import threading
 import time
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from streams import json_logs, native
-from streams.broker import BrokerError, die_with_parent, port_is_open
-from streams.client_log import RepeatedClientMessages
 from streams.engines import choice
 from streams.history.embedded import EmbeddedPostgres, PostgresError
-from streams.metrics import build_info
-from streams.settings import Settings, SettingsError
-from streams.stopping import EXIT_BROKER_LOST_DATA, EXIT_CRASHED, WorkerStop
+from streams.processing.metrics import build_info
+from streams.runtime import json_logs, native
+from streams.runtime.broker import BrokerError, die_with_parent, port_is_open
+from streams.runtime.client_log import RepeatedClientMessages
+from streams.runtime.settings import Settings, SettingsError
+from streams.runtime.stopping import EXIT_BROKER_LOST_DATA, EXIT_CRASHED, WorkerStop
 
 
 def _settings() -> Settings:
@@ -121,8 +120,8 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
 def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     """Run one worker in this process until it is stopped (SIGINT/SIGTERM); return its exit code."""
     from streams.app import create_app
-    from streams.broker_health import BrokerHealth
-    from streams.membership import client_id, evict_predecessors
+    from streams.runtime.broker_health import BrokerHealth
+    from streams.runtime.membership import client_id, evict_predecessors
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # A process that died here before left its member in the group: remove it, so the
@@ -160,8 +159,8 @@ def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
     _require_free_web_ports(settings)
     if settings.process_count == 1:
         return run_worker(settings, stopping)
-    from streams.peer_secret import shared_peer_secret
-    from streams.supervisor import Supervisor
+    from streams.runtime.supervisor import Supervisor
+    from streams.serve.peer_secret import shared_peer_secret
 
     if settings.peer_secret is None:
         # Read once here and inherited: a worker process started again after a crash then
@@ -225,7 +224,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from streams import loadgen
+    from streams.runtime import loadgen
 
     settings = _settings()
     _require_broker(settings)
@@ -546,26 +545,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib.util
-
-    from streams import bench
-
-    if args.rounds < 1:
-        raise SystemExit("blackroad: --rounds must be at least 1")
-    try:
-        engines, note = bench.available_engines(args.engine)
-    except ValueError as exc:
-        raise SystemExit(f"blackroad: {exc}") from None
-    if note is not None:
-        print(f"blackroad: {note}", flush=True)
-    include_quix = importlib.util.find_spec("quixstreams") is not None
-    if not include_quix:
-        print("quixstreams is not installed (pip install -e '.[bench]'); skipping it", flush=True)
-    bench.run(args.count, args.agents, args.rate, args.seconds, Path(args.out), include_quix, engines, args.rounds)
-    return 0
-
-
 def _dead_letters(settings: Settings) -> list[Any]:
     from streams.operations.dead_letters import read_dead_letters
 
@@ -731,22 +710,6 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--watch", action="store_true", help="redraw every interval until stopped")
     perf.set_defaults(run=cmd_perf)
 
-    bench = commands.add_parser("bench", **defaults, help="throughput and latency against the baselines, in one run")
-    bench.add_argument("--count", type=int, default=300_000, help="backlog tasks per system")
-    bench.add_argument("--agents", type=int, default=30_000)
-    bench.add_argument("--rate", type=float, default=500.0, help="tasks per second of the latency phase")
-    bench.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
-    bench.add_argument("--out", default="bench-results/latest.json")
-    bench.add_argument(
-        "--engine",
-        choices=("both", *choice.ENGINES),
-        default="both",
-        help="the embedded broker(s) to compare on, each system on a fresh one (both: Tansu, then Kafka)",
-    )
-    bench.add_argument(
-        "--rounds", type=int, default=1, help="run the comparison this many times per engine; ratios are medians"
-    )
-    bench.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -441,9 +441,9 @@ def main() -> int:
     args = parser.parse_args()
     import tempfile
 
-    from streams.broker import free_port
     from streams.engines.choice import embedded_broker
-    from streams.settings import Settings
+    from streams.runtime.broker import free_port
+    from streams.runtime.settings import Settings
     from tests.harness import Deployment
 
     tmp = tempfile.mkdtemp(prefix="blackroad-chaos-")

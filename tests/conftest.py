@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from streams import native
-from streams.broker import free_port
 from streams.engines import kafka_jars
 from streams.engines.choice import Engine
 from streams.engines.kafka import KafkaBroker
 from streams.engines.tansu import TansuBroker
 from streams.history.embedded import EmbeddedPostgres
+from streams.runtime import native
+from streams.runtime.broker import free_port
 from tests.harness import Deployment
 
 #: Engines the broker-backed tests run on. Both by default, and in CI; a developer without
@@ -30,7 +30,7 @@ def _engines() -> list[str]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Refuse to test compiled modules older than their source (see streams/native.py)."""
+    """Refuse to test compiled modules older than their source (see streams/runtime/native.py)."""
     try:
         native.check()
     except native.StaleBuild as exc:

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.broker import free_port
+from streams.runtime.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

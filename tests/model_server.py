@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from streams.broker import free_port
+from streams.runtime.broker import free_port
 
 
 class ModelServer:

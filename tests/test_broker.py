@@ -10,9 +10,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.types import TP
 
-from streams.broker import free_port
 from streams.engines.tansu import TansuBroker
-from streams.transport import fetch_highwaters
+from streams.processing.transport import fetch_highwaters
+from streams.runtime.broker import free_port
 
 
 @pytest.mark.parametrize("broker", ["tansu"], indirect=True)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from streams.broker import free_port
+from streams.runtime.broker import free_port
 from tests.conftest import require_kafka
 from tests.factories import record, task
 from tests.harness import Up, Web, produce, wait_until

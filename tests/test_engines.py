@@ -13,11 +13,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from streams.broker import free_port
 from streams.engines import kafka_jars
 from streams.engines.choice import Engine, choose, engine_in_use, identify
 from streams.engines.kafka import Quorum, server_properties
-from streams.settings import Settings, SettingsError
+from streams.runtime.broker import free_port
+from streams.runtime.settings import Settings, SettingsError
 from tests.harness import ROOT, Deployment
 
 

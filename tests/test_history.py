@@ -20,9 +20,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from streams.broker import free_port
 from streams.history import schema
 from streams.history.embedded import EmbeddedPostgres
+from streams.runtime.broker import free_port
 from tests.chaos import BAD_EVERY, KillReport, SteadyLoad, get_json, kill_randomly, wait_all_completed
 from tests.conftest import create_database
 from tests.harness import Deployment, wait_until
@@ -475,8 +475,8 @@ def test_worker_and_sink_kills_leave_the_history_exact(deployment: Deployment, h
 
 
 def test_a_task_row_from_its_changelog_array_is_the_row_from_its_map() -> None:
-    from streams import state
     from streams.history.store import HistoryBatch
+    from streams.processing import state
     from tests.factories import task
 
     row = state.new_task(task("agent_x_001"), 12, "completed", 1_000)
@@ -581,7 +581,7 @@ def test_verify_walks_each_memory_chain_through_working_memory_and_postgresql() 
 
 
 def test_the_circuit_opens_after_repeated_failures_and_closes_on_a_success() -> None:
-    from streams.circuit import CircuitBreaker
+    from streams.runtime.circuit import CircuitBreaker
 
     now = [0.0]
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout=1.0, max_reset_timeout=4.0, clock=lambda: now[0])

@@ -10,7 +10,7 @@ import urllib.request
 import orjson
 from faust.types import TP
 
-from streams.transport import fetch_highwaters
+from streams.processing.transport import fetch_highwaters
 from tests.factories import nested
 from tests.harness import Deployment, wait_until
 

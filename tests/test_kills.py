@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.broker import free_port
 from streams.engines.choice import Engine
+from streams.runtime.broker import free_port
 from tests.chaos import run_kills
 from tests.conftest import new_broker
 from tests.harness import Deployment

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from streams.circuit import CircuitBreaker
 from streams.llm.client import ChatClient, ModelRefused, ModelUnavailable
 from streams.llm.handler import build_messages
+from streams.runtime.circuit import CircuitBreaker
 from tests.factories import record, task
 from tests.harness import Deployment, produce, wait_until
 from tests.model_server import ModelServer

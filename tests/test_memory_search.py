@@ -19,7 +19,7 @@ from benchmarks.memory_corpus import sentences
 from streams.memory_search.embedding import CachedEmbedder, WordLlamaEmbedder
 from streams.memory_search.index import VectorIndex
 from streams.memory_search.indexer import MemoryIndexer
-from streams.web import ApiError, parse_search
+from streams.serve.web import ApiError, parse_search
 from tests.factories import record, task
 from tests.harness import Deployment, consume_all, produce, wait_until
 
@@ -561,8 +561,8 @@ def test_searches_count_accesses_of_what_they_return_exactly_across_workers_and_
 
 def test_the_vector_log_gives_back_the_vectors_sent_to_it(deployment: Deployment) -> None:
     """Vectors sent for a few batches come back, per partition, with nothing else."""
-    from streams.broker import create_topic
     from streams.memory_search.vector_log import VectorLog, vector_topic
+    from streams.runtime.broker import create_topic
 
     topic = vector_topic(deployment.prefix, "test model/1")
     assert topic == f"{deployment.prefix}.memory-vectors.test-model-1"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from streams.broker import create_topic, free_port
 from streams.engines.choice import Engine
+from streams.runtime.broker import create_topic, free_port
 from tests.conftest import _engines, new_broker
 from tests.factories import record, task
 from tests.harness import Deployment, Worker, produce, wait_until

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from streams.peers import PeerClient, PeerError
+from streams.serve.peers import PeerClient, PeerError
 
 
 @asynccontextmanager

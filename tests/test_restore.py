@@ -8,7 +8,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas import wire
-from streams import state
+from streams.processing import state
 from tests.harness import Deployment, wait_until
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.settings import Settings, SettingsError
+from streams.runtime.settings import Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_worker_refuses_to_start_with_a_bad_setting() -> None:
 
 
 def test_the_api_guard_lets_in_by_token_and_tells_workers_by_the_peer_secret() -> None:
-    from streams.web_auth import ApiGuard, Refused, client_name
+    from streams.serve.web_auth import ApiGuard, Refused, client_name
 
     token = "t" * 24
     guard = ApiGuard([token, "u" * 24], reads_need_token=False, peer_secret="p" * 20)
@@ -148,7 +148,7 @@ def test_the_api_guard_lets_in_by_token_and_tells_workers_by_the_peer_secret() -
 
 
 def test_token_buckets_refill_at_their_rate_and_refuse_without_taking() -> None:
-    from streams.rate_limit import TokenBuckets, retry_after
+    from streams.serve.rate_limit import TokenBuckets, retry_after
 
     buckets = TokenBuckets(rate=10, burst=20, clients=2)
     assert buckets.take("a", 20, now=0.0) == 0.0  # a full bucket to start

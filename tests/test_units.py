@@ -22,16 +22,18 @@ from yarl import URL
 from agents import memory
 from agents.base import TaskContext, TaskFailed
 from agents.registry import HandlerRegistry, default_registry
+from benchmarks import bench
 from schemas import domain, wire
 from schemas.wire import WireError
-from streams import bench, histogram, native, state, tables
-from streams import processor as processor_module
-from streams.client_log import RepeatedClientMessages
-from streams.log_continuity import BrokerLostData, fingerprint
-from streams.metrics import Metrics
-from streams.processor import BatchProcessor
-from streams.settings import Settings
-from streams.web import PartitionOwners
+from streams.processing import histogram, state, tables
+from streams.processing import processor as processor_module
+from streams.processing.log_continuity import BrokerLostData, fingerprint
+from streams.processing.metrics import Metrics
+from streams.processing.processor import BatchProcessor
+from streams.runtime import native
+from streams.runtime.client_log import RepeatedClientMessages
+from streams.runtime.settings import Settings
+from streams.serve.web import PartitionOwners
 from tests.factories import task
 
 
@@ -794,7 +796,7 @@ def test_a_batch_fetched_before_a_revocation_is_dropped_not_processed() -> None:
 
 
 def test_a_failing_client_says_which_of_several_brokers_are_unreachable() -> None:
-    from streams.broker_health import describe_failure
+    from streams.runtime.broker_health import describe_failure
 
     one = describe_failure(["a:1"], [False])
     assert one == "the broker at a:1 is unreachable"
@@ -850,13 +852,12 @@ def test_bench_ratios_and_targets_are_taken_within_one_engine() -> None:
 
 
 def test_bench_runs_on_the_engines_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    from streams import cli
     from streams.engines import kafka_jars
 
-    assert cli.build_parser().parse_args(["bench"]).engine == "both"
-    assert cli.build_parser().parse_args(["bench", "--engine", "kafka"]).engine == "kafka"
+    assert bench.build_parser().parse_args([]).engine == "both"
+    assert bench.build_parser().parse_args(["--engine", "kafka"]).engine == "kafka"
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["bench", "--engine", "redpanda"])
+        bench.build_parser().parse_args(["--engine", "redpanda"])
     monkeypatch.setattr(kafka_jars, "unavailable", lambda: None)
     assert bench.available_engines("both") == (["tansu", "kafka"], None)
     assert bench.available_engines("tansu") == (["tansu"], None)
@@ -1071,7 +1072,7 @@ def test_carried_fields_reach_the_next_changelog_record_only_and_a_rollback_drop
 
 
 def test_dead_letter_reasons_become_a_bounded_set_of_labels() -> None:
-    from streams.metrics import MAX_REASON_LABELS, Metrics, reason_label
+    from streams.processing.metrics import MAX_REASON_LABELS, Metrics, reason_label
 
     assert reason_label("tasks[9999]: task_id 'x' repeated in the batch") == "tasks"
     assert reason_label("value is not msgpack: ...") == "value"
@@ -1162,7 +1163,7 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_workers_export() -> Non
     import re
     from pathlib import Path
 
-    from streams.metrics import Metrics
+    from streams.processing.metrics import Metrics
 
     dashboard = json.loads((Path(__file__).parents[1] / "dashboards" / "grafana.json").read_text())
     exported = Metrics().render().decode()

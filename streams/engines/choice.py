@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from streams.broker import wait_for_broker
 from streams.engines import kafka_jars
 from streams.engines.kafka import KafkaBroker
 from streams.engines.tansu import CLUSTER_ID as TANSU_CLUSTER_ID
 from streams.engines.tansu import TansuBroker
-from streams.settings import Settings, SettingsError
+from streams.runtime.broker import wait_for_broker
+from streams.runtime.settings import Settings, SettingsError
 
 ENGINES = ("kafka", "tansu")
 

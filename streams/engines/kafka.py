@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from streams.broker import BrokerError, ChildBroker, die_with_parent, free_port, port_is_open, wait_for_broker
 from streams.engines.kafka_jars import class_path, java_executable
-from streams.settings import default_min_insync_replicas, default_replication_factor
+from streams.runtime.broker import BrokerError, ChildBroker, die_with_parent, free_port, port_is_open, wait_for_broker
+from streams.runtime.settings import default_min_insync_replicas, default_replication_factor
 
 #: A small heap and flags for a quick start: this is one machine's broker, not a tuned
 #: cluster. C1 alone (TieredStopAtLevel=1) starts serving about 2 s sooner on 2 cores.

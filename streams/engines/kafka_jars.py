@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from streams.broker import BrokerError
+from streams.runtime.broker import BrokerError
 
 ROOT = Path(__file__).resolve().parents[2]
 POM = ROOT / "engines" / "kafka" / "pom.xml"

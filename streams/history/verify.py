@@ -37,8 +37,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from agents.memory import walk_chain
 from streams.history.lag import SUNK_TABLES, archive_topic, changelog_topic, lag_reader, topic_ends
 from streams.history.queries import archived_memory
-from streams.settings import Settings
-from streams.state import task_from_values
+from streams.processing.state import task_from_values
+from streams.runtime.settings import Settings
 
 #: Rows looked up in PostgreSQL per query.
 _CHUNK = 10_000

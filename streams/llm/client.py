@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from streams.circuit import CircuitBreaker
+from streams.runtime.circuit import CircuitBreaker
 
 APIS = {"ollama": "/api/chat", "openai": "/v1/chat/completions"}
 #: Seconds before the first retry; each further retry waits twice as long.

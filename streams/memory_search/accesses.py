@@ -5,7 +5,7 @@ over HTTP, or a handler's (``TaskContext.search``). A handler's search is counte
 worker as the task runs. A search over HTTP is served by any worker, so the worker that answers
 the client names the entries it returned in ``memory.accessed`` events on the tasks topic, one
 per agent, keyed by the agent like its tasks; the agent's worker counts them as it processes
-its partition (:meth:`streams.agent_runner.AgentRunner.count_access`). So the counts live in
+its partition (:meth:`streams.processing.agent_runner.AgentRunner.count_access`). So the counts live in
 the tables, survive restarts, and count each event once.
 
 The search does not wait for the broker: its events wait in a bounded queue, a task of the
@@ -22,7 +22,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 
 from schemas import wire
-from streams.ingress import IngressProducer
+from streams.serve.ingress import IngressProducer
 
 log = logging.getLogger(__name__)
 

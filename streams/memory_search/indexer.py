@@ -32,7 +32,7 @@ from agents.memory import entries as working_entries
 from streams.memory_search.embedding import CachedEmbedder, Embedder
 from streams.memory_search.index import Hit, VectorIndex
 from streams.memory_search.vector_log import StoredVectors, VectorLog
-from streams.tables import CachedTable, thaw
+from streams.processing.tables import CachedTable, thaw
 
 #: Entries embedded per call while a partition is indexed from its rows.
 REBUILD_CHUNK = 4096

@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.transport import fetch_highwaters
+from streams.processing.transport import fetch_highwaters
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.types import TP
 
 from schemas import domain, wire
-from streams.transport import fetch_highwaters
+from streams.processing.transport import fetch_highwaters
 
 #: Seconds without a record after which a read of the topic takes what it has as its end.
 _IDLE = 2.0

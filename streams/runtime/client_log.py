@@ -6,7 +6,7 @@ second: about 1,000 ERROR lines in ten seconds that bury everything else; Faust 
 own warnings about it too. This filter lets the first record of each kind (logger, level and
 message template) through and hides the same kind for ``window`` seconds. It counts what it
 hid of the Kafka client's own (aiokafka) records, the ones about talking to the broker;
-:mod:`streams.broker_health` turns the count into one line of the project's own every few
+:mod:`streams.runtime.broker_health` turns the count into one line of the project's own every few
 seconds.
 """
 

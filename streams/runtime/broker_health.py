@@ -1,6 +1,6 @@
 """One line every few seconds while the Kafka client keeps failing, instead of its own flood.
 
-:class:`~streams.client_log.RepeatedClientMessages` hides the client's repeated warnings and
+:class:`~streams.runtime.client_log.RepeatedClientMessages` hides the client's repeated warnings and
 errors; this service says, every ``REPORT_INTERVAL`` seconds while it hides any, that the broker
 is unreachable (or, if it accepts connections, that the client keeps failing against it) since
 when, and how many client messages it did not show; and once when they stop.
@@ -16,7 +16,7 @@ from typing import Any
 
 from mode import Service
 
-from streams.client_log import RepeatedClientMessages
+from streams.runtime.client_log import RepeatedClientMessages
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ a handler at once. A handler that returns a plain result (a synchronous handler)
 inline with no asyncio task; one that returns an awaitable gets a window of concurrent
 attempts. Each outcome changes the task row, the agent's counters, its memory and its
 partition's stats row, unless a crash replay finds that row already has the event
-(see :mod:`streams.state`).
+(see :mod:`streams.processing.state`).
 
 Memory entries that leave working memory go to episodic memory (the ``memory_entries``
 table) and to the memory-archive topic (and on to the history in PostgreSQL), one record
@@ -14,7 +14,7 @@ the flush's transaction with the memory row's changelog: both or neither. Under
 at-least-once they are not atomic:
 
 * the records go only once the rest of the flush is on the broker, and the next flush
-  only once they are (:class:`streams.tables.DirectSender`), so an entry is never
+  only once they are (:class:`streams.processing.tables.DirectSender`), so an entry is never
   archived from a version of the row that a crash undid;
 * the memory row's changelog record of the flush carries them too (``"leaving"``:
   ``[offset, entries]`` groups; the live row does not hold them): a crash after that
@@ -36,10 +36,10 @@ from agents.base import Handler, TaskContext, TaskFailed
 from agents.registry import HandlerRegistry, UnknownHandler
 from schemas import wire
 from schemas.wire import TaskEvent, json_problem
-from streams import histogram, state
-from streams.metrics import Metrics
-from streams.settings import Settings
-from streams.tables import CachedTable, Records, TableWriter, frozen_offset, thaw
+from streams.processing import histogram, state
+from streams.processing.metrics import Metrics
+from streams.processing.tables import CachedTable, Records, TableWriter, frozen_offset, thaw
+from streams.runtime.settings import Settings
 
 #: ``(agent_id, query, limit)`` -> the agent's most similar memory entries, best first.
 MemorySearcher = Callable[[str, str, int], list[dict[str, Any]]]
@@ -52,7 +52,7 @@ class Item:
     """One task event of a batch and which rows still lack its effects.
 
     Plain classes with their own ``__init__`` (not dataclasses) here and in
-    :class:`Outcome`: compiled (see :mod:`streams.native`), they are built natively,
+    :class:`Outcome`: compiled (see :mod:`streams.runtime.native`), they are built natively,
     while a dataclass's generated ``__init__`` stays interpreted.
     """
 

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import domain, wire
 from schemas.wire import TaskEvent, partition_for
-from streams.broker import create_topic
+from streams.runtime.broker import create_topic
 
 _KIND_MIX = (
     ("tool_execution", 40),

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas import wire
-from streams.settings import Settings
+from streams.runtime.settings import Settings
 
 
 class BrokerUnavailable(Exception):

@@ -8,8 +8,8 @@ One call handles everything one fetch returned, across partitions:
    runs them and folds the outcomes into the task, agent, memory and stats rows;
 3. go on with the next batch: changed rows reach their changelogs, and lifecycle events
    and dead letters their topics, in bulk once per flush interval (see
-   :class:`streams.tables.TableWriter`). Under exactly-once each flush is a transaction
-   that also commits the batches' input offsets (:mod:`streams.exactly_once`); under
+   :class:`streams.processing.tables.TableWriter`). Under exactly-once each flush is a transaction
+   that also commits the batches' input offsets (:mod:`streams.processing.exactly_once`); under
    at-least-once, once the broker has all the records a batch depends on, its offsets
    are marked processed so the consumer's next commit includes them.
 
@@ -18,7 +18,7 @@ events and stats follow the tasks closely, and five times rarer by default
 (``backlog_flush_interval``) while a batch leaves records waiting on the broker: then
 most rows change several times between flushes and each is written once.
 
-Replays after a crash are idempotent either way: see :mod:`streams.state`.
+Replays after a crash are idempotent either way: see :mod:`streams.processing.state`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from typing import Any
 from agents.registry import HandlerRegistry
 from schemas import wire
 from schemas.wire import WireError
-from streams.agent_runner import AgentRunner, BatchStats, Item
-from streams.log_continuity import ends_below, fingerprint, other_record
-from streams.metrics import Metrics
-from streams.settings import Settings
-from streams.tables import TableWriter, expired_task_ids
+from streams.processing.agent_runner import AgentRunner, BatchStats, Item
+from streams.processing.log_continuity import ends_below, fingerprint, other_record
+from streams.processing.metrics import Metrics
+from streams.processing.tables import TableWriter, expired_task_ids
+from streams.runtime.settings import Settings
 
 Partitioner = Callable[[bytes], int]
 #: Changed rows and queued records that force a flush before the flush interval is up.
@@ -284,7 +284,7 @@ class BatchProcessor:
 def _check_continuity(tp: Any, records: list[Any], stats: dict[str, Any], end: int | None) -> None:
     """Raise ``BrokerLostData`` if the broker's log for ``tp`` is not the one processed so far.
 
-    O(1) per partition (see :mod:`streams.log_continuity`): the log may not end at or below
+    O(1) per partition (see :mod:`streams.processing.log_continuity`): the log may not end at or below
     the last offset processed, and a replay must bring the same record back at that offset.
     """
     processed: int = stats["o"]

@@ -4,7 +4,7 @@ Faust hands every record to its streams one at a time (an ``Event`` object, a
 ``wait_first`` and an ack per record), which caps a worker far below what the
 broker and aiokafka can do. :class:`BatchConsumer` keeps Faust's consumer group,
 assignor, rebalancing, table recovery and offset commits, but delivers each fetch
-as one batch per call to the app's :class:`~streams.processor.BatchProcessor`,
+as one batch per call to the app's :class:`~streams.processing.processor.BatchProcessor`,
 which reports back the offsets whose effects are in the tables; only those are
 committed.
 
@@ -30,8 +30,8 @@ from aiokafka.errors import InvalidReplicationFactorError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from streams.settings import SettingsError
-from streams.tables import FREEZE_WHEN, decode_row, freeze, newer
+from streams.processing.tables import FREEZE_WHEN, decode_row, freeze, newer
+from streams.runtime.settings import SettingsError
 
 #: Takes a fetch, and how many rebalances the worker had seen when it was fetched.
 BatchSink = Callable[[dict[TP, list[Any]], int], Awaitable[None]]
@@ -43,7 +43,7 @@ class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         settings = self.app.settings  # type: ignore[attr-defined]
         consumer._fetch_max_wait_ms = settings.fetch_wait_ms  # noqa: SLF001
         if settings.exactly_once:
-            # Tasks and changelogs as committed (streams.exactly_once); the fetcher that
+            # Tasks and changelogs as committed (streams.processing.exactly_once); the fetcher that
             # reads it is made when the consumer starts.
             consumer._isolation_level = "read_committed"  # noqa: SLF001
         return consumer
@@ -324,7 +324,7 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> Any:
     when recovery started are applied: later ones are this worker's own writes (it owns
     the partition once recovered) and must not land on top of the live rows.
 
-    A row is replaced only by a record at least as new (see :func:`streams.tables.newer`):
+    A row is replaced only by a record at least as new (see :func:`streams.processing.tables.newer`):
     a worker that lost a partition without knowing it yet can still write older copies
     of rows into the changelog after the new owner's; the next restore must not keep them.
     """

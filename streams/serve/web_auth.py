@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from streams.rate_limit import TokenBuckets
+from streams.serve.rate_limit import TokenBuckets
 
 
 def client_name(token: str) -> str:

@@ -21,7 +21,7 @@ from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.group import LeaveGroupRequest
 
-from streams.settings import Settings
+from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import msgpack
 from faust.serializers import codecs
 
 from schemas import wire
-from streams import state
-from streams.state import TERMINAL_TASK_STATUSES
+from streams.processing import state
+from streams.processing.state import TERMINAL_TASK_STATUSES
 
 TABLE_NAMES = ("agents", "tasks", "memory", "memory_entries", "stats")
 _MISSING = object()
@@ -388,8 +388,8 @@ class DirectSender:
     """At-least-once: a flush's records go straight to the producer.
 
     The input offsets are committed by the consumer once the broker has every record
-    (:meth:`streams.processor.BatchProcessor.acknowledge`), so a crash in between replays
-    them: rows stay exact (see :mod:`streams.state`), other records may appear twice.
+    (:meth:`streams.processing.processor.BatchProcessor.acknowledge`), so a crash in between replays
+    them: rows stay exact (see :mod:`streams.processing.state`), other records may appear twice.
     """
 
     #: Whether a flush carries the input offsets (it does not: the consumer commits them).
@@ -434,7 +434,7 @@ class TableWriter:
       every batch since, then resolves the waiting batches once the broker has them all.
 
     How a flush reaches the broker is the sender's: :class:`DirectSender` (at-least-once)
-    or :class:`streams.exactly_once.TransactionalSender`, whose flushes also carry the
+    or :class:`streams.processing.exactly_once.TransactionalSender`, whose flushes also carry the
     input offsets of the batches they close.
 
     Outgoing records wait for the flush like Kafka Streams' producer lingers: a few

@@ -13,7 +13,7 @@ from typing import Any
 from agents import memory as working_memory
 from schemas.domain import NAMED_AGENTS
 from schemas.wire import TaskEvent
-from streams import histogram
+from streams.processing import histogram
 
 STATS_WINDOW_SECONDS = 120
 TERMINAL_TASK_STATUSES = frozenset({"completed", "failed", "dead", "cancelled"})
@@ -157,7 +157,7 @@ def new_stats(partition: int) -> dict[str, Any]:
     return {
         "o": -1,
         # Fingerprint of the record at offset "o": a broker that lost its data may hold
-        # another one there (see streams.log_continuity).
+        # another one there (see streams.processing.log_continuity).
         "f": None,
         "partition": partition,
         "agents_awake": 0,

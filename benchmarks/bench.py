@@ -1,4 +1,4 @@
-"""``blackroad bench``: this project against its baselines, in one run, on one machine.
+"""``make bench`` (``python -m benchmarks.bench``): this project against its baselines, in one run, on one machine.
 
 Every system gets a fresh embedded broker and the same generated load (task events in
 the documented wire format, one task per event, over many agents), first as a backlog
@@ -12,8 +12,10 @@ that engine; ratios are taken between systems of the same engine only.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -34,15 +36,15 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams import loadgen, native
-from streams.broker import create_topic, free_port, terminate
 from streams.engines import choice, kafka_jars
 from streams.engines.kafka import JVM_OPTIONS as KAFKA_JVM_OPTIONS
 from streams.engines.kafka import KafkaBroker
-from streams.settings import Settings
-from streams.state import TERMINAL_TASK_STATUSES
-from streams.tables import decode_row
-from streams.transport import fetch_highwaters
+from streams.processing.state import TERMINAL_TASK_STATUSES
+from streams.processing.tables import decode_row
+from streams.processing.transport import fetch_highwaters
+from streams.runtime import loadgen, native
+from streams.runtime.broker import create_topic, free_port, terminate
+from streams.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "blackroad.tasks"
@@ -64,7 +66,7 @@ class Measurement:
     cpu_percent: float
     peak_rss_mb: float
     latency_ms: dict[str, float | None] = field(default_factory=dict)
-    #: Which round of the comparison it belongs to (``blackroad bench --rounds``).
+    #: Which round of the comparison it belongs to (``python -m benchmarks.bench --rounds``).
     round: int = 1
     #: The broker engine it ran on (``tansu`` or ``kafka``).
     engine: str = "tansu"
@@ -885,3 +887,48 @@ def run(
     print(render(report))
     print(f"written to {out}; the whole run took {report['minutes']:.1f} min")
     return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description="throughput and latency against the baselines, in one run",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--count", type=int, default=300_000, help="backlog tasks per system")
+    parser.add_argument("--agents", type=int, default=30_000, help="agents the load is spread over")
+    parser.add_argument("--rate", type=float, default=500.0, help="tasks per second of the latency phase")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
+    parser.add_argument("--out", default="bench-results/latest.json", help="where the JSON results go")
+    parser.add_argument(
+        "--engine",
+        choices=("both", *choice.ENGINES),
+        default="both",
+        help="the embedded broker(s) to compare on, each system on a fresh one (both: Tansu, then Kafka)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the comparison this many times per engine; ratios are medians"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit("bench: --rounds must be at least 1")
+    try:
+        native.check()
+        engines, note = available_engines(args.engine)
+    except (ValueError, native.StaleBuild) as exc:
+        raise SystemExit(f"bench: {exc}") from None
+    if note is not None:
+        print(f"bench: {note}", flush=True)
+    include_quix = importlib.util.find_spec("quixstreams") is not None
+    if not include_quix:
+        print("quixstreams is not installed (pip install -e '.[bench]'); skipping it", flush=True)
+    run(args.count, args.agents, args.rate, args.seconds, Path(args.out), include_quix, engines, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

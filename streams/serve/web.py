@@ -29,14 +29,14 @@ from schemas.wire import WireError
 from streams.history import queries
 from streams.history.sink import POSTGRES_ERRORS as HISTORY_ERRORS
 from streams.history.verify import compare_memory
-from streams.ingress import BrokerUnavailable, IngressProducer
 from streams.memory_search.index import TIERS, Hit
-from streams.metrics import Metrics
-from streams.peers import PeerClient, PeerError
-from streams.rate_limit import retry_after
-from streams.settings import MAX_BATCH_TASKS
-from streams.tables import Tables, task_expired, thaw
-from streams.web_auth import ApiGuard, Refused
+from streams.processing.metrics import Metrics
+from streams.processing.tables import Tables, task_expired, thaw
+from streams.runtime.settings import MAX_BATCH_TASKS
+from streams.serve.ingress import BrokerUnavailable, IngressProducer
+from streams.serve.peers import PeerClient, PeerError
+from streams.serve.rate_limit import retry_after
+from streams.serve.web_auth import ApiGuard, Refused
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_BATCH_REQUESTS = MAX_BATCH_TASKS
 #: Tasks per agent in ``GET /v1/agents?include=recent_tasks``, newest first.
 RECENT_TASKS = 5
-#: Carries the peer secret on requests one worker forwards to another (see ``streams.web_auth``).
+#: Carries the peer secret on requests one worker forwards to another (see ``streams.serve.web_auth``).
 FORWARDED = "X-Blackroad-Forwarded"
 _TASK_FIELDS = {
     "title": str,
@@ -527,7 +527,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
     async def produce(request: Any, events: list[wire.TaskEvent]) -> None:
         """Put a request's tasks on the broker as one record, or raise a 503 naming them (see
-        ``streams.ingress``), or a 429 if they are over the client's limit."""
+        ``streams.serve.ingress``), or a 429 if they are over the client's limit."""
         ingress: IngressProducer | None = app.pipeline.ingress
         if ingress is None:
             raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)

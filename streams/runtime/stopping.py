@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 #: A worker that crashed (as Faust's own exit code for it).
 EXIT_CRASHED = 1
-#: The broker lost records this worker had processed (see :mod:`streams.log_continuity`).
+#: The broker lost records this worker had processed (see :mod:`streams.processing.log_continuity`).
 EXIT_BROKER_LOST_DATA = 3
 #: Time left for the last log line to be written before the process exits regardless.
 _LAST_WORDS_SECONDS = 0.5

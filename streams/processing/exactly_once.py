@@ -1,6 +1,6 @@
 """Exactly-once on Kafka: each flush is one transaction per input partition.
 
-A flush (see :class:`streams.tables.TableWriter`) carries everything the batches since
+A flush (see :class:`streams.processing.tables.TableWriter`) carries everything the batches since
 the last one did: changed rows for the changelogs, lifecycle events, dead letters, tasks
 sent on to their agent's partition, and the batches' next input offsets. Here the part
 caused by each input partition is one Kafka transaction, offsets included
@@ -32,9 +32,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from streams.log_continuity import VerifiedProducer
-from streams.settings import Settings
-from streams.tables import Outgoing, Records, send_bulk
+from streams.processing.log_continuity import VerifiedProducer
+from streams.processing.tables import Outgoing, Records, send_bulk
+from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

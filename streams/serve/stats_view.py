@@ -19,10 +19,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from mode import Service
 
-from streams import histogram
 from streams.history.lag import history_lag, lag_reader
-from streams.settings import Settings
-from streams.tables import newer
+from streams.processing import histogram
+from streams.processing.tables import newer
+from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class StatsView(Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=50,
-            # Under exactly-once, only committed flushes count (streams.exactly_once).
+            # Under exactly-once, only committed flushes count (streams.processing.exactly_once).
             isolation_level="read_committed" if self.settings.exactly_once else "read_uncommitted",
         )
         await self._consumer.start()

@@ -1,7 +1,7 @@
 """Noticing a broker that lost its data: its logs restart below offsets this worker already has.
 
 Every row carries the source offset of the last event applied to it (``"o"``), and replayed
-offsets at or below it are skipped as already applied (see :mod:`streams.state`). That makes
+offsets at or below it are skipped as already applied (see :mod:`streams.processing.state`). That makes
 replays idempotent, but it also means that if the broker loses its data (an embedded broker
 restarted with its in-memory storage, a topic deleted and created again) and its offsets
 restart at 0, a worker that kept its tables would skip every new record up to the old
@@ -70,7 +70,7 @@ def other_record(topic: str, partition: int, processed: int) -> BrokerLostData:
 class VerifiedProducer:
     """The changelog producer, checking every acknowledgement against the offsets acknowledged before.
 
-    Only what :class:`~streams.tables.TableWriter` uses. Acknowledgements of one partition
+    Only what :class:`~streams.processing.tables.TableWriter` uses. Acknowledgements of one partition
     arrive in the order its batches were sent, so each must be above the last.
     """
 

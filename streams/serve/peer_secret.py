@@ -15,8 +15,8 @@ import secrets
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.broker import create_topic
-from streams.settings import Settings
+from streams.runtime.broker import create_topic
+from streams.runtime.settings import Settings
 
 _KEY = b"peer-secret"
 #: Seconds to wait for the topic's first record once it is known to hold one.

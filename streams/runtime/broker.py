@@ -192,7 +192,7 @@ async def create_topic(
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import InvalidReplicationFactorError, TopicAlreadyExistsError, for_code
 
-    from streams.settings import SettingsError
+    from streams.runtime.settings import SettingsError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()

@@ -2,7 +2,7 @@
 
 Python runs one core per process, so a machine with more cores runs more workers. They
 join one consumer group and split the partitions like workers on separate machines do;
-their web views forward to each other (see :mod:`streams.web`). A worker that exits
+their web views forward to each other (see :mod:`streams.serve.web`). A worker that exits
 unexpectedly is started again (at once if a signal killed it, after a growing pause if it
 exited by itself soon after starting) and recovers its tables from the changelogs.
 """
@@ -15,9 +15,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from streams.broker import die_with_parent, terminate
-from streams.settings import Settings
-from streams.stopping import EXIT_BROKER_LOST_DATA
+from streams.runtime.broker import die_with_parent, terminate
+from streams.runtime.settings import Settings
+from streams.runtime.stopping import EXIT_BROKER_LOST_DATA
 
 #: Pause before starting a worker that exited again, doubling up to the maximum.
 _FIRST_BACKOFF = 1.0

@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from streams import histogram
+from streams.processing import histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
@@ -146,7 +146,7 @@ class Metrics:
 
 
 class _LogHistogramCollector(Collector):
-    """Exposes a :mod:`streams.histogram` map (ms) as a Prometheus histogram in seconds.
+    """Exposes a :mod:`streams.processing.histogram` map (ms) as a Prometheus histogram in seconds.
 
     Each log bucket (about 4% wide) is counted under the first bound at or above its
     middle, so counts near a bound may land one bucket off.
@@ -177,7 +177,7 @@ class _LogHistogramCollector(Collector):
 
 def build_info() -> dict[str, str]:
     """What ``blackroad_build_info`` says of the running code."""
-    from streams import native
+    from streams.runtime import native
 
     try:
         version = metadata.version("blackroad-streams")

@@ -1,9 +1,9 @@
 """The hot path compiled ahead of time with mypyc: the same source, as C extension modules.
 
-``make`` runs ``python -m streams.native build`` whenever a source file of the three
+``make`` runs ``python -m streams.runtime.native build`` whenever a source file of the three
 packages changes; mypyc turns each of :data:`MODULES` into a C extension beside its
 source, which Python then imports instead of the ``.py`` file. The code stays plain,
-type-checked Python and runs unchanged without the build (``python -m streams.native
+type-checked Python and runs unchanged without the build (``python -m streams.runtime.native
 clean`` removes it); compiled, the per-task work costs about a quarter less CPU (see
 README, "A compiled hot path").
 
@@ -18,17 +18,17 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: The modules every task passes through, compiled as one group (calls between them are native).
 MODULES = (
     "schemas/wire.py",
     "agents/base.py",
     "agents/builtin.py",
-    "streams/histogram.py",
-    "streams/state.py",
-    "streams/tables.py",
-    "streams/agent_runner.py",
-    "streams/processor.py",
+    "streams/processing/histogram.py",
+    "streams/processing/state.py",
+    "streams/processing/tables.py",
+    "streams/processing/agent_runner.py",
+    "streams/processing/processor.py",
 )
 #: The group's shared library, ``streams/hotpath__mypyc.*.so``.
 GROUP = "streams.hotpath"
@@ -67,7 +67,7 @@ def check() -> None:
     if outdated:
         raise StaleBuild(
             f"compiled modules are older than their source: {', '.join(outdated)}; "
-            "run `make native` to rebuild, or `python -m streams.native clean` to run as plain Python"
+            "run `make native` to rebuild, or `python -m streams.runtime.native clean` to run as plain Python"
         )
 
 
@@ -107,7 +107,7 @@ def build() -> None:
 def main(argv: list[str]) -> int:
     commands = {"build": build, "clean": clean, "check": check}
     if len(argv) != 1 or argv[0] not in commands:
-        print(f"usage: python -m streams.native {{{'|'.join(commands)}}}", file=sys.stderr)
+        print(f"usage: python -m streams.runtime.native {{{'|'.join(commands)}}}", file=sys.stderr)
         return 2
     commands[argv[0]]()
     return 0

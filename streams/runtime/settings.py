@@ -16,7 +16,7 @@ from pathlib import Path
 PREFIX = "BLACKROAD_"
 #: Values of BLACKROAD_ENGINE (see streams.engines).
 ENGINES = ("auto", "kafka", "tansu")
-#: Values of BLACKROAD_PROCESSING_GUARANTEE (see streams.exactly_once).
+#: Values of BLACKROAD_PROCESSING_GUARANTEE (see streams.processing.exactly_once).
 GUARANTEES = ("auto", "exactly_once", "at_least_once")
 #: Most copies a topic may be asked for (Kafka's own limit is far above any cluster's size).
 MAX_REPLICAS = 1000
@@ -156,7 +156,7 @@ class Settings:
     #: What workers send each other with forwarded requests (``X-Blackroad-Forwarded``), the
     #: same on every worker. Unset: made by the first worker and kept on the broker.
     peer_secret: str | None = None
-    #: Per-client limits of each worker's web views (see :mod:`streams.rate_limit`): requests
+    #: Per-client limits of each worker's web views (see :mod:`streams.serve.rate_limit`): requests
     #: a second (every view) and tasks a second (``POST /v1/tasks`` and ``/v1/batch``); 0 turns
     #: one off. A client may use up ``RATE_LIMIT_BURST`` seconds' worth at once.
     rate_limit_requests: float = 2000.0
@@ -205,7 +205,7 @@ class Settings:
 
     @property
     def exactly_once(self) -> bool:
-        """True when flushes are transactions (see :mod:`streams.exactly_once`)."""
+        """True when flushes are transactions (see :mod:`streams.processing.exactly_once`)."""
         if self.processing_guarantee == "auto":
             return not self.on_tansu
         return self.processing_guarantee == "exactly_once"

@@ -1,0 +1,1 @@
+"""What starts, configures and feeds the engine: settings, the embedded broker, supervisors, native builds."""
