@@ -27,6 +27,10 @@ TASK_CREATED = "task.created"
 TASK_BATCH = "task.batch"
 #: Entries of one agent that searches returned (see :class:`MemoryAccess`).
 MEMORY_ACCESSED = "memory.accessed"
+#: A task's next attempt after a failed one, put back on the tasks topic once its backoff is over.
+TASK_RETRY = "task.retry"
+#: Most attempts a task may be given (``BLACKROAD_MAX_ATTEMPTS`` at most).
+MAX_ATTEMPTS = 100
 #: Most entries one ``memory.accessed`` event may name.
 MAX_ACCESSED_IDS = 1000
 #: Most tasks one ``task.batch`` event may carry.
@@ -74,6 +78,8 @@ class TaskEvent:
     agent_type: str
     deadline_ms: int | None
     metadata: dict[str, Any]
+    #: Which attempt this event asks for: 1 for a new task, more for a ``task.retry``.
+    attempt: int
 
     def __init__(
         self,
@@ -100,6 +106,7 @@ class TaskEvent:
         self.agent_type = agent_type
         self.deadline_ms = deadline_ms
         self.metadata = metadata if metadata is not None else {}
+        self.attempt = 1
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -131,6 +138,24 @@ def encode(value: Any) -> bytes:
 
 def encode_task(event: TaskEvent) -> bytes:
     return encode(event.to_wire())
+
+
+def task_retry(event: TaskEvent, attempt: int, due_ms: int) -> bytes:
+    """Encode a ``task.retry`` event: ``event`` again, for its ``attempt``-th attempt from ``due_ms`` on."""
+    data = event.to_wire()
+    data["type"] = TASK_RETRY
+    data["attempt"] = attempt
+    data["due"] = due_ms
+    return encode(data)
+
+
+def retry_due_ms(raw: bytes) -> int:
+    """When a ``task.retry`` event is due (ms since the epoch); WireError if it is not one."""
+    data = _unpack_map(raw)
+    due = data.get("due")
+    if data.get("type") != TASK_RETRY or type(due) is not int:
+        raise WireError("not a task.retry event with its 'due' time")
+    return due
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -205,10 +230,23 @@ def decode_record(raw: bytes | None) -> tuple[list[TaskEvent], list[str], Memory
     """Decode one value of the tasks topic: tasks as :func:`decode_tasks` gives them, or a
     ``memory.accessed`` event (then no tasks)."""
     data = _unpack_map(raw)
-    if data.get("type") == MEMORY_ACCESSED:
+    event_type = data.get("type")
+    if event_type == MEMORY_ACCESSED:
         return [], [], _memory_access(data)
+    if event_type == TASK_RETRY:
+        return [_retry_from_map(data)], [], None
     tasks, refused = _decode_tasks(data)
     return tasks, refused, None
+
+
+def _retry_from_map(data: dict[str, Any]) -> TaskEvent:
+    attempt = data.get("attempt")
+    if type(attempt) is not int or not 2 <= attempt <= MAX_ATTEMPTS:
+        raise WireError(f"task.retry: 'attempt' must be 2 to {MAX_ATTEMPTS}, got {_brief(attempt)}")
+    data["type"] = TASK_CREATED
+    event = task_from_map(data)
+    event.attempt = attempt
+    return event
 
 
 def decode_tasks(raw: bytes | None) -> tuple[list[TaskEvent], list[str]]:
@@ -540,13 +578,34 @@ def lifecycle_event(event_type: str, ts_ms: int, event_id: str | None = None, **
     )
 
 
-def task_event_id(task_id: str, step: str) -> str:
+def task_event_id(task_id: str, step: str, attempt: int = 1) -> str:
     """The id of a task's ``step`` event (started, completed, failed): the same on every delivery.
 
     A record replayed after a crash sends its lifecycle events again; their ids repeat,
-    so consumers can drop the copies.
+    so consumers can drop the copies. Each attempt after the first has ids of its own
+    (``-started-2``), and so has a failed attempt the task will retry (``-retry-1``).
     """
-    return f"evt_{task_id[5:]}-{step}"
+    return f"evt_{task_id[5:]}-{step}" if attempt == 1 else f"evt_{task_id[5:]}-{step}-{attempt}"
+
+
+def task_retrying_event(
+    task_id: str, agent_id: str, error: str | None, attempt: int, retry_at: int, ts_ms: int
+) -> bytes:
+    """``task.failed`` for a failed ``attempt`` the task will retry: its status is ``queued`` again."""
+    return _pack(
+        {
+            "v": SCHEMA_VERSION,
+            "type": "task.failed",
+            "event_id": task_event_id(task_id, "retry", attempt + 1),
+            "ts": ts_ms,
+            "task_id": task_id,
+            "agent_id": agent_id,
+            "status": "queued",
+            "error": error,
+            "attempt": attempt,
+            "retry_at": retry_at,
+        }
+    )
 
 
 def task_finished_event(

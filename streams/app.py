@@ -28,6 +28,7 @@ from streams.processing.exactly_once import TransactionalSender
 from streams.processing.log_continuity import BrokerLostData, VerifiedProducer
 from streams.processing.metrics import Metrics
 from streams.processing.processor import EXPIRY_CHUNK, BatchProcessor
+from streams.processing.retry_relay import RetryRelay, run_until_cancelled
 from streams.processing.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables
 from streams.processing.transport import BatchConsumer, BatchTransport
 from streams.runtime.membership import client_id
@@ -237,7 +238,7 @@ class Pipeline(Service):
         # create it without compaction.
         for table in self.tables.all().values():
             await table.changelog_topic.maybe_declare()
-        for name in ("tasks", "events", "deadletter", "memory-archive"):
+        for name in ("tasks", "events", "deadletter", "memory-archive", "retries"):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()
         ingress = IngressProducer(self.settings)
@@ -257,6 +258,12 @@ class Pipeline(Service):
             await self.processor.acknowledge()
         except BrokerLostData as exc:
             self._stop_for_lost_data(exc)
+
+    @Service.task
+    async def _relay_retries(self) -> None:
+        """Failed tasks back on the tasks topic once their backoff is over (streams.processing.retry_relay)."""
+        await self.wait_for_started()
+        await run_until_cancelled(RetryRelay(self.settings))
 
     @Service.task
     async def _flush_on_time(self) -> None:

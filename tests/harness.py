@@ -67,6 +67,8 @@ class Deployment:
             "BLACKROAD_WORKER_PROCESSES": "1",
             # The history (PostgreSQL) has tests of its own (tests/test_history.py), which turn it on.
             "BLACKROAD_HISTORY": "off",
+            # Retries after a few milliseconds, not DOMAIN.md's 20 s (tests/test_retries.py times them).
+            "BLACKROAD_RETRY_BACKOFF": "0.005",
             **{f"BLACKROAD_{k.upper()}": v for k, v in settings.items()},
         }
         self.workers: list[Worker] = []

@@ -59,24 +59,30 @@ def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deploy
     assert agent_doc["status"] == "idle"
 
     # Lifecycle events reach their topic: one task.completed per completed task.
-    # One finished event per task, a memory.written per write, a wake-up per agent, one task.started.
-    expected_lifecycle = len(events) + 10 * len(agents) + len(agents) + 1
+    # One finished event per task, a memory.written per write, a wake-up per agent, and for
+    # the dying task a task.started per attempt (3) and a task.failed per retried one (2).
+    expected_lifecycle = len(events) + 10 * len(agents) + len(agents) + 3 + 2
     lifecycle = consume_all(deployment.bootstrap, deployment.topic("events"), 4, expect=expected_lifecycle)
     assert len(lifecycle) == expected_lifecycle
     types = defaultdict(int)
     completed_ids = set()
+    task_event_ids = []
     for rec in lifecycle:
         event = msgpack.unpackb(rec.value)
         types[event["type"]] += 1
+        if event["type"].startswith("task."):
+            task_event_ids.append(event["event_id"])
         if event["type"] == "task.completed":
             completed_ids.add(event["event_id"])
     assert types["task.completed"] == len(events) - 4
     # Task event ids derive from the task id, so a redelivered copy is recognisable.
     finished = {e.task_id for e in events if e not in failing and e not in dying}
     assert completed_ids == {wire.task_event_id(task_id, "completed") for task_id in finished}
-    assert types["task.failed"] == 4
+    assert types["task.failed"] == 4 + 2
     # Only a task that waits in its handler (the inference task here) is reported as started.
-    assert types["task.started"] == 1
+    assert types["task.started"] == 3
+    # Every attempt's events have ids of their own (copies from a replay would repeat them).
+    assert len(set(task_event_ids)) == len(task_event_ids)
     # Finished rows are kept frozen once flushed; a lookup still gets the whole task.
     status, body = worker.get(f"/v1/tasks/{events[1].task_id}")
     assert body["result"] == {"tool": "wordcount", "output": 3} and body["title"] == events[1].title

@@ -170,3 +170,12 @@ def test_the_command_says_its_version_and_takes_the_log_level_in_any_case() -> N
     )
     assert done.returncode == 0 and done.stdout.startswith("blackroad ") and done.stdout.strip() != "blackroad unknown"
     assert Settings.from_env({"BLACKROAD_LOG_LEVEL": "INFO"}).log_level == "info"
+
+
+def test_retries_back_off_as_the_domain_says_and_bad_backoffs_name_their_setting() -> None:
+    settings = Settings.from_env({})
+    assert [settings.retry_delay(n) for n in (1, 2, 3, 8, 9, 50)] == [20.0, 40.0, 80.0, 2560.0, 3600.0, 3600.0]
+    with pytest.raises(SettingsError, match="BLACKROAD_RETRY_BACKOFF:"):
+        Settings.from_env({"BLACKROAD_RETRY_BACKOFF": "0"})
+    with pytest.raises(SettingsError, match="BLACKROAD_RETRY_BACKOFF_MAX:"):
+        Settings.from_env({"BLACKROAD_RETRY_BACKOFF": "10", "BLACKROAD_RETRY_BACKOFF_MAX": "5"})

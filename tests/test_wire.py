@@ -122,3 +122,20 @@ def test_a_bad_payload_in_a_batch_refuses_only_its_task() -> None:
     assert [e.task_id for e in decoded] == ["task_a1"]
     assert refused[0].startswith("tasks[1]: payload['blob']: binary data")
     assert refused[1].startswith("tasks[2]: metadata['when']: a msgpack ext type (code 3)")
+
+
+def test_a_task_retry_event_carries_the_task_and_the_attempt_it_asks_for() -> None:
+    event = task("agent_retry_001", "inference", {"fail_attempts": 1})
+    raw = wire.task_retry(event, 2, 1_700_000_000_000)
+    [decoded], refused, access = wire.decode_record(raw)
+    assert (refused, access) == ([], None)
+    assert (decoded.task_id, decoded.payload, decoded.attempt) == (event.task_id, event.payload, 2)
+    assert wire.retry_due_ms(raw) == 1_700_000_000_000
+    assert wire.decode_record(wire.encode_task(event))[0][0].attempt == 1
+    for attempt in (1, 0, 101, "2"):
+        bad = msgpack.unpackb(raw)
+        bad["attempt"] = attempt
+        with pytest.raises(wire.WireError, match="'attempt' must be 2 to 100"):
+            wire.decode_record(msgpack.packb(bad))
+    with pytest.raises(wire.WireError, match=r"not a task\.retry"):
+        wire.retry_due_ms(wire.encode_task(event))

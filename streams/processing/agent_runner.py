@@ -275,6 +275,7 @@ class AgentRunner:
         self.tasks_topic = settings.topic("tasks")
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
+        self.retry_topic = settings.topic("retries")
         self.archive_topic = settings.topic("memory-archive")
         #: Whether memory changelog records carry what left the rows (at-least-once).
         self._carry_leaving = not settings.exactly_once
@@ -349,12 +350,19 @@ class AgentRunner:
 
     def _prepare(self, item: Item, run: _AgentRun, stats_base: int) -> bool:
         """Decide which rows this event still has to change; False when none."""
-        task = self.tasks.get(item.event.task_id)
+        event = item.event
+        task = self.tasks.get(event.task_id)
         offset = item.offset
         if task is not None and task["o"] != offset:
-            # The same task id again (a client retry): the first one counts.
-            self._count_duplicate(offset, run, stats_base)
-            return False
+            if event.attempt > 1:
+                # A task.retry: it runs if the task still waits for exactly that attempt
+                # (another copy of it, or one for an attempt already made, changes nothing).
+                if task["status"] != "queued" or task["attempts"] != event.attempt - 1:
+                    return False
+            else:
+                # The same task id again (a client retry): the first one counts.
+                self._count_duplicate(offset, run, stats_base)
+                return False
         item.apply_task = task is None or task["status"] not in state.TERMINAL_TASK_STATUSES
         item.apply_agent = offset > run.agent_base
         item.apply_memory = offset > run.memory_base
@@ -447,7 +455,7 @@ class AgentRunner:
         handler = self._handler(event.kind, run.agent_type)
         if isinstance(handler, UnknownHandler):
             return Outcome("failed", error=str(handler), finished_ms=_now_ms())
-        return self._attempt(handler, item, run, 1, started_ms)
+        return self._attempt(handler, item, run, event.attempt, started_ms)
 
     def _attempt(
         self, handler: Handler, item: Item, run: _AgentRun, attempt: int, now: int
@@ -470,7 +478,7 @@ class AgentRunner:
         except TaskFailed as failed:
             return Outcome("failed", None, str(failed), attempt, (_perf() - started) * 1000.0, [], _now_ms())
         except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
-            return self._retry_or_die(handler, item, run, attempt, exc)
+            return self._retry_or_die(attempt, exc)
         if type(result) is not dict and inspect.isawaitable(result):
             if item.apply_task and item.task is None:
                 self._open_task(item, run)
@@ -489,7 +497,7 @@ class AgentRunner:
         started = wire.lifecycle_event(
             "task.started",
             item.started_ms,
-            wire.task_event_id(task_id, "started"),
+            wire.task_event_id(task_id, "started", event.attempt),
             task_id=task_id,
             agent_id=run.agent_id,
         )
@@ -510,17 +518,14 @@ class AgentRunner:
         except TaskFailed as failed:
             return Outcome("failed", None, str(failed), attempt, (_perf() - started) * 1000.0, [], _now_ms())
         except Exception as exc:  # noqa: BLE001
-            outcome = self._retry_or_die(handler, item, run, attempt, exc)
-            return outcome if type(outcome) is Outcome else await outcome  # type: ignore[misc]
+            return self._retry_or_die(attempt, exc)
         return Outcome("completed", result, None, attempt, (_perf() - started) * 1000.0, context.written, _now_ms())
 
-    def _retry_or_die(
-        self, handler: Handler, item: Item, run: _AgentRun, attempt: int, exc: Exception
-    ) -> Outcome | Awaitable[Outcome]:
+    def _retry_or_die(self, attempt: int, exc: Exception) -> Outcome:
+        """The next attempt waits its backoff (the task is ``queued`` meanwhile), unless this was the last."""
         self.metrics.handler_errors.inc()
-        if attempt < self.settings.max_attempts:
-            return self._attempt(handler, item, run, attempt + 1, _now_ms())
-        return Outcome("dead", error=f"{type(exc).__name__}: {exc}", attempts=attempt, finished_ms=_now_ms())
+        status = "queued" if attempt < self.settings.max_attempts else "dead"
+        return Outcome(status, error=f"{type(exc).__name__}: {exc}", attempts=attempt, finished_ms=_now_ms())
 
     def _finish(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
         self.in_flight -= 1
@@ -528,6 +533,9 @@ class AgentRunner:
         now = outcome.finished_ms
         handler_ms = outcome.handler_ms
         histogram.record(self.metrics.handler_ms, handler_ms)
+        if outcome.status == "queued":
+            self._queue_retry(item, run, outcome)
+            return
         if item.apply_task:
             outcome = self._store_task(item, run, outcome)
             status = outcome.status
@@ -553,6 +561,32 @@ class AgentRunner:
             memory_ops = len(written) + (1 if event.kind == "memory_operation" else 0)
             state.apply_outcome_to_stats(self.stats.row(run.partition), status, created_at, handler_ms, memory_ops, now)
         self.finished[status] += 1
+
+    def _queue_retry(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
+        """A failed attempt with attempts left: the task waits, queued, for its next attempt.
+
+        The ``task.retry`` event goes to the retries topic with the flush (in its
+        transaction under exactly-once), and :class:`~streams.processing.retry_relay.RetryRelay`
+        puts it back on the tasks topic once its backoff is over: the agent's other tasks
+        and the partition go on meanwhile. Nothing else counts the task before it finishes.
+        """
+        if not item.apply_task:
+            return  # a replay: the row already waits, and the retry is on its way
+        event = item.event
+        attempts = outcome.attempts
+        now = outcome.finished_ms
+        task = item.task
+        if task is None:
+            task = state.new_task(event, item.offset, "queued", item.started_ms)
+        task["o"] = item.offset
+        task["status"] = "queued"
+        task["error"] = outcome.error
+        task["attempts"] = attempts
+        self.tasks.put(event.task_id, task, run.partition)
+        due = now + int(self.settings.retry_delay(attempts) * 1000)
+        self.writer.emit(self.retry_topic, run.partition, run.key, wire.task_retry(event, attempts + 1, due))
+        run.emit(wire.task_retrying_event(event.task_id, run.agent_id, outcome.error, attempts, due, now))
+        self.metrics.task_retries.inc()
 
     def _store_task(self, item: Item, run: _AgentRun, outcome: Outcome) -> Outcome:
         """Write the finished task's row; a result that cannot be stored fails the task instead.

@@ -51,6 +51,9 @@ class Metrics:
             "blackroad_events_out", "Records produced (changelog, lifecycle, dead letters).", registry=r
         )
         self.tasks_done = Counter("blackroad_tasks", "Tasks finished, by final status.", ["status"], registry=r)
+        self.task_retries = Counter(
+            "blackroad_task_retries", "Failed attempts after which the task waits for another.", registry=r
+        )
         #: Handler latency in the project's log buckets (ms), recorded per task on the hot
         #: path and turned into a Prometheus histogram only when scraped.
         self.handler_ms: dict[int, int] = {}

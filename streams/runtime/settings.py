@@ -67,6 +67,11 @@ class Settings:
     max_concurrent_tasks: int = 5
     #: Handler attempts before a task is dead-lettered.
     max_attempts: int = 3
+    #: Seconds a failed task waits before its next attempt, doubled per attempt made:
+    #: ``min(2**attempts * RETRY_BACKOFF, RETRY_BACKOFF_MAX)`` (DOMAIN.md: 20 s, 40 s, ...).
+    retry_backoff: float = 10.0
+    #: The longest wait between two attempts of a task, in seconds.
+    retry_backoff_max: float = 3600.0
     #: Most records taken from the consumer into one processing batch.
     batch_max_records: int = 2000
     #: How long the broker may hold an empty fetch. Unset: per engine (fetch_wait_ms).
@@ -302,6 +307,10 @@ class Settings:
             min_insync_replicas=self.min_insync_replicas or default_min_insync_replicas(factor),
         )
 
+    def retry_delay(self, attempts: int) -> float:
+        """Seconds to wait after a task's ``attempts``-th failed attempt before the next one."""
+        return min(2.0 ** min(attempts, 32) * self.retry_backoff, self.retry_backoff_max)
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
 
@@ -339,6 +348,8 @@ class Settings:
         _check_range("WEB_PORT", self.web_port + self.process_count - 1, 1, 65535)
         _check_range("MAX_CONCURRENT_TASKS", self.max_concurrent_tasks, 1, 10_000)
         _check_range("MAX_ATTEMPTS", self.max_attempts, 1, 100)
+        _check_range("RETRY_BACKOFF", self.retry_backoff, 0.001, 3600.0)
+        _check_range("RETRY_BACKOFF_MAX", self.retry_backoff_max, self.retry_backoff, 86400.0)
         _check_range("BATCH_MAX_RECORDS", self.batch_max_records, 1, 100_000)
         if self.fetch_max_wait_ms is not None:
             _check_range("FETCH_MAX_WAIT_MS", self.fetch_max_wait_ms, 1, 60_000)
