@@ -28,7 +28,7 @@ from streams.runtime import json_logs, native
 from streams.runtime.broker import BrokerError, die_with_parent, port_is_open
 from streams.runtime.client_log import RepeatedClientMessages
 from streams.runtime.settings import Settings, SettingsError
-from streams.runtime.stopping import EXIT_BROKER_LOST_DATA, EXIT_CRASHED, WorkerStop
+from streams.runtime.stopping import EXIT_BROKER_LOST_DATA, EXIT_CRASHED, Interrupted, WorkerStop
 
 
 def _settings() -> Settings:
@@ -81,7 +81,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     broker = _start_engine(settings)
     stop = {"now": False}
 
-    def _stop(*_: object) -> None:
+    def _stop(signum: int, _frame: object) -> None:
+        Interrupted.note(signum)
         stop["now"] = True
 
     signal.signal(signal.SIGINT, _stop)
@@ -108,6 +109,10 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
             self.spinner = None
             super().on_setup_root_logger(logger, level)
             client_messages.install(logger)
+
+        def _on_sigint(self) -> None:
+            Interrupted.note(signal.SIGINT)
+            super()._on_sigint()
 
         async def stop(self) -> None:
             # Whatever asked for the stop (a signal, a crash, a fatal condition), it is bounded.
@@ -274,6 +279,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     try:
         sent = asyncio.run(main())
     except KeyboardInterrupt:
+        Interrupted.note(signal.SIGINT)
         sent = progress.sent
     print(f"sent {sent} tasks", flush=True)
     return 0
@@ -446,8 +452,13 @@ def cmd_postgres(args: argparse.Namespace) -> int:
         raise SystemExit("blackroad: BLACKROAD_POSTGRES_DSN is set; no embedded PostgreSQL is needed")
     postgres = _start_postgres(settings)
     done = threading.Event()
+
+    def stopped_by(signum: int, _frame: object) -> None:
+        Interrupted.note(signum)
+        done.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+        signal.signal(sig, stopped_by)
     postgres.on_unexpected_exit(lambda code: done.set())
     done.wait()
     postgres.stop()
@@ -470,8 +481,13 @@ def cmd_history(args: argparse.Namespace) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stopped_by(signum: int) -> None:
+            Interrupted.note(signum)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopped_by, sig)
         await HistorySink(settings).run(stop)
 
     asyncio.run(run())
@@ -720,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except native.StaleBuild as exc:
         print(f"blackroad: {exc}", file=sys.stderr)
         return 2
-    return int(args.run(args))
+    return Interrupted.exit_code(int(args.run(args)))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,7 @@ def test_a_worker_stops_within_five_seconds_when_its_broker_is_gone_and_logs_it_
     code = worker.exited_within(STOP_BUDGET)
     assert code is not None, f"worker still running {STOP_BUDGET}s after SIGINT; log:\n{worker.log()}"
     print(f"stopped {time.monotonic() - started:.1f}s after SIGINT with code {code}; {len(errors)} error lines")
+    assert code == 130, f"a worker stopped by Ctrl-C exits with 130, got {code}"
 
 
 def test_supervised_workers_stop_within_five_seconds_soon_after_the_broker_died(
@@ -182,6 +183,7 @@ def test_supervised_workers_stop_within_five_seconds_soon_after_the_broker_died(
         code = supervisor.exited_within(STOP_BUDGET)
         assert code is not None, f"supervisor still running {STOP_BUDGET}s after SIGINT; log:\n{supervisor.log()}"
         print(f"supervisor stopped {time.monotonic() - started:.1f}s after SIGINT with code {code}")
+        assert code == 130, f"a supervisor stopped by Ctrl-C exits with 130, got {code}"
         assert not _running(children), "worker processes left running"
     finally:
         for pid in _running(children):

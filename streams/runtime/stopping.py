@@ -27,6 +27,8 @@ EXIT_OK = 0
 EXIT_CRASHED = 1
 #: The broker lost records this worker had processed (see :mod:`streams.processing.log_continuity`).
 EXIT_BROKER_LOST_DATA = 3
+#: Stopped by Ctrl-C (SIGINT), as shells report it: 128 + the signal's number.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 #: Time left for the last log line to be written before the process exits regardless.
 _LAST_WORDS_SECONDS = 0.5
 
@@ -57,7 +59,7 @@ class WorkerStop:
 
     def _expire(self) -> None:
         # Exit even if writing the log line blocks (a handler lock held by the stuck loop).
-        last_words = threading.Timer(_LAST_WORDS_SECONDS, os._exit, (self.exit_code,))
+        last_words = threading.Timer(_LAST_WORDS_SECONDS, os._exit, (Interrupted.exit_code(self.exit_code),))
         last_words.daemon = True
         last_words.start()
         log.warning(
@@ -70,4 +72,24 @@ class WorkerStop:
             handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(self.exit_code)
+        os._exit(Interrupted.exit_code(self.exit_code))
+
+
+class Interrupted:
+    """Whether Ctrl-C (SIGINT) asked this process to stop.
+
+    Every command's signal handler reports its signal here (:meth:`note`); a command that
+    then stops cleanly exits with :data:`EXIT_INTERRUPTED` (:meth:`exit_code`), so a shell
+    or a script sees that it was interrupted rather than that it finished.
+    """
+
+    received = False
+
+    @classmethod
+    def note(cls, signum: int) -> None:
+        if signum == signal.SIGINT:
+            cls.received = True
+
+    @classmethod
+    def exit_code(cls, code: int) -> int:
+        return EXIT_INTERRUPTED if code == EXIT_OK and cls.received else code

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from streams.runtime.broker import die_with_parent, terminate
 from streams.runtime.settings import Settings
-from streams.runtime.stopping import EXIT_BROKER_LOST_DATA
+from streams.runtime.stopping import EXIT_BROKER_LOST_DATA, Interrupted
 
 #: Pause before starting a worker that exited again, doubling up to the maximum.
 _FIRST_BACKOFF = 1.0
@@ -57,7 +57,8 @@ class Supervisor:
         child.started = time.monotonic()
         child.restart_at = None
 
-    def stop(self, *_: object) -> None:
+    def stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        Interrupted.note(signum)
         self._stopping = True
 
     def run(self) -> int:
