@@ -129,9 +129,18 @@ async def _look(url: str, home: Path) -> dict[str, Any]:
         )
         await page.navigate(f"{url}/dashboard#token={TOKEN}")
         shown = await _wait_for(page, SHOWN, lambda raw: _moving(orjson.loads(raw)), 90, "non-zero figures")
+        figures = orjson.loads(shown)["figures"]
+
+        def completed(raw: str) -> float:
+            return float(orjson.loads(raw)["figures"]["completed_tasks"])
+
+        # It keeps up: the next readings show more tasks done.
+        await _wait_for(
+            page, SHOWN, lambda raw: completed(raw) > float(figures["completed_tasks"]), 10, "the next figures"
+        )
         return {
             "asked": asked,
-            "figures": orjson.loads(shown)["figures"],
+            "figures": figures,
             "status": await page.evaluate("document.getElementById('status')?.textContent"),
             "reasons": await page.evaluate("document.getElementById('dead_letter_reasons')?.textContent"),
             "screenshot": await page.screenshot(home / "dashboard.png"),
