@@ -494,7 +494,9 @@ def create_app(
     if loaded:
         log.info("handler plug-ins loaded: %s", ", ".join(loaded))
     app.add_dependency(app.pipeline)
+    from streams.serve.dashboard.view import register_dashboard
     from streams.serve.web import register_views
 
     register_views(app, tables, metrics)
+    register_dashboard(app)
     return app

@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-#: Views left out of the API latency: scrapes and probes are not API calls.
-_NOT_API = frozenset({"metrics", "healthz", "readyz"})
+#: Views left out of the API latency: scrapes, probes and the dashboard's files are not API calls.
+_NOT_API = frozenset({"metrics", "healthz", "readyz", "dashboard"})
 
 
 @dataclass
