@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install native kafka run demo test lint bench clean
+.PHONY: install native kafka chromium run demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,16 @@ kafka: $(STAMP)
 run: $(NATIVE) kafka
 	$(BIN)/blackroad up --demo
 
+## Headless Chromium (Debian's package) for the dashboard's test, installed once with apt.
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	} || echo "warning: could not install chromium; tests/test_dashboard.py will fail"
+
 ## The whole test suite against real (embedded) brokers: Apache Kafka and Tansu.
-test: $(NATIVE) kafka
+test: $(NATIVE) kafka chromium
 	$(BIN)/pytest -q
 
 ## Throughput and latency against the baselines (installs the bench extra), on the embedded
