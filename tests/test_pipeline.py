@@ -91,7 +91,7 @@ def test_every_task_completes_in_agent_order_with_exact_stats(deployment: Deploy
     # The work really went through in batches (far fewer batches than events).
     _, metrics = worker.get("/metrics")
     batches = float(
-        next(line.split()[1] for line in metrics.splitlines() if line.startswith("blackroad_batch_size_count"))
+        next(line.split()[1] for line in metrics.splitlines() if line.startswith("blackroad_batch_size_events_count"))
     )
     assert 0 < batches < len(events) / 5
 

@@ -48,7 +48,7 @@ def test_two_workers_split_partitions_and_answer_for_each_other(deployment: Depl
             assert status == 200 and task_doc["status"] == "completed"
         page = worker.get("/v1/agents?limit=50&offset=40")[1]
         assert [a["id"] for a in page["agents"]] == sorted(agents)[40:]
-    partitions = [worker.get("/metrics")[1].count("blackroad_consumer_lag{") for worker in (first, second)]
+    partitions = [worker.get("/metrics")[1].count("blackroad_consumer_lag_records{") for worker in (first, second)]
     assert all(count > 0 for count in partitions), partitions
 
 

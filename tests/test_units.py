@@ -1180,3 +1180,21 @@ def test_the_grafana_dashboard_asks_only_for_metrics_the_workers_export() -> Non
     }
     assert len(dashboard["panels"]) >= 10 and asked
     assert asked <= names, asked - names
+
+
+def test_every_exported_metric_follows_prometheus_naming_with_its_unit() -> None:
+    from prometheus_client.exposition import generate_latest
+
+    from streams.processing.metrics import Metrics
+
+    families = {}
+    for line in generate_latest(Metrics().registry).decode().splitlines():
+        if line.startswith("# TYPE blackroad_"):
+            _, _, name, kind = line.split()
+            families[name] = kind
+    assert families, "no blackroad_ metric exported"
+    units = ("_seconds", "_bytes", "_records", "_events", "_info", "_ratio")
+    for name, kind in families.items():
+        if kind == "counter" or name.endswith("_created"):
+            continue  # a count of things (exported with _total), or when a series started
+        assert name.endswith(units), f"{name} ({kind}) does not end with a unit {units}"

@@ -59,7 +59,7 @@ def parse_metrics(texts: list[str], at: float) -> Sample:
                     sample.rss_bytes += value
                 elif name == "process_open_fds":
                     sample.open_files += value
-                elif name == "blackroad_consumer_lag":
+                elif name == "blackroad_consumer_lag_records":
                     sample.lag += value
     return sample
 

@@ -59,13 +59,13 @@ class Metrics:
         self.handler_ms: dict[int, int] = {}
         r.register(_LogHistogramCollector("blackroad_handler_seconds", "Agent handler latency.", self.handler_ms))
         self.batch_size = Histogram(
-            "blackroad_batch_size", "Events per processing batch.", buckets=_BATCH_BUCKETS, registry=r
+            "blackroad_batch_size_events", "Events per processing batch.", buckets=_BATCH_BUCKETS, registry=r
         )
         self.batch_seconds = Histogram(
             "blackroad_batch_seconds", "Time to process and flush one batch.", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.consumer_lag = Gauge(
-            "blackroad_consumer_lag", "Records not yet consumed, by partition.", ["partition"], registry=r
+            "blackroad_consumer_lag_records", "Records not yet consumed, by partition.", ["partition"], registry=r
         )
         self.dead_lettered = Counter(
             "blackroad_dead_lettered", "Records sent to the dead-letter topic.", ["reason"], registry=r
@@ -83,7 +83,7 @@ class Metrics:
             "blackroad_tasks_expired", "Finished tasks removed from the live tasks table.", registry=r
         )
         self.history_lag = Gauge(
-            "blackroad_history_lag",
+            "blackroad_history_lag_records",
             "Changelog records the history sink has yet to write to PostgreSQL (all sinks, from the broker).",
             registry=r,
         )

@@ -14,7 +14,7 @@
   const AGENT_STATUSES = ["offline", "idle", "busy", "paused"];
   // The Prometheus series read from /metrics (streams/processing/metrics.py).
   const METRIC = {
-    consumerLag: "blackroad_consumer_lag",
+    consumerLag: "blackroad_consumer_lag_records",
     eventsIn: "blackroad_events_in_total",
     deadLettered: "blackroad_dead_lettered_total",
     handlerErrors: "blackroad_handler_errors_total",
