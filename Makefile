@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install native kafka chromium run demo test lint bench clean
+.PHONY: install native kafka chromium run demo test pythons lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,19 @@ test: $(NATIVE) kafka chromium
 bench: $(NATIVE) kafka
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m benchmarks.bench $(ARGS)
+
+## The unit tests and the pipeline on each other supported Python (3.12, 3.13), compiled, on
+## Tansu: each in a venv of its own (.venv-3.12, ...). PYTHONS="python3.12" for one.
+PYTHONS ?= python3.12 python3.13
+pythons:
+	@for py in $(PYTHONS); do \
+		v=.venv-$${py#python}; \
+		test -x $$v/bin/python || $$py -m venv $$v || exit 1; \
+		$$v/bin/pip install --quiet -e '.[dev]' || exit 1; \
+		$$v/bin/python -m streams.runtime.native build > build/native/build-$$py.log 2>&1 || exit 1; \
+		STREAMS_TEST_ENGINES=tansu $$v/bin/pytest -q -p no:cacheprovider tests/test_units.py tests/test_wire.py \
+			tests/test_settings.py tests/test_pipeline.py tests/test_retries.py || exit 1; \
+	done; $(BIN)/python -m streams.runtime.native build > build/native/build.log 2>&1
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

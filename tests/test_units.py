@@ -1198,3 +1198,20 @@ def test_every_exported_metric_follows_prometheus_naming_with_its_unit() -> None
         if kind == "counter" or name.endswith("_created"):
             continue  # a count of things (exported with _total), or when a series started
         assert name.endswith(units), f"{name} ({kind}) does not end with a unit {units}"
+
+
+def test_a_live_fetch_runs_in_short_pieces_taking_each_partition_in_turn_and_in_order() -> None:
+    from types import SimpleNamespace
+
+    fetch = {
+        "busy": [SimpleNamespace(offset=n, value=b"x" * 100) for n in range(50)],
+        "quiet": [SimpleNamespace(offset=n, value=b"y" * 100) for n in range(2)],
+    }
+    chunks = processor_module._live_chunks(fetch, 1000)
+    assert len(chunks) > 1
+    # The quiet partition's records are in the first piece, not behind the busy one's backlog.
+    assert [r.offset for r in chunks[0]["quiet"]] == [0, 1]
+    assert all(sum(len(r.value) for rs in chunk.values() for r in rs) <= 1000 + 200 for chunk in chunks)
+    for tp, records in fetch.items():
+        assert [r.offset for chunk in chunks for r in chunk.get(tp, [])] == [r.offset for r in records]
+    assert processor_module._live_chunks({"one": fetch["quiet"]}, 1000) == [{"one": fetch["quiet"]}]

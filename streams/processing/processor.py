@@ -31,7 +31,7 @@ from typing import Any
 
 from agents.registry import HandlerRegistry
 from schemas import wire
-from schemas.wire import WireError
+from schemas.wire import TaskEvent, WireError
 from streams.processing.agent_runner import AgentRunner, BatchStats, Item
 from streams.processing.log_continuity import ends_below, fingerprint, other_record
 from streams.processing.metrics import Metrics
@@ -44,6 +44,11 @@ _MAX_DIRTY_ROWS = 100_000
 #: Bytes of record values processed in one go: a fetch of packed ``task.batch`` events
 #: can hold far more tasks than records, and web views must not wait for all of them.
 _CHUNK_BYTES = 1024 * 1024
+#: Most tasks of a ``task.batch`` run in one piece; a larger batch is sent on in pieces this size.
+SPREAD = 64
+#: Bytes of record values processed in one go while the worker keeps up (about 200 tasks):
+#: a fetch then runs in short pieces, round-robin over its partitions (:func:`_live_chunks`).
+_LIVE_CHUNK_BYTES = 16 * 1024
 #: Expired tasks removed per call of :meth:`BatchProcessor.expire_tasks`.
 EXPIRY_CHUNK = 5_000
 
@@ -100,7 +105,8 @@ class BatchProcessor:
         """
         if fetched_in is None:
             fetched_in = self.rebalances()
-        for chunk in _chunks(batch, _CHUNK_BYTES):
+        chunks = _chunks(batch, _CHUNK_BYTES) if self.behind else _live_chunks(batch, _LIVE_CHUNK_BYTES)
+        for chunk in chunks:
             if not await self._process_chunk(chunk, fetched_in):
                 return
 
@@ -244,22 +250,58 @@ class BatchProcessor:
             return
         for reason in refused:
             self._dead_letter(record, partition, reason, stats, stats_base)
-        single = len(events) == 1 and not refused
         offset = record.offset
-        partition_for = self.partition_for
+        if len(events) == 1 and not refused:
+            event = events[0]
+            key = event.agent_id.encode()
+            if record.key != key:  # keyed by something else: send it on to its agent's partition
+                self.writer.emit(
+                    self.tasks_topic, self.partition_for(key), key, wire.encode_task(event), source=partition
+                )
+                self.metrics.repartitioned.inc()
+                return
+        else:
+            events = self._spread(events, partition)
         for event in events:
             agent_id = event.agent_id
-            key = agent_id.encode()
-            if (record.key != key) if single else (partition_for(key) != partition):
-                # Keyed by something else: send it on to its agent's partition.
-                self.writer.emit(self.tasks_topic, partition_for(key), key, wire.encode_task(event), source=partition)
-                self.metrics.repartitioned.inc()
-                continue
             items = by_agent.get(agent_id)
             if items is None:
                 by_agent[agent_id] = [Item(partition, offset, event)]
             else:
                 items.append(Item(partition, offset, event))
+
+    def _spread(self, events: list[TaskEvent], partition: int) -> list[TaskEvent]:
+        """The tasks of a ``task.batch`` that run here now; the others go on to their partitions.
+
+        Tasks of other partitions are sent on to theirs, packed by partition in records of
+        at most :data:`SPREAD` tasks. So are this partition's own, in a batch that had tasks
+        of others (as the HTTP ingress's do), when there are more than :data:`SPREAD`: a
+        client's batch of a thousand tasks then runs in pieces that other clients' tasks can
+        come between (see :func:`_live_chunks`), instead of holding the worker for its whole
+        length.
+        """
+        partition_for = self.partition_for
+        by_partition: dict[int, list[TaskEvent]] = {}
+        for event in events:
+            destination = partition_for(event.agent_id.encode())
+            found = by_partition.get(destination)
+            if found is None:
+                by_partition[destination] = [event]
+            else:
+                found.append(event)
+        here = by_partition.pop(partition, [])
+        if not by_partition:
+            return here  # a producer's own batch for this partition (as ``blackroad produce`` packs them)
+        if len(here) > SPREAD:
+            by_partition[partition] = here
+            here = []
+        for destination, moving in by_partition.items():
+            for start in range(0, len(moving), SPREAD):
+                piece = moving[start : start + SPREAD]
+                value = wire.encode_task(piece[0]) if len(piece) == 1 else wire.encode_batch(piece)
+                self.writer.emit(self.tasks_topic, destination, piece[0].agent_id.encode(), value, source=partition)
+            self.metrics.repartitioned.inc(len(moving))
+        return here
 
     def _route_access(self, record: Any, partition: int, access: wire.MemoryAccess) -> None:
         key = access.agent_id.encode()
@@ -316,5 +358,38 @@ def _chunks(batch: dict[Any, list[Any]], budget: int) -> list[dict[Any, list[Any
             current.setdefault(tp, []).append(record)
             size += len(record.value or b"")
     if current:
+        chunks.append(current)
+    return chunks
+
+
+def _live_chunks(batch: dict[Any, list[Any]], budget: int) -> list[dict[Any, list[Any]]]:
+    """Split a fetch into pieces of about ``budget`` bytes, taking a record of each partition in turn.
+
+    For a worker that keeps up, where latency counts: a partition with a backlog (a
+    client's large batch) then shares every piece with the others' next records instead
+    of going first whole. Each partition stays in order.
+    """
+    if len(batch) == 1:
+        return _chunks(batch, budget)
+    queues = [(tp, records, len(records)) for tp, records in batch.items()]
+    positions = [0] * len(queues)
+    chunks: list[dict[Any, list[Any]]] = []
+    left = sum(len(records) for records in batch.values())
+    while left:
+        current: dict[Any, list[Any]] = {}
+        size = 0
+        while left and size < budget:
+            for index, (tp, records, count) in enumerate(queues):
+                at = positions[index]
+                if at < count:
+                    record = records[at]
+                    positions[index] = at + 1
+                    left -= 1
+                    found = current.get(tp)
+                    if found is None:
+                        current[tp] = [record]
+                    else:
+                        found.append(record)
+                    size += len(record.value or b"")
         chunks.append(current)
     return chunks
