@@ -46,7 +46,10 @@ class IntegerQuery:
 
 @dataclass(frozen=True)
 class ChoiceQuery:
-    """One of ``choices``, or a variant of one (``variants`` maps it to its canonical choice)."""
+    """One of ``choices``, or a variant of one (``variants`` maps it to its canonical choice).
+
+    Sent empty (``?status=``), it is as if not sent.
+    """
 
     name: str
     choices: tuple[str, ...]
@@ -58,7 +61,7 @@ class ChoiceQuery:
     def read(self, query: Mapping[str, str]) -> str | None:
         """The canonical choice asked for, else the default."""
         raw = query.get(self.name)
-        if raw is None:
+        if not raw:
             return self.default
         if raw in self.choices:
             return raw
@@ -74,7 +77,7 @@ class ChoiceQuery:
         return value
 
     def schema(self) -> dict[str, Any]:
-        schema: dict[str, Any] = {"type": "string", "enum": [*self.choices, *self.variants]}
+        schema: dict[str, Any] = {"type": "string", "enum": [*self.choices, *self.variants, ""]}
         if self.default is not None:
             schema["default"] = self.default
         return schema
@@ -82,7 +85,7 @@ class ChoiceQuery:
 
 @dataclass(frozen=True)
 class PatternQuery:
-    """A string of a given shape (a page cursor); None when not sent."""
+    """A string of a given shape (a page cursor); None when not sent, or sent empty."""
 
     name: str
     shape: re.Pattern[str]
@@ -90,13 +93,13 @@ class PatternQuery:
     where = "query"
 
     def read(self, query: Mapping[str, str]) -> str | None:
-        raw = query.get(self.name)
+        raw = query.get(self.name) or None
         if raw is not None and not self.shape.fullmatch(raw):
             raise invalid(self.name, f"{self.name} is not of the documented shape {self.shape.pattern}")
         return raw
 
     def schema(self) -> dict[str, Any]:
-        return {"type": "string", "pattern": anchored(self.shape)}
+        return {"type": "string", "pattern": f"^(?:{self.shape.pattern})?$"}
 
 
 @dataclass(frozen=True)
