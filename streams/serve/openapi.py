@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from importlib import metadata
 from typing import Any
 
 from streams.serve.contract import responses
 from streams.serve.contract.operations import BODIES, OPERATIONS, Operation
 from streams.serve.contract.params import openapi_parameter
 
-#: Every answer carries the request's id (the client's own ``X-Request-ID`` when plausible).
-REQUEST_ID_HEADER = {
-    "X-Request-ID": {"description": "the request's id", "required": True, "schema": {"type": "string"}}
-}
-RETRY_HEADER = {
+HEADERS = {
+    # Every answer carries the request's id (the client's own X-Request-ID when plausible).
+    "X-Request-ID": {"description": "the request's id", "required": True, "schema": {"type": "string"}},
     "Retry-After": {
         "description": "seconds to wait before retrying",
         "required": True,
         "schema": {"type": "string", "pattern": "^[0-9]+$"},
-    }
+    },
 }
 _RETRIED = {429, 503}
 
@@ -33,7 +32,8 @@ configured (reads too with `BLACKROAD_API_READS=token`).
 
 
 def _answer(description: str, schema: dict[str, Any], content_type: str, status: int) -> dict[str, Any]:
-    headers = {**REQUEST_ID_HEADER, **(RETRY_HEADER if status in _RETRIED else {})}
+    named = ("X-Request-ID", "Retry-After") if status in _RETRIED else ("X-Request-ID",)
+    headers = {name: {"$ref": f"#/components/headers/{name}"} for name in named}
     return {"description": description, "headers": headers, "content": {content_type: {"schema": schema}}}
 
 
@@ -60,6 +60,13 @@ def _operation(op: Operation) -> dict[str, Any]:
     return document
 
 
+def package_version() -> str:
+    try:
+        return metadata.version("blackroad-streams")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_document(version: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
@@ -70,6 +77,7 @@ def build_document(version: str) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": {**responses.COMPONENTS, **BODIES},
+            "headers": HEADERS,
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -14,7 +14,6 @@ import gzip
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from importlib import metadata
 from typing import Any, TypeVar
 
 import orjson
@@ -34,7 +33,7 @@ from streams.serve.contract import operations as api
 from streams.serve.contract.params import PatternQuery
 from streams.serve.errors import REQUEST_ID, RETRY_AFTER, ApiError, envelope, error_headers, invalid, request_id
 from streams.serve.ingress import BrokerUnavailable, IngressProducer
-from streams.serve.openapi import build_document
+from streams.serve.openapi import build_document, package_version
 from streams.serve.peers import PeerClient, PeerError
 from streams.serve.rate_limit import retry_after
 from streams.serve.request_bodies import MemorySearch, parse_batch, parse_search, parse_task_request, read_json
@@ -667,7 +666,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         async def get(self, request: Any) -> Any:
             return _json(self, app.pipeline.stats_view.snapshot)
 
-    contract = orjson.dumps(build_document(metadata.version("blackroad-streams")))
+    contract = orjson.dumps(build_document(package_version()))
 
     @app.page("/openapi.json")
     class OpenApi(ApiView):

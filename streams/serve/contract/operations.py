@@ -100,7 +100,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/agents/{agent_id}/tasks",
         "listAgentTasks",
         "The agent's tasks from the history, newest first (404 with the history off)",
-        responses.TASK_PAGE,
+        responses.AGENT_TASK_PAGE,
         parameters=(AGENT_ID, TASKS_LIMIT, TASK_STATUS, BEFORE),
     ),
     Operation(
@@ -125,7 +125,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/tasks",
         "listTasks",
         "The history's tasks from `since` on, oldest first (404 with the history off)",
-        responses.TASK_PAGE,
+        responses.TASK_FEED_PAGE,
         parameters=(TASKS_LIMIT, TASK_STATUS, SINCE),
     ),
     Operation(

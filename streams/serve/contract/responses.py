@@ -181,16 +181,9 @@ MEMORY_STATS = document(
         "workers": {"type": "object", "additionalProperties": _WORKER_MEMORY},
     }
 )
-TASK_PAGE = document(
-    {
-        "agent_id": STRING,
-        "tasks": {"type": "array", "items": ref("Task")},
-        "limit": INTEGER,
-        "next_before": MAYBE_STRING,
-        "next_since": MAYBE_STRING,
-    },
-    optional=("agent_id", "next_before", "next_since"),
-)
+_TASKS = {"type": "array", "items": ref("Task")}
+AGENT_TASK_PAGE = document({"agent_id": STRING, "tasks": _TASKS, "limit": INTEGER, "next_before": MAYBE_STRING})
+TASK_FEED_PAGE = document({"tasks": _TASKS, "limit": INTEGER, "next_since": MAYBE_STRING})
 QUEUED = document({"id": STRING, "status": {"const": "queued"}})
 BATCH_QUEUED = document({"results": {"type": "array", "items": ref("Queued")}})
 ALIVE = document({"status": {"const": "alive"}})
