@@ -135,9 +135,17 @@ def test_openapi_document_describes_every_route(deployment: Deployment) -> None:
     # aiohttp adds HEAD beside each route; it answers as GET does (405 where there is no GET).
     routes = {(route.method, route.resource.canonical) for route in app.web.web_app.router.routes()}
     assert described == {(method, path) for method, path in routes if method != "HEAD"}
+    # The security the document states is what the worker does: with reads needing a token
+    # too, every operation but the open ones refuses a request without one.
     for path, item in document["paths"].items():
         for method, operation in item.items():
             assert "200" in operation["responses"] or "202" in operation["responses"], (method, path)
+            concrete = path.replace("{agent_id}", "agent_a_001").replace("{task_id}", "task_a")
+            status, _, _ = worker.exchange(method.upper(), concrete, {} if method == "post" else None)
+            if operation["security"] == []:
+                assert status != 401, (method, path)
+            else:
+                assert status == 401 and "401" in operation["responses"], (method, path, status)
 
 
 @pytest.mark.parametrize("broker", ["tansu"], indirect=True)
