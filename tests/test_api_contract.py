@@ -11,16 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import schemathesis
+from aiohttp import web
 
 from schemas import domain
 from streams.app import create_app
+from streams.runtime.broker import free_port
 from streams.runtime.settings import Settings
 from streams.serve.contract.fields import TASK_FIELDS, task_request_schema
 from streams.serve.contract.operations import OPERATIONS, TASK_STATUS, TASKS_LIMIT
 from streams.serve.errors import ApiError
+from streams.serve.http_errors import EnvelopeRunner, router_errors_in_envelope
 from streams.serve.request_bodies import parse_task_request
 from tests.harness import Deployment
 
@@ -233,3 +237,24 @@ def test_task_bodies_are_checked_with_the_documented_fields() -> None:
     for bad in ({"deadline": 9.5}, {"priority": 1.5}, {"colour": "red"}, {"deadline": True}):
         with pytest.raises(ApiError):
             parse_task_request({"agent_id": "agent_a_001", "kind": "inference", **bad})
+
+
+async def test_an_exception_no_view_caught_is_a_500_in_the_envelope() -> None:
+    """The server's own request handler answers what escapes every view and middleware in the
+    envelope too (the views catch their own; this is the last resort)."""
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("escaped")
+
+    app = web.Application(middlewares=[router_errors_in_envelope])
+    app.router.add_get("/broken", broken)
+    runner = EnvelopeRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/broken") as answer:
+            body = await answer.json()
+            _assert_envelope(answer.status, _lower(dict(answer.headers)), body, 500, "internal_error")
+    finally:
+        await runner.cleanup()
