@@ -10,7 +10,7 @@ TASK_KINDS = frozenset({"inference", "code_analysis", "memory_operation", "tool_
 AGENT_TYPES = frozenset({"worker", "reasoning", "security", "analytics", "memory", "creative"})
 PRIORITIES: dict[str, int] = {"critical": 0, "high": 1, "normal": 5, "low": 8, "bulk": 10}
 _PRIORITY_BY_NUMBER = {number: name for name, number in PRIORITIES.items()}
-_PRIORITY_VARIANTS = {"medium": "normal"}
+PRIORITY_VARIANTS = {"medium": "normal"}
 
 TASK_STATUSES = ("queued", "in_progress", "completed", "failed", "dead", "cancelled")
 TASK_STATUS_VARIANTS = {"pending": "queued", "available": "queued", "running": "in_progress", "claimed": "in_progress"}
@@ -43,7 +43,7 @@ def canonical_priority(value: object) -> str | None:
     """Map a priority name, variant or number to its canonical name (None if unknown)."""
     if isinstance(value, str):
         name = value.lower()
-        name = _PRIORITY_VARIANTS.get(name, name)
+        name = PRIORITY_VARIANTS.get(name, name)
         return name if name in PRIORITIES else None
     if isinstance(value, int) and not isinstance(value, bool):
         return _PRIORITY_BY_NUMBER.get(value)

@@ -34,12 +34,12 @@ from streams.processing.transport import BatchConsumer, BatchTransport
 from streams.runtime.membership import client_id
 from streams.runtime.settings import Settings
 from streams.runtime.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
+from streams.serve.http_errors import EnvelopeRunner, router_errors_in_envelope
 from streams.serve.ingress import IngressProducer
 from streams.serve.peer_secret import shared_peer_secret
 from streams.serve.peers import PeerClient
 from streams.serve.rate_limit import TokenBuckets
 from streams.serve.stats_view import StatsView
-from streams.serve.web import router_errors_in_envelope
 from streams.serve.web_auth import ApiGuard
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class BlackroadWeb(AiohttpWeb):
     Faust mounts pages of its own: ``/table/...`` served the raw rows of some tables and
     a bare 500 (and a traceback in the log) for others; ``/router/...``, ``/`` and the
     debug pages show the cluster's insides. None of them is mounted. Unknown paths answer
-    404 in the error envelope (:func:`streams.serve.web.router_errors_in_envelope`).
+    404 in the error envelope (:func:`streams.serve.http_errors.router_errors_in_envelope`), and so
+    do requests the HTTP parser refuses (:class:`streams.serve.http_errors.EnvelopeRunner`).
     """
 
     default_blueprints = ()
@@ -62,6 +63,7 @@ class BlackroadWeb(AiohttpWeb):
     def __init__(self, app: faust.App, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.web_app.middlewares.append(router_errors_in_envelope)
+        self._runner = EnvelopeRunner(self.web_app, access_log=None)
 
 
 class BlackroadApp(faust.App):

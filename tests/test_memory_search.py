@@ -372,6 +372,8 @@ def test_episodic_memory_becomes_semantic_in_the_stream_and_verify_walks_the_tab
         ({"query": "x", "filters": {"tier": "cold"}}, "filters.tier"),
         ({"query": "x", "filters": {"memory_type": "dream"}}, "filters.memory_type"),
         ({"query": "x", "filters": {"colour": "red"}}, None),
+        ({"query": "x", "filters": []}, "filters"),
+        ({"query": "x", "filters": {"agent_id": "bob"}}, "filters.agent_id"),
         ({"query": "x", "extra": 1}, None),
     ],
 )

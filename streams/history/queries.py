@@ -129,7 +129,7 @@ def parse_since(since: str) -> tuple[float, str]:
 
 
 def _is_millis(text: str) -> bool:
-    return text.isdigit() and len(text) <= 15
+    return text.isascii() and text.isdigit() and len(text) <= 15
 
 
 def cursor_of(task: dict[str, Any]) -> str:

@@ -12,110 +12,50 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
-from aiohttp import web as aiohttp_web
 from faust import web
+from faust.web.exceptions import MethodNotAllowed
 from yarl import URL
 
 from agents.memory import describe, entries, entry_id, tier_counts, walk_chain
-from schemas import domain, wire
-from schemas.wire import WireError
+from schemas import wire
 from streams.history import queries
 from streams.history.sink import POSTGRES_ERRORS as HISTORY_ERRORS
 from streams.history.verify import compare_memory
 from streams.memory_search.index import TIERS, Hit
 from streams.processing.metrics import Metrics
 from streams.processing.tables import Tables, task_expired, thaw
-from streams.runtime.settings import MAX_BATCH_TASKS
+from streams.serve.contract import operations as api
+from streams.serve.contract.params import PatternQuery
+from streams.serve.errors import REQUEST_ID, RETRY_AFTER, ApiError, envelope, error_headers, invalid, request_id
 from streams.serve.ingress import BrokerUnavailable, IngressProducer
+from streams.serve.openapi import build_document, package_version
 from streams.serve.peers import PeerClient, PeerError
 from streams.serve.rate_limit import retry_after
+from streams.serve.request_bodies import MemorySearch, parse_batch, parse_search, parse_task_request, read_json
 from streams.serve.web_auth import ApiGuard, Refused
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 1024
-MAX_BATCH_REQUESTS = MAX_BATCH_TASKS
 #: Tasks per agent in ``GET /v1/agents?include=recent_tasks``, newest first.
 RECENT_TASKS = 5
 #: Carries the peer secret on requests one worker forwards to another (see ``streams.serve.web_auth``).
 FORWARDED = "X-Blackroad-Forwarded"
-_TASK_FIELDS = {
-    "title": str,
-    "description": str,
-    "agent_id": str,
-    "priority": (str, int),
-    "kind": str,
-    "payload": dict,
-    "deadline": (int, type(None)),
-    "metadata": dict,
-    "agent_type": str,
-    "id": str,
-}
-_STATUS = {
-    "invalid_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "rate_limited": 429,
-    "internal_error": 500,
-}
-#: Seconds a client is asked to wait before retrying a 503 (``Retry-After``) unless the error says otherwise.
-RETRY_AFTER = 1
 #: ... while the broker does not acknowledge records: an outage tends to last seconds, not a moment.
 BROKER_RETRY_AFTER = 2
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        status: int | None = None,
-        details: Any = None,
-        retry_after: int | None = None,
-        auth_challenge: bool = False,
-    ) -> None:
-        super().__init__(message)
-        #: Whether the answer tells the client how to authenticate (``WWW-Authenticate``).
-        self.auth_challenge = auth_challenge
-        self.code = code
-        self.message = message
-        self.status = status or _STATUS.get(code, 400)
-        self.details = details or {}
-        #: Sent as ``Retry-After`` (seconds); every 503 carries one.
-        self.retry_after = retry_after if retry_after is not None else RETRY_AFTER if self.status == 503 else None
 
 
 def _json(view: web.View, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
     return view.bytes(orjson.dumps(value), content_type="application/json", status=status, headers=headers)
 
 
-#: Carries a request's id both ways: a client's own is kept if it is a plausible one.
-REQUEST_ID = "X-Request-ID"
-_REQUEST_ID_SHAPE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 #: Responses longer than this go gzip-compressed to clients that accept it.
 COMPRESS_ABOVE = 1024
-
-
-def request_id(request: Any) -> str:
-    """The request's id: its ``X-Request-ID`` when that is 1-128 of ``A-Z a-z 0-9 . _ : -``, else a new one."""
-    given = request.headers.get(REQUEST_ID)
-    if given is not None and _REQUEST_ID_SHAPE.fullmatch(given):
-        return str(given)
-    return f"req_{secrets.token_hex(8)}"
-
-
-def _envelope(exc: ApiError, request_id: str) -> bytes:
-    body = {"error": {"code": exc.code, "message": exc.message, "details": exc.details}, "request_id": request_id}
-    return orjson.dumps(body)
 
 
 def compress(request: Any, response: Any) -> None:
@@ -133,36 +73,9 @@ def compress(request: Any, response: Any) -> None:
         response.headers["Vary"] = "Accept-Encoding"
 
 
-def _error_headers(exc: ApiError) -> dict[str, str] | None:
-    headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
-    if exc.auth_challenge:
-        headers["WWW-Authenticate"] = 'Bearer realm="blackroad"'
-    return headers or None
-
-
 def _error(view: web.View, exc: ApiError, request_id: str) -> Any:
     return view.bytes(
-        _envelope(exc, request_id), content_type="application/json", status=exc.status, headers=_error_headers(exc)
-    )
-
-
-@aiohttp_web.middleware
-async def router_errors_in_envelope(request: aiohttp_web.Request, handler: Any) -> aiohttp_web.StreamResponse:
-    """A path no view serves (404), or a method a view does not take (405), in the error envelope.
-
-    aiohttp's router answers these itself, in plain text, before any view runs.
-    """
-    try:
-        response: aiohttp_web.StreamResponse = await handler(request)
-        return response
-    except aiohttp_web.HTTPNotFound:
-        exc = ApiError("not_found", f"no view at {request.path}", details={"path": request.path})
-    except aiohttp_web.HTTPMethodNotAllowed as refused:
-        allowed = sorted(refused.allowed_methods)
-        exc = ApiError("invalid_request", f"method {request.method} not allowed", 405, {"allowed": allowed})
-    asked = request_id(request)
-    return aiohttp_web.Response(
-        body=_envelope(exc, asked), status=exc.status, content_type="application/json", headers={REQUEST_ID: asked}
+        envelope(exc, request_id), content_type="application/json", status=exc.status, headers=error_headers(exc)
     )
 
 
@@ -195,7 +108,8 @@ class ApiView(web.View):
                 # Refused before its body was read (no token, over its limit): closing costs
                 # less than reading a body nobody will use.
                 response.force_close()
-        except KeyError:
+        except (KeyError, MethodNotAllowed):
+            # A method Faust's view does not know (KeyError), or HEAD of a view with no GET.
             response = _error(self, ApiError("invalid_request", f"method {request.method} not allowed", 405), asked)
         except Exception as exc:
             log.exception("web view %s failed (request %s): %r", self.name, asked, exc)
@@ -312,158 +226,15 @@ def agent_document(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def parse_task_request(body: Any, where: str = "body") -> wire.TaskEvent:
-    """Validate one task request (HTTP JSON) and build its event."""
-    if not isinstance(body, dict):
-        raise ApiError("invalid_request", f"{where} must be a JSON object")
-    unknown = sorted(set(body) - set(_TASK_FIELDS))
-    if unknown:
-        raise ApiError("invalid_request", f"unknown fields in {where}: {unknown}", details={"fields": unknown})
-    for name, expected in _TASK_FIELDS.items():
-        if name in body and not isinstance(body[name], expected):  # type: ignore[arg-type]
-            raise ApiError("invalid_request", f"{where}.{name} has the wrong type", details={"field": name})
-    for required in ("agent_id", "kind"):
-        if required not in body:
-            raise ApiError("invalid_request", f"{where}.{required} is required", details={"field": required})
-    wire_map = {
-        "v": wire.SCHEMA_VERSION,
-        "type": wire.TASK_CREATED,
-        "ts": wire.now_ms(),
-        # An id given is validated as sent (an empty one too); only a missing one is made up.
-        "task_id": body["id"] if "id" in body else domain.new_id("task"),
-        **{k: v for k, v in body.items() if k != "id"},
-    }
-    try:
-        return wire.task_from_map(wire_map)
-    except WireError as exc:
-        raise ApiError("invalid_request", f"{where}: {exc}") from None
-
-
-async def read_json(request: Any) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError("invalid_request", f"body larger than {MAX_BODY_BYTES} bytes", 413)
-    body = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError("invalid_request", f"body larger than {MAX_BODY_BYTES} bytes", 413)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError("invalid_request", f"malformed JSON: {exc}") from None
-
-
-def _path_id(value: str, field: str, shape: re.Pattern[str], longest: int) -> None:
-    """Refuse (400) an id in a path that no row could have: too long, or not of its shape."""
-    if len(value) > longest or not shape.fullmatch(value):
-        raise ApiError(
-            "invalid_request",
-            f"{field} is not a valid id (at most {longest} characters of the documented shape)",
-            details={"field": field},
-        )
-
-
-def _int_query(request: Any, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError("invalid_request", f"{name} must be an integer", details={"field": name}) from None
-    if not low <= value <= high:
-        raise ApiError("invalid_request", f"{name} must be between {low} and {high}", details={"field": name})
-    return value
-
-
-def _task_status_query(request: Any) -> str | None:
-    """The ``status`` query parameter, canonical (a variant mapped), or None."""
-    raw = request.query.get("status") or None
-    if raw is None:
-        return None
-    status = domain.canonical_task_status(raw)
-    if status is None:
-        raise ApiError(
-            "invalid_request",
-            f"unknown status; expected one of {list(domain.TASK_STATUSES)}",
-            details={"field": "status"},
-        )
-    return status
-
-
-def _cursor_query(request: Any, name: str, parse: Callable[[str], Any]) -> str | None:
-    """A page cursor query parameter (checked by ``parse``), or None."""
-    raw = request.query.get(name) or None
+def cursor(request: Any, parameter: PatternQuery, parse: Callable[[str], Any]) -> str | None:
+    """A page cursor query parameter (of its shape, then checked by ``parse``), or None."""
+    raw = parameter.read(request.query)
     if raw is not None:
         try:
             parse(raw)
         except queries.BadCursor as exc:
-            raise ApiError("invalid_request", str(exc), details={"field": name}) from None
+            raise invalid(parameter.name, str(exc)) from None
     return raw
-
-
-class MemorySearch:
-    """A validated ``POST /v1/memory/search`` request."""
-
-    def __init__(self, query: str, limit: int, threshold: float | None, filters: dict[str, str]) -> None:
-        self.query = query
-        self.limit = limit
-        self.threshold = threshold
-        self.filters = filters
-        self.vector: Any = None
-
-
-_SEARCH_FIELDS = {"query", "limit", "threshold", "filters"}
-_SEARCH_FILTERS = {"agent_id", "memory_type", "tier"}
-MAX_QUERY_CHARS = 4000
-MAX_SEARCH_LIMIT = 100
-
-
-def parse_search(body: Any) -> MemorySearch:
-    """Validate a memory search request (``{query, limit, threshold, filters}``)."""
-    if not isinstance(body, dict):
-        raise ApiError("invalid_request", "body must be a JSON object")
-    unknown = sorted(set(body) - _SEARCH_FIELDS)
-    if unknown:
-        raise ApiError("invalid_request", f"unknown fields in body: {unknown}", details={"fields": unknown})
-    query = body.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise ApiError("invalid_request", "query must be a non-empty string", details={"field": "query"})
-    if len(query) > MAX_QUERY_CHARS:
-        raise ApiError(
-            "invalid_request", f"query is longer than {MAX_QUERY_CHARS} characters", details={"field": "query"}
-        )
-    limit = body.get("limit", 10)
-    if type(limit) is not int or not 1 <= limit <= MAX_SEARCH_LIMIT:
-        raise ApiError(
-            "invalid_request", f"limit must be an integer from 1 to {MAX_SEARCH_LIMIT}", details={"field": "limit"}
-        )
-    threshold = body.get("threshold")  # None: the model's own (Embedder.default_threshold)
-    if threshold is not None and (type(threshold) not in (int, float) or not -1.0 <= threshold <= 1.0):
-        raise ApiError("invalid_request", "threshold must be a number from -1 to 1", details={"field": "threshold"})
-    filters = body.get("filters") or {}
-    if not isinstance(filters, dict):
-        raise ApiError("invalid_request", "filters must be a JSON object", details={"field": "filters"})
-    unknown = sorted(set(filters) - _SEARCH_FILTERS)
-    if unknown:
-        raise ApiError(
-            "invalid_request",
-            f"unknown filters: {unknown}; known: {sorted(_SEARCH_FILTERS)}",
-            details={"fields": unknown},
-        )
-    chosen = {name: value for name, value in filters.items() if value is not None}
-    for name, value in chosen.items():
-        if not isinstance(value, str):
-            raise ApiError("invalid_request", f"filters.{name} must be a string", details={"field": f"filters.{name}"})
-    if "memory_type" in chosen and chosen["memory_type"] not in domain.MEMORY_TYPES:
-        raise ApiError(
-            "invalid_request",
-            f"unknown memory_type; expected one of {sorted(domain.MEMORY_TYPES)}",
-            details={"field": "filters.memory_type"},
-        )
-    if "tier" in chosen and chosen["tier"] not in TIERS:
-        raise ApiError(
-            "invalid_request", f"unknown tier; expected one of {list(TIERS)}", details={"field": "filters.tier"}
-        )
-    return MemorySearch(query, limit, None if threshold is None else float(threshold), chosen)
 
 
 def search_result(hit: Hit, entry: dict[str, Any]) -> dict[str, Any]:
@@ -564,22 +335,16 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "agents"
 
         async def get(self, request: Any) -> Any:
-            limit = _int_query(request, "limit", 20, 1, 100)
-            offset = _int_query(request, "offset", 0, 0, 10_000_000)
-            status = request.query.get("status")
-            include = {part for part in request.query.get("include", "").split(",") if part}
-            if include - {"recent_tasks"}:
-                raise ApiError("invalid_request", "include may only be recent_tasks", details={"field": "include"})
-            if status:
-                status = domain.canonical_agent_status(status)
-                if status is None:
-                    raise ApiError("invalid_request", f"unknown status; expected one of {list(domain.AGENT_STATUSES)}")
+            limit = api.AGENTS_LIMIT.read(request.query)
+            offset = api.AGENTS_OFFSET.read(request.query)
+            status = api.AGENT_STATUS.read(request.query)
+            include = api.AGENTS_INCLUDE.read(request.query)
             matching = sorted(
                 (row for row in agents_rows.values() if not status or row["status"] == status), key=lambda r: r["id"]
             )
             total = len(matching)
             if FORWARDED in request.headers:
-                window = _int_query(request, "window", offset + limit, 0, 10_000_000)
+                window = api.PEER_WINDOW.read(request.query) if "window" in request.query else offset + limit
                 return _json(self, {"agents": [agent_document(r) for r in matching[:window]], "total": total})
             docs = [agent_document(r) for r in matching[: offset + limit]]
             for peer in peers():
@@ -604,7 +369,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "agent"
 
         async def get(self, request: Any, agent_id: str) -> Any:
-            _path_id(agent_id, "agent_id", domain.AGENT_ID, domain.MAX_AGENT_ID)
+            api.AGENT_ID.check(agent_id)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             row = agents_rows.get(agent_id)
@@ -632,13 +397,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "memory"
 
         async def get(self, request: Any, agent_id: str) -> Any:
-            _path_id(agent_id, "agent_id", domain.AGENT_ID, domain.MAX_AGENT_ID)
-            tier = request.query.get("tier", "working")
-            if tier not in TIERS:
-                raise ApiError(
-                    "invalid_request", f"unknown tier; expected one of {list(TIERS)}", details={"field": "tier"}
-                )
-            limit = _int_query(request, "limit", 100, 1, 1000)
+            api.AGENT_ID.check(agent_id)
+            tier = api.MEMORY_TIER.chosen(request.query)
+            limit = api.MEMORY_LIMIT.read(request.query)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             if tier != "working":
@@ -668,7 +429,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "memory_verify"
 
         async def get(self, request: Any, agent_id: str) -> Any:
-            _path_id(agent_id, "agent_id", domain.AGENT_ID, domain.MAX_AGENT_ID)
+            api.AGENT_ID.check(agent_id)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             row = thaw(memory_rows.get(agent_id))
@@ -806,10 +567,10 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         reads_tables = False
 
         async def get(self, request: Any, agent_id: str) -> Any:
-            _path_id(agent_id, "agent_id", domain.AGENT_ID, domain.MAX_AGENT_ID)
-            limit = _int_query(request, "limit", 20, 1, 100)
-            status = _task_status_query(request)
-            before = _cursor_query(request, "before", queries.parse_cursor)
+            api.AGENT_ID.check(agent_id)
+            limit = api.TASKS_LIMIT.read(request.query)
+            status = api.TASK_STATUS.read(request.query)
+            before = cursor(request, api.BEFORE, queries.parse_cursor)
             tasks, next_before = await from_history(
                 lambda conn: queries.agent_tasks(conn, agent_id, status, before, limit)
             )
@@ -820,7 +581,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "task"
 
         async def get(self, request: Any, task_id: str) -> Any:
-            _path_id(task_id, "task_id", domain.TASK_ID, domain.MAX_TASK_ID)
+            api.TASK_ID.check(task_id)
             row = tasks_rows.get(task_id)
             if row is not None and not task_expired(row, wire.now_ms() - retention_ms):
                 return _json(self, _public(thaw(row)))
@@ -842,9 +603,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         write_methods = frozenset({"POST"})
 
         async def get(self, request: Any) -> Any:
-            limit = _int_query(request, "limit", 20, 1, 100)
-            status = _task_status_query(request)
-            since = _cursor_query(request, "since", queries.parse_since)
+            limit = api.TASKS_LIMIT.read(request.query)
+            status = api.TASK_STATUS.read(request.query)
+            since = cursor(request, api.SINCE, queries.parse_since)
             tasks, next_since = await from_history(lambda conn: queries.task_feed(conn, status, since, limit))
             return _json(self, {"tasks": tasks, "limit": limit, "next_since": next_since})
 
@@ -861,13 +622,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
         async def post(self, request: Any) -> Any:
             refuse_if_blocked(request)
-            body = await read_json(request)
-            if not isinstance(body, dict) or set(body) != {"requests"} or not isinstance(body["requests"], list):
-                raise ApiError("invalid_request", 'body must be {"requests": [...]}')
-            requests = body["requests"]
-            if not 1 <= len(requests) <= MAX_BATCH_REQUESTS:
-                raise ApiError("invalid_request", f"requests must hold 1 to {MAX_BATCH_REQUESTS} tasks")
-            events = [parse_task_request(r, f"requests[{i}]") for i, r in enumerate(requests)]
+            events = parse_batch(await read_json(request))
             await produce(request, events)
             return _json(self, {"results": [{"id": e.task_id, "status": "queued"} for e in events]}, 202)
 
@@ -910,6 +665,19 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
         async def get(self, request: Any) -> Any:
             return _json(self, app.pipeline.stats_view.snapshot)
+
+    contract = orjson.dumps(build_document(package_version()))
+
+    @app.page("/openapi.json")
+    class OpenApi(ApiView):
+        """The API's OpenAPI 3.1 document (``streams.serve.openapi``): open to anyone."""
+
+        name = "openapi"
+        reads_tables = False
+        open_to_all = True
+
+        async def get(self, request: Any) -> Any:
+            return self.bytes(contract, content_type="application/json")
 
     @app.page("/metrics")
     class PrometheusMetrics(ApiView):

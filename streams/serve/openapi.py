@@ -1,0 +1,83 @@
+"""The OpenAPI 3.1 document of the HTTP API, built from ``streams.serve.contract``."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from importlib import metadata
+from typing import Any
+
+from streams.serve.contract import responses
+from streams.serve.contract.operations import BODIES, OPERATIONS, Operation
+from streams.serve.contract.params import openapi_parameter
+
+HEADERS = {
+    # Every answer carries the request's id (the client's own X-Request-ID when plausible).
+    "X-Request-ID": {"description": "the request's id", "required": True, "schema": {"type": "string"}},
+    "Retry-After": {
+        "description": "seconds to wait before retrying",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+}
+_RETRIED = {429, 503}
+
+DESCRIPTION = """\
+Agents, tasks and memory of BlackRoad as an event-streaming pipeline.
+
+Every error answers with the envelope `{"error": {"code", "message", "details"}, "request_id"}`,
+including a path no view serves (404), a method a view does not take (405) and a request the
+HTTP parser refuses (400). Writes need `Authorization: Bearer <token>` when API tokens are
+configured (reads too with `BLACKROAD_API_READS=token`).
+"""
+
+
+def _answer(description: str, schema: dict[str, Any], content_type: str, status: int) -> dict[str, Any]:
+    named = ("X-Request-ID", "Retry-After") if status in _RETRIED else ("X-Request-ID",)
+    headers = {name: {"$ref": f"#/components/headers/{name}"} for name in named}
+    return {"description": description, "headers": headers, "content": {content_type: {"schema": schema}}}
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    answers = {str(op.ok_status): _answer(HTTPStatus(op.ok_status).phrase, op.ok, op.content_type, op.ok_status)}
+    for status in op.answers:
+        answers[str(status)] = _answer(HTTPStatus(status).phrase, op.ok, op.content_type, status)
+    for status in op.errors:
+        answers[str(status)] = _answer(HTTPStatus(status).phrase, responses.ref("Error"), "application/json", status)
+    document: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "responses": answers,
+        # open: no token asked; read: one when BLACKROAD_API_READS=token; write: one when tokens are on.
+        "security": {"open": [], "read": [{"bearerAuth": []}, {}], "write": [{"bearerAuth": []}]}[op.access],
+    }
+    if op.parameters:
+        document["parameters"] = [openapi_parameter(parameter) for parameter in op.parameters]
+    if op.body is not None:
+        document["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": responses.ref(op.body)}},
+        }
+    return document
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("blackroad-streams")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_document(version: str) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "BlackRoad streams", "version": version, "description": DESCRIPTION},
+        "paths": paths,
+        "components": {
+            "schemas": {**responses.COMPONENTS, **BODIES},
+            "headers": HEADERS,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }
