@@ -173,6 +173,36 @@ OPERATIONS: tuple[Operation, ...] = (
         answers=(503,),
     ),
     Operation("get", "/openapi.json", "openapi", "This document", {"type": "object"}, access="open", errors=(500,)),
+    Operation(
+        "get",
+        "/dashboard",
+        "dashboard",
+        "The live dashboard page (docs/dashboard.md)",
+        {"type": "string"},
+        access="open",
+        errors=(500,),
+        content_type="text/html",
+    ),
+    Operation(
+        "get",
+        "/dashboard/dashboard.js",
+        "dashboardScript",
+        "The dashboard's script",
+        {"type": "string"},
+        access="open",
+        errors=(500,),
+        content_type="text/javascript",
+    ),
+    Operation(
+        "get",
+        "/dashboard/dashboard.css",
+        "dashboardStyle",
+        "The dashboard's style",
+        {"type": "string"},
+        access="open",
+        errors=(500,),
+        content_type="text/css",
+    ),
 )
 
 #: The request bodies' schemas (``components/schemas``).

@@ -1,4 +1,4 @@
-"""Serves the dashboard's files: ``GET /dashboard`` (the page) and ``GET /dashboard/{asset}``.
+"""Serves the dashboard's files: ``GET /dashboard`` (the page), its script and its style.
 
 The files are read once, when the views are registered (at app build), from this package's
 data. The page itself needs no token: it holds no data. Its script asks the data views,
@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from streams.serve.web import ApiError, ApiView
+from streams.serve.web import ApiView
 
 #: The page's own files and their content types (nothing else is served under /dashboard/).
 ASSETS = {
@@ -55,13 +55,16 @@ def register_dashboard(app: Any) -> None:
         async def get(self, request: Any) -> Any:
             return serve(self, "index.html")
 
-    @app.page("/dashboard/{asset}")
-    class DashboardAsset(ApiView):
-        name = "dashboard"
-        reads_tables = False
-        open_to_all = True
+    def asset_view(file: str) -> None:
+        @app.page(f"/dashboard/{file}")
+        class DashboardAsset(ApiView):
+            name = "dashboard"
+            reads_tables = False
+            open_to_all = True
 
-        async def get(self, request: Any, asset: str) -> Any:
-            if asset not in assets:
-                raise ApiError("not_found", f"no dashboard file {asset!r}", details={"path": request.path})
-            return serve(self, asset)
+            async def get(self, request: Any) -> Any:
+                return serve(self, file)
+
+    for file in ASSETS:
+        if file != "index.html":
+            asset_view(file)
