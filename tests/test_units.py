@@ -1215,3 +1215,15 @@ def test_a_live_fetch_runs_in_short_pieces_taking_each_partition_in_turn_and_in_
     for tp, records in fetch.items():
         assert [r.offset for chunk in chunks for r in chunk.get(tp, [])] == [r.offset for r in records]
     assert processor_module._live_chunks({"one": fetch["quiet"]}, 1000) == [{"one": fetch["quiet"]}]
+
+
+def test_a_batch_request_is_validated_in_slices_and_names_its_bad_task_by_its_place() -> None:
+    from streams.serve.errors import ApiError
+    from streams.serve.request_bodies import PARSE_SLICE, parse_batch
+
+    good = [{"agent_id": f"agent_slice_{n:03d}", "kind": "tool_execution"} for n in range(PARSE_SLICE * 2 + 5)]
+    events = asyncio.run(parse_batch({"requests": good}))
+    assert [e.agent_id for e in events] == [r["agent_id"] for r in good]
+    bad = [*good[:PARSE_SLICE + 7], {"agent_id": "nobody", "kind": "tool_execution"}]
+    with pytest.raises(ApiError, match=rf"requests\[{PARSE_SLICE + 7}\]"):
+        asyncio.run(parse_batch({"requests": bad}))

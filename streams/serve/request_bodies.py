@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -31,6 +32,10 @@ _SEARCH_FIELD_NAMES = frozenset(SEARCH_FIELDS)
 _FILTER_CHOICES = {
     name: frozenset(schema["enum"]) - {None} for name, schema in SEARCH_FILTERS.items() if "enum" in schema
 }
+
+
+#: Tasks of a batch request validated in one turn of the event loop (:func:`parse_batch`).
+PARSE_SLICE = 100
 
 
 def _too_large() -> ApiError:
@@ -85,14 +90,25 @@ def parse_task_request(body: Any, where: str = "body") -> wire.TaskEvent:
         raise ApiError("invalid_request", f"{where}: {exc}") from None
 
 
-def parse_batch(body: Any) -> list[wire.TaskEvent]:
-    """Validate a ``POST /v1/batch`` body (``{"requests": [...]}``): one bad task refuses all."""
+async def parse_batch(body: Any) -> list[wire.TaskEvent]:
+    """Validate a ``POST /v1/batch`` body (``{"requests": [...]}``): one bad task refuses all.
+
+    The tasks are validated :data:`PARSE_SLICE` at a time, with a turn of the event loop
+    between slices: a request of a thousand tasks (some 5 ms) then does not hold up other
+    clients' requests and the tasks in processing for its whole length.
+    """
     if not isinstance(body, dict) or body.keys() != {"requests"} or not isinstance(body["requests"], list):
         raise ApiError("invalid_request", 'body must be {"requests": [...]}')
     requests = body["requests"]
     if not 1 <= len(requests) <= MAX_BATCH_REQUESTS:
         raise ApiError("invalid_request", f"requests must hold 1 to {MAX_BATCH_REQUESTS} tasks")
-    return [parse_task_request(r, f"requests[{i}]") for i, r in enumerate(requests)]
+    events: list[wire.TaskEvent] = []
+    for start in range(0, len(requests), PARSE_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        piece = requests[start : start + PARSE_SLICE]
+        events.extend(parse_task_request(r, f"requests[{i}]") for i, r in enumerate(piece, start))
+    return events
 
 
 class MemorySearch:

@@ -622,7 +622,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
         async def post(self, request: Any) -> Any:
             refuse_if_blocked(request)
-            events = parse_batch(await read_json(request))
+            events = await parse_batch(await read_json(request))
             await produce(request, events)
             return _json(self, {"results": [{"id": e.task_id, "status": "queued"} for e in events]}, 202)
 
