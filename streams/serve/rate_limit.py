@@ -7,7 +7,9 @@ what 1,000 single posts do). A bucket holds up to ``burst`` and refills at ``rat
 second; a request that would take more than it holds is refused with 429 and told when to
 come back (``Retry-After``), and takes nothing. Until then the client is refused at the
 door (:meth:`TokenBuckets.blocked`), before its request is read: a client that ignores
-``Retry-After`` costs the worker a header check per request, not a parse of its body.
+``Retry-After`` costs the worker a header check per request, not a parse of its body; and
+its request waits (:class:`Holds`) until its ``Retry-After`` is up before it is looked at,
+so a client that asks again at once is slowed to its limit instead of spinning.
 Requests forwarded between workers are not counted again. The buckets of clients idle
 longest are forgotten beyond ``clients`` of them (a forgotten client starts again with a
 full bucket).
@@ -15,6 +17,7 @@ full bucket).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -58,6 +61,33 @@ class TokenBuckets:
         if len(self._buckets) > self._clients:
             self._buckets.popitem(last=False)
         return wait
+
+
+class Holds:
+    """Requests of clients that did not wait their ``Retry-After``, held until it is up.
+
+    A refusal answered at once invites the next try at once: a client that ignores
+    ``Retry-After`` on a few connections then makes thousands of requests a second, each
+    a connection to accept and refuse, and its own machine's work besides. Held instead,
+    each connection asks about once per ``Retry-After``. At most ``most`` requests are held
+    at a time, each at most ``longest`` seconds; beyond that they are refused at once.
+    """
+
+    def __init__(self, most: int = 256, longest: float = 2.0) -> None:
+        self.most = most
+        self.longest = longest
+        self.held = 0
+
+    async def hold(self, seconds: float) -> bool:
+        """Wait ``seconds`` (at most :attr:`longest`); False, at once, when too many already wait."""
+        if self.held >= self.most:
+            return False
+        self.held += 1
+        try:
+            await asyncio.sleep(min(seconds, self.longest))
+        finally:
+            self.held -= 1
+        return True
 
 
 def retry_after(wait: float) -> int:

@@ -35,7 +35,7 @@ from streams.serve.errors import REQUEST_ID, RETRY_AFTER, ApiError, envelope, er
 from streams.serve.ingress import BrokerUnavailable, IngressProducer
 from streams.serve.openapi import build_document, package_version
 from streams.serve.peers import PeerClient, PeerError
-from streams.serve.rate_limit import retry_after
+from streams.serve.rate_limit import Holds, retry_after
 from streams.serve.request_bodies import MemorySearch, parse_batch, parse_search, parse_task_request, read_json
 from streams.serve.web_auth import ApiGuard, Refused
 
@@ -289,12 +289,17 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         status, body = await fetch_raw(url, request.path_qs)
         return view.bytes(body, content_type="application/json", status=status)
 
-    def refuse_if_blocked(request: Any) -> None:
-        """A client refused for its task limit is refused again, before its body is read, until
-        its ``Retry-After`` is up."""
+    holds = Holds()
+
+    async def refuse_if_blocked(request: Any) -> None:
+        """A client refused for its task limit that asks again before its ``Retry-After`` is
+        up waits it out first (:class:`Holds`), its body unread; it is refused if it cannot."""
         if (asking := client(request)) is not None:
             tasks = app.pipeline.guard.tasks
-            over_limit(tasks.blocked(asking), "tasks", tasks.rate)
+            wait = tasks.blocked(asking)
+            if wait > 0 and await holds.hold(wait):
+                wait = tasks.blocked(asking)
+            over_limit(wait, "tasks", tasks.rate)
 
     async def produce(request: Any, events: list[wire.TaskEvent]) -> None:
         """Put a request's tasks on the broker as one record, or raise a 503 naming them (see
@@ -610,7 +615,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             return _json(self, {"tasks": tasks, "limit": limit, "next_since": next_since})
 
         async def post(self, request: Any) -> Any:
-            refuse_if_blocked(request)
+            await refuse_if_blocked(request)
             event = parse_task_request(await read_json(request))
             await produce(request, [event])
             return _json(self, {"id": event.task_id, "status": "queued"}, 202)
@@ -621,7 +626,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         write_methods = frozenset({"POST"})
 
         async def post(self, request: Any) -> Any:
-            refuse_if_blocked(request)
+            await refuse_if_blocked(request)
             events = await parse_batch(await read_json(request))
             await produce(request, events)
             return _json(self, {"results": [{"id": e.task_id, "status": "queued"} for e in events]}, 202)
