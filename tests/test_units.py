@@ -1200,23 +1200,6 @@ def test_every_exported_metric_follows_prometheus_naming_with_its_unit() -> None
         assert name.endswith(units), f"{name} ({kind}) does not end with a unit {units}"
 
 
-def test_a_live_fetch_runs_in_short_pieces_taking_each_partition_in_turn_and_in_order() -> None:
-    from types import SimpleNamespace
-
-    fetch = {
-        "busy": [SimpleNamespace(offset=n, value=b"x" * 100) for n in range(50)],
-        "quiet": [SimpleNamespace(offset=n, value=b"y" * 100) for n in range(2)],
-    }
-    chunks = processor_module._live_chunks(fetch, 1000)
-    assert len(chunks) > 1
-    # The quiet partition's records are in the first piece, not behind the busy one's backlog.
-    assert [r.offset for r in chunks[0]["quiet"]] == [0, 1]
-    assert all(sum(len(r.value) for rs in chunk.values() for r in rs) <= 1000 + 200 for chunk in chunks)
-    for tp, records in fetch.items():
-        assert [r.offset for chunk in chunks for r in chunk.get(tp, [])] == [r.offset for r in records]
-    assert processor_module._live_chunks({"one": fetch["quiet"]}, 1000) == [{"one": fetch["quiet"]}]
-
-
 def test_a_batch_request_is_validated_in_slices_and_names_its_bad_task_by_its_place() -> None:
     from streams.serve.errors import ApiError
     from streams.serve.request_bodies import PARSE_SLICE, parse_batch
@@ -1224,6 +1207,6 @@ def test_a_batch_request_is_validated_in_slices_and_names_its_bad_task_by_its_pl
     good = [{"agent_id": f"agent_slice_{n:03d}", "kind": "tool_execution"} for n in range(PARSE_SLICE * 2 + 5)]
     events = asyncio.run(parse_batch({"requests": good}))
     assert [e.agent_id for e in events] == [r["agent_id"] for r in good]
-    bad = [*good[:PARSE_SLICE + 7], {"agent_id": "nobody", "kind": "tool_execution"}]
+    bad = [*good[: PARSE_SLICE + 7], {"agent_id": "nobody", "kind": "tool_execution"}]
     with pytest.raises(ApiError, match=rf"requests\[{PARSE_SLICE + 7}\]"):
         asyncio.run(parse_batch({"requests": bad}))

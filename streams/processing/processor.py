@@ -44,11 +44,8 @@ _MAX_DIRTY_ROWS = 100_000
 #: Bytes of record values processed in one go: a fetch of packed ``task.batch`` events
 #: can hold far more tasks than records, and web views must not wait for all of them.
 _CHUNK_BYTES = 1024 * 1024
-#: Most tasks of a ``task.batch`` run in one piece; a larger batch is sent on in pieces this size.
+#: Most tasks in one record of those a ``task.batch``'s tasks of other partitions are sent on in.
 SPREAD = 64
-#: Bytes of record values processed in one go while the worker keeps up (about 200 tasks):
-#: a fetch then runs in short pieces, round-robin over its partitions (:func:`_live_chunks`).
-_LIVE_CHUNK_BYTES = 16 * 1024
 #: Expired tasks removed per call of :meth:`BatchProcessor.expire_tasks`.
 EXPIRY_CHUNK = 5_000
 
@@ -105,8 +102,7 @@ class BatchProcessor:
         """
         if fetched_in is None:
             fetched_in = self.rebalances()
-        chunks = _chunks(batch, _CHUNK_BYTES) if self.behind else _live_chunks(batch, _LIVE_CHUNK_BYTES)
-        for chunk in chunks:
+        for chunk in _chunks(batch, _CHUNK_BYTES):
             if not await self._process_chunk(chunk, fetched_in):
                 return
 
@@ -271,30 +267,22 @@ class BatchProcessor:
                 items.append(Item(partition, offset, event))
 
     def _spread(self, events: list[TaskEvent], partition: int) -> list[TaskEvent]:
-        """The tasks of a ``task.batch`` that run here now; the others go on to their partitions.
-
-        Tasks of other partitions are sent on to theirs, packed by partition in records of
-        at most :data:`SPREAD` tasks. So are this partition's own, in a batch that had tasks
-        of others (as the HTTP ingress's do), when there are more than :data:`SPREAD`: a
-        client's batch of a thousand tasks then runs in pieces that other clients' tasks can
-        come between (see :func:`_live_chunks`), instead of holding the worker for its whole
-        length.
-        """
+        """The tasks of a ``task.batch`` of this partition; the others go on to their partitions,
+        packed by partition in records of at most :data:`SPREAD` tasks (a ``POST /v1/batch``
+        of a thousand tasks for agents everywhere becomes a few records, not a thousand)."""
         partition_for = self.partition_for
+        here: list[TaskEvent] = []
         by_partition: dict[int, list[TaskEvent]] = {}
         for event in events:
             destination = partition_for(event.agent_id.encode())
+            if destination == partition:
+                here.append(event)
+                continue
             found = by_partition.get(destination)
             if found is None:
                 by_partition[destination] = [event]
             else:
                 found.append(event)
-        here = by_partition.pop(partition, [])
-        if not by_partition:
-            return here  # a producer's own batch for this partition (as ``blackroad produce`` packs them)
-        if len(here) > SPREAD:
-            by_partition[partition] = here
-            here = []
         for destination, moving in by_partition.items():
             for start in range(0, len(moving), SPREAD):
                 piece = moving[start : start + SPREAD]
@@ -358,38 +346,5 @@ def _chunks(batch: dict[Any, list[Any]], budget: int) -> list[dict[Any, list[Any
             current.setdefault(tp, []).append(record)
             size += len(record.value or b"")
     if current:
-        chunks.append(current)
-    return chunks
-
-
-def _live_chunks(batch: dict[Any, list[Any]], budget: int) -> list[dict[Any, list[Any]]]:
-    """Split a fetch into pieces of about ``budget`` bytes, taking a record of each partition in turn.
-
-    For a worker that keeps up, where latency counts: a partition with a backlog (a
-    client's large batch) then shares every piece with the others' next records instead
-    of going first whole. Each partition stays in order.
-    """
-    if len(batch) == 1:
-        return _chunks(batch, budget)
-    queues = [(tp, records, len(records)) for tp, records in batch.items()]
-    positions = [0] * len(queues)
-    chunks: list[dict[Any, list[Any]]] = []
-    left = sum(len(records) for records in batch.values())
-    while left:
-        current: dict[Any, list[Any]] = {}
-        size = 0
-        while left and size < budget:
-            for index, (tp, records, count) in enumerate(queues):
-                at = positions[index]
-                if at < count:
-                    record = records[at]
-                    positions[index] = at + 1
-                    left -= 1
-                    found = current.get(tp)
-                    if found is None:
-                        current[tp] = [record]
-                    else:
-                        found.append(record)
-                    size += len(record.value or b"")
         chunks.append(current)
     return chunks
