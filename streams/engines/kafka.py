@@ -235,7 +235,8 @@ class KafkaBroker(ChildBroker):
         self.client = client
         self.home = home
         self.node_id = node_id
-        #: Broker properties that replace or add to :func:`server_properties` (e.g. for the bench).
+        #: Broker properties that replace or add to :func:`server_properties` (e.g. for the bench);
+        #: ``{controller_port}`` in a value becomes the port the controller listens on at this start.
         self.properties = dict(properties or {})
         self.records = home / "records"
         self.log_path = home / "broker.log"

@@ -170,6 +170,9 @@ async def wait_for_broker(bootstrap: Settings | str, timeout: float = 30.0) -> N
             return
         except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
             last_error = exc
+            if not isinstance(bootstrap, str):
+                # Refused credentials are no "not yet": fail now, naming the setting.
+                await kafka_clients.check_credentials(bootstrap)
         finally:
             await admin.close()
         await asyncio.sleep(0.2)

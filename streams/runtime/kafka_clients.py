@@ -93,3 +93,41 @@ def client(target: Settings | str, **options: Any) -> AIOKafkaClient:
     from aiokafka.client import AIOKafkaClient
 
     return AIOKafkaClient(**client_options(target), **options)
+
+
+async def check_credentials(settings: Settings) -> None:
+    """Raise :class:`SettingsError` naming the setting when the broker refuses this client's
+    SASL credentials or TLS handshake; return quietly otherwise (also when it is unreachable).
+
+    A Kafka client retries a refused connection like a lost one, so without this a worker
+    with a wrong password would wait for a broker that will never let it in.
+    """
+    from aiokafka import errors
+    from aiokafka.conn import create_conn
+
+    from streams.runtime.settings import SettingsError
+
+    host, _, port = settings.bootstrap.split(",")[0].strip().rpartition(":")
+    options = client_options(settings)
+    del options["bootstrap_servers"]
+    try:
+        connection = await create_conn(host.strip("[]"), int(port), request_timeout_ms=5000, **options)
+    except (errors.SaslAuthenticationFailed, errors.AuthenticationFailedError):
+        raise SettingsError(
+            "KAFKA_SASL_PASSWORD",
+            f"the broker at {settings.bootstrap} refused user {settings.kafka_sasl_username!r} "
+            f"({settings.kafka_sasl_mechanism}): authentication failed; check BLACKROAD_KAFKA_SASL_USERNAME "
+            "and BLACKROAD_KAFKA_SASL_PASSWORD (or _FILE)",
+        ) from None
+    except errors.UnsupportedSaslMechanismError:
+        raise SettingsError(
+            "KAFKA_SASL_MECHANISM", f"the broker at {settings.bootstrap} does not offer {settings.kafka_sasl_mechanism}"
+        ) from None
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            "KAFKA_SSL_CAFILE",
+            f"the TLS handshake with the broker at {settings.bootstrap} failed: {exc.reason or exc}",
+        ) from None
+    except (errors.KafkaError, OSError, TimeoutError, ValueError):
+        return  # not reachable (yet): the caller waits and asks again
+    connection.close()
