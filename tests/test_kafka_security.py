@@ -177,6 +177,20 @@ def test_a_worker_with_sasl_credentials_and_its_acls_processes_tasks(sasl_broker
 
         wait_until(processed, 60, what="the ingest user's tasks to be processed")
         wait_until(lambda: worker.get("/v1/agents/agent_http_001")[0] == 200, 30, what="the HTTP task to be processed")
+        # `blackroad produce` as the producer-only user.
+        before = worker.stats()["completed_tasks"]
+        produced = subprocess.run(
+            [sys.executable, "-m", "streams.cli", "produce", "--count", "40", "--rate", "0", "--agents", "8"],
+            cwd=ROOT,
+            env={**deployment.env, **_security(sasl_broker, "ingest", PASSWORDS["ingest"])},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert produced.returncode == 0, produced.stdout + produced.stderr
+        assert PASSWORDS["ingest"] not in produced.stdout + produced.stderr
+        wait_until(lambda: worker.stats()["completed_tasks"] >= before + 40, 60, what="the produced tasks to complete")
         # ...but a changelog row it forges is refused by the broker.
         changelog = f"{deployment.env['BLACKROAD_APP_ID']}-agents-changelog"
         with pytest.raises(TopicAuthorizationFailedError):

@@ -195,7 +195,12 @@ async def create_topic(
     ``Settings.topic_configs``).
     """
     from aiokafka.admin import NewTopic
-    from aiokafka.errors import InvalidReplicationFactorError, TopicAlreadyExistsError, for_code
+    from aiokafka.errors import (
+        InvalidReplicationFactorError,
+        TopicAlreadyExistsError,
+        TopicAuthorizationFailedError,
+        for_code,
+    )
 
     from streams.runtime.settings import SettingsError
 
@@ -214,5 +219,9 @@ async def create_topic(
                 f"the cluster at {kafka_clients.address(bootstrap)} refused {replication_factor} copies of {topic}; "
                 "set it at most the number of brokers",
             )
+        if code == TopicAuthorizationFailedError.errno:
+            # A principal that may only write the topic (docs/kafka-security.md): whether it
+            # exists is for its first write to tell.
+            continue
         if code not in (0, TopicAlreadyExistsError.errno):
             raise BrokerError(f"could not create topic {topic}: {for_code(code).__name__}")
