@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from aiokafka.errors import TopicAuthorizationFailedError
 
-from streams.engines.kafka import KafkaBroker, sasl_plain_properties
+from streams.engines import kafka_jars
+from streams.engines.kafka import KafkaBroker, Keystore, sasl_plain_properties
 from streams.runtime import kafka_clients
 from streams.runtime.broker import free_port
 from streams.runtime.kafka_acls import create_acls, producer_acls, worker_acls
@@ -42,23 +44,64 @@ def _security(bootstrap: str, user: str, password: str) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class SecuredBroker:
+    #: The SASL_PLAINTEXT listener.
+    bootstrap: str
+    #: The SASL_SSL listener, and the (self-signed) certificate its clients trust.
+    ssl_bootstrap: str
+    cafile: Path
+
+
 @pytest.fixture(scope="module")
-def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]:
     require_kafka()
+    home = tmp_path_factory.mktemp("sasl-kafka")
+    keystore, cafile = _self_signed(home)
     port = free_port()
+    ssl_port = free_port()
+    while ssl_port == port:
+        ssl_port = free_port()
     bootstrap = f"127.0.0.1:{port}"
     admin = Settings.from_env(_security(bootstrap, "admin", PASSWORDS["admin"]))
     broker = KafkaBroker(
         port,
-        tmp_path_factory.mktemp("sasl-kafka"),
-        properties=sasl_plain_properties(port, PASSWORDS, "admin"),
+        home,
+        properties=sasl_plain_properties(port, PASSWORDS, "admin", ssl_port, keystore),
         client=admin,
     )
     broker.start()
     try:
-        yield bootstrap
+        yield SecuredBroker(bootstrap, f"127.0.0.1:{ssl_port}", cafile)
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def sasl_broker(secured: SecuredBroker) -> str:
+    return secured.bootstrap
+
+
+def _self_signed(home: Path) -> tuple[Keystore, Path]:
+    """A PKCS#12 keystore with a self-signed certificate for 127.0.0.1, and that certificate (PEM)."""
+    java = kafka_jars.java_executable()
+    assert java is not None
+    keytool = str(Path(java).resolve().parent / "keytool")
+    keystore = Keystore(home / "broker.p12", "keystore-secret-31337")
+    common = ["-keystore", str(keystore.path), "-storepass", keystore.password, "-alias", "broker"]
+    key = ["-keyalg", "RSA", "-keysize", "2048", "-validity", "2", "-storetype", "PKCS12"]
+    key += ["-keypass", keystore.password]
+    subprocess.run(
+        [keytool, "-genkeypair", *common, *key, "-dname", "CN=127.0.0.1", "-ext", "SAN=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    cafile = home / "ca.pem"
+    subprocess.run(
+        [keytool, "-exportcert", "-rfc", *common, "-file", str(cafile)], check=True, capture_output=True, timeout=60
+    )
+    return keystore, cafile
 
 
 # --- settings ---------------------------------------------------------------------------
@@ -235,3 +278,34 @@ async def _send(target: Settings, topic: str, records: list[tuple[bytes, bytes]]
             await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
+
+
+def test_clients_and_a_worker_talk_sasl_ssl_with_the_ca_file(secured: SecuredBroker, tmp_path: Path) -> None:
+    deployment = Deployment(secured.ssl_bootstrap, tmp_path, partitions=2)
+    tls = {
+        **_security(secured.ssl_bootstrap, "admin", PASSWORDS["admin"]),
+        "BLACKROAD_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "BLACKROAD_KAFKA_SSL_CAFILE": str(secured.cafile),
+    }
+    deployment.env.update(tls)
+    try:
+        worker = deployment.worker().start().wait_ready(90)
+        status, body = worker.post("/v1/tasks", {"agent_id": "agent_tls_001", "kind": "tool_execution", "payload": {}})
+        assert status in (200, 201, 202), body
+        wait_until(lambda: worker.get("/v1/agents/agent_tls_001")[0] == 200, 30, what="the task sent over TLS")
+    finally:
+        deployment.close()
+    # Without the CA file the broker's certificate is not trusted: one line naming the setting.
+    untrusted = {key: value for key, value in tls.items() if key != "BLACKROAD_KAFKA_SSL_CAFILE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "worker"],
+        cwd=ROOT,
+        env={**os.environ, **untrusted, "BLACKROAD_DATA_DIR": str(tmp_path / "untrusted"), "BLACKROAD_HISTORY": "off"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("blackroad:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stdout + result.stderr
+    assert errors[0].startswith("blackroad: BLACKROAD_KAFKA_SSL_CAFILE: the TLS handshake"), errors

@@ -123,31 +123,57 @@ def server_properties(
     }
 
 
-def sasl_plain_properties(port: int, users: Mapping[str, str], admin: str) -> dict[str, str]:
-    """Properties that make the broker's port a ``SASL_PLAINTEXT`` listener with the PLAIN mechanism.
+@dataclass(frozen=True)
+class Keystore:
+    """A PKCS#12 keystore holding a broker's TLS key and certificate."""
+
+    path: Path
+    password: str
+
+
+def sasl_plain_properties(
+    port: int, users: Mapping[str, str], admin: str, ssl_port: int | None = None, keystore: Keystore | None = None
+) -> dict[str, str]:
+    """Properties that make the broker's port a ``SASL_PLAINTEXT`` listener with the PLAIN mechanism,
+    and ``ssl_port`` (with ``keystore``) a ``SASL_SSL`` one.
 
     ``users`` maps each user name to its password; ``admin`` (one of them) is the broker's own
     principal between brokers and a super user. The authorizer is on and refuses whatever no
     ACL allows (docs/kafka-security.md). The controller listener stays plain text on loopback;
     its principal (``ANONYMOUS``, the broker reaching its controller) is a super user too.
     """
-    listener = "SASL_PLAINTEXT"
     entries = " ".join(f'user_{name}="{password}"' for name, password in users.items())
-    return {
-        "listeners": f"{listener}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{{controller_port}}",
-        "advertised.listeners": f"{listener}://127.0.0.1:{port}",
-        "listener.security.protocol.map": f"{listener}:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "inter.broker.listener.name": listener,
+    jaas = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{admin}" password="{users[admin]}" {entries};'
+    )
+    listeners = {"SASL_PLAINTEXT": port}
+    if ssl_port is not None:
+        listeners["SASL_SSL"] = ssl_port
+    endpoints = ",".join(f"{name}://127.0.0.1:{number}" for name, number in listeners.items())
+    values = {
+        "listeners": f"{endpoints},CONTROLLER://127.0.0.1:{{controller_port}}",
+        "advertised.listeners": endpoints,
+        "listener.security.protocol.map": ",".join(f"{name}:{name}" for name in listeners) + ",CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "SASL_PLAINTEXT",
         "sasl.enabled.mechanisms": "PLAIN",
         "sasl.mechanism.inter.broker.protocol": "PLAIN",
-        f"listener.name.{listener.lower()}.plain.sasl.jaas.config": (
-            "org.apache.kafka.common.security.plain.PlainLoginModule required "
-            f'username="{admin}" password="{users[admin]}" {entries};'
-        ),
         "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
         "super.users": f"User:{admin};User:ANONYMOUS",
         "allow.everyone.if.no.acl.found": "false",
     }
+    for name in listeners:
+        values[f"listener.name.{name.lower()}.plain.sasl.jaas.config"] = jaas
+    if ssl_port is not None:
+        if keystore is None:
+            raise ValueError("a SASL_SSL listener needs a keystore")
+        values |= {
+            "listener.name.sasl_ssl.ssl.keystore.type": "PKCS12",
+            "listener.name.sasl_ssl.ssl.keystore.location": str(keystore.path),
+            "listener.name.sasl_ssl.ssl.keystore.password": keystore.password,
+            "listener.name.sasl_ssl.ssl.key.password": keystore.password,
+        }
+    return values
 
 
 def write_properties(path: Path, values: dict[str, str]) -> None:
