@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -309,3 +310,18 @@ def test_clients_and_a_worker_talk_sasl_ssl_with_the_ca_file(secured: SecuredBro
     errors = [line for line in result.stderr.splitlines() if line.startswith("blackroad:")]
     assert result.returncode == 2 and len(errors) == 1, result.stdout + result.stderr
     assert errors[0].startswith("blackroad: BLACKROAD_KAFKA_SSL_CAFILE: the TLS handshake"), errors
+
+
+def test_no_password_reaches_the_debug_log(sasl_broker: str, caplog: pytest.LogCaptureFixture) -> None:
+    """aiokafka logs every request at debug level, the SASL one (which holds the password) included."""
+    settings = Settings.from_env(_security(sasl_broker, "worker", PASSWORDS["worker"]))
+
+    async def connect() -> None:
+        admin = kafka_clients.admin(settings)
+        await admin.start()
+        await admin.close()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(connect())
+    assert "SaslAuthenticateRequest redacted" in caplog.text
+    assert PASSWORDS["worker"] not in caplog.text

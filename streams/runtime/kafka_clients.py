@@ -9,6 +9,7 @@ constructs an aiokafka client itself.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,29 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     )
 
 
+class _RedactSaslRequests(logging.Filter):
+    """Hides the SASL requests aiokafka logs at debug level (their bytes hold the password)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(_is_sasl(arg) for arg in record.args):
+            record.args = tuple("<SaslAuthenticateRequest redacted>" if _is_sasl(arg) else arg for arg in record.args)
+        return True
+
+
+def _is_sasl(value: object) -> bool:
+    return type(value).__name__.startswith("SaslAuthenticateRequest")
+
+
+_REDACTION = _RedactSaslRequests()
+
+
+def protect_logs() -> None:
+    """Keep SASL credentials out of aiokafka's debug log (done once a SASL client is made)."""
+    connection_log = logging.getLogger("aiokafka.conn")
+    if _REDACTION not in connection_log.filters:
+        connection_log.addFilter(_REDACTION)
+
+
 def client_options(target: Settings | str) -> dict[str, Any]:
     """The options every aiokafka client of ``target`` gets: bootstrap servers and security."""
     if isinstance(target, str):
@@ -50,6 +74,7 @@ def client_options(target: Settings | str) -> dict[str, Any]:
     if target.kafka_ssl:
         options["ssl_context"] = ssl_context(target)
     if target.kafka_sasl:
+        protect_logs()
         options["sasl_mechanism"] = target.kafka_sasl_mechanism
         options["sasl_plain_username"] = target.kafka_sasl_username
         options["sasl_plain_password"] = target.kafka_password()
