@@ -31,6 +31,7 @@ from streams.processing.processor import EXPIRY_CHUNK, BatchProcessor
 from streams.processing.retry_relay import RetryRelay, run_until_cancelled
 from streams.processing.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables
 from streams.processing.transport import BatchConsumer, BatchTransport
+from streams.runtime import kafka_clients
 from streams.runtime.membership import client_id
 from streams.runtime.settings import Settings
 from streams.runtime.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
@@ -186,8 +187,8 @@ class Pipeline(Service):
             sender = self.transactions
             on_processed: Callable[[dict[Any, int]], None] = _committed_with_the_flush
         else:
-            self.producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.bootstrap,
+            self.producer = kafka_clients.producer(
+                self.settings,
                 acks="all",
                 linger_ms=0,
                 max_batch_size=1024 * 1024,
@@ -220,7 +221,7 @@ class Pipeline(Service):
             embedder = CachedEmbedder(model, self.settings.embedding_cache_size)
             queries = CachedEmbedder(load_embedder(self.settings.embedding_model), 1000)
             vector_log = VectorLog(
-                self.settings.bootstrap,
+                self.settings,
                 vector_topic(self.settings.topic_prefix, embedder.name),
                 embedder.dimensions,
                 self.settings.app_id,
@@ -442,6 +443,8 @@ def create_app(
     app = BlackroadApp(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
+        # KAFKA_SECURITY_PROTOCOL and its SASL/SSL settings, as every other client of the project has them.
+        broker_credentials=kafka_clients.faust_credentials(settings),
         store="memory://",
         autodiscover=False,
         topic_partitions=settings.partitions,

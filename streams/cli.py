@@ -131,7 +131,7 @@ def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # A process that died here before left its member in the group: remove it, so the
     # group rebalances at once instead of waiting out (or forever keeping) that member.
-    evicted = asyncio.run(evict_predecessors(settings.bootstrap, settings.app_id, client_id(settings)))
+    evicted = asyncio.run(evict_predecessors(settings, settings.app_id, client_id(settings)))
     for member in evicted:
         print(f"blackroad: removed the member {member} a previous worker process left in the group", flush=True)
     app = create_app(settings, stopping=stopping)
@@ -245,7 +245,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     async def main() -> int:
         job = asyncio.create_task(
             loadgen.produce(
-                settings.bootstrap,
+                settings,
                 settings.topic("tasks"),
                 args.agents,
                 args.rate,
@@ -565,7 +565,7 @@ def _dead_letters(settings: Settings) -> list[Any]:
     from streams.operations.dead_letters import read_dead_letters
 
     _require_broker(settings)
-    return asyncio.run(read_dead_letters(settings.bootstrap, settings.topic("deadletter"), settings.partitions))
+    return asyncio.run(read_dead_letters(settings, settings.topic("deadletter"), settings.partitions))
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
@@ -610,7 +610,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             records.append(record)
             print(f"{letter.ref}: sent back")
     if records:
-        asyncio.run(send_records(settings.bootstrap, settings.topic("tasks"), records, settings.partitions))
+        asyncio.run(send_records(settings, settings.topic("tasks"), records, settings.partitions))
     print(f"{len(records)} of {len(chosen)} chosen dead letter(s) sent back to {settings.topic('tasks')}")
     return 1 if unknown else 0
 

@@ -9,6 +9,7 @@ from streams.engines import kafka_jars
 from streams.engines.kafka import KafkaBroker
 from streams.engines.tansu import CLUSTER_ID as TANSU_CLUSTER_ID
 from streams.engines.tansu import TansuBroker
+from streams.runtime import kafka_clients
 from streams.runtime.broker import wait_for_broker
 from streams.runtime.settings import Settings, SettingsError
 
@@ -54,17 +55,16 @@ def embedded_broker(settings: Settings, engine: str) -> Engine:
     raise ValueError(f"no engine {engine!r} (known: {', '.join(ENGINES)})")
 
 
-async def identify(bootstrap: str) -> str:
+async def identify(bootstrap: Settings | str) -> str:
     """Which engine the broker at ``bootstrap`` is: ``tansu`` (by its cluster id) or ``kafka``."""
     engine, _ = await describe(bootstrap)
     return engine
 
 
-async def describe(bootstrap: str) -> tuple[str, int]:
+async def describe(bootstrap: Settings | str) -> tuple[str, int]:
     """Which engine the cluster at ``bootstrap`` runs, and how many brokers it has up (one request)."""
-    from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = kafka_clients.admin(bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:
         cluster = await admin.describe_cluster()
@@ -83,8 +83,8 @@ async def engine_in_use(settings: Settings, timeout: float = 30.0) -> Settings:
     the project creates are resolved for the brokers the cluster has now
     (:meth:`Settings.for_cluster`); a factor set above them is an error too.
     """
-    await wait_for_broker(settings.bootstrap, timeout)
-    found, brokers = await describe(settings.bootstrap)
+    await wait_for_broker(settings, timeout)
+    found, brokers = await describe(settings)
     if settings.engine not in ("auto", found):
         raise SettingsError("ENGINE", f"is {settings.engine!r}, but the broker at {settings.bootstrap} is {found}")
     return settings.replace(engine=found).for_cluster(brokers)

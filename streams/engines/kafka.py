@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Self
 
 from streams.engines.kafka_jars import class_path, java_executable
+from streams.runtime import kafka_clients
 from streams.runtime.broker import BrokerError, ChildBroker, die_with_parent, free_port, port_is_open, wait_for_broker
-from streams.runtime.settings import default_min_insync_replicas, default_replication_factor
+from streams.runtime.settings import Settings, default_min_insync_replicas, default_replication_factor
 
 #: A small heap and flags for a quick start: this is one machine's broker, not a tuned
 #: cluster. C1 alone (TieredStopAtLevel=1) starts serving about 2 s sooner on 2 cores.
@@ -122,6 +123,59 @@ def server_properties(
     }
 
 
+@dataclass(frozen=True)
+class Keystore:
+    """A PKCS#12 keystore holding a broker's TLS key and certificate."""
+
+    path: Path
+    password: str
+
+
+def sasl_plain_properties(
+    port: int, users: Mapping[str, str], admin: str, ssl_port: int | None = None, keystore: Keystore | None = None
+) -> dict[str, str]:
+    """Properties that make the broker's port a ``SASL_PLAINTEXT`` listener with the PLAIN mechanism,
+    and ``ssl_port`` (with ``keystore``) a ``SASL_SSL`` one.
+
+    ``users`` maps each user name to its password; ``admin`` (one of them) is the broker's own
+    principal between brokers and a super user. The authorizer is on and refuses whatever no
+    ACL allows (docs/kafka-security.md). The controller listener stays plain text on loopback;
+    its principal (``ANONYMOUS``, the broker reaching its controller) is a super user too.
+    """
+    entries = " ".join(f'user_{name}="{password}"' for name, password in users.items())
+    jaas = (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{admin}" password="{users[admin]}" {entries};'
+    )
+    listeners = {"SASL_PLAINTEXT": port}
+    if ssl_port is not None:
+        listeners["SASL_SSL"] = ssl_port
+    endpoints = ",".join(f"{name}://127.0.0.1:{number}" for name, number in listeners.items())
+    values = {
+        "listeners": f"{endpoints},CONTROLLER://127.0.0.1:{{controller_port}}",
+        "advertised.listeners": endpoints,
+        "listener.security.protocol.map": ",".join(f"{name}:{name}" for name in listeners) + ",CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "SASL_PLAINTEXT",
+        "sasl.enabled.mechanisms": "PLAIN",
+        "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": f"User:{admin};User:ANONYMOUS",
+        "allow.everyone.if.no.acl.found": "false",
+    }
+    for name in listeners:
+        values[f"listener.name.{name.lower()}.plain.sasl.jaas.config"] = jaas
+    if ssl_port is not None:
+        if keystore is None:
+            raise ValueError("a SASL_SSL listener needs a keystore")
+        values |= {
+            "listener.name.sasl_ssl.ssl.keystore.type": "PKCS12",
+            "listener.name.sasl_ssl.ssl.keystore.location": str(keystore.path),
+            "listener.name.sasl_ssl.ssl.keystore.password": keystore.password,
+            "listener.name.sasl_ssl.ssl.key.password": keystore.password,
+        }
+    return values
+
+
 def write_properties(path: Path, values: dict[str, str]) -> None:
     path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
 
@@ -134,7 +188,7 @@ def new_cluster_id() -> str:
             return text
 
 
-async def _wait_serving(bootstrap: str, deadline: float, brokers: int = 1) -> None:
+async def _wait_serving(bootstrap: Settings | str, deadline: float, brokers: int = 1) -> None:
     """Wait until ``brokers`` brokers answer metadata requests and there is a group coordinator.
 
     Kafka creates its offsets topic on the first request for a group coordinator, and
@@ -143,11 +197,11 @@ async def _wait_serving(bootstrap: str, deadline: float, brokers: int = 1) -> No
     copies' brokers, and a worker sizes its topics by the brokers it finds, so a cluster
     serves once every node has registered.
     """
-    from aiokafka.client import AIOKafkaClient, CoordinationType
+    from aiokafka.client import CoordinationType
     from aiokafka.errors import KafkaError
 
     await wait_for_broker(bootstrap, max(1.0, deadline - time.monotonic()))
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    client = kafka_clients.client(bootstrap, request_timeout_ms=5000)
     try:
         await client.bootstrap()
         while len(client.cluster.brokers()) < brokers:
@@ -194,12 +248,21 @@ class KafkaBroker(ChildBroker):
     stop_timeout = 30.0
 
     def __init__(
-        self, port: int, home: Path, node_id: int = NODE_ID, properties: Mapping[str, str] | None = None
+        self,
+        port: int,
+        home: Path,
+        node_id: int = NODE_ID,
+        properties: Mapping[str, str] | None = None,
+        client: Settings | None = None,
     ) -> None:
         super().__init__(port)
+        #: How start() reaches the broker to see it serve: a secured listener's admin settings
+        #: (e.g. :func:`sasl_plain_properties`); None: plain text on ``port``.
+        self.client = client
         self.home = home
         self.node_id = node_id
-        #: Broker properties that replace or add to :func:`server_properties` (e.g. for the bench).
+        #: Broker properties that replace or add to :func:`server_properties` (e.g. for the bench);
+        #: ``{controller_port}`` in a value becomes the port the controller listens on at this start.
         self.properties = dict(properties or {})
         self.records = home / "records"
         self.log_path = home / "broker.log"
@@ -217,7 +280,10 @@ class KafkaBroker(ChildBroker):
             values = server_properties(
                 self.port, controller_port, self.records, self.node_id, self.quorum.voters, brokers
             )
-        return {**values, **self.properties}
+        extra = {
+            key: value.replace("{controller_port}", str(controller_port)) for key, value in self.properties.items()
+        }
+        return {**values, **extra}
 
     @property
     def formatted(self) -> bool:
@@ -240,7 +306,7 @@ class KafkaBroker(ChildBroker):
         self.launch(self.prepare())
         try:
             self.wait_listening(started + timeout)
-            asyncio.run(_wait_serving(self.bootstrap, started + timeout))
+            asyncio.run(_wait_serving(self.client or self.bootstrap, started + timeout))
         except BaseException:
             self.stop()
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streams.processing.transport import fetch_highwaters
+from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
 
 #: The changelogs the sink copies.
@@ -38,8 +39,8 @@ def lag_reader(settings: Settings) -> AIOKafkaConsumer:
     ends. It is assigned its partitions by :func:`history_lag` and never joins the group nor
     commits (the admin client's OffsetFetch is not understood by every broker: Tansu's answer
     fails to decode; the consumer's is)."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
+    return kafka_clients.consumer(
+        settings,
         group_id=history_group(settings),
         enable_auto_commit=False,
         # Under exactly-once the ends are the last stable offsets, as the sink reads.
@@ -53,7 +54,7 @@ async def topic_ends(
     """The ends of ``tps`` as the sink reads them: ListOffsets through ``reader``, or on Tansu,
     which answers that too low, the high-water marks of a Fetch response."""
     if settings.on_tansu:
-        return await fetch_highwaters(settings.bootstrap, tps)
+        return await fetch_highwaters(settings, tps)
     ends: dict[TopicPartition, int] = await reader.end_offsets(tps)
     return ends
 

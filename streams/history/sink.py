@@ -36,6 +36,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from streams.history import schema, store
 from streams.history.lag import archive_topic, changelog_topic, history_group, sunk_topics
+from streams.runtime import kafka_clients
 from streams.runtime.circuit import CircuitBreaker
 from streams.runtime.settings import Settings
 
@@ -176,9 +177,9 @@ class HistorySink:
         self.pool = await self._until_done(lambda: open_pool(self.settings), "connect to", stop)
         if self.pool is None:
             return
-        consumer = AIOKafkaConsumer(
+        consumer = kafka_clients.consumer(
+            self.settings,
             *self._topics,
-            bootstrap_servers=self.settings.bootstrap,
             group_id=history_group(self.settings),
             client_id=f"{self.settings.app_id}-history",
             enable_auto_commit=False,
@@ -238,9 +239,8 @@ class HistorySink:
 
     async def _wait_for_changelogs(self, stop: asyncio.Event) -> None:
         """Wait until the workers have created the changelogs (a sink may start first)."""
-        from aiokafka.admin import AIOKafkaAdminClient
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap)
+        admin = kafka_clients.admin(self.settings)
         await admin.start()
         try:
             told = False

@@ -32,12 +32,13 @@ from typing import Any
 import asyncpg
 import msgpack
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from agents.memory import walk_chain
 from streams.history.lag import SUNK_TABLES, archive_topic, changelog_topic, lag_reader, topic_ends
 from streams.history.queries import archived_memory
 from streams.processing.state import task_from_values
+from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
 
 #: Rows looked up in PostgreSQL per query.
@@ -66,8 +67,8 @@ async def read_changelog(
     written by a worker that had lost the partition, does not replace a newer one); a tombstoned
     row keeps its version before the tombstone."""
     topic = changelog_topic(settings, table)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
+    consumer = kafka_clients.consumer(
+        settings,
         enable_auto_commit=False,
         isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
         max_partition_fetch_bytes=4 * 1024 * 1024,

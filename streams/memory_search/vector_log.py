@@ -27,9 +27,11 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from streams.processing.transport import fetch_highwaters
+from streams.runtime import kafka_clients
+from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class StoredVectors:
 
 
 class VectorLog:
-    def __init__(self, bootstrap: str, topic: str, dimensions: int, client_id: str) -> None:
+    def __init__(self, bootstrap: Settings | str, topic: str, dimensions: int, client_id: str) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.dimensions = dimensions
@@ -94,8 +96,8 @@ class VectorLog:
         self.dropped = 0
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
+        self._producer = kafka_clients.producer(
+            self.bootstrap,
             acks=1,
             linger_ms=50,
             max_request_size=8 * 1024 * 1024,
@@ -152,8 +154,8 @@ class VectorLog:
         embeds those entries instead.
         """
         stored = StoredVectors(self.dimensions)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+        consumer = kafka_clients.consumer(
+            self.bootstrap,
             enable_auto_commit=False,
             # From the start, never from the end: a reset to "latest" racing the seek below
             # would skip every record.

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP
 
 from schemas import domain, wire
 from streams.processing.transport import fetch_highwaters
+from streams.runtime import kafka_clients
+from streams.runtime.settings import Settings
 
 #: Seconds without a record after which a read of the topic takes what it has as its end.
 _IDLE = 2.0
@@ -84,12 +86,12 @@ def parse_letter(partition: int, offset: int, raw: bytes | None) -> DeadLetter:
     )
 
 
-async def read_dead_letters(bootstrap: str, topic: str, partitions: int) -> list[DeadLetter]:
+async def read_dead_letters(bootstrap: Settings | str, topic: str, partitions: int) -> list[DeadLetter]:
     """Every committed letter of ``topic``, partition by partition, oldest first."""
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     highwaters = await fetch_highwaters(bootstrap, [TP(topic, p) for p in range(partitions)])
     ends = {TopicPartition(tp.topic, tp.partition): end for tp, end in highwaters.items()}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed")
+    consumer = kafka_clients.consumer(bootstrap, enable_auto_commit=False, isolation_level="read_committed")
     await consumer.start()
     letters: list[DeadLetter] = []
     try:
@@ -152,10 +154,12 @@ def _renamed(task: wire.TaskEvent, letter: DeadLetter) -> wire.TaskEvent:
     )
 
 
-async def send_records(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], partitions: int) -> None:
+async def send_records(
+    bootstrap: Settings | str, topic: str, records: list[tuple[bytes, bytes]], partitions: int
+) -> None:
     """Put ``records`` on the tasks topic, each in its agent's partition, acknowledged by the broker."""
     partition_for = wire.Partitioner(partitions)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = kafka_clients.producer(bootstrap, acks="all")
     await producer.start()
     try:
         sent = [await producer.send(topic, value, key=key, partition=partition_for(key)) for key, value in records]

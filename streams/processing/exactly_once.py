@@ -34,6 +34,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from streams.processing.log_continuity import VerifiedProducer
 from streams.processing.tables import Outgoing, Records, send_bulk
+from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ class TransactionalSender:
                 delay = min(2.0, delay * 2)
 
     async def _start_once(self, partition: int) -> AIOKafkaProducer:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap,
+        producer = kafka_clients.producer(
+            self.settings,
             transactional_id=transactional_id(self.settings, partition),
             transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
             acks="all",

@@ -31,7 +31,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from streams.processing.tables import FREEZE_WHEN, decode_row, freeze, newer
-from streams.runtime.settings import SettingsError
+from streams.runtime import kafka_clients
+from streams.runtime.settings import Settings, SettingsError
 
 #: Takes a fetch, and how many rebalances the worker had seen when it was fetched.
 BatchSink = Callable[[dict[TP, list[Any]], int], Awaitable[None]]
@@ -51,10 +52,10 @@ class TunedConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
         if not self.app.settings.on_tansu:  # type: ignore[attr-defined]
             return await super()._highwaters(partitions)
-        return await fetch_highwaters(self.app.settings.bootstrap, partitions)  # type: ignore[attr-defined]
+        return await fetch_highwaters(self.app.settings, partitions)  # type: ignore[attr-defined]
 
 
-async def fetch_highwaters(bootstrap: str, partitions: Iterable[TP], timeout: float = 10.0) -> dict[TP, int]:
+async def fetch_highwaters(bootstrap: Settings | str, partitions: Iterable[TP], timeout: float = 10.0) -> dict[TP, int]:
     """High-water marks as a Fetch response reports them (correct on Tansu).
 
     Tansu answers ListOffsets(latest) with the base offset of the last
@@ -66,8 +67,8 @@ async def fetch_highwaters(bootstrap: str, partitions: Iterable[TP], timeout: fl
     if not requested:
         return {}
     tps = [aiokafka.TopicPartition(tp.topic, tp.partition) for tp in requested]
-    consumer = aiokafka.AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+    consumer = kafka_clients.consumer(
+        bootstrap,
         enable_auto_commit=False,
         fetch_max_wait_ms=10,
         max_partition_fetch_bytes=64 * 1024,

@@ -19,6 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
+from streams.runtime import kafka_clients
+from streams.runtime.settings import Settings
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -154,28 +157,30 @@ def _can_bind(port: int) -> bool:
         return True
 
 
-async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
+async def wait_for_broker(bootstrap: Settings | str, timeout: float = 30.0) -> None:
     """Wait until a Kafka broker answers metadata requests."""
-    from aiokafka.admin import AIOKafkaAdminClient
 
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        admin = kafka_clients.admin(bootstrap, request_timeout_ms=2000)
         try:
             await admin.start()
             await admin.list_topics()
             return
         except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
             last_error = exc
+            if not isinstance(bootstrap, str):
+                # Refused credentials are no "not yet": fail now, naming the setting.
+                await kafka_clients.check_credentials(bootstrap)
         finally:
             await admin.close()
         await asyncio.sleep(0.2)
-    raise BrokerError(f"no Kafka broker answered at {bootstrap}: {last_error}")
+    raise BrokerError(f"no Kafka broker answered at {kafka_clients.address(bootstrap)}: {last_error}")
 
 
 async def create_topic(
-    bootstrap: str,
+    bootstrap: Settings | str,
     name: str,
     partitions: int,
     configs: dict[str, str] | None = None,
@@ -189,12 +194,17 @@ async def create_topic(
     pass the replication resolved for the cluster (``Settings.replication_factor`` and
     ``Settings.topic_configs``).
     """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import InvalidReplicationFactorError, TopicAlreadyExistsError, for_code
+    from aiokafka.admin import NewTopic
+    from aiokafka.errors import (
+        InvalidReplicationFactorError,
+        TopicAlreadyExistsError,
+        TopicAuthorizationFailedError,
+        for_code,
+    )
 
     from streams.runtime.settings import SettingsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = kafka_clients.admin(bootstrap)
     await admin.start()
     try:
         response = await admin.create_topics(
@@ -206,8 +216,12 @@ async def create_topic(
         if code == InvalidReplicationFactorError.errno:
             raise SettingsError(
                 "REPLICATION_FACTOR",
-                f"the cluster at {bootstrap} refused {replication_factor} copies of {topic}; "
+                f"the cluster at {kafka_clients.address(bootstrap)} refused {replication_factor} copies of {topic}; "
                 "set it at most the number of brokers",
             )
+        if code == TopicAuthorizationFailedError.errno:
+            # A principal that may only write the topic (docs/kafka-security.md): whether it
+            # exists is for its first write to tell.
+            continue
         if code not in (0, TopicAlreadyExistsError.errno):
             raise BrokerError(f"could not create topic {topic}: {for_code(code).__name__}")

@@ -13,7 +13,9 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import domain, wire
 from schemas.wire import TaskEvent, partition_for
+from streams.runtime import kafka_clients
 from streams.runtime.broker import create_topic
+from streams.runtime.settings import Settings
 
 _KIND_MIX = (
     ("tool_execution", 40),
@@ -62,7 +64,7 @@ class Progress:
 
 
 async def produce(
-    bootstrap: str,
+    bootstrap: Settings | str,
     topic: str,
     agents: int,
     rate: float,
@@ -88,7 +90,7 @@ async def produce(
     linger_ms = 0 if rate > 0 else 5
     # It may run before any worker declared the topic: then it creates it as a worker would.
     await create_topic(bootstrap, topic, partitions, topic_configs, replication_factor)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=512 * 1024, acks=1)
+    producer = kafka_clients.producer(bootstrap, linger_ms=linger_ms, max_batch_size=512 * 1024, acks=1)
     await producer.start()
     try:
         pending = []

@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import socket
 
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.client import AIOKafkaClient, CoordinationType
+from aiokafka.client import CoordinationType
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.group import LeaveGroupRequest
 
+from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,9 @@ def client_id(settings: Settings) -> str:
     return f"{settings.app_id}-{socket.gethostname()}-{settings.web_port}"
 
 
-async def evict_predecessors(bootstrap: str, group: str, own_client_id: str, timeout_ms: int = 3000) -> list[str]:
+async def evict_predecessors(
+    bootstrap: Settings | str, group: str, own_client_id: str, timeout_ms: int = 3000
+) -> list[str]:
     """Remove the members an earlier process with ``own_client_id`` left in ``group``; returns their ids.
 
     Best effort: errors are logged, never raised (the worker then joins as before).
@@ -46,8 +48,8 @@ async def evict_predecessors(bootstrap: str, group: str, own_client_id: str, tim
     return stale
 
 
-async def _members_named(bootstrap: str, group: str, prefix: str, timeout_ms: int) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+async def _members_named(bootstrap: Settings | str, group: str, prefix: str, timeout_ms: int) -> list[str]:
+    admin = kafka_clients.admin(bootstrap, request_timeout_ms=timeout_ms)
     await admin.start()
     try:
         described = await admin.describe_consumer_groups([group])
@@ -62,8 +64,8 @@ async def _members_named(bootstrap: str, group: str, prefix: str, timeout_ms: in
     return members
 
 
-async def _leave(bootstrap: str, group: str, members: list[str], timeout_ms: int) -> None:
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+async def _leave(bootstrap: Settings | str, group: str, members: list[str], timeout_ms: int) -> None:
+    client = kafka_clients.client(bootstrap, request_timeout_ms=timeout_ms)
     try:
         await client.bootstrap()
         coordinator = await client.coordinator_lookup(CoordinationType.GROUP, group)

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "BLACKROAD_"
@@ -22,6 +22,9 @@ GUARANTEES = ("auto", "exactly_once", "at_least_once")
 MAX_REPLICAS = 1000
 #: Most tasks one ``POST /v1/batch`` carries (a client's task bucket must hold that many).
 MAX_BATCH_TASKS = 1000
+#: Values of BLACKROAD_KAFKA_SECURITY_PROTOCOL and BLACKROAD_KAFKA_SASL_MECHANISM.
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 #: The shortest API token or peer secret accepted.
 MIN_TOKEN_CHARS = 16
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -44,6 +47,23 @@ class Settings:
     kafka_bootstrap: str | None = None
     #: Port the embedded broker listens on (127.0.0.1 only).
     embedded_broker_port: int = 19092
+    #: How every Kafka client of the project (workers, ingress, ``produce``, ``dlq``, the history
+    #: sink) talks to ``KAFKA_BOOTSTRAP``: ``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or
+    #: ``SASL_SSL`` (see docs/kafka-security.md). Anything but ``PLAINTEXT`` needs
+    #: ``KAFKA_BOOTSTRAP``: the embedded broker listens on 127.0.0.1 in plain text only.
+    kafka_security_protocol: str = "PLAINTEXT"
+    #: With a SASL protocol: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``, and the user's
+    #: name and password (or a file whose first line is the password, ``KAFKA_SASL_PASSWORD_FILE``).
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = field(default=None, repr=False)
+    kafka_sasl_password_file: str | None = None
+    #: With an SSL protocol: the CA certificates (PEM) the broker's certificate is checked
+    #: against (unset: the system's), and this client's certificate and key (PEM) when the
+    #: broker asks for one.
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
     #: The broker engine: ``kafka`` (Apache Kafka, durable), ``tansu`` (in memory only) or
     #: ``auto`` (Kafka where it can start). ``up``/``broker`` start it; a worker learns
     #: which one it reached (streams.engines.engine_in_use), after which this names it.
@@ -195,6 +215,26 @@ class Settings:
         return [token for _, token in tokens]
 
     @property
+    def kafka_sasl(self) -> bool:
+        """True when clients authenticate with SASL."""
+        return self.kafka_security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def kafka_ssl(self) -> bool:
+        """True when clients talk TLS to the broker."""
+        return self.kafka_security_protocol in ("SSL", "SASL_SSL")
+
+    def kafka_password(self) -> str | None:
+        """The SASL password, from ``KAFKA_SASL_PASSWORD`` or the first line of ``_FILE``."""
+        if self.kafka_sasl_password_file is None:
+            return self.kafka_sasl_password
+        try:
+            lines = Path(self.kafka_sasl_password_file).read_text().splitlines()
+        except OSError as exc:
+            raise SettingsError("KAFKA_SASL_PASSWORD_FILE", f"cannot be read: {exc.strerror or exc}") from None
+        return lines[0].strip() if lines else ""
+
+    @property
     def embedded(self) -> bool:
         """True when the project runs its own broker (none is configured)."""
         return self.kafka_bootstrap is None
@@ -329,6 +369,7 @@ class Settings:
                     f"expected host:port[,host:port...], got {self.kafka_bootstrap!r}",
                 )
         _check_range("EMBEDDED_BROKER_PORT", self.embedded_broker_port, 1, 65535)
+        self._validate_kafka_security()
         if self.engine not in ENGINES:
             raise SettingsError("ENGINE", f"expected one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.processing_guarantee not in GUARANTEES:
@@ -429,6 +470,56 @@ class Settings:
             raise SettingsError("LOG_FORMAT", f"expected text or json, got {self.log_format!r}")
         if self.log_level not in {"debug", "info", "warning", "error", "critical"}:
             raise SettingsError("LOG_LEVEL", "expected one of debug, info, warning, error, critical")
+
+    def _validate_kafka_security(self) -> None:
+        protocol = self.kafka_security_protocol
+        if protocol not in SECURITY_PROTOCOLS:
+            raise SettingsError(
+                "KAFKA_SECURITY_PROTOCOL", f"expected one of {', '.join(SECURITY_PROTOCOLS)}, got {protocol!r}"
+            )
+        if protocol != "PLAINTEXT" and self.kafka_bootstrap is None:
+            raise SettingsError(
+                "KAFKA_SECURITY_PROTOCOL",
+                f"is {protocol}, but BLACKROAD_KAFKA_BOOTSTRAP is unset: the embedded broker speaks PLAINTEXT only",
+            )
+        if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+            raise SettingsError(
+                "KAFKA_SASL_MECHANISM",
+                f"expected one of {', '.join(SASL_MECHANISMS)}, got {self.kafka_sasl_mechanism!r}",
+            )
+        if self.kafka_sasl_password is not None and self.kafka_sasl_password_file is not None:
+            raise SettingsError("KAFKA_SASL_PASSWORD_FILE", "set either it or BLACKROAD_KAFKA_SASL_PASSWORD, not both")
+        if self.kafka_sasl:
+            if self.kafka_sasl_username is None:
+                raise SettingsError(
+                    "KAFKA_SASL_USERNAME", f"is needed with BLACKROAD_KAFKA_SECURITY_PROTOCOL={protocol}"
+                )
+            if not self.kafka_password():
+                raise SettingsError(
+                    "KAFKA_SASL_PASSWORD",
+                    f"(or _FILE) is needed with BLACKROAD_KAFKA_SECURITY_PROTOCOL={protocol}",
+                )
+        else:
+            for name in ("username", "password", "password_file"):
+                if getattr(self, f"kafka_sasl_{name}") is not None:
+                    raise SettingsError(
+                        f"KAFKA_SASL_{name.upper()}",
+                        f"is set, but BLACKROAD_KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL",
+                    )
+        for name in ("cafile", "certfile", "keyfile"):
+            path = getattr(self, f"kafka_ssl_{name}")
+            if path is None:
+                continue
+            if not self.kafka_ssl:
+                raise SettingsError(
+                    f"KAFKA_SSL_{name.upper()}",
+                    f"is set, but BLACKROAD_KAFKA_SECURITY_PROTOCOL={protocol} does not use SSL",
+                )
+            if not Path(path).is_file():
+                raise SettingsError(f"KAFKA_SSL_{name.upper()}", f"no such file: {path}")
+        if (self.kafka_ssl_certfile is None) != (self.kafka_ssl_keyfile is None):
+            missing = "KAFKA_SSL_KEYFILE" if self.kafka_ssl_keyfile is None else "KAFKA_SSL_CERTFILE"
+            raise SettingsError(missing, "is needed too: a client certificate goes with its key")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

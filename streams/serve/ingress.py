@@ -20,10 +20,10 @@ import asyncio
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas import wire
+from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
 
 
@@ -37,8 +37,8 @@ class IngressProducer:
         self.topic = settings.topic("tasks")
         self.partition_for = wire.Partitioner(settings.partitions)
         timeout_ms = max(100, int(self.timeout * 1000))
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap,
+        self._producer = kafka_clients.producer(
+            settings,
             acks="all",
             linger_ms=0,
             # A record not acknowledged by then is given up, not retried for the client defaults' 40 s.

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 
+from streams.runtime import kafka_clients
 from streams.runtime.broker import create_topic
 from streams.runtime.settings import Settings
 
@@ -29,29 +30,29 @@ async def shared_peer_secret(settings: Settings) -> str:
         return settings.peer_secret
     topic = settings.topic("peer-secret")
     await create_topic(
-        settings.bootstrap,
+        settings,
         topic,
         1,
         {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1", **settings.topic_configs},
         settings.replication_factor or 1,
     )
-    found = await _first_record(settings.bootstrap, topic)
+    found = await _first_record(settings, topic)
     if found is None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
+        producer = kafka_clients.producer(settings, acks="all")
         await producer.start()
         try:
             await producer.send_and_wait(topic, secrets.token_urlsafe(32).encode(), key=_KEY, partition=0)
         finally:
             await producer.stop()
-        found = await _first_record(settings.bootstrap, topic)
+        found = await _first_record(settings, topic)
     if found is None:
         raise RuntimeError(f"the peer secret written to {topic} cannot be read back")
     return found
 
 
-async def _first_record(bootstrap: str, topic: str) -> str | None:
+async def _first_record(bootstrap: Settings, topic: str) -> str | None:
     """The value of the topic's first record, or None if it has none."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = kafka_clients.consumer(bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
         partition = TopicPartition(topic, 0)

@@ -22,6 +22,7 @@ from mode import Service
 from streams.history.lag import history_lag, lag_reader
 from streams.processing import histogram
 from streams.processing.tables import newer
+from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ class StatsView(Service):
         self.on_history_lag: Callable[[int], None] = lambda lag: None
 
     async def on_start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap,
+        self._consumer = kafka_clients.consumer(
+            self.settings,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=50,
