@@ -24,6 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from schemas import wire
+from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,15 @@ class RetryRelay:
         """Relay until cancelled."""
         settings = self.settings
         self.pending = _Pending()  # what an earlier run read and did not relay is read again
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap,
+        consumer = kafka_clients.consumer(
+            settings,
             group_id=f"{settings.app_id}-retries",
             client_id=f"{settings.app_id}-retries",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
         )
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap, acks="all", client_id=f"{settings.app_id}-retries"
-        )
+        producer = kafka_clients.producer(settings, acks="all", client_id=f"{settings.app_id}-retries")
         await producer.start()
         try:
             await consumer.start()
