@@ -106,9 +106,15 @@ class RetryRelay:
     async def _relay(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         pending = self.pending
         committed: dict[int, int] = {}
+        loop = asyncio.get_running_loop()
         while True:
             wait = FETCH_WAIT if not pending.due else max(0.0, min(FETCH_WAIT, pending.due[0][0] / 1000 - _now()))
+            asked = loop.time()
             fetched = await consumer.getmany(timeout_ms=int(wait * 1000), max_records=10_000)
+            if not fetched and (idle := wait - (loop.time() - asked)) > 0:
+                # A consumer with no partitions yet (or none at all: more workers than
+                # partitions) answers at once; the relay must not spin on the worker's loop.
+                await asyncio.sleep(idle)
             for tp, records in fetched.items():
                 for record in records:
                     if record.value is not None:
