@@ -478,11 +478,11 @@ class AgentRunner:
         except TaskFailed as failed:
             return Outcome("failed", None, str(failed), attempt, (_perf() - started) * 1000.0, [], _now_ms())
         except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
-            return self._retry_or_die(attempt, exc)
+            return self._failed_attempt(attempt, exc)
         if type(result) is not dict and inspect.isawaitable(result):
             if item.apply_task and item.task is None:
                 self._open_task(item, run)
-            return self._await_attempt(handler, item, run, attempt, result, context, started)
+            return self._await_attempt(attempt, result, context, started)
         return Outcome("completed", result, None, attempt, (_perf() - started) * 1000.0, context.written, _now_ms())
 
     def _open_task(self, item: Item, run: _AgentRun) -> None:
@@ -504,24 +504,17 @@ class AgentRunner:
         run.emit(started)
 
     async def _await_attempt(
-        self,
-        handler: Handler,
-        item: Item,
-        run: _AgentRun,
-        attempt: int,
-        pending: Awaitable[Any],
-        context: TaskContext,
-        started: float,
+        self, attempt: int, pending: Awaitable[Any], context: TaskContext, started: float
     ) -> Outcome:
         try:
             result: Any = await pending
         except TaskFailed as failed:
             return Outcome("failed", None, str(failed), attempt, (_perf() - started) * 1000.0, [], _now_ms())
         except Exception as exc:  # noqa: BLE001
-            return self._retry_or_die(attempt, exc)
+            return self._failed_attempt(attempt, exc)
         return Outcome("completed", result, None, attempt, (_perf() - started) * 1000.0, context.written, _now_ms())
 
-    def _retry_or_die(self, attempt: int, exc: Exception) -> Outcome:
+    def _failed_attempt(self, attempt: int, exc: Exception) -> Outcome:
         """The next attempt waits its backoff (the task is ``queued`` meanwhile), unless this was the last."""
         self.metrics.handler_errors.inc()
         status = "queued" if attempt < self.settings.max_attempts else "dead"
