@@ -1,7 +1,7 @@
 """Fairness of the web ingress: a polite client's task latency with and without a greedy one.
 
 Usage: python benchmarks/fairness.py [--engine kafka|tansu] [--seconds 20] [--polite-rate 50]
-       [--greedy-connections 4]
+       [--greedy-connections 4] [--limits both|defaults|off] [--rounds 1]
 
 Starts a fresh embedded broker and one ``blackroad worker`` with two API tokens, then
 measures, for each setting of the rate limits (the defaults, then limits off):
@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--polite-rate", type=float, default=50.0)
     parser.add_argument("--greedy-connections", type=int, default=4)
+    parser.add_argument("--limits", default="both", choices=("both", "defaults", "off"))
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of phases (alone, loaded) per worker")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp, running_broker(args.engine, Path(tmp)) as broker:
@@ -144,6 +146,8 @@ def main() -> None:
             ("limits at their defaults", {}),
             ("limits off", {"BLACKROAD_RATE_LIMIT_TASKS": "0"}),
         ]
+        if args.limits != "both":
+            settings = settings[:1] if args.limits == "defaults" else settings[1:]
         for number, (name, limits) in enumerate(settings):
             env = {
                 "BLACKROAD_API_TOKENS": f"{POLITE},{GREEDY}",
@@ -157,16 +161,18 @@ def main() -> None:
             process, url = run_worker(broker.bootstrap, env, Path(tmp))
             try:
                 asyncio.run(phase(url, args.polite_rate, 5.0, 0, f"{number}w"))  # warm-up, not counted
-                alone = asyncio.run(phase(url, args.polite_rate, args.seconds, 0, f"{number}a"))
-                loaded = asyncio.run(phase(url, args.polite_rate, args.seconds, args.greedy_connections, f"{number}b"))
+                for round_ in range(args.rounds):
+                    tag = f"{number}r{round_}"
+                    alone = asyncio.run(phase(url, args.polite_rate, args.seconds, 0, f"{tag}a"))
+                    loaded = asyncio.run(phase(url, args.polite_rate, args.seconds, args.greedy_connections, f"{tag}b"))
+                    ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("nan")
+                    print(f"== {name}" + (f", round {round_ + 1}" if args.rounds > 1 else ""))
+                    print(f"  polite alone:      {alone}")
+                    print(f"  polite and greedy: {loaded}")
+                    print(f"  polite P99 loaded / alone: {ratio:.2f}x", flush=True)
             finally:
                 process.terminate()
                 process.wait(timeout=30)
-            ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("nan")
-            print(f"== {name}")
-            print(f"  polite alone:      {alone}")
-            print(f"  polite and greedy: {loaded}")
-            print(f"  polite P99 loaded / alone: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

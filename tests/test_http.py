@@ -10,9 +10,11 @@ import urllib.request
 import orjson
 from faust.types import TP
 
+from schemas import wire
 from streams.processing.transport import fetch_highwaters
+from streams.serve import ingress
 from tests.factories import nested
-from tests.harness import Deployment, wait_until
+from tests.harness import Deployment, consume_all, wait_until
 
 
 def _topic_size(deployment: Deployment) -> int:
@@ -61,6 +63,29 @@ def test_post_task_and_batch_are_processed(deployment: Deployment) -> None:
         wait_until(lambda t=task_id: worker.get(f"/v1/tasks/{t}")[1].get("status") == "completed", 30, what=task_id)
     _, alice = worker.get("/v1/agents/agent_alice_001")
     assert alice["type"] == "worker" and alice["name"] == "ALICE"
+
+
+def test_a_large_batch_reaches_each_partition_directly_in_slices(deployment: Deployment) -> None:
+    """A batch of 250 tasks goes to the broker as records of one partition each, at most 100
+    tasks a record, so no worker forwards any of them and no record holds the whole batch."""
+    worker = deployment.worker().start().wait_ready()
+    requests = [{"agent_id": f"agent_slice_{i:03d}", "kind": "tool_execution"} for i in range(250)]
+    status, body = worker.post("/v1/batch", {"requests": requests})
+    assert status == 202 and len(body["results"]) == 250
+    ids = [result["id"] for result in body["results"]]
+    wait_until(lambda: worker.stats()["completed_tasks"] == 250, 30, what="the batch's tasks")
+    records = consume_all(
+        deployment.bootstrap, deployment.topic("tasks"), deployment.partitions, _topic_size(deployment)
+    )
+    partition_for = wire.Partitioner(deployment.partitions)
+    seen: list[str] = []
+    for record in records:
+        events, refused, _ = wire.decode_record(record.value)
+        assert not refused and 1 <= len(events) <= ingress.SLICE
+        assert {partition_for(event.agent_id.encode()) for event in events} == {record.partition}
+        seen.extend(event.task_id for event in events)
+    assert sorted(seen) == sorted(ids)
+    assert len(records) >= 250 // ingress.SLICE + 1
 
 
 def test_bad_requests_get_the_error_envelope_and_reach_no_topic(deployment: Deployment) -> None:

@@ -302,7 +302,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             over_limit(wait, "tasks", tasks.rate)
 
     async def produce(request: Any, events: list[wire.TaskEvent]) -> None:
-        """Put a request's tasks on the broker as one record, or raise a 503 naming them (see
+        """Put a request's tasks on the broker, or raise a 503 naming those that may not be there (see
         ``streams.serve.ingress``), or a 429 if they are over the client's limit."""
         ingress: IngressProducer | None = app.pipeline.ingress
         if ingress is None:
@@ -318,7 +318,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 "internal_error",
                 f"{exc}; the tasks may still arrive: retry with the same task ids, which are counted once",
                 503,
-                details={"task_ids": [event.task_id for event in events]},
+                details={"task_ids": exc.task_ids},
                 retry_after=BROKER_RETRY_AFTER,
             ) from None
 
