@@ -49,17 +49,22 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
-async def polite(session: aiohttp.ClientSession, url: str, rate: float, seconds: float, tag: str) -> list[str]:
-    """Post single tasks at ``rate`` for ``seconds``; returns their ids."""
+async def polite(
+    session: aiohttp.ClientSession, url: str, rate: float, seconds: float, tag: str, posts: list[float]
+) -> list[str]:
+    """Post single tasks at ``rate`` for ``seconds``; returns their ids (and adds each
+    request's round trip, in ms, to ``posts``)."""
     ids: list[str] = []
     start = time.monotonic()
     headers = {"Authorization": f"Bearer {POLITE}"}
     for n in range(int(rate * seconds)):
         await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
         task = {"id": f"task_{tag}_{n}", "agent_id": f"agent_polite_{n % 100:03d}", "kind": "tool_execution"}
+        sent = time.perf_counter()
         async with session.post(f"{url}/v1/tasks", json=task, headers=headers) as response:
             if response.status == 202:
                 ids.append(task["id"])
+        posts.append((time.perf_counter() - sent) * 1000)
     return ids
 
 
@@ -71,8 +76,9 @@ async def greedy(session: aiohttp.ClientSession, url: str, stop: asyncio.Event, 
             counts[response.status] = counts.get(response.status, 0) + 1
 
 
-async def latencies(session: aiohttp.ClientSession, url: str, ids: list[str]) -> list[float]:
-    """Each task's completed_at - created_at, waiting for those not done yet."""
+async def latencies(session: aiohttp.ClientSession, url: str, ids: list[str], queued: list[float]) -> list[float]:
+    """Each task's completed_at - created_at, waiting for those not done yet (and, where the
+    row has it, started_at - created_at added to ``queued``)."""
     found: list[float] = []
     deadline = time.monotonic() + 120
     for task_id in ids:
@@ -84,6 +90,8 @@ async def latencies(session: aiohttp.ClientSession, url: str, ids: list[str]) ->
             await asyncio.sleep(0.2)
         if body.get("completed_at"):
             found.append(body["completed_at"] - body["created_at"])
+            if body.get("started_at"):
+                queued.append(body["started_at"] - body["created_at"])
     return found
 
 
@@ -93,15 +101,19 @@ async def phase(url: str, rate: float, seconds: float, connections: int, tag: st
         stop, counts = asyncio.Event(), dict[int, int]()
         flooding = [asyncio.create_task(greedy(session, url, stop, counts)) for _ in range(connections)]
         started = time.monotonic()
-        ids = await polite(session, url, rate, seconds, tag)
+        posts: list[float] = []
+        ids = await polite(session, url, rate, seconds, tag, posts)
         elapsed = time.monotonic() - started
         stop.set()
         await asyncio.gather(*flooding)
-        measured = await latencies(session, url, ids)
+        queued: list[float] = []
+        measured = await latencies(session, url, ids, queued)
     return {
         "polite_tasks": len(measured),
         "p50_ms": percentile(measured, 0.5),
         "p99_ms": percentile(measured, 0.99),
+        "queued_p99_ms": percentile(queued, 0.99),
+        "post_p99_ms": round(percentile(posts, 0.99), 1),
         "greedy_accepted_tasks_per_s": round(counts.get(202, 0) * 1000 / elapsed),
         "greedy_refused": counts.get(429, 0),
         "greedy_other": {status: n for status, n in counts.items() if status not in (202, 429)},

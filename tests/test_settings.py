@@ -164,6 +164,19 @@ def test_token_buckets_refill_at_their_rate_and_refuse_without_taking() -> None:
     assert (retry_after(0.01), retry_after(1.0), retry_after(1.2)) == (1, 1, 2)
 
 
+def test_token_buckets_take_back_what_a_refused_request_was_charged() -> None:
+    from streams.serve.rate_limit import TokenBuckets
+
+    buckets = TokenBuckets(rate=10, burst=20)
+    assert buckets.take("a", 15, now=0.0) == 0.0  # 5 left
+    buckets.give_back("a", 15)
+    assert buckets.take("a", 20, now=0.0) == 0.0  # full again, never above the burst
+    buckets.give_back("a", 100)
+    assert buckets.take("a", 20, now=0.0) == 0.0
+    assert buckets.take("a", 1, now=0.0) > 0  # what was given back filled it only to the burst
+    buckets.give_back("unknown", 5)  # a client never charged has nothing to get back
+
+
 def test_the_command_says_its_version_and_takes_the_log_level_in_any_case() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "streams.cli", "--version"], cwd=ROOT, capture_output=True, text=True, check=False

@@ -1210,3 +1210,24 @@ def test_a_batch_request_is_validated_in_slices_and_names_its_bad_task_by_its_pl
     bad = [*good[: PARSE_SLICE + 7], {"agent_id": "nobody", "kind": "tool_execution"}]
     with pytest.raises(ApiError, match=rf"requests\[{PARSE_SLICE + 7}\]"):
         asyncio.run(parse_batch({"requests": bad}))
+
+
+def test_a_batch_is_charged_by_its_size_before_its_tasks_are_validated() -> None:
+    """A client over its limit is refused before the work of validating its tasks; the charge
+    sees the whole batch's size once."""
+    from streams.serve.errors import ApiError
+    from streams.serve.request_bodies import parse_batch
+
+    charged: list[int] = []
+
+    def refuse(count: int) -> None:
+        charged.append(count)
+        raise ApiError("rate_limited", "over the limit", 429)
+
+    bad = [{"agent_id": "agent_ok_001", "kind": "tool_execution"}, {"agent_id": "nobody", "kind": "tool_execution"}]
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(parse_batch({"requests": bad}, refuse))
+    assert refused.value.status == 429 and charged == [2]
+    with pytest.raises(ApiError, match=r"requests\[1\]"):
+        asyncio.run(parse_batch({"requests": bad}, charged.append))
+    assert charged == [2, 2]

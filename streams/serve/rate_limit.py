@@ -62,6 +62,14 @@ class TokenBuckets:
             self._buckets.popitem(last=False)
         return wait
 
+    def give_back(self, client: str, cost: float) -> None:
+        """Return ``cost`` taken from the client's bucket for a request that was then refused
+        for another reason (it never reached the broker)."""
+        bucket = self._buckets.get(client)
+        if bucket is not None:
+            held, since, until = bucket
+            self._buckets[client] = (min(self.burst, held + cost), since, until)
+
 
 class Holds:
     """Requests of clients that did not wait their ``Retry-After``, held until it is up.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -90,18 +91,23 @@ def parse_task_request(body: Any, where: str = "body") -> wire.TaskEvent:
         raise ApiError("invalid_request", f"{where}: {exc}") from None
 
 
-async def parse_batch(body: Any) -> list[wire.TaskEvent]:
+async def parse_batch(body: Any, charge: Callable[[int], None] | None = None) -> list[wire.TaskEvent]:
     """Validate a ``POST /v1/batch`` body (``{"requests": [...]}``): one bad task refuses all.
 
-    The tasks are validated :data:`PARSE_SLICE` at a time, with a turn of the event loop
-    between slices: a request of a thousand tasks (some 5 ms) then does not hold up other
-    clients' requests and the tasks in processing for its whole length.
+    ``charge(n)``, when given, is called with the number of tasks before any is validated
+    (it raises to refuse the request, e.g. over the client's rate limit): a client over its
+    limit is refused without the work of validating its tasks. The tasks are validated
+    :data:`PARSE_SLICE` at a time, with a turn of the event loop between slices: a request
+    of a thousand tasks (some 5 ms) then does not hold up other clients' requests and the
+    tasks in processing for its whole length.
     """
     if not isinstance(body, dict) or body.keys() != {"requests"} or not isinstance(body["requests"], list):
         raise ApiError("invalid_request", 'body must be {"requests": [...]}')
     requests = body["requests"]
     if not 1 <= len(requests) <= MAX_BATCH_REQUESTS:
         raise ApiError("invalid_request", f"requests must hold 1 to {MAX_BATCH_REQUESTS} tasks")
+    if charge is not None:
+        charge(len(requests))
     events: list[wire.TaskEvent] = []
     for start in range(0, len(requests), PARSE_SLICE):
         if start:

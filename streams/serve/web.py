@@ -301,15 +301,34 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 wait = tasks.blocked(asking)
             over_limit(wait, "tasks", tasks.rate)
 
-    async def produce(request: Any, events: list[wire.TaskEvent]) -> None:
-        """Put a request's tasks on the broker, or raise a 503 naming those that may not be there (see
-        ``streams.serve.ingress``), or a 429 if they are over the client's limit."""
+    def charge(request: Any, count: int) -> None:
+        """Take ``count`` tasks from the asking client's bucket, or raise a 429."""
+        if (asking := client(request)) is not None:
+            tasks = app.pipeline.guard.tasks
+            over_limit(tasks.take(asking, count), "tasks", tasks.rate)
+
+    async def parse_charged_batch(request: Any) -> list[wire.TaskEvent]:
+        """A batch's tasks, charged to the client before they are validated (a client over its
+        limit costs no validation), and given back if they turn out invalid."""
+        charged: list[int] = []
+
+        def charge_batch(count: int) -> None:
+            charge(request, count)
+            charged.append(count)
+
+        try:
+            return await parse_batch(await read_json(request), charge_batch)
+        except ApiError:
+            if charged and (asking := client(request)) is not None:
+                app.pipeline.guard.tasks.give_back(asking, charged[0])
+            raise
+
+    async def produce(events: list[wire.TaskEvent]) -> None:
+        """Put a request's tasks on the broker, or raise a 503 naming those that may not be
+        there (see ``streams.serve.ingress``)."""
         ingress: IngressProducer | None = app.pipeline.ingress
         if ingress is None:
             raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
-        if (asking := client(request)) is not None:
-            tasks = app.pipeline.guard.tasks
-            over_limit(tasks.take(asking, len(events)), "tasks", tasks.rate)
         try:
             await ingress.send(events)
         except BrokerUnavailable as exc:
@@ -617,7 +636,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         async def post(self, request: Any) -> Any:
             await refuse_if_blocked(request)
             event = parse_task_request(await read_json(request))
-            await produce(request, [event])
+            charge(request, 1)
+            await produce([event])
             return _json(self, {"id": event.task_id, "status": "queued"}, 202)
 
     @app.page("/v1/batch")
@@ -627,8 +647,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
         async def post(self, request: Any) -> Any:
             await refuse_if_blocked(request)
-            events = await parse_batch(await read_json(request))
-            await produce(request, events)
+            events = await parse_charged_batch(request)
+            await produce(events)
             return _json(self, {"results": [{"id": e.task_id, "status": "queued"} for e in events]}, 202)
 
     @app.page("/healthz")
