@@ -46,7 +46,7 @@ chromium:
 
 ## The whole test suite against real (embedded) brokers: Apache Kafka and Tansu.
 test: $(NATIVE) kafka chromium
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 ## Throughput and latency against the baselines (installs the bench extra), on the embedded
 ## Tansu and Apache Kafka engines (Tansu alone where Kafka cannot start; ARGS="--engine kafka").
