@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 _MAX_RECORDS = 20_000
 #: How long one wait for records may last while the changelogs are quiet (ms).
 _POLL_MS = 50
+#: Seconds a staleness measurement is served before it is taken again (reads ask it each time).
+_MEASURE_EVERY = 0.005
 
 
 def changelog_topic(settings: Settings, table: str) -> str:
@@ -82,7 +84,7 @@ class ChangelogFollower:
         #: When the follower last found itself caught up with every partition (monotonic s).
         self._caught_up_at: float | None = None
         self._caught_up = False
-        self._started_at = time.monotonic()
+        self._started_at = self._measured_at = time.monotonic()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._read_committed = settings.exactly_once
@@ -158,30 +160,42 @@ class ChangelogFollower:
         return ends
 
     async def _note_positions(self, consumer: AIOKafkaConsumer) -> None:
-        lag = 0
-        caught_up = True
         for tp in self.partitions:
-            position = self.positions[tp] = await consumer.position(tp)
+            self.positions[tp] = await consumer.position(tp)
+        self._measure()
+
+    def _measure(self) -> None:
+        """Compare what is applied with the end offsets of the latest fetch responses, which the
+        consumer notes as they arrive: records fetched but not applied yet count as behind."""
+        consumer = self._consumer
+        assert consumer is not None
+        now = time.monotonic()
+        lag = 0
+        caught_up = bool(self.positions)
+        for tp, position in self.positions.items():
             end = consumer.last_stable_offset(tp) if self._read_committed else consumer.highwater(tp)
             if end is None or end < 0:
                 caught_up = False  # no fetch answer for it yet
-                continue
-            if position < end:
+            elif position < end:
                 caught_up = False
                 lag += end - position
         self.lag_records = lag
         self._caught_up = caught_up
+        self._measured_at = now
         if caught_up:
-            self._caught_up_at = time.monotonic()
+            self._caught_up_at = now
 
     def staleness_ms(self) -> int:
-        """0 when the latest fetch responses found every partition applied up to its end offset;
-        else the milliseconds since the follower was last found so (since its start before that)."""
+        """0 when, as of the latest fetch responses, every partition is applied up to its end
+        offset; else the milliseconds since the follower was last found so (since its start,
+        before the first time). Measured at most every :data:`_MEASURE_EVERY` seconds."""
+        now = time.monotonic()
+        if self.positions and now - self._measured_at >= _MEASURE_EVERY:
+            self._measure()
         if self._caught_up:
             return 0
-        if self._caught_up_at is None:
-            return int((time.monotonic() - self._started_at) * 1000)
-        return int((time.monotonic() - self._caught_up_at) * 1000)
+        since = self._started_at if self._caught_up_at is None else self._caught_up_at
+        return int((now - since) * 1000)
 
     def stats_offset(self, partition: int) -> int:
         """The tasks-topic offset the partition's stats row (as applied here) has processed up to."""
