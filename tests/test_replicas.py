@@ -7,6 +7,11 @@ import os
 import signal
 from typing import Any
 
+import pytest
+
+from streams.runtime.settings import Settings, SettingsError
+from streams.serve.consistency import format_token, parse_token
+from streams.serve.errors import ApiError
 from tests.harness import Deployment, Web, Worker, wait_until
 
 #: The task every test posts: synchronous (the ``upper`` tool), so once processed it is completed.
@@ -139,3 +144,25 @@ def test_a_read_with_the_token_of_a_write_never_sees_an_older_state(deployment: 
     assert status == 202, queued
     status, task, _ = _get(reader, f"/v1/tasks/{queued['id']}", queued["consistency_token"])
     assert status == 200 and task["status"] == "completed", task
+
+
+def test_a_consistency_token_names_partitions_and_offsets() -> None:
+    token = format_token({3: 77, 1: 1234})
+    assert token == "p1:1234.p3:77"
+    assert parse_token(token, 4) == {1: 1234, 3: 77}
+    assert parse_token("p2:5.p2:9", 4) == {2: 9}
+    for bad in ("", "p1", "1:5", "p1:5.", "p1:-5", "p1:5,p2:6", "p1:5 "):
+        with pytest.raises(ApiError) as refused:
+            parse_token(bad, 4)
+        assert refused.value.status == 400, bad
+    with pytest.raises(ApiError, match="partition 4"):
+        parse_token("p4:1", 4)
+
+
+def test_readers_take_the_ports_after_the_workers_and_are_checked() -> None:
+    settings = Settings(web_port=7000, worker_processes=2, readers=3)
+    assert settings.reader_ports == [7002, 7003, 7004]
+    with pytest.raises(SettingsError, match="BLACKROAD_READERS"):
+        Settings(readers=-1).validate()
+    with pytest.raises(SettingsError, match="BLACKROAD_CONSISTENCY_WAIT"):
+        Settings(consistency_wait=-0.5).validate()
