@@ -166,3 +166,24 @@ def test_readers_take_the_ports_after_the_workers_and_are_checked() -> None:
         Settings(readers=-1).validate()
     with pytest.raises(SettingsError, match="BLACKROAD_CONSISTENCY_WAIT"):
         Settings(consistency_wait=-0.5).validate()
+
+
+def test_workers_forward_a_token_to_the_owner_of_the_partition(deployment: Deployment) -> None:
+    """Two worker processes split the partitions: a lookup one forwards carries the token, and the
+    owner waits for its part of the write."""
+    supervisor = deployment.worker(processes=2).start()
+    first, second = supervisor.at(supervisor.port), supervisor.at(supervisor.port + 1)
+    first.wait_ready(90)
+    second.wait_ready(90)
+    for round_ in range(20):
+        agents = [f"agent_fwd{round_:03d}_{n:03d}" for n in range(4)]  # most rounds span both workers' partitions
+        status, queued = first.post("/v1/batch", {"requests": [{"agent_id": agent, **TOOL} for agent in agents]})
+        assert status == 202, queued
+        token = queued["consistency_token"]
+        for web in (first, second):
+            for agent in agents:
+                status, row, _ = _get(web, f"/v1/agents/{agent}", token)
+                assert status == 200 and row["stats"]["tasks_completed"] == 1, (round_, web.port, agent, row)
+            for result in queued["results"]:
+                status, task, _ = _get(web, f"/v1/tasks/{result['id']}", token)
+                assert status == 200 and task["status"] == "completed", (round_, web.port, task)
