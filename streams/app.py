@@ -14,6 +14,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from mode import Service
+from yarl import URL
 
 from agents.plugins import load_handlers
 from agents.registry import HandlerRegistry, default_registry
@@ -29,19 +30,21 @@ from streams.processing.log_continuity import BrokerLostData, VerifiedProducer
 from streams.processing.metrics import Metrics
 from streams.processing.processor import EXPIRY_CHUNK, BatchProcessor
 from streams.processing.retry_relay import RetryRelay, run_until_cancelled
-from streams.processing.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables
+from streams.processing.state import stats_key
+from streams.processing.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables, row_offset
 from streams.processing.transport import BatchConsumer, BatchTransport
 from streams.runtime import kafka_clients
 from streams.runtime.membership import client_id
 from streams.runtime.settings import Settings
 from streams.runtime.stopping import EXIT_BROKER_LOST_DATA, WorkerStop
+from streams.serve.consistency import Token
 from streams.serve.http_errors import EnvelopeRunner, router_errors_in_envelope
 from streams.serve.ingress import IngressProducer
 from streams.serve.peer_secret import shared_peer_secret
-from streams.serve.peers import PeerClient
-from streams.serve.rate_limit import TokenBuckets
+from streams.serve.peers import PartitionOwners, PeerClient
 from streams.serve.stats_view import StatsView
-from streams.serve.web_auth import ApiGuard
+from streams.serve.view_source import HistoryPool, Progress, TableRows
+from streams.serve.web_auth import ApiGuard, guard_for
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class BlackroadApp(faust.App):
     stopping: WorkerStop
     #: Topics whose records go to the batch processor (the rest take Faust's path).
     batch_topics: frozenset[str] = frozenset()
+    #: What the web views read through (the pipeline: see streams.serve.view_source).
+    view_source: Pipeline
 
     def _new_transport(self) -> Any:
         return BatchTransport(self.conf.broker_consumer, self)
@@ -129,7 +134,13 @@ class BlackroadApp(faust.App):
 
 
 class Pipeline(Service):
-    """Owns what processing needs besides Faust: the changelog and ingress producers, the stats view."""
+    """Owns what processing needs besides Faust: the changelog and ingress producers, the stats view.
+
+    It is also what the web views read through (a :class:`streams.serve.view_source.ViewSource`).
+    """
+
+    #: A worker's web views forward nothing to a worker of their own choosing (see ``owner_url``).
+    upstream: URL | None = None
 
     def __init__(
         self, app: BlackroadApp, tables: Tables, registry: HandlerRegistry, metrics: Metrics, **kwargs: Any
@@ -152,13 +163,23 @@ class Pipeline(Service):
         #: Forwards web lookups to the workers that own them.
         self.peers = PeerClient()
         self.stats_view = StatsView(self.settings, tables.stats.changelog_topic.get_topic_name())
+        self.rows = TableRows(
+            agents=tables.agents.data.data,
+            tasks=tables.tasks.data.data,
+            memory=tables.memory.data.data,
+            memory_entries=tables.memory_entries.data.data,
+        )
+        #: Per owned input partition, the offset its finished batches have been applied up to
+        #: (a batch in flight is not counted until it ends); read-your-writes waits on it.
+        self.applied: dict[int, int] = {}
+        self._applied_progress = Progress()
+        self._owners: PartitionOwners | None = None
         #: Held while a batch is in flight; a rebalance waits for it.
         self.lock = asyncio.Lock()
         #: Set once a check found that the broker lost data this worker had (then it stops).
         self.lost_data: BrokerLostData | None = None
         self._started_event = asyncio.Event()
-        self._history_pool: asyncpg.Pool | None = None
-        self._history_pool_lock = asyncio.Lock()
+        self._history = HistoryPool(self.settings)
         #: Keeps the memory search index (set once started; None with memory search off).
         self.indexer: MemoryIndexer | None = None
         #: Sends the memory entries' vectors to the broker (with memory search on; stopped at stop).
@@ -167,6 +188,7 @@ class Pipeline(Service):
         self.accesses: AccessRecorder | None = None
         #: The model server's client when ``inference`` runs on one (closed at stop).
         self.llm_client: ChatClient | None = None
+        self.rows_of_stats: dict[str, Any] = tables.stats.data.data
         self._memory_changelogs = {
             tables.memory.changelog_topic.get_topic_name(),
             tables.memory_entries.changelog_topic.get_topic_name(),
@@ -174,13 +196,7 @@ class Pipeline(Service):
 
     async def on_start(self) -> None:
         settings = self.settings
-        self.guard = ApiGuard(
-            settings.api_token_list(),
-            settings.api_reads == "token",
-            await shared_peer_secret(settings),
-            TokenBuckets(settings.rate_limit_requests, settings.rate_limit_requests * settings.rate_limit_burst),
-            TokenBuckets(settings.rate_limit_tasks, settings.rate_limit_tasks * settings.rate_limit_burst),
-        )
+        self.guard = guard_for(settings, await shared_peer_secret(settings))
         consumer: BatchConsumer = self.app.consumer  # type: ignore[assignment]
         sender: DirectSender | TransactionalSender
         if self.transactions is not None:
@@ -196,9 +212,12 @@ class Pipeline(Service):
                 client_id=f"{self.settings.app_id}-tables",
             )
             await self.producer.start()
-            # Records from entries that left working memory go last (streams.processing.agent_runner).
+            # Records from entries that left working memory go last (streams.processing.agent_runner),
+            # and so does the stats row: a reader that sees it knows the rest of its flush is on
+            # the broker (read-your-writes, streams.replica.follower).
             entries_changelog = self.tables.memory_entries.changelog_topic.get_topic_name()
-            last = frozenset({self.settings.topic("memory-archive"), entries_changelog})
+            stats_changelog = self.tables.stats.changelog_topic.get_topic_name()
+            last = frozenset({self.settings.topic("memory-archive"), entries_changelog, stats_changelog})
             sender = DirectSender(VerifiedProducer(self.producer), last=last)
             on_processed = consumer.mark_processed
         cached = {name: CachedTable(name, table) for name, table in self.tables.all().items()}
@@ -344,22 +363,58 @@ class Pipeline(Service):
 
     async def release(self, revoked: Any) -> None:
         """Under exactly-once, let go of the producers of revoked input partitions (once drained)."""
+        for partition in self._task_partitions(revoked):
+            self.applied.pop(partition, None)
         if self.transactions is not None:
             await self.transactions.release(self._task_partitions(revoked))
 
     async def history_pool(self) -> asyncpg.Pool:
-        """The connections the history views read PostgreSQL through, opened at the first request
-        (a worker starts and serves its live views whether or not PostgreSQL is up)."""
-        async with self._history_pool_lock:
-            if self._history_pool is None:
-                self._history_pool = await asyncpg.create_pool(
-                    self.settings.postgres_url,
-                    min_size=0,
-                    max_size=self.settings.postgres_pool_max_size,
-                    command_timeout=self.settings.postgres_command_timeout,
-                    timeout=self.settings.postgres_command_timeout,
-                )
-            return self._history_pool
+        return await self._history.get()
+
+    def owner_url(self, partition: int) -> URL | None:
+        if self._owners is None:
+            topic = self.tables.agents.changelog_topic.get_topic_name()
+            self._owners = PartitionOwners(self.app.assignor, topic, URL(self.settings.web_url))
+        return self._owners.url(partition)
+
+    def peer_urls(self) -> list[URL]:
+        own = URL(self.settings.web_url)
+        urls = {URL(str(u)) for u in self.app.assignor.tables_metadata()}
+        return sorted((u for u in urls if (u.host, u.port) != (own.host, own.port)), key=str)
+
+    def stats_snapshot(self, refresh: bool = False) -> dict[str, Any]:
+        if refresh:
+            self.stats_view.refresh()
+        return self.stats_view.snapshot
+
+    def staleness(self) -> dict[str, Any]:
+        # The views read the stores processing writes, ahead of the changelogs.
+        return {"process": "worker", "url": self.settings.web_url, "staleness_ms": 0, "lag_records": 0}
+
+    def staleness_ms(self) -> int:
+        return 0
+
+    def _stats_offset(self, partition: int) -> int:
+        """The offset the partition's stats row in this worker's store has been applied up to."""
+        row = self.rows_of_stats.get(stats_key(partition))
+        return -1 if row is None else row_offset(row)
+
+    async def wait_applied(self, token: Token, view: str, timeout: float) -> bool:
+        """Stats come from the stats changelog (:class:`StatsView`); the other views from the stores,
+        for the partitions this worker owns (a lookup for another's is forwarded with the token)."""
+        if view == "stats":
+            return await self.stats_view.progress.wait_until(lambda: self.stats_view.reached(token), timeout)
+
+        def reached() -> bool:
+            owned = self.owned_partitions()
+            applied = self.applied
+            return all(
+                applied.get(partition, self._stats_offset(partition)) >= offset
+                for partition, offset in token.items()
+                if partition in owned
+            )
+
+        return await self._applied_progress.wait_until(reached, timeout)
 
     async def on_stop(self) -> None:
         self.peers.close()
@@ -369,8 +424,7 @@ class Pipeline(Service):
             self.indexer.close()
         if self.vector_log is not None:
             await self.vector_log.stop()
-        if self._history_pool is not None:
-            await self._history_pool.close()
+        await self._history.close()
         # Half the stop budget: the rest of Faust's stop must fit in it too (see streams.runtime.stopping).
         budget = self.settings.stop_timeout / 2
         try:
@@ -403,8 +457,15 @@ class Pipeline(Service):
     async def process(self, batch: dict[Any, list[Any]], fetched_in: int) -> None:
         await self.wait_for_started()
         assert self.processor is not None
+        partitions = [tp.partition for tp in batch]
+        for partition in partitions:
+            # Before the batch changes the stats row: the offset applied so far.
+            self.applied.setdefault(partition, self._stats_offset(partition))
         try:
             await self.processor(batch, fetched_in)
+            for partition in partitions:
+                self.applied[partition] = self._stats_offset(partition)
+            self._applied_progress.notify()
         except BrokerLostData as exc:
             self._stop_for_lost_data(exc)
             # No further batch: the worker is stopping (this wait ends when the fetcher is stopped).
@@ -483,7 +544,7 @@ def create_app(
     app.topics.add(
         app.topic(settings.topic("tasks"), partitions=settings.partitions, key_serializer="raw", value_serializer="raw")
     )
-    app.pipeline = Pipeline(app, tables, registry, metrics, loop=None)
+    app.pipeline = app.view_source = Pipeline(app, tables, registry, metrics, loop=None)
     if settings.llm_url is not None:
         client = ChatClient(
             settings.llm_api,
@@ -502,6 +563,6 @@ def create_app(
     from streams.serve.dashboard.view import register_dashboard
     from streams.serve.web import register_views
 
-    register_views(app, tables, metrics)
+    register_views(app, app.pipeline)
     register_dashboard(app)
     return app

@@ -162,7 +162,7 @@ def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
     ``stopping.request(code)`` stops them (as SIGTERM does) and sets the exit code.
     """
     _require_free_web_ports(settings)
-    if settings.process_count == 1:
+    if settings.process_count == 1 and not settings.readers:
         return run_worker(settings, stopping)
     from streams.runtime.supervisor import Supervisor
     from streams.serve.peer_secret import shared_peer_secret
@@ -172,7 +172,7 @@ def run_workers(settings: Settings, stopping: WorkerStop | None = None) -> int:
         # joins its group without first asking the broker for it.
         os.environ["BLACKROAD_PEER_SECRET"] = asyncio.run(shared_peer_secret(settings))
 
-    code = Supervisor(settings, settings.process_count).run()
+    code = Supervisor(settings, settings.process_count, settings.readers).run()
     return (stopping.exit_code if stopping is not None else 0) or code
 
 
@@ -188,7 +188,7 @@ def _configure_logging(settings: Settings) -> None:
 
 def _require_free_web_ports(settings: Settings) -> None:
     """Stop with one line, before any worker starts, when a web port is taken."""
-    for port in range(settings.web_port, settings.web_port + settings.process_count):
+    for port in range(settings.web_port, settings.web_port + settings.process_count + settings.readers):
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -226,6 +226,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise SystemExit(f"blackroad: bad option: {exc}") from None
     _require_broker(settings)
     return run_workers(_reach(settings))
+
+
+def cmd_reader(args: argparse.Namespace) -> int:
+    """One read replica in this process (``up`` and ``worker`` run ``BLACKROAD_READERS`` of them)."""
+    from yarl import URL
+
+    from streams.replica.server import serve
+
+    settings = _settings()
+    upstream = URL(args.upstream or settings.web_url)
+    try:
+        settings = settings.replace(web_port=args.web_port or settings.web_port + settings.process_count)
+    except SettingsError as exc:
+        raise SystemExit(f"blackroad: bad option: {exc}") from None
+    _require_broker(settings)
+    settings = _reach(settings)
+    _configure_logging(settings)
+
+    async def run() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def stopped_by(signum: int) -> None:
+            Interrupted.note(signum)
+            stopped.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped_by, sig)
+        await serve(settings, upstream, stopped)
+
+    asyncio.run(run())
+    return 0
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -392,8 +424,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         settings = _reach(settings)
         count = settings.process_count
         ports = f"{settings.web_port}" if count == 1 else f"{settings.web_port}-{settings.web_port + count - 1}"
+        readers = settings.reader_ports
+        reading = f", {len(readers)} reader(s) on ports {readers[0]}-{readers[-1]}" if readers else ""
         print(
-            f"{count} worker process(es), web views on ports {ports}: {settings.web_url}/v1/stats"
+            f"{count} worker process(es), web views on ports {ports}{reading}: {settings.web_url}/v1/stats"
             "  (Ctrl-C stops everything)",
             flush=True,
         )
@@ -689,6 +723,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--handlers", default=None, help="handler plug-ins, module:function[,...] (overrides BLACKROAD_HANDLERS)"
     )
     worker.set_defaults(run=cmd_worker)
+
+    reader = commands.add_parser(
+        "reader", **defaults, help="one read replica: the read views from the changelogs, no task processing"
+    )
+    reader.add_argument(
+        "--web-port", type=int, default=0, help="its web port (default: BLACKROAD_WEB_PORT + the worker processes)"
+    )
+    reader.add_argument(
+        "--upstream", default=None, help="a worker's web URL for memory search (default: BLACKROAD_WEB_HOST:WEB_PORT)"
+    )
+    reader.set_defaults(run=cmd_reader)
 
     produce = commands.add_parser("produce", **defaults, help="load generator")
     produce.add_argument("--agents", type=int, default=1000, help="agents the tasks go to")

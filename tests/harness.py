@@ -76,13 +76,15 @@ class Deployment:
     def topic(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
-    def worker(self, processes: int = 1, command: str = "worker") -> Worker:
+    def worker(self, processes: int = 1, command: str = "worker", readers: int = 0) -> Worker:
         """A ``blackroad worker``; with ``processes`` > 1, a supervisor of that many worker processes.
 
         ``command="up"`` runs ``blackroad up`` instead (with its own embedded broker if none listens).
+        ``readers`` read replicas run beside them, on the web ports after the workers'.
         """
-        port = free_port(processes)
+        port = free_port(processes + readers)
         worker = Worker(self, port, self.tmp / f"{command}-{len(self.workers)}.log", processes, command)
+        worker.readers = readers
         self.workers.append(worker)
         return worker
 
@@ -169,6 +171,7 @@ class Worker(Web):
         self.log_path = log_path
         self.processes = processes
         self.command = command
+        self.readers = 0
         self.process: subprocess.Popen[bytes] | None = None
 
     def at(self, port: int) -> Worker:
@@ -189,6 +192,7 @@ class Worker(Web):
             **self.deployment.env,
             "BLACKROAD_WEB_PORT": str(self.port),
             "BLACKROAD_WORKER_PROCESSES": str(self.processes),
+            "BLACKROAD_READERS": str(self.readers),
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(

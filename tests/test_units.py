@@ -33,7 +33,7 @@ from streams.processing.processor import BatchProcessor
 from streams.runtime import native
 from streams.runtime.client_log import RepeatedClientMessages
 from streams.runtime.settings import Settings
-from streams.serve.web import PartitionOwners
+from streams.serve.peers import PartitionOwners
 from tests.factories import task
 
 

@@ -87,6 +87,21 @@ class Metrics:
             "Changelog records the history sink has yet to write to PostgreSQL (all sinks, from the broker).",
             registry=r,
         )
+        self.replica_lag_records = Gauge(
+            "blackroad_replica_lag_records",
+            "Changelog records a read replica has yet to apply (0 on a worker, which answers from its own stores).",
+            registry=r,
+        )
+        self.replica_lag_seconds = Gauge(
+            "blackroad_replica_lag_seconds",
+            "How far behind the changelogs a read replica answers (X-Staleness-Ms, in seconds).",
+            registry=r,
+        )
+        self.consistency_timeouts = Counter(
+            "blackroad_consistency_timeouts",
+            "Reads answered 503 because the write their consistency token names was not applied in time.",
+            registry=r,
+        )
         self.duplicates = Counter(
             "blackroad_duplicate_tasks", "Task events whose task id was already seen.", registry=r
         )

@@ -80,6 +80,13 @@ class Settings:
     #: Worker processes on this machine (each its own web port from WEB_PORT on);
     #: 0 means one per CPU core, at most one per partition.
     worker_processes: int = 1
+    #: Read replicas on this machine (``blackroad up`` / ``worker`` run them beside the workers):
+    #: processes that follow the tables' changelogs and serve the read views without processing
+    #: tasks (:mod:`streams.replica`). Reader *j* serves on ``WEB_PORT + process_count + j``.
+    readers: int = 0
+    #: Seconds a read carrying a consistency token may wait for the serving process to have
+    #: applied the write it names before it answers 503 (docs/read-replicas.md).
+    consistency_wait: float = 2.0
     data_dir: Path = Path("data")
     app_id: str = "blackroad"
     topic_prefix: str = "blackroad"
@@ -316,6 +323,12 @@ class Settings:
         return max(1, min(os.cpu_count() or 1, self.partitions))
 
     @property
+    def reader_ports(self) -> list[int]:
+        """The web ports of this machine's readers: right after the workers'."""
+        first = self.web_port + self.process_count
+        return list(range(first, first + self.readers))
+
+    @property
     def replication_resolved(self) -> bool:
         """Whether the replication settings are known (set, or resolved by :meth:`for_cluster`)."""
         return self.replication_factor > 0 and self.min_insync_replicas > 0
@@ -386,7 +399,9 @@ class Settings:
         _check_range("WEB_PORT", self.web_port, 1, 65535)
         _check_range("PARTITIONS", self.partitions, 1, 1024)
         _check_range("WORKER_PROCESSES", self.worker_processes, 0, self.partitions)
-        _check_range("WEB_PORT", self.web_port + self.process_count - 1, 1, 65535)
+        _check_range("READERS", self.readers, 0, 64)
+        _check_range("WEB_PORT", self.web_port + self.process_count + self.readers - 1, 1, 65535)
+        _check_range("CONSISTENCY_WAIT", self.consistency_wait, 0.0, 60.0)
         _check_range("MAX_CONCURRENT_TASKS", self.max_concurrent_tasks, 1, 10_000)
         _check_range("MAX_ATTEMPTS", self.max_attempts, 1, 100)
         _check_range("RETRY_BACKOFF", self.retry_backoff, 0.001, 3600.0)

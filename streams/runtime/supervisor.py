@@ -1,14 +1,17 @@
-"""Several worker processes on one machine, each a full worker with its own web port.
+"""Several worker processes on one machine, each a full worker with its own web port, and
+the machine's read replicas (``BLACKROAD_READERS``) beside them.
 
 Python runs one core per process, so a machine with more cores runs more workers. They
 join one consumer group and split the partitions like workers on separate machines do;
 their web views forward to each other (see :mod:`streams.serve.web`). A worker that exits
 unexpectedly is started again (at once if a signal killed it, after a growing pause if it
-exited by itself soon after starting) and recovers its tables from the changelogs.
+exited by itself soon after starting) and recovers its tables from the changelogs; a reader
+likewise, and catches up with the changelogs again (:mod:`streams.replica`).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -32,6 +35,8 @@ _STOP_GRACE = 0.5
 class _Child:
     index: int
     web_port: int
+    #: ``worker`` (processes tasks) or ``reader`` (a read replica).
+    kind: str = "worker"
     process: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     backoff: float = _FIRST_BACKOFF
@@ -39,19 +44,36 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, count: int) -> None:
+    def __init__(self, settings: Settings, count: int, readers: int = 0) -> None:
         self.settings = settings
         self.children = [_Child(i, settings.web_port + i) for i in range(count)]
+        reader_ports = range(settings.web_port + count, settings.web_port + count + readers)
+        self.children += [_Child(count + i, port, "reader") for i, port in enumerate(reader_ports)]
         self._stopping = False
         #: What ``run`` returns: a worker's fatal exit code once one made every worker stop.
         self.exit_code = 0
 
     def command(self, child: _Child) -> list[str]:
+        if child.kind == "reader":
+            # Memory search, which only workers hold, goes to the first worker of this machine.
+            upstream = self.settings.web_url
+            return [
+                sys.executable,
+                "-m",
+                "streams.cli",
+                "reader",
+                "--web-port",
+                str(child.web_port),
+                "--upstream",
+                upstream,
+            ]
         return [sys.executable, "-m", "streams.cli", "worker", "--web-port", str(child.web_port), "--processes", "1"]
 
     def _start(self, child: _Child) -> None:
         child.process = subprocess.Popen(  # noqa: S603 - our own module
             self.command(child),
+            # Each child is one process of its own: the readers are this supervisor's to run.
+            env={**os.environ, "BLACKROAD_READERS": "0"},
             preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, fork-safe
         )
         child.started = time.monotonic()
@@ -94,7 +116,7 @@ class Supervisor:
                 continue
             if process is None or process.poll() is None:
                 continue
-            if process.returncode == EXIT_BROKER_LOST_DATA:
+            if process.returncode == EXIT_BROKER_LOST_DATA and child.kind == "worker":
                 # Every worker would refuse the broker the same way: stop them all (the
                 # worker's own CRITICAL line says why) rather than restart in a loop.
                 print(
@@ -114,7 +136,7 @@ class Supervisor:
             pause = 0.0 if killed else child.backoff
             child.restart_at = now + pause
             print(
-                f"blackroad: worker on web port {child.web_port} "
+                f"blackroad: {child.kind} on web port {child.web_port} "
                 + (f"killed by signal {-process.returncode}" if killed else f"exited with code {process.returncode}")
                 + (f"; starting it again in {pause:.0f}s" if pause else "; starting it again"),
                 file=sys.stderr,

@@ -6,6 +6,7 @@ from http import HTTPStatus
 from importlib import metadata
 from typing import Any
 
+from streams.serve.consistency import STALENESS_HEADER, TOKEN_HEADER, TOKEN_PATTERN
 from streams.serve.contract import responses
 from streams.serve.contract.operations import BODIES, OPERATIONS, Operation
 from streams.serve.contract.params import openapi_parameter
@@ -18,11 +19,34 @@ HEADERS = {
         "required": True,
         "schema": {"type": "string", "pattern": "^[0-9]+$"},
     },
+    STALENESS_HEADER: {
+        "description": "how far behind the stream the answering process was, in ms: 0 when it had applied "
+        "everything its latest fetches of the tables' changelogs reported, else the time since it last had "
+        "(always 0 from a processing worker, which answers from its own stores); docs/read-replicas.md",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+    TOKEN_HEADER: {
+        "description": "the write's consistency token (p<partition>:<offset> joined by dots): send it with a "
+        "GET to read nothing older than this write",
+        "required": True,
+        "schema": {"type": "string", "pattern": TOKEN_PATTERN},
+    },
 }
+#: The operations whose accepted answer carries a consistency token.
+_WRITES = frozenset({"createTask", "createTasks"})
 _RETRIED = {429, 503}
 
 DESCRIPTION = """\
 Agents, tasks and memory of BlackRoad as an event-streaming pipeline.
+
+Reads may be served by read replicas. Every GET answer says how far behind the stream it is
+(`X-Staleness-Ms`); a write answers with a consistency token (`X-Consistency-Token`, and
+`consistency_token` in its body), which any GET that reads the tables may carry in the request
+header `X-Consistency-Token` to be answered only once the process serving it has applied that
+write: a token naming a partition the tasks topic lacks is a 400, one not applied within
+`BLACKROAD_CONSISTENCY_WAIT` seconds a 503 with `Retry-After` (docs/read-replicas.md). It is
+not listed as a parameter: a token no write ever reached is always answered 503.
 
 Every error answers with the envelope `{"error": {"code", "message", "details"}, "request_id"}`,
 including a path no view serves (404), a method a view does not take (405) and a request the
@@ -43,6 +67,11 @@ def _operation(op: Operation) -> dict[str, Any]:
         answers[str(status)] = _answer(HTTPStatus(status).phrase, op.ok, op.content_type, status)
     for status in op.errors:
         answers[str(status)] = _answer(HTTPStatus(status).phrase, responses.ref("Error"), "application/json", status)
+    if op.method == "get":
+        for answer in answers.values():
+            answer["headers"][STALENESS_HEADER] = {"$ref": f"#/components/headers/{STALENESS_HEADER}"}
+    if op.operation_id in _WRITES:
+        answers[str(op.ok_status)]["headers"][TOKEN_HEADER] = {"$ref": f"#/components/headers/{TOKEN_HEADER}"}
     document: dict[str, Any] = {
         "operationId": op.operation_id,
         "summary": op.summary,

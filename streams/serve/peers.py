@@ -179,3 +179,29 @@ def _expire(connection: _Connection, future: asyncio.Future[Any], timeout: float
     """A request took too long: the responses behind it cannot be matched up any more."""
     if not future.done():
         connection.fail(PeerError(f"{connection.peer} did not answer within {timeout:g}s"))
+
+
+class PartitionOwners:
+    """Which worker serves each partition of a table, as the group's assignment says.
+
+    The map is rebuilt when a rebalance hands out a new assignment, not per request.
+    """
+
+    def __init__(self, assignor: Any, changelog_topic: str, own_url: URL) -> None:
+        self._assignor = assignor
+        self._topic = changelog_topic
+        self._own = (own_url.host, own_url.port)
+        self._built_from: Any = None
+        self._urls: dict[int, URL | None] = {}
+
+    def url(self, partition: int) -> URL | None:
+        """The owner's web URL; None when it is this worker or no one owns the partition now."""
+        distribution = self._assignor.changelog_distribution
+        if distribution is not self._built_from:
+            urls: dict[int, URL | None] = {}
+            for host, topics in distribution.items():
+                url = URL(str(host))
+                for owned in topics.get(self._topic, ()):
+                    urls[owned] = None if (url.host, url.port) == self._own else url
+            self._urls, self._built_from = urls, distribution
+        return self._urls.get(partition)

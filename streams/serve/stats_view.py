@@ -24,6 +24,7 @@ from streams.processing import histogram
 from streams.processing.tables import newer
 from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
+from streams.serve.view_source import Progress
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class StatsView(Service):
         self._consumer: AIOKafkaConsumer | None = None
         self._lag_reader: AIOKafkaConsumer | None = None
         self._changed = asyncio.Event()
+        #: Notified whenever rows were applied (reads with a consistency token wait on it).
+        self.progress = Progress()
         #: Changelog records the history sink has yet to write (None: off, or not known yet).
         self.history_lag: int | None = None
         #: Sets the Prometheus gauge of the history lag.
@@ -100,6 +103,7 @@ class StatsView(Service):
                         self.rows[partition] = row
             if fetched:
                 self._changed.set()
+                self.progress.notify()
 
     @Service.task
     async def _summarize(self) -> None:
@@ -113,6 +117,11 @@ class StatsView(Service):
     async def _tick(self) -> None:
         # Per-minute rates move with the clock even when nothing arrives.
         self.refresh()
+
+    def reached(self, token: dict[int, int]) -> bool:
+        """Whether every partition's row has applied the token's offset (``"o"``) of it."""
+        rows = self.rows
+        return all(partition in rows and rows[partition]["o"] >= offset for partition, offset in token.items())
 
     def refresh(self) -> None:
         snapshot = summarize(self.rows, self.in_progress())

@@ -5,6 +5,12 @@ any other worker forwards the request there. Lookups by task id and the agent
 list ask the other workers too when this worker does not hold the answer. The
 history views (an agent's tasks, the task feed, a task gone from the live table,
 agents' recent tasks) read PostgreSQL, from any worker (``streams.history.queries``).
+
+The views read through a :class:`streams.serve.view_source.ViewSource`: a worker's stores, or
+a read replica's copy of the changelogs (``streams.replica``), which holds every partition and
+so forwards nothing. Every GET answer says how far behind the stream it is
+(``X-Staleness-Ms``), and a GET carrying a consistency token waits for the write it names
+(``streams.serve.consistency``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from streams.history.sink import POSTGRES_ERRORS as HISTORY_ERRORS
 from streams.history.verify import compare_memory
 from streams.memory_search.index import TIERS, Hit
 from streams.processing.metrics import Metrics
-from streams.processing.tables import Tables, task_expired, thaw
+from streams.processing.tables import task_expired, thaw
+from streams.serve.consistency import STALENESS_HEADER, TOKEN_HEADER, format_token, not_reached, parse_token
 from streams.serve.contract import operations as api
 from streams.serve.contract.params import PatternQuery
 from streams.serve.errors import REQUEST_ID, RETRY_AFTER, ApiError, envelope, error_headers, invalid, request_id
@@ -37,6 +44,7 @@ from streams.serve.openapi import build_document, package_version
 from streams.serve.peers import PeerClient, PeerError
 from streams.serve.rate_limit import Holds, retry_after
 from streams.serve.request_bodies import MemorySearch, parse_batch, parse_search, parse_task_request, read_json
+from streams.serve.view_source import ViewSource
 from streams.serve.web_auth import ApiGuard, Refused
 
 T = TypeVar("T")
@@ -93,15 +101,19 @@ class ApiView(web.View):
 
     async def dispatch(self, request: Any) -> Any:
         app: Any = self.app
-        metrics: Metrics = app.pipeline.metrics
+        source: ViewSource = app.view_source
+        metrics: Metrics = source.metrics
         started = time.perf_counter()
         asked = request_id(request)
         try:
             if not self.open_to_all:
-                self._admit(request, app.pipeline.guard)
-            if self.reads_tables and request.method == "GET" and not _tables_ready(app):
-                raise ApiError("internal_error", "the worker is recovering its tables; retry shortly", 503)
-            response = await super().dispatch(request)
+                self._admit(request, source.guard)
+            if self.reads_tables and request.method == "GET":
+                if not source.tables_ready():
+                    raise ApiError("internal_error", "the tables are being recovered or caught up; retry shortly", 503)
+                if (raw_token := request.headers.get(TOKEN_HEADER)) is not None:
+                    await _wait_for_token(source, raw_token, self.name)
+            response = await self._call(request)
         except ApiError as exc:
             response = _error(self, exc, asked)
             if request.body_exists and not request.content.at_eof():
@@ -115,6 +127,8 @@ class ApiView(web.View):
             log.exception("web view %s failed (request %s): %r", self.name, asked, exc)
             response = _error(self, ApiError("internal_error", "internal error"), asked)
         response.headers[REQUEST_ID] = asked
+        if request.method == "GET":
+            response.headers[STALENESS_HEADER] = str(source.staleness_ms())
         compress(request, response)
         status = response.status
         metrics.http_request(self.name, status, time.perf_counter() - started)
@@ -130,6 +144,12 @@ class ApiView(web.View):
                 asked,
             )
         return response
+
+    async def _call(self, request: Any) -> Any:
+        """The view's method for the request (Faust's dispatch without its sensors, so views
+        run the same under a worker's Faust app and a reader's plain aiohttp one)."""
+        method = self.methods[request.method.lower()]
+        return await method(request, **(request.match_info or {}))
 
     def _admit(self, request: Any, guard: ApiGuard | None) -> None:
         """Let the request in (noting its :func:`client`), or raise the error that refuses it."""
@@ -171,35 +191,13 @@ def over_limit(wait: float, what: str, rate: float) -> None:
         )
 
 
-class PartitionOwners:
-    """Which worker serves each partition of a table, as the group's assignment says.
-
-    The map is rebuilt when a rebalance hands out a new assignment, not per request.
-    """
-
-    def __init__(self, assignor: Any, changelog_topic: str, own_url: URL) -> None:
-        self._assignor = assignor
-        self._topic = changelog_topic
-        self._own = (own_url.host, own_url.port)
-        self._built_from: Any = None
-        self._urls: dict[int, URL | None] = {}
-
-    def url(self, partition: int) -> URL | None:
-        """The owner's web URL; None when it is this worker or no one owns the partition now."""
-        distribution = self._assignor.changelog_distribution
-        if distribution is not self._built_from:
-            urls: dict[int, URL | None] = {}
-            for host, topics in distribution.items():
-                url = URL(str(host))
-                for owned in topics.get(self._topic, ()):
-                    urls[owned] = None if (url.host, url.port) == self._own else url
-            self._urls, self._built_from = urls, distribution
-        return self._urls.get(partition)
-
-
-def _tables_ready(app: Any) -> bool:
-    """True once table recovery has completed and none is running (e.g. after a rebalance)."""
-    return bool(app.tables.recovery.completed.is_set() and not app.in_recovery)
+async def _wait_for_token(source: ViewSource, raw: str, view: str) -> None:
+    """Return once ``source`` has applied the write the token names, or raise the 503."""
+    token = parse_token(raw, source.settings.partitions)
+    bound = source.settings.consistency_wait
+    if not await source.wait_applied(token, view, bound):
+        source.metrics.consistency_timeouts.inc()
+        raise not_reached(token, bound)
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -249,44 +247,65 @@ def search_result(hit: Hit, entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
-    settings = app.settings
-    agents_rows: dict[str, Any] = tables.agents.data.data
-    tasks_rows: dict[str, Any] = tables.tasks.data.data
-    memory_rows: dict[str, Any] = tables.memory.data.data
-    entry_rows: dict[str, Any] = tables.memory_entries.data.data
+def register_views(app: Any, source: ViewSource) -> None:
+    """Hook the views into ``app`` (a worker's Faust app or a reader's host, whichever has
+    ``page`` and ``view_source``), reading through ``source``."""
+    settings = source.settings
+    metrics = source.metrics
+    agents_rows = source.rows.agents
+    tasks_rows = source.rows.tasks
+    memory_rows = source.rows.memory
+    entry_rows = source.rows.memory_entries
     retention_ms = int(settings.task_retention * 1000)
-    own_url = URL(settings.web_url)
-
-    def peers() -> list[URL]:
-        urls = {URL(str(u)) for u in app.assignor.tables_metadata()}
-        return sorted((u for u in urls if (u.host, u.port) != (own_url.host, own_url.port)), key=str)
-
-    owners = PartitionOwners(app.assignor, tables.agents.changelog_topic.get_topic_name(), own_url)
+    peers = source.peer_urls
     partition_of = wire.Partitioner(settings.partitions)
 
     def owner_of(agent_id: str) -> URL | None:
-        """The web URL of the worker owning the agent's partition, None if it is this one."""
-        return owners.url(partition_of(agent_id.encode()))
+        """The web URL of the worker owning the agent's partition, None if this process answers."""
+        return source.owner_url(partition_of(agent_id.encode()))
 
-    peers_client: PeerClient = app.pipeline.peers
+    peers_client: PeerClient = source.peers
 
-    def forward_headers() -> dict[str, str]:
-        guard: ApiGuard = app.pipeline.guard
-        return {FORWARDED: guard.peer_secret}
+    def admitted_by() -> ApiGuard:
+        guard: ApiGuard | None = source.guard
+        assert guard is not None  # requests are admitted only once it is set
+        return guard
 
-    async def fetch_raw(url: URL, path_qs: str) -> tuple[int, bytes]:
+    def forward_headers(request: Any = None) -> dict[str, str]:
+        headers = {FORWARDED: admitted_by().peer_secret}
+        if request is not None and (token := request.headers.get(TOKEN_HEADER)) is not None:
+            headers[TOKEN_HEADER] = token  # the owner waits for its part of the write
+        return headers
+
+    async def fetch_raw(url: URL, path_qs: str, request: Any) -> tuple[int, bytes]:
         try:
-            return await peers_client.get(url, path_qs, forward_headers())
+            return await peers_client.get(url, path_qs, forward_headers(request))
         except PeerError as exc:
             raise ApiError("internal_error", f"worker {url} cannot be reached; retry shortly ({exc})", 503) from None
 
-    async def fetch(url: URL, path: str, query: dict[str, str] | None = None) -> tuple[int, Any]:
-        status, body = await fetch_raw(url, str(URL(path).with_query(query or {})))
+    async def fetch(url: URL, path: str, request: Any, query: dict[str, str] | None = None) -> tuple[int, Any]:
+        status, body = await fetch_raw(url, str(URL(path).with_query(query or {})), request)
         return status, orjson.loads(body)
 
     async def forward(view: web.View, request: Any, url: URL) -> Any:
-        status, body = await fetch_raw(url, request.path_qs)
+        status, body = await fetch_raw(url, request.path_qs, request)
+        return view.bytes(body, content_type="application/json", status=status)
+
+    async def to_upstream(view: web.View, request: Any) -> Any:
+        """A reader passes what only workers answer (memory search and its index) to its worker,
+        as the client asked it (the worker checks the client's token and limits)."""
+        assert source.upstream is not None
+        passed = ("Authorization", TOKEN_HEADER)
+        headers = {name: request.headers[name] for name in passed if name in request.headers}
+        try:
+            if request.method == "POST":
+                status, body = await peers_client.post(source.upstream, request.path, await request.read(), headers)
+            else:
+                status, body = await peers_client.get(source.upstream, request.path_qs, headers)
+        except PeerError as exc:
+            raise ApiError(
+                "internal_error", f"worker {source.upstream} cannot be reached; retry shortly ({exc})", 503
+            ) from None
         return view.bytes(body, content_type="application/json", status=status)
 
     holds = Holds()
@@ -295,7 +314,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         """A client refused for its task limit that asks again before its ``Retry-After`` is
         up waits it out first (:class:`Holds`), its body unread; it is refused if it cannot."""
         if (asking := client(request)) is not None:
-            tasks = app.pipeline.guard.tasks
+            tasks = admitted_by().tasks
             wait = tasks.blocked(asking)
             if wait > 0 and await holds.hold(wait):
                 wait = tasks.blocked(asking)
@@ -304,7 +323,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
     def charge(request: Any, count: int) -> None:
         """Take ``count`` tasks from the asking client's bucket, or raise a 429."""
         if (asking := client(request)) is not None:
-            tasks = app.pipeline.guard.tasks
+            tasks = admitted_by().tasks
             over_limit(tasks.take(asking, count), "tasks", tasks.rate)
 
     async def parse_charged_batch(request: Any) -> list[wire.TaskEvent]:
@@ -320,17 +339,17 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             return await parse_batch(await read_json(request), charge_batch)
         except ApiError:
             if charged and (asking := client(request)) is not None:
-                app.pipeline.guard.tasks.give_back(asking, charged[0])
+                admitted_by().tasks.give_back(asking, charged[0])
             raise
 
-    async def produce(events: list[wire.TaskEvent]) -> None:
-        """Put a request's tasks on the broker, or raise a 503 naming those that may not be
-        there (see ``streams.serve.ingress``)."""
-        ingress: IngressProducer | None = app.pipeline.ingress
+    async def produce(events: list[wire.TaskEvent]) -> str:
+        """Put a request's tasks on the broker and return the write's consistency token, or raise
+        a 503 naming those that may not be there (see ``streams.serve.ingress``)."""
+        ingress: IngressProducer | None = source.ingress
         if ingress is None:
             raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
         try:
-            await ingress.send(events)
+            return format_token(await ingress.send(events))
         except BrokerUnavailable as exc:
             # The domain's error codes have none for this; the status (503) and Retry-After say it.
             raise ApiError(
@@ -346,7 +365,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         if not settings.history_enabled:
             raise ApiError("not_found", "the history is off (BLACKROAD_HISTORY=off)")
         try:
-            pool = await app.pipeline.history_pool()
+            pool = await source.history_pool()
             async with pool.acquire() as conn:
                 return await read(conn)
         except HISTORY_ERRORS as exc:
@@ -375,7 +394,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 query = {"window": str(offset + limit)}
                 if status:
                     query["status"] = status
-                code, body = await fetch(peer, "/v1/agents", query)
+                code, body = await fetch(peer, "/v1/agents", request, query)
                 if code == 200:
                     docs.extend(body["agents"])
                     total += body["total"]
@@ -406,9 +425,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         until it has indexed every partition the worker owns."""
         if not settings.memory_search_enabled:
             raise ApiError("not_found", "memory search is off (BLACKROAD_MEMORY_SEARCH=off)")
-        if ready and not app.pipeline.memory_search_ready():
+        if ready and not source.memory_search_ready():
             raise ApiError("internal_error", "the worker is indexing its memory; retry shortly", 503)
-        return app.pipeline.indexer
+        return source.indexer
 
     def beyond_working_memory(agent_id: str, tier: str, limit: int) -> dict[str, Any]:
         """An agent's entries of the episodic or semantic tier (found through the search index)."""
@@ -424,6 +443,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             api.AGENT_ID.check(agent_id)
             tier = api.MEMORY_TIER.chosen(request.query)
             limit = api.MEMORY_LIMIT.read(request.query)
+            if tier != "working" and source.upstream is not None:
+                return await to_upstream(self, request)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             if tier != "working":
@@ -498,7 +519,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
 
     def record_accesses(results: list[dict[str, Any]]) -> None:
         """The entries a client's search returned count as accessed (see ``streams.memory_search.accesses``)."""
-        recorder = app.pipeline.accesses
+        recorder = source.accesses
         if recorder is not None and results:
             recorder.record(results)
 
@@ -510,6 +531,8 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "memory_search"
 
         async def post(self, request: Any) -> Any:
+            if source.upstream is not None:
+                return await to_upstream(self, request)
             raw = await read_json(request)
             search = parse_search(raw)
             agent_id = search.filters.get("agent_id")
@@ -552,17 +575,19 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "memory_stats"
 
         async def get(self, request: Any) -> Any:
-            recorder = app.pipeline.accesses
+            if source.upstream is not None:
+                return await to_upstream(self, request)
+            recorder = source.accesses
             own = {
                 **memory_indexer(ready=False).stats(),
                 **(recorder.stats() if recorder is not None else {}),
-                "ready": app.pipeline.memory_search_ready(),
+                "ready": source.memory_search_ready(),
             }
             if FORWARDED in request.headers:
                 return _json(self, own)
             workers = {settings.web_url: own}
             for peer in peers():
-                status, body = await fetch(peer, "/v1/memory/stats")
+                status, body = await fetch(peer, "/v1/memory/stats", request)
                 if status != 200:
                     raise ApiError("internal_error", f"worker {peer} answered {status}; retry shortly", 503)
                 workers[str(peer)] = body
@@ -611,7 +636,7 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
                 return _json(self, _public(thaw(row)))
             if FORWARDED not in request.headers:
                 for peer in peers():
-                    code, body = await fetch(peer, request.path)
+                    code, body = await fetch(peer, request.path, request)
                     if code == 200:
                         return _json(self, body)
                 # No worker holds it live (it finished longer ago than the retention): the history.
@@ -637,8 +662,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
             await refuse_if_blocked(request)
             event = parse_task_request(await read_json(request))
             charge(request, 1)
-            await produce([event])
-            return _json(self, {"id": event.task_id, "status": "queued"}, 202)
+            token = await produce([event])
+            document = {"id": event.task_id, "status": "queued", "consistency_token": token}
+            return _json(self, document, 202, {TOKEN_HEADER: token})
 
     @app.page("/v1/batch")
     class Batch(ApiView):
@@ -648,8 +674,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         async def post(self, request: Any) -> Any:
             await refuse_if_blocked(request)
             events = await parse_charged_batch(request)
-            await produce(events)
-            return _json(self, {"results": [{"id": e.task_id, "status": "queued"} for e in events]}, 202)
+            token = await produce(events)
+            results = [{"id": e.task_id, "status": "queued"} for e in events]
+            return _json(self, {"results": results, "consistency_token": token}, 202, {TOKEN_HEADER: token})
 
     @app.page("/healthz")
     class Alive(ApiView):
@@ -672,10 +699,10 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         open_to_all = True
 
         async def get(self, request: Any) -> Any:
-            ingress: IngressProducer | None = app.pipeline.ingress
+            ingress: IngressProducer | None = source.ingress
             checks = {
-                "started": ingress is not None and app.pipeline.guard is not None,
-                "tables": _tables_ready(app),
+                "started": ingress is not None and source.guard is not None,
+                "tables": source.tables_ready(),
                 "broker": ingress is not None and await ingress.broker_answers(),
             }
             ready = all(checks.values())
@@ -689,7 +716,9 @@ def register_views(app: Any, tables: Tables, metrics: Metrics) -> None:
         name = "stats"
 
         async def get(self, request: Any) -> Any:
-            return _json(self, app.pipeline.stats_view.snapshot)
+            return _json(
+                self, {**source.stats_snapshot(TOKEN_HEADER in request.headers), "served_by": source.staleness()}
+            )
 
     contract = orjson.dumps(build_document(package_version()))
 

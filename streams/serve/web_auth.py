@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from streams.runtime.settings import Settings
 from streams.serve.rate_limit import TokenBuckets
 
 
@@ -84,3 +85,15 @@ class ApiGuard:
     def is_peer(self, forwarded: str) -> bool:
         """Whether a request's ``X-Blackroad-Forwarded`` value is the peer secret."""
         return hmac.compare_digest(forwarded.encode(), self._peer_secret)
+
+
+def guard_for(settings: Settings, peer_secret: str) -> ApiGuard:
+    """The guard a worker or reader lets requests in with: the configured tokens and limits."""
+    requests, tasks, burst = settings.rate_limit_requests, settings.rate_limit_tasks, settings.rate_limit_burst
+    return ApiGuard(
+        settings.api_token_list(),
+        settings.api_reads == "token",
+        peer_secret,
+        TokenBuckets(requests, requests * burst),
+        TokenBuckets(tasks, tasks * burst),
+    )

@@ -133,7 +133,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/tasks",
         "createTask",
         "Queue a task",
-        responses.ref("Queued"),
+        responses.TASK_QUEUED,
         access="write",
         body="TaskRequest",
         ok_status=202,

@@ -185,7 +185,10 @@ _TASKS = {"type": "array", "items": ref("Task")}
 AGENT_TASK_PAGE = document({"agent_id": STRING, "tasks": _TASKS, "limit": INTEGER, "next_before": MAYBE_STRING})
 TASK_FEED_PAGE = document({"tasks": _TASKS, "limit": INTEGER, "next_since": MAYBE_STRING})
 QUEUED = document({"id": STRING, "status": {"const": "queued"}})
-BATCH_QUEUED = document({"results": {"type": "array", "items": ref("Queued")}})
+#: A write's consistency token (streams.serve.consistency).
+CONSISTENCY_TOKEN: Schema = {"type": "string", "pattern": r"^p[0-9]{1,4}:[0-9]{1,19}(\.p[0-9]{1,4}:[0-9]{1,19})*$"}
+TASK_QUEUED = document({"id": STRING, "status": {"const": "queued"}, "consistency_token": CONSISTENCY_TOKEN})
+BATCH_QUEUED = document({"results": {"type": "array", "items": ref("Queued")}, "consistency_token": CONSISTENCY_TOKEN})
 ALIVE = document({"status": {"const": "alive"}})
 READY = document(
     {
@@ -208,6 +211,15 @@ STATS = document(
         "handler_latency_ms": _PERCENTILES,
         "partitions_reporting": INTEGER,
         "as_of": INTEGER,
+        # The process that answered and how far behind the stream it was (docs/read-replicas.md).
+        "served_by": document(
+            {
+                "process": {"type": "string", "enum": ["worker", "reader"]},
+                "url": STRING,
+                "staleness_ms": INTEGER,
+                "lag_records": INTEGER,
+            }
+        ),
     }
 )
 
