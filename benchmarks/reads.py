@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/reads.py [--engine kafka|tansu] [--seconds 30] [--rate 500]
        [--agents 30000] [--reads 5000] [--readers 1] [--connections 32] [--warmup 5] [--memory-search on|off]
+       [--load wrk|python]
 
 Starts a fresh embedded broker, then twice a fresh ``blackroad worker`` (one worker process
 and ``--readers`` read replicas, ``BLACKROAD_READERS``), each time sending the demo mix
@@ -11,7 +12,9 @@ and ``--readers`` read replicas, ``BLACKROAD_READERS``), each time sending the d
 1. without reads;
 2. with ``--reads`` GET requests a second spread over the readers: agent detail (40%), task
    detail (30%, tasks sent at least a second before), stats (15%) and the agent list (15%),
-   from an aiohttp load generator in this process, open loop on ``--connections`` connections.
+   from ``wrk`` (``benchmarks/wrk_reads.lua``, paced, from the end of the warm-up) where it is
+   installed, else from an aiohttp load generator in this process, open loop on
+   ``--connections`` connections (which needs about a core of its own for 5,000 a second).
 
 Prints the task latency P50/P99 of each phase: from the rows (``completed_at - created_at``,
 the worker's own clock) of every fifth task sent after the first ``--warmup`` seconds, and, for
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,6 +192,56 @@ async def read_load(
         await asyncio.gather(*(connection(n, session) for n in range(connections)))
 
 
+async def wrk_load(
+    urls: list[str],
+    agents: list[str],
+    sent: deque[tuple[float, str]],
+    rate: float,
+    connections: int,
+    seconds: float,
+    workdir: Path,
+) -> dict[str, Any]:
+    """The read mix from ``wrk`` (``benchmarks/wrk_reads.lua``), one wrk per reader, for
+    ``seconds``: each connection pauses between requests so that all of them make about
+    ``rate`` a second. Task detail asks for tasks sent at least :data:`TASK_AGE` ago."""
+    agent_file, task_file = workdir / "agents.txt", workdir / "tasks.txt"
+    agent_file.write_text("\n".join(agents) + "\n")
+    old_enough = time.monotonic() - TASK_AGE
+    task_file.write_text("\n".join(task for when, task in list(sent) if when <= old_enough) + "\n")
+    per_reader = max(1, connections // len(urls))
+    # A connection's request takes a few ms besides its pause; 2 ms is taken off the pause for it.
+    pause = max(0.0, per_reader * len(urls) * 1000 / rate - 2.0)
+    runs = [
+        await asyncio.create_subprocess_exec(
+            "wrk",
+            f"-t{max(1, 2 // len(urls))}",
+            f"-c{per_reader}",
+            f"-d{max(1, int(seconds))}s",
+            "--latency",
+            "-s",
+            str(ROOT / "benchmarks" / "wrk_reads.lua"),
+            url,
+            "--",
+            str(agent_file),
+            str(task_file),
+            f"{pause:.2f}",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for url in urls
+    ]
+    outputs = [orjson.loads((await run.communicate())[0].decode().strip().splitlines()[-1]) for run in runs]
+    seconds_run = max(out["seconds"] for out in outputs)
+    return {
+        "reads_per_s": round(sum(out["requests"] for out in outputs) / seconds_run),
+        "view_p50_ms": max(out["p50_ms"] for out in outputs),
+        "view_p99_ms": max(out["p99_ms"] for out in outputs),
+        "view_errors": sum(out["errors"] + out["socket_errors"] for out in outputs),
+        "staleness_p50_ms": max(out["staleness_p50_ms"] for out in outputs),
+        "staleness_p99_ms": max(out["staleness_p99_ms"] for out in outputs),
+        "load": "wrk",
+    }
+
+
 async def task_latencies(worker_url: str, task_ids: list[str]) -> list[float]:
     """``completed_at - created_at`` of each finished task among ``task_ids`` (its row on the worker)."""
     found: list[float] = []
@@ -210,13 +264,23 @@ async def phase(
     measured: list[str] = []
     found: dict[str, list[float]] = {"ms": [], "staleness": [], "errors": []}
     stop = asyncio.Event()
+    with_wrk = reads and args.load == "wrk"
     reading = (
         asyncio.create_task(read_load(reader_urls, agents, sent, args.reads, args.connections, stop, found))
-        if reads
+        if reads and not with_wrk
         else None
     )
     started = time.monotonic()
-    count = await send_tasks(bootstrap, args.topic, agents, args.rate, args.seconds, sent, measured, args.warmup)
+    sending = asyncio.create_task(
+        send_tasks(bootstrap, args.topic, agents, args.rate, args.seconds, sent, measured, args.warmup)
+    )
+    from_wrk: dict[str, Any] = {}
+    if with_wrk:
+        # wrk starts once the warm-up has sent tasks to ask for, and reads until the load ends.
+        await asyncio.sleep(args.warmup)
+        left = args.seconds - (time.monotonic() - started)
+        from_wrk = await wrk_load(reader_urls, agents, sent, args.reads, args.connections, left, args.workdir)
+    count = await sending
     elapsed = time.monotonic() - started
     stop.set()
     if reading is not None:
@@ -240,7 +304,9 @@ async def phase(
         "stats_task_p50_ms": stats["task_latency_ms"]["p50"],
         "stats_task_p99_ms": stats["task_latency_ms"]["p99"],
     }
-    if reads:
+    if from_wrk:
+        result.update(from_wrk)
+    elif reads:
         result.update(
             {
                 "reads_per_s": round(len(found["ms"]) / elapsed),
@@ -265,6 +331,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of tasks left out of the task latency")
     parser.add_argument("--memory-search", default="on", choices=("on", "off"))
+    parser.add_argument(
+        "--load",
+        default="wrk" if shutil.which("wrk") else "python",
+        choices=("wrk", "python"),
+        help="what makes the reads: wrk (the default where it is installed) or this script",
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}")
     results: dict[str, dict[str, Any]] = {}
@@ -280,6 +352,7 @@ def main() -> None:
                 "BLACKROAD_DATA_DIR": str(Path(tmp) / f"data-{number}"),
             }
             args.topic = f"reads{number}.tasks"
+            args.workdir = Path(tmp)
             process, port = start(broker.bootstrap, env, args.readers, Path(tmp))
             worker_url = f"http://127.0.0.1:{port}"
             reader_urls = [f"http://127.0.0.1:{port + 1 + n}" for n in range(args.readers)]

@@ -39,7 +39,9 @@ def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_success
     """Killed after joining but before any assignment, a process never ran a line of ours as a member."""
     first = deployment.worker().start().wait_ready()
     joining = deployment.worker().start()
-    wait_until(lambda: "Joined group" in joining.log(), 60, 0.01, what="the second worker to join the group")
+    # The tasks' group, not the retry relay's (``<app id>-retries``), which may join first.
+    joined = f"Joined group '{deployment.env['BLACKROAD_APP_ID']}' "
+    wait_until(lambda: joined in joining.log(), 60, 0.01, what="the second worker to join the group")
     joining.kill()  # just joined: its member is in the group, perhaps with no partitions yet
     restarted = deployment.worker()  # the same web port, so the same client id as the killed one
     restarted.port = joining.port
