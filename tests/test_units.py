@@ -1231,3 +1231,18 @@ def test_a_batch_is_charged_by_its_size_before_its_tasks_are_validated() -> None
     with pytest.raises(ApiError, match=r"requests\[1\]"):
         asyncio.run(parse_batch({"requests": bad}, charged.append))
     assert charged == [2, 2]
+
+
+def test_sorted_keys_follow_the_rows_count_and_age() -> None:
+    from streams.serve.sorted_keys import SortedKeys
+
+    rows = {"b": 1, "a": 2}
+    keys = SortedKeys(rows, max_age=3600)
+    assert keys.get() == ["a", "b"]
+    rows["c"] = 3
+    assert keys.get() == ["a", "b", "c"]  # a new row: sorted again
+    del rows["a"]
+    rows["0"] = 4  # as many rows as before: the old order stands until it is max_age old
+    assert keys.get() == ["a", "b", "c"]
+    keys.max_age = 0.0
+    assert keys.get() == ["0", "b", "c"]

@@ -44,6 +44,7 @@ from streams.serve.openapi import build_document, package_version
 from streams.serve.peers import PeerClient, PeerError
 from streams.serve.rate_limit import Holds, retry_after
 from streams.serve.request_bodies import MemorySearch, parse_batch, parse_search, parse_task_request, read_json
+from streams.serve.sorted_keys import SortedKeys
 from streams.serve.view_source import ViewSource
 from streams.serve.web_auth import ApiGuard, Refused
 
@@ -373,6 +374,19 @@ def register_views(app: Any, source: ViewSource) -> None:
                 "internal_error", f"the history database is unavailable: {type(exc).__name__}", 503
             ) from None
 
+    agent_ids_in_order = SortedKeys(agents_rows)
+
+    def first_agents(count: int, status: str | None) -> list[dict[str, Any]]:
+        """The first ``count`` agent rows by id (of ``status`` only, if given)."""
+        found: list[dict[str, Any]] = []
+        for agent_id in agent_ids_in_order.get():
+            if len(found) >= count:
+                break
+            row = agents_rows.get(agent_id)
+            if row is not None and (not status or row["status"] == status):
+                found.append(row)
+        return found
+
     @app.page("/v1/agents")
     class AgentList(ApiView):
         name = "agents"
@@ -382,14 +396,16 @@ def register_views(app: Any, source: ViewSource) -> None:
             offset = api.AGENTS_OFFSET.read(request.query)
             status = api.AGENT_STATUS.read(request.query)
             include = api.AGENTS_INCLUDE.read(request.query)
-            matching = sorted(
-                (row for row in agents_rows.values() if not status or row["status"] == status), key=lambda r: r["id"]
-            )
-            total = len(matching)
-            if FORWARDED in request.headers:
-                window = api.PEER_WINDOW.read(request.query) if "window" in request.query else offset + limit
-                return _json(self, {"agents": [agent_document(r) for r in matching[:window]], "total": total})
-            docs = [agent_document(r) for r in matching[: offset + limit]]
+            forwarded = FORWARDED in request.headers
+            window = api.PEER_WINDOW.read(request.query) if forwarded and "window" in request.query else offset + limit
+            matching = first_agents(window, status)
+            if status:
+                total = sum(1 for row in agents_rows.values() if row["status"] == status)
+            else:
+                total = len(agents_rows)
+            if forwarded:
+                return _json(self, {"agents": [agent_document(r) for r in matching], "total": total})
+            docs = [agent_document(r) for r in matching]
             for peer in peers():
                 query = {"window": str(offset + limit)}
                 if status:
