@@ -355,6 +355,9 @@ class Project(System):
             # The pipeline alone, as the baselines run: the history sink is measured on its own
             # (benchmarks/history_write.py).
             "BLACKROAD_HISTORY": "off",
+            # wrk is one client: its per-client request limit would answer most of the web
+            # phase's requests with 429.
+            "BLACKROAD_RATE_LIMIT_REQUESTS": "0",
             **self.env,
         }
         log = (workdir / "worker.log").open("wb")
