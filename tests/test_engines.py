@@ -15,7 +15,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streams.engines import kafka_jars
 from streams.engines.choice import Engine, choose, engine_in_use, identify
-from streams.engines.kafka import Quorum, server_properties
+from streams.engines.kafka import KafkaBroker, Quorum, server_properties
 from streams.runtime.broker import free_port
 from streams.runtime.settings import Settings, SettingsError
 from tests.harness import ROOT, Deployment
@@ -189,3 +189,17 @@ def _run_worker(broker: Engine, tmp_path: Path, **settings: str) -> subprocess.C
         timeout=60,
         check=False,
     )
+
+
+def test_the_embedded_kafka_formats_and_starts_in_a_relative_data_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make run`` keeps its data in ``data/`` (relative): the broker's JVM runs in its own
+    directory, so every path it is given must still name the same files from there."""
+    monkeypatch.chdir(tmp_path)
+    broker = KafkaBroker(free_port(), Path("data") / "kafka")
+    try:
+        broker.start()
+        assert (tmp_path / "data" / "kafka" / "records" / "meta.properties").exists()
+    finally:
+        broker.stop()

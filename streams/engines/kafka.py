@@ -259,14 +259,16 @@ class KafkaBroker(ChildBroker):
         #: How start() reaches the broker to see it serve: a secured listener's admin settings
         #: (e.g. :func:`sasl_plain_properties`); None: plain text on ``port``.
         self.client = client
-        self.home = home
+        # Absolute: the JVM runs in this directory, so a relative path (``make run`` keeps its
+        # data in ``data/``) would name other files from there.
+        self.home = home.absolute()
         self.node_id = node_id
         #: Broker properties that replace or add to :func:`server_properties` (e.g. for the bench);
         #: ``{controller_port}`` in a value becomes the port the controller listens on at this start.
         self.properties = dict(properties or {})
-        self.records = home / "records"
-        self.log_path = home / "broker.log"
-        self.console_path = home / "console.log"
+        self.records = self.home / "records"
+        self.log_path = self.home / "broker.log"
+        self.console_path = self.home / "console.log"
         self.controller_port: int | None = None
         #: Set by a KafkaCluster before each start; None: a one-node cluster of its own.
         self.quorum: Quorum | None = None
