@@ -217,19 +217,24 @@ class StatsFollower(threading.Thread):
         return max(reached.values()) - killed_at
 
 
-def get_json(url: str) -> tuple[int, Any]:
+def get_json(url: str, refusals: int = 20) -> tuple[int, Any]:
+    """GET ``url`` as a polite client: a 429 is waited out (its ``Retry-After``) and asked again."""
     import urllib.error
     import urllib.request
 
     import orjson
 
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, orjson.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError as exc:
-        return 0, str(exc)
+    for _ in range(refusals):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, orjson.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 429:
+                return exc.code, exc.read()
+            time.sleep(max(float(exc.headers.get("Retry-After") or 0), 0.05))
+        except OSError as exc:
+            return 0, str(exc)
+    return 429, f"refused {refusals} times"
 
 
 def check_exact(urls: list[str], load: SteadyLoad, memory_budget_entries: int | None = None) -> list[str]:

@@ -76,17 +76,13 @@ def _request(agent_id: str, task_id: str | None = None) -> dict[str, Any]:
     return body
 
 
-def _timed_post(worker: Worker, path: str, body: Any) -> tuple[int, Any, dict[str, str], float]:
+def _assert_unavailable(worker: Worker, path: str, request: Any, task_ids: list[str]) -> None:
     started = time.monotonic()
-    status, answer, headers = worker.exchange("POST", path, body)
-    return status, answer, headers, time.monotonic() - started
-
-
-def _assert_unavailable(reply: tuple[int, Any, dict[str, str], float], task_ids: list[str]) -> None:
-    status, body, headers, seconds = reply
+    status, body, headers = worker.exchange("POST", path, request)
+    seconds = time.monotonic() - started
     print(f"answered {status} in {seconds:.2f}s")
     assert seconds < INGRESS_BUDGET, f"answered {status} after {seconds:.1f}s: {body}"
-    assert status == 503, body
+    assert status == 503, f"answered {status}: {body}; the worker's log ends:\n{worker.log()}"
     assert set(body) == {"error", "request_id"} and body["request_id"].startswith("req_")
     assert body["error"]["code"] == "internal_error" and "broker" in body["error"]["message"]
     assert body["error"]["details"]["task_ids"] == task_ids
@@ -111,8 +107,8 @@ def test_ingress_answers_503_within_two_seconds_while_the_broker_is_hung_or_gone
     assert own_broker.pid is not None
     os.kill(own_broker.pid, signal.SIGSTOP)
     try:
-        _assert_unavailable(_timed_post(worker, "/v1/tasks", single), ["task_hung_single"])
-        _assert_unavailable(_timed_post(worker, "/v1/batch", batch), batch_ids)
+        _assert_unavailable(worker, "/v1/tasks", single, ["task_hung_single"])
+        _assert_unavailable(worker, "/v1/batch", batch, batch_ids)
         started = time.monotonic()
         status, agent = worker.get("/v1/agents/agent_calm_001")
         assert status == 200 and agent["stats"]["tasks_completed"] == 1
@@ -130,8 +126,8 @@ def test_ingress_answers_503_within_two_seconds_while_the_broker_is_hung_or_gone
         assert worker.get(f"/v1/agents/{agent_id}")[1]["stats"]["tasks_completed"] == 1, agent_id
 
     _kill(own_broker)
-    _assert_unavailable(_timed_post(worker, "/v1/tasks", single), ["task_hung_single"])
-    _assert_unavailable(_timed_post(worker, "/v1/batch", batch), batch_ids)
+    _assert_unavailable(worker, "/v1/tasks", single, ["task_hung_single"])
+    _assert_unavailable(worker, "/v1/batch", batch, batch_ids)
 
 
 def _error_lines(log_path: Path, since: int) -> list[str]:

@@ -767,6 +767,24 @@ def test_a_task_id_twice_in_one_batch_counts_once() -> None:
     assert stores["tasks"].get("task_retried_1")["o"] == 0
 
 
+def test_a_task_and_its_retry_in_one_batch_are_no_duplicate() -> None:
+    """After a kill, a task's first copy comes again, and the new worker's retry relay may
+    put the task's due ``task.retry`` on the topic before the first fetch: one batch holds both."""
+    processor = _processor(_Producer(), lambda tp: None)
+    flaky = task("agent_x_001", "inference", {"latency_ms": 0, "fail_attempts": 1}, task_id="task_flaky_1")
+    values = [wire.encode_task(flaky), wire.encode_task(task("agent_x_001")), wire.task_retry(flaky, 2, wire.now_ms())]
+    records = [
+        types.SimpleNamespace(topic="tasks", partition=0, offset=i, timestamp=0, key=b"agent_x_001", value=v)
+        for i, v in enumerate(values)
+    ]
+    asyncio.run(processor({TP("tasks", 0): records}))
+    stores = processor.writer.tables
+    stats = stores["stats"].get(state.stats_key(0))
+    assert (stats["completed"], stats["duplicates"]) == (1, 0)
+    # The first copy ran its first attempt again; the retry it asked for is the one that counts.
+    assert stores["tasks"].get("task_flaky_1")["status"] == "queued"
+
+
 def test_a_batch_fetched_before_a_revocation_is_dropped_not_processed() -> None:
     """A fetch that waited for the batch lock while partitions were revoked (and maybe given
     back) is stale: the records come again from the committed offsets. Processing it too

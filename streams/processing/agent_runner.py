@@ -331,13 +331,18 @@ class AgentRunner:
 
         Rows only tell a repeat from an earlier batch; within one, no row exists yet when
         the copies are prepared. Only for agents with several tasks in the batch.
+
+        A repeat that is a ``task.retry`` is no client's duplicate: after a kill the task's
+        first copy comes again, and the relay may have put its due retry right behind it.
+        The first copy runs its attempt again and asks for a retry of its own.
         """
         seen: set[str] = set()
         first: list[Item] = []
         for item in items:
             task_id = item.event.task_id
             if task_id in seen:
-                self._count_duplicate(item.offset, run, stats_base)
+                if item.event.attempt == 1:
+                    self._count_duplicate(item.offset, run, stats_base)
                 continue
             seen.add(task_id)
             first.append(item)
