@@ -7,6 +7,11 @@ Key: the agent id, UTF-8. Value: a msgpack map (see README "Wire format")::
      "priority": "normal", "title": "...", "description": "...", "payload": {...},
      "agent_type": "worker", "deadline": <ms or nil>, "metadata": {...}}
 
+A task's trace (W3C ``traceparent``, :mod:`schemas.trace_context`) comes in the record's
+``traceparent`` header, or as the event's own ``"traceparent"`` field, which wins (the
+project writes the field when it sends a task on: a retry, a task forwarded to its
+agent's partition).
+
 ``decode_task`` validates one value and returns a :class:`TaskEvent` or raises
 :class:`WireError` with a reason fit for the dead-letter topic.
 """
@@ -20,7 +25,7 @@ from typing import Any, Final
 import msgpack
 from aiokafka.partitioner import murmur2
 
-from schemas import domain
+from schemas import domain, trace_context
 
 SCHEMA_VERSION = 1
 TASK_CREATED = "task.created"
@@ -29,6 +34,8 @@ TASK_BATCH = "task.batch"
 MEMORY_ACCESSED = "memory.accessed"
 #: A task's next attempt after a failed one, put back on the tasks topic once its backoff is over.
 TASK_RETRY = "task.retry"
+#: The record header carrying a task's W3C trace context.
+TRACEPARENT_HEADER = "traceparent"
 #: Most attempts a task may be given (``BLACKROAD_MAX_ATTEMPTS`` at most).
 MAX_ATTEMPTS = 100
 #: Most entries one ``memory.accessed`` event may name.
@@ -80,6 +87,8 @@ class TaskEvent:
     metadata: dict[str, Any]
     #: Which attempt this event asks for: 1 for a new task, more for a ``task.retry``.
     attempt: int
+    #: The W3C traceparent the task came with (:mod:`schemas.trace_context`); None: untraced.
+    trace: str | None
 
     def __init__(
         self,
@@ -107,9 +116,10 @@ class TaskEvent:
         self.deadline_ms = deadline_ms
         self.metadata = metadata if metadata is not None else {}
         self.attempt = 1
+        self.trace = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        data = {
             "v": SCHEMA_VERSION,
             "type": TASK_CREATED,
             "event_id": domain.new_id("evt"),
@@ -125,6 +135,15 @@ class TaskEvent:
             "deadline": self.deadline_ms,
             "metadata": self.metadata,
         }
+        if self.trace is not None:
+            data["traceparent"] = self.trace
+        return data
+
+    @property
+    def trace_id(self) -> str | None:
+        """The task's trace id (32 hex digits), or None."""
+        trace = self.trace
+        return None if trace is None else trace[3:35]
 
 
 _new_id = domain.new_id
@@ -239,6 +258,21 @@ def decode_record(raw: bytes | None) -> tuple[list[TaskEvent], list[str], Memory
     return tasks, refused, None
 
 
+def header_trace(headers: Any) -> str | None:
+    """The ``traceparent`` among a record's headers (``(name, bytes)`` pairs), if valid."""
+    for name, value in headers:
+        if name == TRACEPARENT_HEADER and type(value) is bytes:
+            return trace_context.parse(value.decode("latin-1"))
+    return None
+
+
+def add_trace(events: list[TaskEvent], trace: str) -> None:
+    """Give ``trace`` to those of ``events`` without one of their own."""
+    for event in events:
+        if event.trace is None:
+            event.trace = trace
+
+
 def _retry_from_map(data: dict[str, Any]) -> TaskEvent:
     attempt = data.get("attempt")
     if type(attempt) is not int or not 2 <= attempt <= MAX_ATTEMPTS:
@@ -299,6 +333,7 @@ BATCH_COLUMNS = (
     "metadata",
     "agent_type",
     "deadline",
+    "traceparent",
 )
 
 
@@ -349,6 +384,7 @@ def _tasks_from_columns(data: dict[str, Any]) -> tuple[list[TaskEvent], list[str
     metadata = columns.get("metadata", absent)
     agent_types = columns.get("agent_type", absent)
     deadlines = columns.get("deadline", absent)
+    traces = columns.get("traceparent")
     batch_ts = data.get("ts")
     batch = _Batch()
     for index in range(count):
@@ -371,33 +407,37 @@ def _tasks_from_columns(data: dict[str, Any]) -> tuple[list[TaskEvent], list[str
         except WireError as exc:
             batch.errors.append(f"tasks[{index}]: {exc}")
             continue
+        if traces is not None and traces[index] is not None:
+            event.trace = trace_context.parse(traces[index])
         batch.add(index, event)
     return batch.events, batch.errors
 
 
 def encode_batch(events: list[TaskEvent]) -> bytes:
     """One columnar ``task.batch`` value carrying ``events`` (all for agents of one partition)."""
+    columns = _columns(events)
+    traces = [event.trace for event in events]
+    if any(trace is not None for trace in traces):
+        columns["traceparent"] = traces
     return encode(
-        {
-            "v": SCHEMA_VERSION,
-            "type": TASK_BATCH,
-            "event_id": domain.new_id("evt"),
-            "ts": now_ms(),
-            "columns": {
-                "task_id": [event.task_id for event in events],
-                "agent_id": [event.agent_id for event in events],
-                "kind": [event.kind for event in events],
-                "priority": [event.priority for event in events],
-                "ts": [event.created_ms for event in events],
-                "title": [event.title for event in events],
-                "description": [event.description for event in events],
-                "payload": [event.payload for event in events],
-                "metadata": [event.metadata for event in events],
-                "agent_type": [event.agent_type for event in events],
-                "deadline": [event.deadline_ms for event in events],
-            },
-        }
+        {"v": SCHEMA_VERSION, "type": TASK_BATCH, "event_id": domain.new_id("evt"), "ts": now_ms(), "columns": columns}
     )
+
+
+def _columns(events: list[TaskEvent]) -> dict[str, list[Any]]:
+    return {
+        "task_id": [event.task_id for event in events],
+        "agent_id": [event.agent_id for event in events],
+        "kind": [event.kind for event in events],
+        "priority": [event.priority for event in events],
+        "ts": [event.created_ms for event in events],
+        "title": [event.title for event in events],
+        "description": [event.description for event in events],
+        "payload": [event.payload for event in events],
+        "metadata": [event.metadata for event in events],
+        "agent_type": [event.agent_type for event in events],
+        "deadline": [event.deadline_ms for event in events],
+    }
 
 
 def _unpack_map(raw: bytes | None) -> dict[str, Any]:
@@ -426,7 +466,7 @@ def task_from_map(data: dict[str, Any]) -> TaskEvent:
     event_type = get("type")
     if event_type != TASK_CREATED:
         raise WireError(f"unsupported event type {event_type!r} (expected {TASK_CREATED!r})")
-    return task_from_fields(
+    event = task_from_fields(
         get("task_id"),
         get("agent_id"),
         get("kind"),
@@ -439,6 +479,10 @@ def task_from_map(data: dict[str, Any]) -> TaskEvent:
         get("agent_type"),
         get("deadline"),
     )
+    trace = get("traceparent")
+    if trace is not None:
+        event.trace = trace_context.parse(trace)
+    return event
 
 
 def task_from_fields(
@@ -589,43 +633,58 @@ def task_event_id(task_id: str, step: str, attempt: int = 1) -> str:
 
 
 def task_retrying_event(
-    task_id: str, agent_id: str, error: str | None, attempt: int, retry_at: int, ts_ms: int
+    task_id: str,
+    agent_id: str,
+    error: str | None,
+    attempt: int,
+    retry_at: int,
+    ts_ms: int,
+    trace_id: str | None = None,
 ) -> bytes:
     """``task.failed`` for a failed ``attempt`` the task will retry: its status is ``queued`` again."""
-    return _pack(
-        {
-            "v": SCHEMA_VERSION,
-            "type": "task.failed",
-            "event_id": task_event_id(task_id, "retry", attempt + 1),
-            "ts": ts_ms,
-            "task_id": task_id,
-            "agent_id": agent_id,
-            "status": "queued",
-            "error": error,
-            "attempt": attempt,
-            "retry_at": retry_at,
-        }
-    )
+    event = {
+        "v": SCHEMA_VERSION,
+        "type": "task.failed",
+        "event_id": task_event_id(task_id, "retry", attempt + 1),
+        "ts": ts_ms,
+        "task_id": task_id,
+        "agent_id": agent_id,
+        "status": "queued",
+        "error": error,
+        "attempt": attempt,
+        "retry_at": retry_at,
+    }
+    if trace_id is not None:
+        event["trace_id"] = trace_id
+    return _pack(event)
 
 
 def task_finished_event(
-    task_id: str, agent_id: str, status: str, error: str | None, started_at: int | None, ts_ms: int
+    task_id: str,
+    agent_id: str,
+    status: str,
+    error: str | None,
+    started_at: int | None,
+    ts_ms: int,
+    trace_id: str | None = None,
 ) -> bytes:
-    """``task.completed`` or ``task.failed`` (failed and dead tasks) for the events topic."""
+    """``task.completed`` or ``task.failed`` (failed and dead tasks) for the events topic;
+    a traced task's carry its ``trace_id``."""
     step = "completed" if status == "completed" else "failed"
-    return _pack(
-        {
-            "v": SCHEMA_VERSION,
-            "type": "task." + step,
-            "event_id": task_event_id(task_id, step),
-            "ts": ts_ms,
-            "task_id": task_id,
-            "agent_id": agent_id,
-            "status": status,
-            "error": error,
-            "started_at": started_at,
-        }
-    )
+    event = {
+        "v": SCHEMA_VERSION,
+        "type": "task." + step,
+        "event_id": task_event_id(task_id, step),
+        "ts": ts_ms,
+        "task_id": task_id,
+        "agent_id": agent_id,
+        "status": status,
+        "error": error,
+        "started_at": started_at,
+    }
+    if trace_id is not None:
+        event["trace_id"] = trace_id
+    return _pack(event)
 
 
 def dead_letter(reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> bytes:

@@ -45,6 +45,7 @@ from streams.serve.peers import PartitionOwners, PeerClient
 from streams.serve.stats_view import StatsView
 from streams.serve.view_source import HistoryPool, Progress, TableRows
 from streams.serve.web_auth import ApiGuard, guard_for
+from streams.tracing.spans import TaskTracer, tracer_for
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,8 @@ class Pipeline(Service):
         self.accesses: AccessRecorder | None = None
         #: The model server's client when ``inference`` runs on one (closed at stop).
         self.llm_client: ChatClient | None = None
+        #: Exports traced tasks' spans when a trace collector is set (shut down at stop).
+        self.tracer: TaskTracer | None = None
         self.rows_of_stats: dict[str, Any] = tables.stats.data.data
         self._memory_changelogs = {
             tables.memory.changelog_topic.get_topic_name(),
@@ -233,6 +236,8 @@ class Pipeline(Service):
             lock=self.lock,
             rebalances=lambda: self.app.rebalances,
         )
+        self.tracer = tracer_for(settings, f"{settings.app_id}@{settings.web_host}:{settings.web_port}")
+        self.processor.tracer = self.tracer
         if self.settings.memory_search_enabled:
             model = await asyncio.get_running_loop().run_in_executor(
                 None, ProcessEmbedder, self.settings.embedding_model
@@ -263,7 +268,7 @@ class Pipeline(Service):
         for name in ("tasks", "events", "deadletter", "memory-archive", "retries"):
             topic = self.app.topic(self.settings.topic(name), partitions=partitions, value_serializer="raw")
             await topic.maybe_declare()
-        ingress = IngressProducer(self.settings)
+        ingress = IngressProducer(self.settings, self.tracer)
         await ingress.start()
         self.ingress = ingress
         if self.indexer is not None:
@@ -437,6 +442,8 @@ class Pipeline(Service):
                 "(their input offsets are not committed, so it is processed again at the next start)",
                 budget,
             )
+        if self.tracer is not None:
+            await self.tracer.shutdown()
 
     async def _send_last_records(self) -> None:
         """Flush the rows changed since the last flush and wait until the broker has every record."""

@@ -241,12 +241,17 @@ class Worker(Web):
                 self.process.wait()
 
 
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+def produce(
+    bootstrap: str,
+    topic: str,
+    records: list[tuple[bytes | None, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     async def run() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
         await producer.start()
         try:
-            futures = [await producer.send(topic, value, key=key) for key, value in records]
+            futures = [await producer.send(topic, value, key=key, headers=headers) for key, value in records]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()

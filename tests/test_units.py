@@ -23,7 +23,7 @@ from agents import memory
 from agents.base import TaskContext, TaskFailed
 from agents.registry import HandlerRegistry, default_registry
 from benchmarks import bench
-from schemas import domain, wire
+from schemas import domain, trace_context, wire
 from schemas.wire import WireError
 from streams.processing import histogram, state, tables
 from streams.processing import processor as processor_module
@@ -48,8 +48,10 @@ def test_wire_round_trip_and_variants() -> None:
 
 def test_a_task_batch_reads_the_same_as_columns_or_as_task_maps() -> None:
     events = [task(f"agent_pack_{i:03d}", "tool_execution", {"tool": "echo", "input": i}) for i in range(3)]
+    events[1].trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     columnar = msgpack.unpackb(wire.encode_batch(events))
     assert set(columnar["columns"]) == set(wire.BATCH_COLUMNS)
+    assert columnar["columns"]["traceparent"] == [None, events[1].trace, None]
     as_maps = {key: value for key, value in columnar.items() if key != "columns"}
     as_maps["tasks"] = [{k: v for k, v in e.to_wire().items() if k not in ("v", "type")} for e in events]
     assert wire.decode_tasks(msgpack.packb(columnar)) == (events, [])
@@ -364,8 +366,86 @@ def test_a_task_finished_at_once_is_stored_frozen_as_its_changelog_array() -> No
     expected.update(result={"ok": 1}, attempts=1, completed_at=1_500)
     assert tasks.get(event.task_id) == expected
     assert tasks.dirty == {event.task_id: 2}
-    with pytest.raises(ValueError, match="17 fields"):
+    with pytest.raises(ValueError, match="18 fields"):
         tables.decode_row(msgpack.packb([1, 2, 3]))
+    # A row written before tasks had a trace id reads back with none.
+    assert tables.decode_row(msgpack.packb(values[:-1])) == expected
+
+
+def test_a_traceparent_is_read_as_w3c_trace_context_says() -> None:
+    valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert trace_context.parse(valid) == valid
+    assert trace_context.trace_id(valid) == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert trace_context.parent_span_id(valid) == "00f067aa0ba902b7"
+    assert trace_context.sampled(valid) and not trace_context.sampled(valid[:-2] + "00")
+    # A later version's first four fields are read; anything after them is not.
+    assert trace_context.parse("cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-follows") == valid
+    for invalid in (
+        valid.upper(),
+        valid + "-extra",  # version 00 has exactly four fields
+        "ff" + valid[2:],
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        None,
+    ):
+        assert trace_context.parse(invalid) is None, invalid
+    made = trace_context.format_traceparent(trace_context.new_trace_id(), trace_context.new_span_id(), True)
+    assert trace_context.parse(made) == made and trace_context.sampled(made)
+
+
+def test_a_task_keeps_its_trace_through_the_wire_a_retry_and_a_header() -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    event = task("agent_x_001")
+    assert event.trace is None and "traceparent" not in event.to_wire()
+    event.trace = traceparent
+    assert wire.decode_task(wire.encode_task(event)).trace == traceparent
+    retried, _, _ = wire.decode_record(wire.task_retry(event, 2, 1))
+    assert (retried[0].trace, retried[0].trace_id) == (traceparent, "4bf92f3577b34da6a3ce929d0e0e4736")
+    # A traceparent that does not parse leaves the task untraced; it still runs.
+    assert wire.task_from_map({**event.to_wire(), "traceparent": "nonsense"}).trace is None
+    assert wire.header_trace([("other", b"x"), ("traceparent", traceparent.encode())]) == traceparent
+    assert wire.header_trace([("traceparent", b"00-nonsense")]) is None
+
+
+def test_a_record_s_traceparent_header_reaches_the_task_row_and_its_lifecycle_events() -> None:
+    producer = _Producer()
+    processor = _processor(producer, lambda tp: None)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    traced, plain, carried = task("agent_x_001"), task("agent_x_001"), task("agent_x_001")
+    carried.trace = own  # its own field wins over the header
+    headers = [("traceparent", traceparent.encode())]
+    records = [
+        types.SimpleNamespace(
+            headers=headers if e is not plain else (),
+            topic="tasks",
+            partition=0,
+            offset=i,
+            timestamp=0,
+            key=b"agent_x_001",
+            value=wire.encode_task(e),
+        )
+        for i, e in enumerate([traced, plain, carried])
+    ]
+
+    async def run() -> None:
+        await processor({TP("tasks", 0): records})
+        await processor.flush_changed_rows()
+
+    asyncio.run(run())
+    rows = processor.writer.tables["tasks"]
+    assert rows.get(traced.task_id)["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert rows.get(plain.task_id)["trace_id"] is None
+    assert rows.get(carried.task_id)["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    events = [msgpack.unpackb(v) for topic, _, _, v in producer.sent if topic == "blackroad.events"]
+    completed = {e["task_id"]: e.get("trace_id") for e in events if e["type"] == "task.completed"}
+    assert completed == {
+        traced.task_id: "4bf92f3577b34da6a3ce929d0e0e4736",
+        plain.task_id: None,
+        carried.task_id: "0af7651916cd43dd8448eb211c80319c",
+    }
 
 
 def test_a_memory_row_freezes_when_its_batch_ends_and_thaws_into_a_private_copy_to_write() -> None:
@@ -513,7 +593,13 @@ def _batch(first_offset: int, count: int) -> dict[TP, list[types.SimpleNamespace
         value = wire.encode_task(task("agent_x_001", "tool_execution"))
         records.append(
             types.SimpleNamespace(
-                topic="tasks", partition=0, offset=offset, timestamp=wire.now_ms(), key=b"agent_x_001", value=value
+                headers=(),
+                topic="tasks",
+                partition=0,
+                offset=offset,
+                timestamp=wire.now_ms(),
+                key=b"agent_x_001",
+                value=value,
             )
         )
     return {TP("tasks", 0): records}
@@ -634,6 +720,7 @@ def _run_tasks(registry: HandlerRegistry, events: list[wire.TaskEvent]) -> dict[
     )
     records = [
         types.SimpleNamespace(
+            headers=(),
             topic="tasks",
             partition=0,
             offset=i,
@@ -755,7 +842,13 @@ def test_a_task_id_twice_in_one_batch_counts_once() -> None:
     events = [first, other, first, first]
     records = [
         types.SimpleNamespace(
-            topic="tasks", partition=0, offset=i, timestamp=e.created_ms, key=b"agent_x_001", value=wire.encode_task(e)
+            headers=(),
+            topic="tasks",
+            partition=0,
+            offset=i,
+            timestamp=e.created_ms,
+            key=b"agent_x_001",
+            value=wire.encode_task(e),
         )
         for i, e in enumerate(events)
     ]
@@ -774,7 +867,9 @@ def test_a_task_and_its_retry_in_one_batch_are_no_duplicate() -> None:
     flaky = task("agent_x_001", "inference", {"latency_ms": 0, "fail_attempts": 1}, task_id="task_flaky_1")
     values = [wire.encode_task(flaky), wire.encode_task(task("agent_x_001")), wire.task_retry(flaky, 2, wire.now_ms())]
     records = [
-        types.SimpleNamespace(topic="tasks", partition=0, offset=i, timestamp=0, key=b"agent_x_001", value=v)
+        types.SimpleNamespace(
+            headers=(), topic="tasks", partition=0, offset=i, timestamp=0, key=b"agent_x_001", value=v
+        )
         for i, v in enumerate(values)
     ]
     asyncio.run(processor({TP("tasks", 0): records}))
@@ -902,6 +997,7 @@ def test_the_bench_kafka_broker_holds_a_new_groups_first_join(tmp_path: Path) ->
 def _records(events: list[wire.TaskEvent], first_offset: int) -> list[Any]:
     return [
         types.SimpleNamespace(
+            headers=(),
             topic="tasks",
             partition=0,
             offset=first_offset + i,

@@ -28,7 +28,7 @@ def _columns(json: str) -> str:
     (extract(epoch FROM started_at) * 1000)::bigint AS started_at,
     (extract(epoch FROM completed_at) * 1000)::bigint AS completed_at,
     (extract(epoch FROM deadline) * 1000)::bigint AS deadline,
-    metadata{json} AS metadata
+    metadata{json} AS metadata, trace_id
     """
 
 

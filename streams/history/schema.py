@@ -106,6 +106,14 @@ MIGRATIONS = (
         CREATE INDEX memory_entries_by_agent ON memory_entries (agent_id, created_at, id);
         """,
     ),
+    Migration(
+        2,
+        "a task's trace id",
+        """
+        -- The W3C trace id the task came with (32 hex digits); NULL: untraced.
+        ALTER TABLE tasks ADD COLUMN trace_id text;
+        """,
+    ),
 )
 
 

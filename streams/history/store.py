@@ -28,7 +28,7 @@ CREATE TEMPORARY TABLE IF NOT EXISTS incoming_tasks (
     id text, agent_id text, title text, description text, kind text, priority text,
     payload text, status text, result text, error text, attempts integer,
     created_at bigint, started_at bigint, completed_at bigint, deadline bigint,
-    metadata text, source_partition integer, source_offset bigint
+    metadata text, trace_id text, source_partition integer, source_offset bigint
 ) ON COMMIT DELETE ROWS;
 CREATE TEMPORARY TABLE IF NOT EXISTS incoming_agents (
     id text, name text, type text, status text, config text,
@@ -99,7 +99,7 @@ _MERGE_TASKS = f"""
 INSERT INTO tasks AS t ({", ".join(TASK_COLUMNS)})
 SELECT id, agent_id, title, description, kind, priority, payload::jsonb, status, result::jsonb, error, attempts,
        {_ms("created_at")}, {_ms("started_at")}, {_ms("completed_at")}, {_ms("deadline")},
-       metadata::jsonb, source_partition, source_offset
+       metadata::jsonb, trace_id, source_partition, source_offset
 FROM incoming_tasks
 ON CONFLICT (id) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in TASK_COLUMNS[1:])}, recorded_at = clock_timestamp()
@@ -162,14 +162,19 @@ class HistoryBatch:
             row["completed_at"],
             row["deadline"],
             json_text(row["metadata"]),
+            row.get("trace_id"),
             partition,
             row["o"],
         )
 
     def add_task_values(self, values: list[Any], partition: int) -> None:
-        """A task row as its changelog array (:data:`streams.processing.state.TASK_FIELDS`), without a map."""
-        if len(values) != _TASK_FIELD_COUNT:
-            raise ValueError(f"a task row has {_TASK_FIELD_COUNT} fields, got an array of {len(values)}")
+        """A task row as its changelog array (:data:`streams.processing.state.TASK_FIELDS`), without a
+        map; one written before the trace id existed lacks the last field."""
+        count = len(values)
+        if count == _TASK_FIELD_COUNT - 1:
+            values = [*values, None]
+        elif count != _TASK_FIELD_COUNT:
+            raise ValueError(f"a task row has {_TASK_FIELD_COUNT} fields, got an array of {count}")
         self.tasks[values[1]] = (
             values[1],
             values[2],
@@ -187,6 +192,7 @@ class HistoryBatch:
             values[14],
             values[15],
             json_text(values[16]),
+            values[17],
             partition,
             values[0],
         )

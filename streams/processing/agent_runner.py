@@ -63,7 +63,9 @@ class Item:
         "apply_task",
         "event",
         "offset",
+        "outcome",
         "partition",
+        "queued_ms",
         "started_ms",
         "task",
     )
@@ -80,6 +82,10 @@ class Item:
         self.started_ms = 0
         #: The task's row while it waits in its handler (``in_progress``); None otherwise.
         self.task: dict[str, Any] | None = None
+        #: How its attempt in this batch ended; None until it has.
+        self.outcome: Outcome | None = None
+        #: When its record was sent (ms since the epoch), kept for traced tasks only.
+        self.queued_ms = 0
 
 
 class Outcome:
@@ -505,6 +511,7 @@ class AgentRunner:
             wire.task_event_id(task_id, "started", event.attempt),
             task_id=task_id,
             agent_id=run.agent_id,
+            **({} if event.trace is None else {"trace_id": event.trace_id}),
         )
         run.emit(started)
 
@@ -527,6 +534,7 @@ class AgentRunner:
 
     def _finish(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
         self.in_flight -= 1
+        item.outcome = outcome
         event = item.event
         now = outcome.finished_ms
         handler_ms = outcome.handler_ms
@@ -537,7 +545,11 @@ class AgentRunner:
         if item.apply_task:
             outcome = self._store_task(item, run, outcome)
             status = outcome.status
-            run.emit(wire.task_finished_event(event.task_id, run.agent_id, status, outcome.error, item.started_ms, now))
+            run.emit(
+                wire.task_finished_event(
+                    event.task_id, run.agent_id, status, outcome.error, item.started_ms, now, event.trace_id
+                )
+            )
             if status == "dead":
                 self._dead_letter_task(item, run, outcome)
             created_at = event.created_ms
@@ -583,7 +595,9 @@ class AgentRunner:
         self.tasks.put(event.task_id, task, run.partition)
         due = now + int(self.settings.retry_delay(attempts) * 1000)
         self.writer.emit(self.retry_topic, run.partition, run.key, wire.task_retry(event, attempts + 1, due))
-        run.emit(wire.task_retrying_event(event.task_id, run.agent_id, outcome.error, attempts, due, now))
+        run.emit(
+            wire.task_retrying_event(event.task_id, run.agent_id, outcome.error, attempts, due, now, event.trace_id)
+        )
         self.metrics.task_retries.inc()
 
     def _store_task(self, item: Item, run: _AgentRun, outcome: Outcome) -> Outcome:

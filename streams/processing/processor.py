@@ -30,13 +30,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agents.registry import HandlerRegistry
-from schemas import wire
+from schemas import trace_context, wire
 from schemas.wire import TaskEvent, WireError
 from streams.processing.agent_runner import AgentRunner, BatchStats, Item
 from streams.processing.log_continuity import ends_below, fingerprint, other_record
 from streams.processing.metrics import Metrics
 from streams.processing.tables import TableWriter, expired_task_ids
 from streams.runtime.settings import Settings
+from streams.tracing.spans import TaskTracer
 
 Partitioner = Callable[[bytes], int]
 #: Changed rows and queued records that force a flush before the flush interval is up.
@@ -75,7 +76,8 @@ class BatchProcessor:
         self.stats = BatchStats(writer.tables["stats"])
         self.runner = AgentRunner(settings, writer, registry, metrics, self.stats)
         #: Batches whose records are not all acknowledged by the broker yet.
-        self._unacked: asyncio.Queue[tuple[list[asyncio.Future[Any]], dict[Any, int]]] = asyncio.Queue()
+        #: With their traced tasks (whose last span ends when the broker has their rows).
+        self._unacked: asyncio.Queue[tuple[list[asyncio.Future[Any]], dict[Any, int], list[Item]]] = asyncio.Queue()
         self._last_flush = time.monotonic()
         #: Whether the last batch left records waiting on the broker (then flushes are rarer).
         self.behind = False
@@ -86,6 +88,10 @@ class BatchProcessor:
         #: The memory search index's keeper (:class:`streams.memory_search.indexer.MemoryIndexer`),
         #: told of each batch's memory changes; None with memory search off.
         self.indexer: Any = None
+        #: Records the spans of traced tasks (streams.tracing); None without a trace collector.
+        self.tracer: TaskTracer | None = None
+        #: The batch's traced tasks, with a tracer.
+        self.traced: list[Item] = []
 
     @property
     def in_flight(self) -> int:
@@ -118,12 +124,14 @@ class BatchProcessor:
             except BaseException:
                 self.writer.rollback()
                 self.runner.take_memory_changes()
+                self.traced = []
                 raise
             written, left, promoted = self.runner.take_memory_changes()
             if self.indexer is not None and (written or left or promoted):
                 self.indexer.batch_done(written, left, promoted)
             # The next batch starts while this one's records wait for the flush.
-            self._unacked.put_nowait((waits, offsets))
+            self._unacked.put_nowait((waits, offsets, self.traced))
+            self.traced = []
             produced = await self._flush() if self._flush_due() else 0
             self.metrics.batch_done(count, produced, time.perf_counter() - started, self.runner.finished)
             self.runner.finished = Counter()
@@ -155,11 +163,13 @@ class BatchProcessor:
         from the changelog and the last committed offsets.
         """
         while True:
-            waits, offsets = await self._unacked.get()
+            waits, offsets, traced = await self._unacked.get()
             try:
                 for future in waits:
                     await future
                 self.on_processed(offsets)
+                if traced and self.tracer is not None:
+                    self.tracer.tasks_written(traced, time.time_ns())
             finally:
                 self._unacked.task_done()
 
@@ -246,6 +256,10 @@ class BatchProcessor:
             return
         for reason in refused:
             self._dead_letter(record, partition, reason, stats, stats_base)
+        if record.headers:  # the trace context of a record sent by the ingress or a traced client
+            trace = wire.header_trace(record.headers)
+            if trace is not None:
+                wire.add_trace(events, trace)
         offset = record.offset
         if len(events) == 1 and not refused:
             event = events[0]
@@ -258,13 +272,18 @@ class BatchProcessor:
                 return
         else:
             events = self._spread(events, partition)
+        tracing = self.tracer is not None
         for event in events:
             agent_id = event.agent_id
+            item = Item(partition, offset, event)
             items = by_agent.get(agent_id)
             if items is None:
-                by_agent[agent_id] = [Item(partition, offset, event)]
+                by_agent[agent_id] = [item]
             else:
-                items.append(Item(partition, offset, event))
+                items.append(item)
+            if tracing and event.trace is not None and trace_context.sampled(event.trace):
+                item.queued_ms = record.timestamp
+                self.traced.append(item)
 
     def _spread(self, events: list[TaskEvent], partition: int) -> list[TaskEvent]:
         """The tasks of a ``task.batch`` of this partition; the others go on to their partitions,

@@ -80,6 +80,8 @@ TASK_FIELDS = (
     "completed_at",
     "deadline",
     "metadata",
+    # Added later: rows written before it end at "metadata" (read with a None trace id).
+    "trace_id",
 )
 
 
@@ -89,9 +91,12 @@ def task_values(row: dict[str, Any]) -> list[Any]:
 
 
 def task_from_values(values: list[Any]) -> dict[str, Any]:
-    """A task row from its changelog array."""
-    if len(values) != len(TASK_FIELDS):
-        raise ValueError(f"a task row has {len(TASK_FIELDS)} fields, got an array of {len(values)}")
+    """A task row from its changelog array (one written before ``trace_id`` existed too)."""
+    count = len(values)
+    if count == len(TASK_FIELDS) - 1:
+        values = [*values, None]
+    elif count != len(TASK_FIELDS):
+        raise ValueError(f"a task row has {len(TASK_FIELDS)} fields, got an array of {count}")
     return dict(zip(TASK_FIELDS, values, strict=True))
 
 
@@ -124,6 +129,7 @@ def finished_task_values(
         completed_at,
         event.deadline_ms,
         event.metadata,
+        event.trace_id,
     ]
 
 
@@ -146,6 +152,7 @@ def new_task(event: TaskEvent, offset: int, status: str = "queued", started_at: 
         "completed_at": None,
         "deadline": event.deadline_ms,
         "metadata": event.metadata,
+        "trace_id": event.trace_id,
     }
 
 

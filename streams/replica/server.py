@@ -22,6 +22,7 @@ from streams.serve.http_errors import EnvelopeRunner, router_errors_in_envelope
 from streams.serve.ingress import IngressProducer
 from streams.serve.peer_secret import shared_peer_secret
 from streams.serve.web_auth import guard_for
+from streams.tracing.spans import tracer_for
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ async def serve(settings: Settings, upstream: URL, stopped: asyncio.Event) -> No
     try:
         await aiohttp_web.TCPSite(runner, settings.web_host, settings.web_port).start()
         source.guard = guard_for(settings, await shared_peer_secret(settings))
-        ingress = IngressProducer(settings)
+        ingress = IngressProducer(settings, tracer_for(settings, f"reader@{settings.web_host}:{settings.web_port}"))
         await ingress.start()
         source.ingress = ingress
         await follower.start()
@@ -99,5 +100,7 @@ async def serve(settings: Settings, upstream: URL, stopped: asyncio.Event) -> No
         await follower.stop()
         if ingress is not None:
             await ingress.stop()
+            if ingress.tracer is not None:
+                await ingress.tracer.shutdown()
         await source.close()
         await runner.cleanup()

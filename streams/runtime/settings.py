@@ -147,6 +147,9 @@ class Settings:
     embedding_cache_size: int = 20_000
     #: A model server for ``inference`` tasks ("http://host:port"); unset: the simulated handler.
     llm_url: str | None = None
+    #: An OpenTelemetry collector's OTLP/HTTP endpoint ("http://host:4318"): each traced task's
+    #: spans go there (docs/tracing.md); unset: no spans, though trace ids still travel with tasks.
+    otlp_endpoint: str | None = None
     #: Its API: ``ollama`` (``/api/chat``) or ``openai`` (``/v1/chat/completions``).
     llm_api: str = "ollama"
     llm_model: str = "llama3.2"
@@ -446,6 +449,8 @@ class Settings:
         _check_range("EMBEDDING_CACHE_SIZE", self.embedding_cache_size, 0, 10_000_000)
         if self.llm_url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.llm_url):
             raise SettingsError("LLM_URL", f"expected http(s)://host[:port][/path], got {self.llm_url!r}")
+        if self.otlp_endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.otlp_endpoint):
+            raise SettingsError("OTLP_ENDPOINT", f"expected http(s)://host[:port][/path], got {self.otlp_endpoint!r}")
         if self.llm_api not in ("ollama", "openai"):
             raise SettingsError("LLM_API", f"expected ollama or openai, got {self.llm_api!r}")
         _check_range("LLM_TIMEOUT", self.llm_timeout, 0.05, 3600.0)

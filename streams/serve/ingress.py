@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 from schemas import wire
 from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
+from streams.tracing.spans import TaskTracer
 
 #: Tasks of a request sent to the broker together; a larger request goes out in slices.
 SLICE = 25
@@ -46,7 +47,9 @@ class BrokerUnavailable(Exception):
 
 
 class IngressProducer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer: TaskTracer | None = None) -> None:
+        #: Records the requests' ``ingress`` spans; None without a trace collector.
+        self.tracer = tracer
         self.timeout = settings.ingress_timeout
         self.topic = settings.topic("tasks")
         self.partition_for = wire.Partitioner(settings.partitions)
@@ -69,11 +72,13 @@ class IngressProducer:
     async def stop(self) -> None:
         await self._producer.stop()
 
-    async def send(self, events: list[wire.TaskEvent]) -> dict[int, int]:
+    async def send(self, events: list[wire.TaskEvent], trace: str | None = None) -> dict[int, int]:
         """Put ``events`` on the broker, each in its agent's partition, in slices of
         :data:`SLICE` at least :data:`SLICE_GAP` apart; return the offset of the last record
         written to each partition, or raise :class:`BrokerUnavailable` naming the tasks not
-        acknowledged in time."""
+        acknowledged in time. Every record carries ``trace`` (a W3C traceparent) as its
+        ``traceparent`` header."""
+        headers = None if trace is None else [(wire.TRACEPARENT_HEADER, trace.encode())]
         loop = asyncio.get_running_loop()
         due = loop.time()
         reached: dict[int, int] = {}
@@ -82,7 +87,8 @@ class IngressProducer:
                 await asyncio.sleep(max(0.0, due - loop.time()))
             due = loop.time() + SLICE_GAP
             try:
-                reached.update(await asyncio.wait_for(self._send_slice(events[start : start + SLICE]), self.timeout))
+                sent = self._send_slice(events[start : start + SLICE], headers)
+                reached.update(await asyncio.wait_for(sent, self.timeout))
             except TimeoutError:
                 reason = f"the broker did not acknowledge the tasks within {self.timeout:g} s"
             except KafkaError as exc:
@@ -113,7 +119,9 @@ class IngressProducer:
                 self._broker_answered = False
         return self._broker_answered
 
-    async def _send_slice(self, events: list[wire.TaskEvent]) -> dict[int, int]:
+    async def _send_slice(
+        self, events: list[wire.TaskEvent], headers: list[tuple[str, bytes]] | None
+    ) -> dict[int, int]:
         """One record per partition the tasks belong to, all handed to the producer before any
         is awaited; returns each partition's record's offset."""
         by_partition: dict[int, list[wire.TaskEvent]] = {}
@@ -123,5 +131,6 @@ class IngressProducer:
         for partition, group in by_partition.items():
             value = wire.encode_task(group[0]) if len(group) == 1 else wire.encode_batch(group)
             key = group[0].agent_id.encode()
-            deliveries.append(await self._producer.send(self.topic, value, key=key, partition=partition))
+            delivery = await self._producer.send(self.topic, value, key=key, partition=partition, headers=headers)
+            deliveries.append(delivery)
         return {written.partition: written.offset for written in await asyncio.gather(*deliveries)}

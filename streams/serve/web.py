@@ -28,7 +28,7 @@ from faust.web.exceptions import MethodNotAllowed
 from yarl import URL
 
 from agents.memory import describe, entries, entry_id, tier_counts, walk_chain
-from schemas import wire
+from schemas import trace_context, wire
 from streams.history import queries
 from streams.history.sink import POSTGRES_ERRORS as HISTORY_ERRORS
 from streams.history.verify import compare_memory
@@ -57,6 +57,10 @@ RECENT_TASKS = 5
 FORWARDED = "X-Blackroad-Forwarded"
 #: ... while the broker does not acknowledge records: an outage tends to last seconds, not a moment.
 BROKER_RETRY_AFTER = 2
+#: The request's W3C trace context (docs/tracing.md); a POST answers with the trace its
+#: tasks carry in ``traceresponse`` (W3C Trace Context Level 2).
+TRACEPARENT = "traceparent"
+TRACERESPONSE = "traceresponse"
 
 
 def _json(view: web.View, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
@@ -343,15 +347,27 @@ def register_views(app: Any, source: ViewSource) -> None:
                 admitted_by().tasks.give_back(asking, charged[0])
             raise
 
-    async def produce(events: list[wire.TaskEvent]) -> str:
-        """Put a request's tasks on the broker and return the write's consistency token, or raise
-        a 503 naming those that may not be there (see ``streams.serve.ingress``)."""
+    async def produce(request: Any, route: str, events: list[wire.TaskEvent]) -> dict[str, str]:
+        """Put a request's tasks on the broker, in the request's trace (its ``traceparent``, or a
+        new one), and return the response's headers: the write's consistency token and the
+        trace (``traceresponse``). Raises a 503 naming the tasks that may not be there (see
+        ``streams.serve.ingress``)."""
         ingress: IngressProducer | None = source.ingress
         if ingress is None:
             raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
+        incoming = trace_context.parse(request.headers.get(TRACEPARENT))
+        span = None if ingress.tracer is None else ingress.tracer.start_ingress(incoming, route, len(events))
+        if span is not None:
+            trace = span.traceparent
+        elif incoming is not None:
+            trace = incoming
+        else:
+            trace = trace_context.format_traceparent(trace_context.new_trace_id(), trace_context.new_span_id(), False)
         try:
-            return format_token(await ingress.send(events))
+            token = format_token(await ingress.send(events, trace))
         except BrokerUnavailable as exc:
+            if span is not None:
+                span.end(str(exc))
             # The domain's error codes have none for this; the status (503) and Retry-After say it.
             raise ApiError(
                 "internal_error",
@@ -360,6 +376,9 @@ def register_views(app: Any, source: ViewSource) -> None:
                 details={"task_ids": exc.task_ids},
                 retry_after=BROKER_RETRY_AFTER,
             ) from None
+        if span is not None:
+            span.end()
+        return {TOKEN_HEADER: token, TRACERESPONSE: trace}
 
     async def from_history(read: Callable[[Any], Awaitable[T]]) -> T:
         """``read(conn)`` on a connection to the history database, its failures as API errors."""
@@ -678,9 +697,9 @@ def register_views(app: Any, source: ViewSource) -> None:
             await refuse_if_blocked(request)
             event = parse_task_request(await read_json(request))
             charge(request, 1)
-            token = await produce([event])
-            document = {"id": event.task_id, "status": "queued", "consistency_token": token}
-            return _json(self, document, 202, {TOKEN_HEADER: token})
+            headers = await produce(request, "/v1/tasks", [event])
+            document = {"id": event.task_id, "status": "queued", "consistency_token": headers[TOKEN_HEADER]}
+            return _json(self, document, 202, headers)
 
     @app.page("/v1/batch")
     class Batch(ApiView):
@@ -690,9 +709,10 @@ def register_views(app: Any, source: ViewSource) -> None:
         async def post(self, request: Any) -> Any:
             await refuse_if_blocked(request)
             events = await parse_charged_batch(request)
-            token = await produce(events)
+            headers = await produce(request, "/v1/batch", events)
             results = [{"id": e.task_id, "status": "queued"} for e in events]
-            return _json(self, {"results": results, "consistency_token": token}, 202, {TOKEN_HEADER: token})
+            document = {"results": results, "consistency_token": headers[TOKEN_HEADER]}
+            return _json(self, document, 202, headers)
 
     @app.page("/healthz")
     class Alive(ApiView):

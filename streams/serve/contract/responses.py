@@ -98,6 +98,8 @@ TASK = document(
         "completed_at": MAYBE_INTEGER,
         "deadline": MAYBE_INTEGER,
         "metadata": OBJECT,
+        # The W3C trace id the task came with (docs/tracing.md); null: untraced.
+        "trace_id": MAYBE_STRING,
     }
 )
 
