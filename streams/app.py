@@ -237,7 +237,8 @@ class Pipeline(Service):
             rebalances=lambda: self.app.rebalances,
         )
         self.tracer = tracer_for(settings, f"{settings.app_id}@{settings.web_host}:{settings.web_port}")
-        self.processor.tracer = self.tracer
+        if self.tracer is not None:
+            self.processor.trace_with(self.tracer)
         if self.settings.memory_search_enabled:
             model = await asyncio.get_running_loop().run_in_executor(
                 None, ProcessEmbedder, self.settings.embedding_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,6 +98,28 @@ def test_a_reader_serves_every_view_as_the_worker_does(deployment: Deployment) -
     assert headers["Retry-After"] and body["error"]["details"]["consistency_token"] == "p0:999999999"
     status, body, _ = _get(reader, f"/v1/agents/{agents[0]}", "p99:1")
     assert status == 400 and body["error"]["code"] == "invalid_request", body
+
+    # A lookup that must be current goes to the reader's worker, which answers from the owner's tables.
+    current = {"X-Consistency": "current"}
+    lookups = [
+        f"/v1/agents/{agents[2]}",
+        f"/v1/agents/{agents[2]}/memory",
+        f"/v1/agents/{agents[2]}/memory/verify",
+        f"/v1/tasks/{task_ids[2]}",
+    ]
+    for path in lookups:
+        status, body, headers = reader.exchange("GET", path, headers=current)
+        assert (status, body) == worker.get(path) and headers["X-Staleness-Ms"] == "0", (path, status, headers)
+    status, body, _ = reader.exchange("GET", lookups[0], headers={"X-Consistency": "eventual"})
+    assert status == 400 and body["error"]["details"] == {"field": "X-Consistency"}, body
+    worker_pid = next(pid for pid in worker.children() if b"reader" not in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(worker_pid, signal.SIGSTOP)  # the reader's own copy still answers; a current lookup cannot
+    try:
+        assert reader.get(lookups[0])[0] == 200
+        status, body, _ = reader.exchange("GET", lookups[0], headers=current)
+        assert status == 503 and "cannot be reached" in body["error"]["message"], body
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
 
     # A reader killed comes back at once (the supervisor) and catches up, also with what it missed.
     reader_pid = worker.children()[1]

@@ -82,7 +82,8 @@ class Item:
         self.started_ms = 0
         #: The task's row while it waits in its handler (``in_progress``); None otherwise.
         self.task: dict[str, Any] | None = None
-        #: How its attempt in this batch ended; None until it has.
+        #: How its attempt in this batch ended, kept for traced tasks only (see
+        #: ``AgentRunner.keep_outcomes``); None until it has.
         self.outcome: Outcome | None = None
         #: When its record was sent (ms since the epoch), kept for traced tasks only.
         self.queued_ms = 0
@@ -278,6 +279,9 @@ class AgentRunner:
         self.memory_promoted: list[tuple[str, int]] = []
         #: Searches an agent's memory for handlers (set with memory search on).
         self.searcher: MemorySearcher | None = None
+        #: Whether each item keeps its outcome (for its spans, with tracing on): untraced, an
+        #: outcome is dropped as soon as it is applied rather than living as long as the batch.
+        self.keep_outcomes = False
         self.tasks_topic = settings.topic("tasks")
         self.events_topic = settings.topic("events")
         self.dead_letter_topic = settings.topic("deadletter")
@@ -534,7 +538,8 @@ class AgentRunner:
 
     def _finish(self, item: Item, run: _AgentRun, outcome: Outcome) -> None:
         self.in_flight -= 1
-        item.outcome = outcome
+        if self.keep_outcomes:
+            item.outcome = outcome
         event = item.event
         now = outcome.finished_ms
         handler_ms = outcome.handler_ms

@@ -93,6 +93,11 @@ class BatchProcessor:
         #: The batch's traced tasks, with a tracer.
         self.traced: list[Item] = []
 
+    def trace_with(self, tracer: TaskTracer) -> None:
+        """Record the spans of the traced tasks from now on."""
+        self.tracer = tracer
+        self.runner.keep_outcomes = True
+
     @property
     def in_flight(self) -> int:
         """Tasks inside handlers right now on this worker."""

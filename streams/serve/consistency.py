@@ -19,6 +19,10 @@ from streams.serve.errors import ApiError
 TOKEN_HEADER = "X-Consistency-Token"  # noqa: S105 - a header name
 #: How far behind the stream the process answering was (docs/read-replicas.md).
 STALENESS_HEADER = "X-Staleness-Ms"
+#: ``X-Consistency: current`` on a lookup (an agent, its memory, a task) asks for the owner's
+#: state: a reader passes it to its worker, which answers from the owner's tables.
+CURRENT_HEADER = "X-Consistency"
+CURRENT = "current"
 #: A token: one or more ``p<partition>:<offset>`` joined by dots.
 TOKEN_PATTERN = r"^p[0-9]{1,4}:[0-9]{1,19}(\.p[0-9]{1,4}:[0-9]{1,19}){0,1023}$"  # noqa: S105 - a shape
 _TOKEN = re.compile(TOKEN_PATTERN)

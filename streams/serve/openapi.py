@@ -46,7 +46,12 @@ Reads may be served by read replicas. Every GET answer says how far behind the s
 header `X-Consistency-Token` to be answered only once the process serving it has applied that
 write: a token naming a partition the tasks topic lacks is a 400, one not applied within
 `BLACKROAD_CONSISTENCY_WAIT` seconds a 503 with `Retry-After` (docs/read-replicas.md). It is
-not listed as a parameter: a token no write ever reached is always answered 503.
+not listed as a parameter: a token no write ever reached is always answered 503. A lookup
+(an agent, its memory or its verification, a task) carrying `X-Consistency: current` is
+answered from the owner's tables: a read replica passes it to its worker.
+
+A POST's tasks belong to the request's W3C trace (its `traceparent` header, or a new trace),
+which the answer names in its `traceresponse` header (docs/tracing.md).
 
 Every error answers with the envelope `{"error": {"code", "message", "details"}, "request_id"}`,
 including a path no view serves (404), a method a view does not take (405) and a request the

@@ -35,7 +35,15 @@ from streams.history.verify import compare_memory
 from streams.memory_search.index import TIERS, Hit
 from streams.processing.metrics import Metrics
 from streams.processing.tables import task_expired, thaw
-from streams.serve.consistency import STALENESS_HEADER, TOKEN_HEADER, format_token, not_reached, parse_token
+from streams.serve.consistency import (
+    CURRENT,
+    CURRENT_HEADER,
+    STALENESS_HEADER,
+    TOKEN_HEADER,
+    format_token,
+    not_reached,
+    parse_token,
+)
 from streams.serve.contract import operations as api
 from streams.serve.contract.params import PatternQuery
 from streams.serve.errors import REQUEST_ID, RETRY_AFTER, ApiError, envelope, error_headers, invalid, request_id
@@ -132,7 +140,7 @@ class ApiView(web.View):
             log.exception("web view %s failed (request %s): %r", self.name, asked, exc)
             response = _error(self, ApiError("internal_error", "internal error"), asked)
         response.headers[REQUEST_ID] = asked
-        if request.method == "GET":
+        if request.method == "GET" and STALENESS_HEADER not in response.headers:
             response.headers[STALENESS_HEADER] = str(source.staleness_ms())
         compress(request, response)
         status = response.status
@@ -300,7 +308,7 @@ def register_views(app: Any, source: ViewSource) -> None:
         """A reader passes what only workers answer (memory search and its index) to its worker,
         as the client asked it (the worker checks the client's token and limits)."""
         assert source.upstream is not None
-        passed = ("Authorization", TOKEN_HEADER)
+        passed = ("Authorization", TOKEN_HEADER)  # not CURRENT_HEADER: the worker answers from the owner anyway
         headers = {name: request.headers[name] for name in passed if name in request.headers}
         try:
             if request.method == "POST":
@@ -312,6 +320,22 @@ def register_views(app: Any, source: ViewSource) -> None:
                 "internal_error", f"worker {source.upstream} cannot be reached; retry shortly ({exc})", 503
             ) from None
         return view.bytes(body, content_type="application/json", status=status)
+
+    def from_owner(request: Any) -> bool:
+        """Whether a lookup asks for the owner's state (``X-Consistency: current``) on a reader,
+        which then passes it to its worker; a worker always answers from the owner's tables."""
+        asked = request.headers.get(CURRENT_HEADER)
+        if asked is None:
+            return False
+        if asked != CURRENT:
+            raise invalid(CURRENT_HEADER, f"{CURRENT_HEADER} must be {CURRENT!r} when given, got {asked[:40]!r}")
+        return source.upstream is not None
+
+    async def owner_answers(view: web.View, request: Any) -> Any:
+        """A reader's lookup answered by its worker, from the owner's tables (not stale)."""
+        response = await to_upstream(view, request)
+        response.headers[STALENESS_HEADER] = "0"
+        return response
 
     holds = Holds()
 
@@ -448,6 +472,8 @@ def register_views(app: Any, source: ViewSource) -> None:
 
         async def get(self, request: Any, agent_id: str) -> Any:
             api.AGENT_ID.check(agent_id)
+            if from_owner(request):
+                return await owner_answers(self, request)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             row = agents_rows.get(agent_id)
@@ -480,6 +506,8 @@ def register_views(app: Any, source: ViewSource) -> None:
             limit = api.MEMORY_LIMIT.read(request.query)
             if tier != "working" and source.upstream is not None:
                 return await to_upstream(self, request)
+            if from_owner(request):
+                return await owner_answers(self, request)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             if tier != "working":
@@ -510,6 +538,8 @@ def register_views(app: Any, source: ViewSource) -> None:
 
         async def get(self, request: Any, agent_id: str) -> Any:
             api.AGENT_ID.check(agent_id)
+            if from_owner(request):
+                return await owner_answers(self, request)
             if FORWARDED not in request.headers and (owner := owner_of(agent_id)) is not None:
                 return await forward(self, request, owner)
             row = thaw(memory_rows.get(agent_id))
@@ -666,6 +696,8 @@ def register_views(app: Any, source: ViewSource) -> None:
 
         async def get(self, request: Any, task_id: str) -> Any:
             api.TASK_ID.check(task_id)
+            if from_owner(request):
+                return await owner_answers(self, request)
             row = tasks_rows.get(task_id)
             if row is not None and not task_expired(row, wire.now_ms() - retention_ms):
                 return _json(self, _public(thaw(row)))
