@@ -143,7 +143,7 @@ class TaskEvent:
     def trace_id(self) -> str | None:
         """The task's trace id (32 hex digits), or None."""
         trace = self.trace
-        return None if trace is None else trace[3:35]
+        return None if trace is None else trace_context.trace_id(trace)
 
 
 _new_id = domain.new_id
@@ -654,9 +654,7 @@ def task_retrying_event(
         "attempt": attempt,
         "retry_at": retry_at,
     }
-    if trace_id is not None:
-        event["trace_id"] = trace_id
-    return _pack(event)
+    return _pack_traced(event, trace_id)
 
 
 def task_finished_event(
@@ -682,6 +680,11 @@ def task_finished_event(
         "error": error,
         "started_at": started_at,
     }
+    return _pack_traced(event, trace_id)
+
+
+def _pack_traced(event: dict[str, Any], trace_id: str | None) -> bytes:
+    """A task's lifecycle event, with its ``trace_id`` if it has one."""
     if trace_id is not None:
         event["trace_id"] = trace_id
     return _pack(event)

@@ -65,9 +65,8 @@ RECENT_TASKS = 5
 FORWARDED = "X-Blackroad-Forwarded"
 #: ... while the broker does not acknowledge records: an outage tends to last seconds, not a moment.
 BROKER_RETRY_AFTER = 2
-#: The request's W3C trace context (docs/tracing.md); a POST answers with the trace its
-#: tasks carry in ``traceresponse`` (W3C Trace Context Level 2).
-TRACEPARENT = "traceparent"
+#: A POST answers with the trace its tasks carry (W3C Trace Context Level 2; docs/tracing.md),
+#: the request's own ``traceparent`` (the header of the records too) or a new one.
 TRACERESPONSE = "traceresponse"
 
 
@@ -379,7 +378,7 @@ def register_views(app: Any, source: ViewSource) -> None:
         ingress: IngressProducer | None = source.ingress
         if ingress is None:
             raise ApiError("internal_error", "the worker is still starting; retry shortly", 503)
-        incoming = trace_context.parse(request.headers.get(TRACEPARENT))
+        incoming = trace_context.parse(request.headers.get(wire.TRACEPARENT_HEADER))
         span = None if ingress.tracer is None else ingress.tracer.start_ingress(incoming, route, len(events))
         if span is not None:
             trace = span.traceparent
