@@ -36,11 +36,15 @@ from streams.runtime.broker import BrokerError, ChildBroker, die_with_parent, fr
 from streams.runtime.settings import Settings, default_min_insync_replicas, default_replication_factor
 
 #: A small heap and flags for a quick start: this is one machine's broker, not a tuned
-#: cluster. C1 alone (TieredStopAtLevel=1) starts serving about 2 s sooner on 2 cores.
+#: cluster. C1 alone (TieredStopAtLevel=1) starts serving about 2 s sooner on 2 cores. G1
+#: with a 5 ms pause goal: the serial collector stopped the broker for 10-44 ms every few
+#: seconds under exactly-once at 500 tasks/s, which set the tasks' P99 latency (13-16 ms
+#: against 8-11 ms with G1; docs/performance.md, "The broker's collector").
 JVM_OPTIONS = (
     "-Xms256m",
     "-Xmx512m",
-    "-XX:+UseSerialGC",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=5",
     "-XX:TieredStopAtLevel=1",
     "-XX:-UsePerfData",
     "-XX:+ExitOnOutOfMemoryError",
