@@ -325,3 +325,19 @@ def test_no_password_reaches_the_debug_log(sasl_broker: str, caplog: pytest.LogC
         asyncio.run(connect())
     assert "SaslAuthenticateRequest redacted" in caplog.text
     assert PASSWORDS["worker"] not in caplog.text
+
+
+async def test_a_transactional_producer_asks_again_soon_while_its_last_transaction_closes() -> None:
+    """aiokafka waits its BACKOFF_OVERRIDE (20 ms) when the broker answers CONCURRENT_TRANSACTIONS; the
+    factory shortens it once a transactional producer is made (a plain producer leaves it alone)."""
+    from aiokafka.producer import sender
+
+    saved = sender.BACKOFF_OVERRIDE
+    try:
+        sender.BACKOFF_OVERRIDE = 0.02
+        kafka_clients.producer("127.0.0.1:1", acks="all")
+        assert sender.BACKOFF_OVERRIDE == 0.02
+        kafka_clients.producer("127.0.0.1:1", transactional_id="blackroad-test-0")
+        assert sender.BACKOFF_OVERRIDE == kafka_clients.TRANSACTION_BUSY_RETRY
+    finally:
+        sender.BACKOFF_OVERRIDE = saved
