@@ -24,7 +24,7 @@ from pathlib import Path
 from aiokafka import TopicPartition
 from aiokafka.producer import sender
 
-from benchmarks.bench import running_broker
+from benchmarks.bench import TOPIC, running_broker
 from streams.runtime import kafka_clients
 
 WARM_UP = 20
@@ -36,13 +36,13 @@ async def transaction_times(bootstrap: str, transactional_id: str, wait: float, 
     producer = kafka_clients.producer(bootstrap, transactional_id=transactional_id, acks="all", linger_ms=0)
     sender.BACKOFF_OVERRIDE = wait  # after the factory, which sets the project's
     await producer.start()
-    source = TopicPartition("tasks", 0)
+    source = TopicPartition(TOPIC, 0)
     times: list[float] = []
     try:
         for offset in range(count + WARM_UP):
             began = time.perf_counter()
             await producer.begin_transaction()
-            sent = await producer.send("tasks", b"x" * 200, partition=1)
+            sent = await producer.send(TOPIC, b"x" * 200, partition=1)
             await producer.send_offsets_to_transaction({source: offset + 1}, f"{transactional_id}-group")
             await producer.commit_transaction()
             await sent
