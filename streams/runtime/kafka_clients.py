@@ -100,7 +100,7 @@ def faust_credentials(settings: Settings) -> CredentialsT | ssl.SSLContext | Non
 #: transaction while the broker still writes the markers of its last one (the broker answers
 #: CONCURRENT_TRANSACTIONS until they are written, a millisecond or two). aiokafka waits 20 ms;
 #: a flush begins its transaction as soon as the last one commits, so under load most flushes
-#: met that wait: back-to-back transactions took 24.6 ms at the median with it and 3.3 ms with
+#: met that wait: back-to-back transactions took 23.3 ms at the median with it and 3.1 ms with
 #: 1 ms (docs/performance.md, "Back-to-back transactions").
 TRANSACTION_BUSY_RETRY = 0.001
 
