@@ -1,6 +1,6 @@
 """Back-to-back Kafka transactions: how long one takes with aiokafka's wait and with the project's.
 
-Usage: python benchmarks/transactions.py [--transactions 500] [--gap-ms 0]
+Usage: python -m benchmarks.transactions [--transactions 500] [--gap-ms 0]
 
 Starts a fresh embedded Apache Kafka and runs, on one transactional producer, what a worker's
 flush does for one input partition: begin, send a record, add the input offset, commit, and
