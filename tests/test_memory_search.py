@@ -597,6 +597,37 @@ def test_the_vector_log_gives_back_the_vectors_sent_to_it(deployment: Deployment
     asyncio.run(scenario())
 
 
+def test_the_vector_log_keeps_a_batch_larger_than_the_brokers_record_limit(deployment: Deployment) -> None:
+    """A batch of thousands of entries (a backlog's) is stored whole: its vectors are sent in
+    records under the broker's 1 MB default, not dropped as one record too large."""
+    from streams.memory_search.vector_log import VectorLog, vector_topic
+    from streams.runtime.broker import create_topic
+
+    topic = vector_topic(deployment.prefix, "big batches")
+    count, dimensions = 5_000, 256
+    vectors = _unit(np.random.default_rng(6).normal(size=(count, dimensions))).astype(np.float16)
+    ids = [f"mem_{row:020x}" for row in range(count)]
+
+    async def scenario() -> None:
+        await create_topic(deployment.bootstrap, topic, 4)
+        log = VectorLog(deployment.bootstrap, topic, dimensions, "test")
+        await log.start()
+        try:
+            log.send(2, ids, vectors)
+            deadline = asyncio.get_running_loop().time() + 30
+            while log.sent + log.dropped < count and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert (log.sent, log.dropped) == (count, 0)
+            stored = await log.read({2})
+            assert len(stored) == count
+            found = stored.get(ids[-1])
+            assert found is not None and np.array_equal(found, vectors[-1])
+        finally:
+            await log.stop()
+
+    asyncio.run(scenario())
+
+
 def _wait_indexed(worker: Any, agents: list[str]) -> None:
     """Wait until the worker's index holds the agents' memory as their rows do now, each entry in its tier."""
     tiers: dict[str, int] = {"working": 0, "episodic": 0, "semantic": 0}

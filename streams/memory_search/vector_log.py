@@ -3,7 +3,7 @@
 An entry's vector depends only on its content and the model, and an entry's id never
 changes its content, so vectors are derived state that is never wrong, only missing.
 Each worker sends the vectors it computed for a batch, one record per partition and
-batch, to a topic per model (``<prefix>.memory-vectors.<model>``) partitioned like the
+batch (several for a batch too large for one: :data:`RECORD_BYTES`), to a topic per model (``<prefix>.memory-vectors.<model>``) partitioned like the
 tasks topic. A worker that gets a partition (at start, after a rebalance or a failover)
 reads that partition of the topic first and embeds only the entries it does not find
 there: on this machine reading is tens of times faster than embedding.
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 #: Records waiting to be sent; beyond this a batch's vectors are dropped (the next rebuild
 #: embeds them): a broker that is away must not make the worker hold vectors without end.
 MAX_WAITING = 10_000
+#: Bytes of vectors per record: half of Kafka's default record limit (``max.message.bytes``,
+#: 1 MB), so a backlog's batch of thousands of entries goes in several records, not one
+#: the broker refuses.
+RECORD_BYTES = 512 * 1024
 
 
 def vector_topic(prefix: str, model: str) -> str:
@@ -118,12 +122,13 @@ class VectorLog:
 
     def send(self, partition: int, ids: list[str], vectors: np.ndarray) -> None:
         """Queue one partition's vectors of a batch (sent in the background)."""
-        if not ids:
-            return
-        if self._waiting.qsize() >= MAX_WAITING:
-            self.dropped += len(ids)
-            return
-        self._waiting.put_nowait((partition, len(ids), ids[0].encode(), encode(ids, vectors)))
+        rows = max(1, RECORD_BYTES // (2 * self.dimensions))
+        for start in range(0, len(ids), rows):
+            part = ids[start : start + rows]
+            if self._waiting.qsize() >= MAX_WAITING:
+                self.dropped += len(part)
+                continue
+            self._waiting.put_nowait((partition, len(part), part[0].encode(), encode(part, vectors[start : start + rows])))
 
     async def _send_waiting(self, producer: AIOKafkaProducer) -> None:
         while True:
