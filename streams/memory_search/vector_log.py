@@ -3,7 +3,8 @@
 An entry's vector depends only on its content and the model, and an entry's id never
 changes its content, so vectors are derived state that is never wrong, only missing.
 Each worker sends the vectors it computed for a batch, one record per partition and
-batch (several for a batch too large for one: :data:`RECORD_BYTES`), to a topic per model (``<prefix>.memory-vectors.<model>``) partitioned like the
+batch (several for a batch too large for one: :data:`RECORD_BYTES`), to a topic per
+model (``<prefix>.memory-vectors.<model>``) partitioned like the
 tasks topic. A worker that gets a partition (at start, after a rebalance or a failover)
 reads that partition of the topic first and embeds only the entries it does not find
 there: on this machine reading is tens of times faster than embedding.
@@ -128,7 +129,8 @@ class VectorLog:
             if self._waiting.qsize() >= MAX_WAITING:
                 self.dropped += len(part)
                 continue
-            self._waiting.put_nowait((partition, len(part), part[0].encode(), encode(part, vectors[start : start + rows])))
+            value = encode(part, vectors[start : start + rows])
+            self._waiting.put_nowait((partition, len(part), part[0].encode(), value))
 
     async def _send_waiting(self, producer: AIOKafkaProducer) -> None:
         while True:
