@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas import wire
 from streams.processing import state
+from tests import factories
 from tests.harness import Deployment, wait_until
 
 
@@ -73,3 +75,36 @@ def test_an_older_copy_written_after_the_newer_row_does_not_win(deployment: Depl
     assert status == 200 and doc["stats"]["tasks_completed"] == 40, doc
     wait_until(lambda: worker.stats()["partitions_reporting"] == 1, 10, what="the stats row")
     assert worker.stats()["completed_tasks"] == 40
+
+
+def test_a_restore_cut_short_by_a_rebalance_sweeps_only_partitions_the_worker_owns(deployment: Deployment) -> None:
+    """Finished tasks long past their retention are being restored (and swept) when a second
+    worker joins and the partitions move: the sweep removes rows only of partitions the
+    worker owns at that moment, so neither worker stops."""
+    hour_ago = wire.now_ms() - 3_600_000
+    rows = []
+    for number in range(150_000):
+        event = factories.task(f"agent_sweep_{number % 400:04d}")
+        row = state.new_task(event, number, "completed", hour_ago)
+        row.update(created_at=hour_ago, completed_at=hour_ago, attempts=1)
+        rows.append((event.task_id, state.task_values(row)))
+    _write_changelog(deployment, "tasks", rows)
+    deployment.env["BLACKROAD_TASK_RETENTION"] = "1"
+    first = deployment.worker().start()
+    second = deployment.worker().start()
+    for worker in (first, second):
+        worker.wait_ready(90)
+
+    def swept() -> bool:
+        for worker in (first, second):
+            status, text = worker.request("GET", "/metrics")
+            expired = [line for line in str(text).splitlines() if line.startswith("blackroad_tasks_expired_total")]
+            if status != 200 or not expired:
+                return False
+        return True
+
+    wait_until(swept, 60, what="both workers sweeping")
+    time.sleep(2.0)
+    for worker in (first, second):
+        assert worker.exited_within(0) is None, worker.log()
+        assert "NotOwner" not in worker.log_path.read_text(errors="replace"), worker.log()

@@ -73,6 +73,10 @@ class TransactionalSender:
     def partitions(self) -> set[int]:
         return set(self._producers)
 
+    def sends_for(self, partition: int) -> bool:
+        """Whether a flush may hold records caused by input partition ``partition``."""
+        return partition in self._producers
+
     async def claim(self, partitions: set[int]) -> None:
         """Start the producers of newly assigned input partitions, fencing their previous owners.
 

@@ -186,7 +186,12 @@ class BatchProcessor:
         """
         async with self.lock:
             tasks = self.writer.tables["tasks"]
-            expired = expired_task_ids(tasks.rows, older_than_ms, limit)
+            found = expired_task_ids(tasks.rows, older_than_ms, limit)
+            # Rows of a partition being given away or taken over stay for its owner's sweep.
+            sends_for = self.writer.sends_for
+            expired = [
+                task_id for task_id in found if (part := tasks.partition_of(task_id)) is not None and sends_for(part)
+            ]
             for task_id in expired:
                 tasks.delete(task_id)
             waits = self.writer.end_batch()

@@ -350,6 +350,10 @@ class CachedTable:
         self.dirty[key] = partition
         return current
 
+    def partition_of(self, key: str) -> int | None:
+        """The partition of a row this table holds (None when it holds no such row)."""
+        return self._key_partition.get(key)
+
     def delete(self, key: str) -> None:
         """Remove a row; its changelog gets a tombstone at the next flush."""
         partition = self._key_partition.get(key)
@@ -401,6 +405,10 @@ class DirectSender:
         #: next flush waits for: a record there must never outlive, through a crash, the row
         #: versions it comes from, and a row's next version must not land before it.
         self._last = last
+
+    def sends_for(self, partition: int) -> bool:
+        """Whether a flush may hold records caused by input partition ``partition``: any."""
+        return True
 
     async def send(self, outgoing: Outgoing, offsets: dict[Any, int]) -> list[asyncio.Future[Any]]:
         """Hand every record to the producer; return the futures of their acknowledgements."""
@@ -456,6 +464,13 @@ class TableWriter:
         self._next_flush: asyncio.Future[None] | None = None
         #: Flushes whose records are on their way to the producer, oldest first.
         self._handovers: deque[asyncio.Future[None]] = deque()
+
+    def sends_for(self, partition: int) -> bool:
+        """Whether rows of input partition ``partition`` may change now: under exactly-once,
+        only while this worker holds the partition's producer (not between a revoke and the
+        next claim, while the rows of a partition given away are still in the stores)."""
+        sends: bool = self._sender.sends_for(partition)
+        return sends
 
     def outbox(self, topic: str, partition: int) -> Records:
         """The records queued for ``topic``/``partition`` in this batch (append keys and values).
