@@ -7,8 +7,9 @@ Usage:
 
 * ``stream``: a backlog of ``memory_operation`` writes, each a distinct generated sentence
   (benchmarks/memory_corpus.py), through the worker with memory search on and then off:
-  tasks/s is entries embedded and indexed per second (read from the tasks changelog, first
-  to last completion, as ``make bench`` does).
+  tasks/s is entries embedded and indexed per second: from the first completion (read from
+  the tasks changelog, as ``make bench`` does) to the last completion or, if later, the
+  moment the workers' indexes hold every entry (``GET /v1/memory/stats``, polled).
 * ``search``: ``--count`` entries over ``--agents`` agents written through two worker
   processes, then a load of ``--rate`` tasks/s (the demo mix) while one client searches
   over HTTP, one request at a time, without and with an agent filter: P50/P95/P99, and
@@ -128,6 +129,16 @@ def worker_pids(process: Any, processes: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
 
 
+def wait_indexed(port: int, count: int, timeout: float = 300.0) -> tuple[float, Any]:
+    """When (wall clock) the workers' indexes first held ``count`` entries, and their stats then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = get(port, "/v1/memory/stats")
+        if sum(stats["entries"].values()) >= count or time.monotonic() > deadline:
+            return time.time(), stats
+        time.sleep(0.05)
+
+
 def stream(engine: str, count: int, agents: int, processes: int, tmp: Path) -> None:
     for search in ("on", "off"):
         workdir = tmp / f"stream-{search}"
@@ -139,8 +150,9 @@ def stream(engine: str, count: int, agents: int, processes: int, tmp: Path) -> N
             try:
                 system.wait_first(process, 120)
                 system.wait_done(process, 900)
-                stats = get(system.web_port, "/v1/memory/stats") if search == "on" else None
+                indexed_at, stats = wait_indexed(system.web_port, count) if search == "on" else (0.0, None)
                 _, first, last = system.completion_span(broker)
+                last = max(last, indexed_at)
             finally:
                 bench._stop(process)  # noqa: SLF001 - the bench's own helper
         rate = count / max(1e-6, last - first)

@@ -451,6 +451,7 @@ def test_a_record_s_traceparent_header_reaches_the_task_row_and_its_lifecycle_ev
 def test_a_memory_row_freezes_when_its_batch_ends_and_thaws_into_a_private_copy_to_write() -> None:
     producer = _Producer()
     memory_table = _cached_table("memory")
+    memory_table.hot_limit = 0  # no row stays thawed
     writer = tables.TableWriter(tables.DirectSender(producer), {"memory": memory_table})
     row = state.new_memory()
     memory.append(
@@ -474,6 +475,49 @@ def test_a_memory_row_freezes_when_its_batch_ends_and_thaws_into_a_private_copy_
     assert memory_table.rows["agent_x_001"] is writable  # the batch's copy replaces the frozen row
     memory_table.rollback()
     assert memory_table.rows["agent_x_001"] is frozen
+
+
+def test_the_memory_rows_changed_most_recently_stay_thawed_and_the_coolest_freeze() -> None:
+    producer = _Producer()
+    memory_table = _cached_table("memory")
+    memory_table.hot_limit = 2
+    writer = tables.TableWriter(tables.DirectSender(producer), {"memory": memory_table})
+    rows = {}
+    for number, agent_id in enumerate(["agent_x_001", "agent_x_002", "agent_x_003"]):
+        row = rows[agent_id] = state.new_memory()
+        memory.append(
+            row, agent_id, f"note {number}", role="user", memory_type="conversation", timestamp_ms=1, budget_tokens=100
+        )
+        row["o"] = number
+
+    async def scenario() -> None:
+        for agent_id, row in rows.items():  # one batch each, oldest first
+            memory_table.put(agent_id, row, 0)
+            writer.end_batch()
+        await writer.flush()
+        await writer.sent()
+
+    asyncio.run(scenario())
+    stored = memory_table.rows
+    assert type(stored["agent_x_001"]) is bytes  # the coolest froze at its batch's end
+    assert stored["agent_x_002"] is rows["agent_x_002"] and stored["agent_x_003"] is rows["agent_x_003"]
+    sent = {key: value for _, _, key, value in producer.sent}
+    assert sent == {agent_id.encode(): memory_table.pack(row) for agent_id, row in rows.items()}
+    # A hot row is written in place, its batch's undo keeps a copy, a rollback restores it.
+    writable = memory_table.writable("agent_x_002", 0, state.copy_row)
+    assert writable is rows["agent_x_002"]
+    writable["turns"] = []
+    memory_table.rollback()
+    assert stored["agent_x_002"] == memory_table.get("agent_x_002") and stored["agent_x_002"]["turns"]
+    # Written again, a frozen row becomes the hottest; the coolest of the others freezes.
+
+    async def write_the_coolest() -> None:
+        memory_table.writable("agent_x_001", 0, state.copy_row)
+        writer.end_batch()
+
+    asyncio.run(write_the_coolest())
+    assert type(stored["agent_x_001"]) is dict and type(stored["agent_x_002"]) is bytes
+    assert type(stored["agent_x_003"]) is dict
 
 
 def test_outgoing_records_leave_with_the_flush_and_a_rollback_drops_only_its_batch() -> None:

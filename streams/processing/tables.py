@@ -159,6 +159,13 @@ FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {
 #: that freeze are put frozen as they finish (:meth:`CachedTable.put_final`).
 FREEZE_AT_BATCH_END = frozenset({"memory"})
 
+#: Per table that freezes at the batch's end: how many of the rows changed most recently
+#: stay thawed. An agent that writes memory in batch after batch would otherwise have its
+#: working memory decoded at every batch, and decoding was a fifth of a memory-heavy
+#: stream's time; a bound keeps what thawed rows cost in memory small (about 50 KB each
+#: at the default working-memory budget).
+HOT_ROWS: dict[str, int] = {"memory": 1024}
+
 
 def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: bytes) -> Any:
     """``row`` frozen as ``packed`` if its table's rule freezes it, else as is."""
@@ -243,6 +250,8 @@ class CachedTable:
         "changelog_topic",
         "dirty",
         "freeze_when",
+        "hot",
+        "hot_limit",
         "name",
         "rows",
         "undo",
@@ -252,6 +261,9 @@ class CachedTable:
         store = table.data
         self.name = name
         self.freeze_when = FREEZE_WHEN.get(name)
+        #: Keys of rows kept thawed, least recently changed first (see :data:`HOT_ROWS`).
+        self.hot: dict[str, None] = {}
+        self.hot_limit = HOT_ROWS.get(name, 0)
         self._as_array = AS_ARRAY.get(name)
         self.rows: dict[str, Any] = store.data
         self._key_partition: dict[str, int] = store._key_partition  # noqa: SLF001
@@ -318,17 +330,35 @@ class CachedTable:
         return freeze(self.freeze_when, value, packed)
 
     def freeze_changed(self) -> None:
-        """Freeze the rows this batch changed that the table's rule freezes (at the batch's end).
+        """Freeze the rows this batch changed that the table's rule freezes (at the batch's end),
+        except the ``hot_limit`` changed most recently, which stay thawed until they cool.
 
         Frozen at once rather than at the flush, a second or more later under load: an
         agent's working memory is read and written again only by its next tasks, and
         thousands of them live as dicts meanwhile would hold over 100 MB.
         """
         rows = self.rows
+        hot = self.hot
+        limit = self.hot_limit
         for key in self.undo:
+            value = rows.get(key)
+            if type(value) is not dict:
+                continue
+            if limit:
+                hot.pop(key, None)
+                hot[key] = None
+            else:
+                rows[key] = self.frozen(value, self.pack(value))
+        while len(hot) > limit:
+            key = next(iter(hot))
+            del hot[key]
             value = rows.get(key)
             if type(value) is dict:
                 rows[key] = self.frozen(value, self.pack(value))
+
+    def keeps_thawed(self, key: str) -> bool:
+        """Whether the row stays thawed after its changelog record is packed."""
+        return key in self.hot
 
     def writable(self, key: str, partition: int, copy: Callable[[Any], Any]) -> Any:
         """The row to change in this batch, in place; None if absent.
@@ -579,7 +609,7 @@ class TableWriter:
                     packed = frozen_value(value)
                 else:
                     packed = table.pack(value)
-                    if freezes:
+                    if freezes and not table.keeps_thawed(key):
                         rows[key] = table.frozen(value, packed)
                 records.append(key.encode())
                 records.append(packed)
