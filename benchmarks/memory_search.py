@@ -2,6 +2,7 @@
 
 Usage:
   python benchmarks/memory_search.py stream [--engine kafka] [--count 200000] [--agents 1000] [--processes 1]
+                                           [--reads 0.0]
   python benchmarks/memory_search.py search [--engine kafka] [--count 1000000] [--agents 30000] [--rate 500]
   python benchmarks/memory_search.py recall [--count 1000000] [--workers 2]
 
@@ -10,6 +11,8 @@ Usage:
   tasks/s is entries embedded and indexed per second: from the first completion (read from
   the tasks changelog, as ``make bench`` does) to the last completion or, if later, the
   moment the workers' indexes hold every entry (``GET /v1/memory/stats``, polled).
+  ``--reads``: that share of the operations recall the agent's last 10 entries instead
+  (the seed's "memory ops" count writes and reads).
 * ``search``: ``--count`` entries over ``--agents`` agents written through two worker
   processes, then a load of ``--rate`` tasks/s (the demo mix) while one client searches
   over HTTP, one request at a time, without and with an agent filter: P50/P95/P99, and
@@ -54,10 +57,18 @@ from streams.runtime.broker import create_topic  # noqa: E402
 TASK_RETENTION = 30
 
 
-def note(agents: list[str], number: int, texts: list[str]) -> TaskEvent:
+def is_read(number: int, reads: float) -> bool:
+    """Whether operation ``number`` of a stream with ``reads`` of them reads (spread evenly)."""
+    return int((number + 1) * reads) > int(number * reads)
+
+
+def note(agents: list[str], number: int, texts: list[str], reads: float = 0.0) -> TaskEvent:
     agent = agents[number % len(agents)]
     # Unique text per entry: the embedding cache must not make the stream look faster.
     content = f"{texts[number % len(texts)]} (entry {number} of {agent})"
+    payload: dict[str, Any] = {"op": "write", "content": content, "memory_type": "observation"}
+    if is_read(number, reads):
+        payload = {"op": "recall", "limit": 10}
     return TaskEvent(
         task_id=f"task_m{number:09d}",
         agent_id=agent,
@@ -65,12 +76,12 @@ def note(agents: list[str], number: int, texts: list[str]) -> TaskEvent:
         priority="normal",
         title="note",
         description="",
-        payload={"op": "write", "content": content, "memory_type": "observation"},
+        payload=payload,
         created_ms=wire.now_ms(),
     )
 
 
-async def produce_notes(bootstrap: str, count: int, agents: int) -> None:
+async def produce_notes(bootstrap: str, count: int, agents: int, reads: float = 0.0) -> None:
     names = loadgen.agent_ids(agents)
     texts = sentences(min(count, 200_000), seed=11)
     await create_topic(bootstrap, bench.TOPIC, bench.PARTITIONS, None, 1)
@@ -79,7 +90,7 @@ async def produce_notes(bootstrap: str, count: int, agents: int) -> None:
     try:
         pending = []
         for number in range(count):
-            event = note(names, number, texts)
+            event = note(names, number, texts, reads)
             pending.append(await producer.send(bench.TOPIC, wire.encode_task(event), key=event.agent_id.encode()))
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)
@@ -139,27 +150,29 @@ def wait_indexed(port: int, count: int, timeout: float = 300.0) -> tuple[float, 
         time.sleep(0.05)
 
 
-def stream(engine: str, count: int, agents: int, processes: int, tmp: Path) -> None:
+def stream(engine: str, count: int, agents: int, processes: int, reads: float, tmp: Path) -> None:
+    writes = sum(1 for number in range(count) if not is_read(number, reads))
     for search in ("on", "off"):
         workdir = tmp / f"stream-{search}"
         workdir.mkdir()
         with bench.running_broker(engine, workdir) as broker:
-            asyncio.run(produce_notes(broker.bootstrap, count, agents))
+            asyncio.run(produce_notes(broker.bootstrap, count, agents, reads))
             system = bench.Project(processes=processes, env={"BLACKROAD_MEMORY_SEARCH": search})
             process = system.start(broker, count, workdir)
             try:
                 system.wait_first(process, 120)
                 system.wait_done(process, 900)
-                indexed_at, stats = wait_indexed(system.web_port, count) if search == "on" else (0.0, None)
+                indexed_at, stats = wait_indexed(system.web_port, writes) if search == "on" else (0.0, None)
                 _, first, last = system.completion_span(broker)
                 last = max(last, indexed_at)
             finally:
                 bench._stop(process)  # noqa: SLF001 - the bench's own helper
         rate = count / max(1e-6, last - first)
         extra = f"; {stats['embedded']:,} embedded, {stats['embedding_cache_hits']:,} from the cache" if stats else ""
+        what = f"{count:,} memory writes" if writes == count else f"{writes:,} memory writes and {count - writes:,} recalls"
         print(
-            f"stream, memory search {search}, {processes} process(es): {count:,} memory writes over {agents:,} agents"
-            f" in {last - first:.2f}s: {rate:,.0f} entries/s{extra}",
+            f"stream, memory search {search}, {processes} process(es): {what} over {agents:,} agents"
+            f" in {last - first:.2f}s: {rate:,.0f} operations/s{extra}",
             flush=True,
         )
 
@@ -321,11 +334,12 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--reads", type=float, default=0.0, help="stream: the share of operations that recall")
     args = parser.parse_args()
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, {bench.machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="memory-search-") as tmp:
         if args.part == "stream":
-            stream(args.engine, args.count or 200_000, args.agents or 1000, args.processes, Path(tmp))
+            stream(args.engine, args.count or 200_000, args.agents or 1000, args.processes, args.reads, Path(tmp))
         elif args.part == "search":
             search_load(args.engine, args.count or 1_000_000, args.agents or 30_000, args.rate, args.queries, Path(tmp))
         else:
