@@ -169,7 +169,7 @@ def stream(engine: str, count: int, agents: int, processes: int, reads: float, t
                 bench._stop(process)  # noqa: SLF001 - the bench's own helper
         rate = count / max(1e-6, last - first)
         extra = f"; {stats['embedded']:,} embedded, {stats['embedding_cache_hits']:,} from the cache" if stats else ""
-        what = f"{count:,} memory writes" if writes == count else f"{writes:,} memory writes and {count - writes:,} recalls"
+        what = f"{writes:,} memory writes" + (f" and {count - writes:,} recalls" if writes < count else "")
         print(
             f"stream, memory search {search}, {processes} process(es): {what} over {agents:,} agents"
             f" in {last - first:.2f}s: {rate:,.0f} operations/s{extra}",
