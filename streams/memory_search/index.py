@@ -220,7 +220,9 @@ class VectorIndex:
             candidates = self._nearest_codes(query, limit, memory_type, tier)
         if len(candidates) == 0:
             return []
-        scores = self.vectors[candidates].astype(np.float32) @ query
+        # einsum, not ``@``: a matrix product goes to BLAS, whose threads spin-wait for cores
+        # the broker and the other worker hold (measured: 4 ms instead of 0.02 under load).
+        scores = np.einsum("ij,j->i", self.vectors[candidates].astype(np.float32), query)
         order = np.lexsort((candidates, -scores))[:limit]
         hits = []
         for position in order.tolist():
