@@ -145,8 +145,10 @@ def wait_indexed(port: int, count: int, timeout: float = 300.0) -> tuple[float, 
     deadline = time.monotonic() + timeout
     while True:
         stats = get(port, "/v1/memory/stats")
-        if sum(stats["entries"].values()) >= count or time.monotonic() > deadline:
+        if sum(stats["entries"].values()) >= count:
             return time.time(), stats
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the indexes hold {sum(stats['entries'].values()):,} of {count:,} entries")
         time.sleep(0.05)
 
 

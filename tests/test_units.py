@@ -509,11 +509,12 @@ def test_the_memory_rows_changed_most_recently_stay_thawed_and_the_coolest_freez
     writable["turns"] = []
     memory_table.rollback()
     assert stored["agent_x_002"] == memory_table.get("agent_x_002") and stored["agent_x_002"]["turns"]
-    # Written again, a frozen row becomes the hottest; the coolest of the others freezes.
 
     async def write_the_coolest() -> None:
         memory_table.writable("agent_x_001", 0, state.copy_row)
         writer.end_batch()
+
+    # Written again, a frozen row becomes the hottest; the coolest of the others freezes.
 
     asyncio.run(write_the_coolest())
     assert type(stored["agent_x_001"]) is dict and type(stored["agent_x_002"]) is bytes

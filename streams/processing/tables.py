@@ -339,17 +339,11 @@ class CachedTable:
         """
         rows = self.rows
         hot = self.hot
-        limit = self.hot_limit
         for key in self.undo:
-            value = rows.get(key)
-            if type(value) is not dict:
-                continue
-            if limit:
+            if type(rows.get(key)) is dict:
                 hot.pop(key, None)
-                hot[key] = None
-            else:
-                rows[key] = self.frozen(value, self.pack(value))
-        while len(hot) > limit:
+                hot[key] = None  # now the most recently changed
+        while len(hot) > self.hot_limit:
             key = next(iter(hot))
             del hot[key]
             value = rows.get(key)
