@@ -19,6 +19,7 @@ from yarl import URL
 from agents.plugins import load_handlers
 from agents.registry import HandlerRegistry, default_registry
 from schemas import wire
+from streams.cold_rows import RowFile
 from streams.llm.client import ChatClient
 from streams.llm.handler import ModelInference
 from streams.memory_search.accesses import AccessRecorder
@@ -31,7 +32,15 @@ from streams.processing.metrics import Metrics
 from streams.processing.processor import EXPIRY_CHUNK, BatchProcessor
 from streams.processing.retry_relay import RetryRelay, run_until_cancelled
 from streams.processing.state import stats_key
-from streams.processing.tables import CachedTable, DirectSender, Tables, TableWriter, define_tables, row_offset
+from streams.processing.tables import (
+    ROWS_IN_FILES,
+    CachedTable,
+    DirectSender,
+    Tables,
+    TableWriter,
+    define_tables,
+    row_offset,
+)
 from streams.processing.transport import BatchConsumer, BatchTransport
 from streams.runtime import kafka_clients
 from streams.runtime.membership import client_id
@@ -82,6 +91,8 @@ class BlackroadApp(faust.App):
     batch_topics: frozenset[str] = frozenset()
     #: What the web views read through (the pipeline: see streams.serve.view_source).
     view_source: Pipeline
+    #: The files of the tables whose frozen rows are kept out of the heap (streams.cold_rows).
+    row_files: dict[str, RowFile]
 
     def _new_transport(self) -> Any:
         return BatchTransport(self.conf.broker_consumer, self)
@@ -223,7 +234,8 @@ class Pipeline(Service):
             last = frozenset({self.settings.topic("memory-archive"), entries_changelog, stats_changelog})
             sender = DirectSender(VerifiedProducer(self.producer), last=last)
             on_processed = consumer.mark_processed
-        cached = {name: CachedTable(name, table) for name, table in self.tables.all().items()}
+        row_files = self.app.row_files
+        cached = {name: CachedTable(name, table, row_files.get(name)) for name, table in self.tables.all().items()}
         partitions = self.settings.partitions
         self.processor = BatchProcessor(
             self.settings,
@@ -545,6 +557,7 @@ def create_app(
     app.settings = settings
     app.stopping = stopping or WorkerStop(settings.stop_timeout)
     app.batch_topics = frozenset({settings.topic("tasks")})
+    app.row_files = {name: RowFile(datadir / "cold-rows") for name in ROWS_IN_FILES}
     tables = define_tables(app, settings.partitions)
     metrics = Metrics()
     registry = registry or default_registry(settings.inference_p50_ms, settings.inference_p99_ms)

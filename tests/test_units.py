@@ -25,6 +25,7 @@ from agents.registry import HandlerRegistry, default_registry
 from benchmarks import bench
 from schemas import domain, trace_context, wire
 from schemas.wire import WireError
+from streams.cold_rows import ColdRow, RowFile, row_file
 from streams.processing import histogram, state, tables
 from streams.processing import processor as processor_module
 from streams.processing.log_continuity import BrokerLostData, fingerprint
@@ -321,10 +322,64 @@ class _Producer:
         return done
 
 
-def _cached_table(name: str) -> tables.CachedTable:
+def _cached_table(name: str, rows_in: RowFile | None = None) -> tables.CachedTable:
     store = types.SimpleNamespace(data={}, _key_partition={})
     topic = types.SimpleNamespace(get_topic_name=lambda: f"{name}-changelog")
-    return tables.CachedTable(name, types.SimpleNamespace(data=store, changelog_topic=topic))
+    return tables.CachedTable(name, types.SimpleNamespace(data=store, changelog_topic=topic), rows_in)
+
+
+def test_a_row_file_gives_rows_back_from_its_buffer_and_its_file_and_compacts_to_the_live_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(row_file, "WRITE_AT", 64)
+    monkeypatch.setattr(row_file, "COMPACT_FROM", 1_000)
+    rows = RowFile(tmp_path / "cold")
+    assert rows.size == 0 and not (tmp_path / "cold").exists()  # nothing made before the first row
+    kept = [rows.keep(f"row {number:03d} ".encode() * 3) for number in range(100)]
+    assert all(type(row) is ColdRow for row in kept)
+    assert [row.read() for row in kept] == [f"row {number:03d} ".encode() * 3 for number in range(100)]  # type: ignore[union-attr]
+    assert list((tmp_path / "cold").iterdir()) == []  # unlinked: nothing left behind by a kill
+    assert rows.size == 100 * 24 and rows.needs_compaction()
+
+    live = kept[::4]
+    stale = kept[1]
+    rows.compact(live)  # type: ignore[arg-type]
+    assert rows.compactions == 1 and rows.size == 25 * 24 and not rows.needs_compaction()
+    assert [row.read() for row in live] == [f"row {number:03d} ".encode() * 3 for number in range(0, 100, 4)]  # type: ignore[union-attr]
+    assert stale.read() == b"row 001 " * 3  # type: ignore[union-attr]  # a reader still holding a dead row
+    assert rows.keep(b"x" * row_file.LONGEST) == b"x" * row_file.LONGEST  # too long for a handle: as it is
+
+
+def test_memory_entries_rows_live_in_the_row_file_and_read_write_and_roll_back_as_before(tmp_path: Path) -> None:
+    producer = _Producer()
+    entries = _cached_table("memory_entries", RowFile(tmp_path))
+    writer = tables.TableWriter(tables.DirectSender(producer), {"memory_entries": entries})
+    entry = {"id": "mem_0001", "agent_id": "agent_x_001", "content": "likes tea", "o": 5, "tier": "episodic"}
+    entries.put_final("mem_0001", entry, 1)
+    stored = entries.rows["mem_0001"]
+    assert type(stored) is ColdRow
+    assert entries.get("mem_0001") == entry and tables.row_offset(stored) == 5
+
+    async def flush() -> None:
+        writer.end_batch()
+        await writer.flush()
+        await writer.sent()
+
+    asyncio.run(flush())
+    assert [(key, tables.decode_row(value)) for _, _, key, value in producer.sent] == [(b"mem_0001", entry)]
+
+    changed = entries.writable("mem_0001", 1, dict)
+    assert changed == entry
+    changed["access_count"] = 1
+    writer.rollback()
+    assert entries.rows["mem_0001"] is stored and entries.get("mem_0001") == entry
+
+    changed = entries.writable("mem_0001", 1, dict)
+    changed["access_count"] = 2
+    changed["o"] = 6
+    asyncio.run(flush())
+    assert type(entries.rows["mem_0001"]) is ColdRow and entries.get("mem_0001") == {**entry, "access_count": 2, "o": 6}
+    assert tables.decode_row(producer.sent[-1][3]) == {**entry, "access_count": 2, "o": 6}
 
 
 def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:

@@ -30,6 +30,7 @@ import msgpack
 from faust.serializers import codecs
 
 from schemas import wire
+from streams.cold_rows import ColdRow, RowFile
 from streams.processing import state
 from streams.processing.state import TERMINAL_TASK_STATUSES
 
@@ -82,9 +83,11 @@ def decode_row(packed: bytes | memoryview) -> Any:
 
 
 def row_offset(row: Any) -> int:
-    """The source offset of the last event applied to a stored row (frozen or not)."""
+    """The source offset of the last event applied to a stored row (frozen, in a file, or not)."""
     if type(row) is bytes:
         return frozen_offset(row)
+    if type(row) is ColdRow:
+        return frozen_offset(row.read())
     offset: int = row["o"]
     return offset
 
@@ -100,10 +103,14 @@ def newer(incoming: dict[str, Any], current: Any) -> bool:
 
 
 def thaw(value: Any) -> Any:
-    """A row as a plain value (a frozen row decoded; anything else as is)."""
+    """A row as a plain value (a frozen row decoded, read from its file first if it is there;
+    anything else as is)."""
     if type(value) is bytes:
         return decode_row(memoryview(value)[_FROZEN_VALUE_AT:])
+    if type(value) is ColdRow:
+        return decode_row(memoryview(value.read())[_FROZEN_VALUE_AT:])
     return value
+
 
 
 def task_expired(value: Any, cutoff_ms: int) -> bool:
@@ -171,6 +178,13 @@ def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: by
     """``row`` frozen as ``packed`` if its table's rule freezes it, else as is."""
     finished_at = freeze_when(row) if freeze_when is not None else None
     return row if finished_at is None else frozen_row(row["o"], finished_at, packed)
+
+
+#: Tables whose frozen rows live in a file (:mod:`streams.cold_rows`), not in the Python heap:
+#: a memory entry that left working memory is written once, read by a search hit or a view
+#: now and then, and a worker may hold a million of them (690 bytes each in the heap, 64
+#: as a :class:`ColdRow`).
+ROWS_IN_FILES = frozenset({"memory_entries"})
 
 
 #: Per table whose changelog values are arrays rather than maps: a row as its array.
@@ -253,13 +267,16 @@ class CachedTable:
         "hot",
         "hot_limit",
         "name",
+        "row_file",
         "rows",
         "undo",
     )
 
-    def __init__(self, name: str, table: Any) -> None:
+    def __init__(self, name: str, table: Any, row_file: RowFile | None = None) -> None:
         store = table.data
         self.name = name
+        #: Where the table's frozen rows go, if not in the heap (see :data:`ROWS_IN_FILES`).
+        self.row_file = row_file
         self.freeze_when = FREEZE_WHEN.get(name)
         #: Keys of rows kept thawed, least recently changed first (see :data:`HOT_ROWS`).
         self.hot: dict[str, None] = {}
@@ -326,8 +343,19 @@ class CachedTable:
         return _pack(row) if self._as_array is None else _pack(self._as_array(row))
 
     def frozen(self, value: Any, packed: bytes) -> Any:
-        """``value`` frozen as ``packed`` if this table freezes it now, else as is."""
-        return freeze(self.freeze_when, value, packed)
+        """``value`` frozen as ``packed`` if this table freezes it now (into the table's row
+        file, if it has one), else as is."""
+        row = freeze(self.freeze_when, value, packed)
+        if self.row_file is not None and type(row) is bytes:
+            return self.row_file.keep(row)
+        return row
+
+    def compact_row_file(self) -> None:
+        """Compact the table's row file if it holds as much dead as live; only between batches
+        (a row in the undo log may be the only one that still points at a dead row's bytes)."""
+        row_file = self.row_file
+        if row_file is not None and not self.undo and row_file.needs_compaction():
+            row_file.compact(row for row in self.rows.values() if type(row) is ColdRow)
 
     def freeze_changed(self) -> None:
         """Freeze the rows this batch changed that the table's rule freezes (at the batch's end),
@@ -366,7 +394,7 @@ class CachedTable:
         current = self.rows.get(key)
         if current is None:
             return None
-        if type(current) is bytes:
+        if type(current) is bytes or type(current) is ColdRow:
             row = thaw(current)
             self.put(key, row, partition)
             return row
@@ -561,6 +589,8 @@ class TableWriter:
         Returns how many records this flush sends.
         """
         outgoing = self._take_outgoing()
+        for table in self.tables.values():
+            table.compact_row_file()
         offsets, self._offsets = self._offsets, {}
         waiting, self._next_flush = self._next_flush, None
         while len(self._handovers) >= MAX_HANDOVERS:
@@ -601,6 +631,8 @@ class TableWriter:
                     packed = table.pack({**thaw(value), **extra})  # the row stays without them
                 elif type(value) is bytes:
                     packed = frozen_value(value)
+                elif type(value) is ColdRow:
+                    packed = frozen_value(value.read())
                 else:
                     packed = table.pack(value)
                     if freezes and not table.keeps_thawed(key):

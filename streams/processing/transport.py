@@ -349,6 +349,7 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> Any:
     key_partition = store._key_partition  # noqa: SLF001 - the memory store's own index
     partition = tp.partition
     freeze_when = FREEZE_WHEN.get(table.name)
+    row_file = recovery.app.row_files.get(table.name)
     for record in fresh:
         key = record.key.decode()
         value = record.value
@@ -359,7 +360,8 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> Any:
         row = decode_row(value)
         if not newer(row, rows.get(key)):
             continue
-        rows[key] = freeze(freeze_when, row, value)
+        frozen = freeze(freeze_when, row, value)
+        rows[key] = row_file.keep(frozen) if row_file is not None and type(frozen) is bytes else frozen
         key_partition[key] = partition
     offsets[tp] = fresh[-1].offset
     return fresh[-1]
