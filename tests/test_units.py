@@ -350,15 +350,13 @@ def test_a_row_file_gives_rows_back_from_its_buffer_and_its_file_and_compacts_to
     assert rows.keep(b"x" * row_file.LONGEST) == b"x" * row_file.LONGEST  # too long for a handle: as it is
 
 
-def test_memory_entries_rows_live_in_the_row_file_and_read_write_and_roll_back_as_before(tmp_path: Path) -> None:
+def test_rows_move_to_the_row_file_once_packed_and_read_write_and_roll_back_as_before(tmp_path: Path) -> None:
     producer = _Producer()
     entries = _cached_table("memory_entries", RowFile(tmp_path))
     writer = tables.TableWriter(tables.DirectSender(producer), {"memory_entries": entries})
     entry = {"id": "mem_0001", "agent_id": "agent_x_001", "content": "likes tea", "o": 5, "tier": "episodic"}
     entries.put_final("mem_0001", entry, 1)
-    stored = entries.rows["mem_0001"]
-    assert type(stored) is ColdRow
-    assert entries.get("mem_0001") == entry and tables.row_offset(stored) == 5
+    assert type(entries.rows["mem_0001"]) is bytes  # until its changelog record is packed
 
     async def flush() -> None:
         writer.end_batch()
@@ -367,6 +365,9 @@ def test_memory_entries_rows_live_in_the_row_file_and_read_write_and_roll_back_a
 
     asyncio.run(flush())
     assert [(key, tables.decode_row(value)) for _, _, key, value in producer.sent] == [(b"mem_0001", entry)]
+    stored = entries.rows["mem_0001"]
+    assert type(stored) is ColdRow
+    assert entries.get("mem_0001") == entry and tables.row_offset(stored) == 5
 
     changed = entries.writable("mem_0001", 1, dict)
     assert changed == entry
@@ -380,6 +381,27 @@ def test_memory_entries_rows_live_in_the_row_file_and_read_write_and_roll_back_a
     asyncio.run(flush())
     assert type(entries.rows["mem_0001"]) is ColdRow and entries.get("mem_0001") == {**entry, "access_count": 2, "o": 6}
     assert tables.decode_row(producer.sent[-1][3]) == {**entry, "access_count": 2, "o": 6}
+
+
+def test_a_finished_task_in_the_row_file_is_found_expired_and_swept_without_staying_in_the_heap(tmp_path: Path) -> None:
+    tasks = _cached_table("tasks", RowFile(tmp_path))
+    writer = tables.TableWriter(tables.DirectSender(_Producer()), {"tasks": tasks})
+    events = [task("agent_x_001") for _ in range(3)]
+    for offset, event in enumerate(events):
+        values = state.finished_task_values(event, offset, "completed", {"n": offset}, None, 1, 1_000, 2_000 + offset)
+        tasks.put_finished(event.task_id, values, 2_000 + offset, 0)
+
+    async def flush() -> None:
+        writer.end_batch()
+        await writer.flush()
+        await writer.sent()
+
+    asyncio.run(flush())
+    assert all(type(row) is ColdRow for row in tasks.rows.values())
+    assert tasks.get(events[1].task_id)["result"] == {"n": 1}
+    assert tables.task_expired(tasks.rows[events[0].task_id], 2_001)
+    assert not tables.task_expired(tasks.rows[events[1].task_id], 2_001)
+    assert tables.expired_task_ids(tasks.rows, 2_002, 10) == [events[0].task_id, events[1].task_id]
 
 
 def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:

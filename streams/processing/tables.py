@@ -117,6 +117,8 @@ def task_expired(value: Any, cutoff_ms: int) -> bool:
     """Whether a stored task (frozen or not) is past retention; frozen ones are not decoded."""
     if type(value) is bytes:
         return frozen_finished_at(value) < cutoff_ms
+    if type(value) is ColdRow:
+        return frozen_finished_at(value.read()) < cutoff_ms
     return state.task_expired(value, cutoff_ms)
 
 
@@ -134,7 +136,7 @@ def expired_task_ids(rows: dict[str, Any], cutoff_ms: int, limit: int) -> list[s
             expired.append(task_id)
             if len(expired) >= limit:
                 break
-        elif type(row) is bytes or row["status"] in TERMINAL_TASK_STATUSES:
+        elif type(row) is bytes or type(row) is ColdRow or row["status"] in TERMINAL_TASK_STATUSES:
             break
     return expired
 
@@ -180,11 +182,14 @@ def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: by
     return row if finished_at is None else frozen_row(row["o"], finished_at, packed)
 
 
-#: Tables whose frozen rows live in a file (:mod:`streams.cold_rows`), not in the Python heap:
-#: a memory entry that left working memory is written once, read by a search hit or a view
-#: now and then, and a worker may hold a million of them (690 bytes each in the heap, 64
-#: as a :class:`ColdRow`).
-ROWS_IN_FILES = frozenset({"memory_entries"})
+#: Tables whose frozen rows move to a file (:mod:`streams.cold_rows`) once their changelog
+#: record is packed, out of the Python heap: a finished task and a memory entry that left
+#: working memory are written once and read now and then (a lookup, a duplicate, a search
+#: hit), and a worker holds hundreds of thousands of them for the whole retention period
+#: (a memory entry took 690 bytes in the heap; as a :class:`ColdRow` it takes 80). Kept in
+#: the heap, they also pinned the allocator's arenas long after they were gone: the small
+#: objects that outlive them land in the same arenas.
+ROWS_IN_FILES = frozenset({"tasks", "memory_entries"})
 
 
 #: Per table whose changelog values are arrays rather than maps: a row as its array.
@@ -343,9 +348,12 @@ class CachedTable:
         return _pack(row) if self._as_array is None else _pack(self._as_array(row))
 
     def frozen(self, value: Any, packed: bytes) -> Any:
-        """``value`` frozen as ``packed`` if this table freezes it now (into the table's row
-        file, if it has one), else as is."""
-        row = freeze(self.freeze_when, value, packed)
+        """``value`` frozen as ``packed`` if this table freezes it now, else as is."""
+        return freeze(self.freeze_when, value, packed)
+
+    def stored(self, row: Any) -> Any:
+        """A row whose changelog record is packed, as the store keeps it from then on: in the
+        table's row file if it is frozen and the table has one."""
         if self.row_file is not None and type(row) is bytes:
             return self.row_file.keep(row)
         return row
@@ -617,6 +625,7 @@ class TableWriter:
             rows = table.rows
             topic = table.changelog_topic
             freezes = table.freeze_when is not None
+            row_file = table.row_file
             carried = table.carried
             by_partition: dict[int, Records] = {}
             for key, partition in table.dirty.items():
@@ -631,12 +640,14 @@ class TableWriter:
                     packed = table.pack({**thaw(value), **extra})  # the row stays without them
                 elif type(value) is bytes:
                     packed = frozen_value(value)
+                    if row_file is not None:
+                        rows[key] = row_file.keep(value)
                 elif type(value) is ColdRow:
                     packed = frozen_value(value.read())
                 else:
                     packed = table.pack(value)
                     if freezes and not table.keeps_thawed(key):
-                        rows[key] = table.frozen(value, packed)
+                        rows[key] = table.stored(table.frozen(value, packed))
                 records.append(key.encode())
                 records.append(packed)
             table.dirty = {}

@@ -24,6 +24,7 @@ MODULES = (
     "schemas/wire.py",
     "agents/base.py",
     "agents/builtin.py",
+    "streams/cold_rows/row_file.py",
     "streams/processing/histogram.py",
     "streams/processing/state.py",
     "streams/processing/tables.py",
