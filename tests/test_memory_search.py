@@ -71,8 +71,10 @@ def test_index_search_equals_exact_search_with_and_without_filters() -> None:
 
 def test_index_tiers_removal_partitions_and_compaction() -> None:
     index, vectors = _filled_index(2400)
-    index.set_tier(["mem_1", "mem_2"], "semantic")
+    named = "".join(["mem_", "1"])  # equal to the index's id, not the same string
+    index.set_tier([named, "mem_2"], "semantic")
     assert index.tier_of("mem_1") == "semantic"
+    assert index.search(vectors[1], 1, -1.0)[0].entry_id is named  # the index keeps the string it was given
     semantic = index.search(vectors[1], 10, -1.0, tier="semantic")
     assert {hit.entry_id for hit in semantic} == {"mem_1", "mem_2"}
     index.remove(["mem_1"])

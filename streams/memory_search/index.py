@@ -141,12 +141,23 @@ class VectorIndex:
         return {name: int(counts[code]) for code, name in enumerate(TIERS)}
 
     def set_tier(self, ids: list[str], tier: str) -> None:
-        """Move entries to another tier (ids not held are skipped)."""
+        """Move entries to another tier (ids not held are skipped).
+
+        The index keeps the given id strings from then on: an entry that left working memory
+        is named by the same string as its row in the tables, and one string is 80 bytes
+        less than two.
+        """
         code = _TIER_CODE[tier]
+        row_of = self._row_of
         for entry_id in ids:
-            row = self._row_of.get(entry_id)
+            row = row_of.get(entry_id)
             if row is not None:
                 self.tiers[row] = code
+                held = self.ids[row]
+                if held is not entry_id:
+                    del row_of[entry_id]
+                    row_of[entry_id] = row
+                    self.ids[row] = entry_id
 
     def tier_of(self, entry_id: str) -> str | None:
         row = self._row_of.get(entry_id)

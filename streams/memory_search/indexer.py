@@ -335,6 +335,7 @@ class MemoryIndexer:
                 partition, entry_id = source  # type: ignore[misc]
                 row = thaw(rows.get(entry_id))
                 if row is not None:
+                    row["id"] = entry_id  # the table's own string, which the index then shares
                     entries.append(
                         (partition, tier_of(row, None, self._semantic_before(row["agent_id"], befores)), row)
                     )
