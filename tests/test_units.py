@@ -404,6 +404,40 @@ def test_a_finished_task_in_the_row_file_is_found_expired_and_swept_without_stay
     assert tables.expired_task_ids(tasks.rows, 2_002, 10) == [events[0].task_id, events[1].task_id]
 
 
+def test_a_flush_compacts_a_row_file_that_holds_as_much_dead_as_live_while_rows_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(row_file, "MOVE_CHUNK", 7)
+    rows_in = RowFile(tmp_path)
+    tasks = _cached_table("tasks", rows_in)
+    writer = tables.TableWriter(tables.DirectSender(_Producer()), {"tasks": tasks})
+    events = [task("agent_x_001") for _ in range(400)]
+
+    def finish(offset: int) -> None:
+        event = events[offset]
+        values = state.finished_task_values(event, offset, "completed", {"n": offset}, None, 1, 1_000, 2_000)
+        tasks.put_finished(event.task_id, values, 2_000, 0)
+
+    async def run() -> None:
+        for offset in range(200):
+            finish(offset)
+        writer.end_batch()
+        await writer.flush()  # the rows go to the file
+        monkeypatch.setattr(row_file, "COMPACT_FROM", rows_in.size + 1)
+        for event in events[:150]:
+            tasks.delete(event.task_id)
+        for offset in range(200, 400):
+            finish(offset)
+        writer.end_batch()
+        await writer.flush()  # 250 of 400 rows live: compacted on a thread
+        await writer.sent()
+
+    asyncio.run(run())
+    assert rows_in.compactions == 1 and not rows_in.needs_compaction()
+    assert [tasks.get(event.task_id)["result"] for event in events[150:]] == [{"n": n} for n in range(150, 400)]
+    assert all(row.segment is tasks.rows[events[150].task_id].segment for row in tasks.rows.values())
+
+
 def test_a_finished_task_row_freezes_at_flush_and_reads_back_whole() -> None:
     producer = _Producer()
     tasks = _cached_table("tasks")

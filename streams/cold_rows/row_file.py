@@ -5,10 +5,12 @@ pieces of :data:`WRITE_AT` bytes, so a row costs no system call of its own. A ro
 back costs one ``pread`` (or a slice of the buffer while it is still there).
 
 A row replaced or removed leaves its bytes behind. Once the file holds more than twice
-what was live after the last compaction (and at least :data:`COMPACT_FROM` bytes),
-:meth:`RowFile.compact` copies the live rows to a new segment and points their handles
-there. Handles that were not passed to it (rows already replaced, still held by a
-reader) keep their old segment, which stays open until the last of them is gone.
+what was live after the last compaction (and at least :data:`COMPACT_FROM` bytes), it is
+compacted: new rows go to a new segment from then on (:meth:`RowFile.start_compaction`),
+the live rows are copied there :data:`MOVE_CHUNK` at a time (:meth:`RowFile.move`, on a
+thread, so readers and writers wait for one chunk at most), and their handles point there.
+Handles that were not moved (rows already replaced, still held by a reader) keep their old
+segment, which stays open until the last of them is gone.
 
 Every segment of a file shares one lock: a row may be read from another thread (the
 memory indexer's) while the event loop appends or compacts.
@@ -26,6 +28,8 @@ from pathlib import Path
 WRITE_AT = 1 << 20
 #: The smallest file that compaction looks at.
 COMPACT_FROM = 64 << 20
+#: Rows moved by a compaction at a time, holding the lock.
+MOVE_CHUNK = 1024
 #: A handle is the row's position shifted left by this many bits, plus its length.
 _LENGTH_BITS = 24
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
@@ -103,6 +107,7 @@ class RowFile:
         self._segment: Segment | None = None
         #: Bytes of the newest segment right after the last compaction.
         self._live = 0
+        self._compacting = False
         #: Compactions so far (for the metrics and the tests).
         self.compactions = 0
 
@@ -123,18 +128,32 @@ class RowFile:
 
     def needs_compaction(self) -> bool:
         size = self.size
-        return size >= COMPACT_FROM and size > 2 * self._live
+        return not self._compacting and size >= COMPACT_FROM and size > 2 * self._live
+
+    def start_compaction(self) -> Segment:
+        """Start a compaction: rows kept from now on go to a new segment, which is returned."""
+        with self._lock:
+            new = self._segment = Segment(self.directory, self._lock)
+            self._compacting = True
+            return new
+
+    def move(self, rows: list[ColdRow], new: Segment) -> None:
+        """Copy ``rows`` into ``new`` (those not there yet) and point them there; any thread."""
+        for start in range(0, len(rows), MOVE_CHUNK):
+            with self._lock:
+                for row in rows[start : start + MOVE_CHUNK]:
+                    if row.segment is not new:
+                        row.handle = new.append(row.segment.read(row.handle))
+                        row.segment = new
+
+    def end_compaction(self) -> None:
+        with self._lock:
+            self._live = self.size
+            self._compacting = False
+            self.compactions += 1
 
     def compact(self, live: Iterable[ColdRow]) -> None:
-        """Copy the ``live`` rows to a new segment and point them there (each row once)."""
-        with self._lock:
-            old = self._segment
-            if old is None:
-                return
-            new = Segment(self.directory, self._lock)
-            for row in live:
-                row.handle = new.append(row.segment.read(row.handle))
-                row.segment = new
-            self._segment = new
-            self._live = new.size
-            self.compactions += 1
+        """A whole compaction at once: the ``live`` rows to a new segment."""
+        new = self.start_compaction()
+        self.move(list(live), new)
+        self.end_compaction()

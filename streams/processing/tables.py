@@ -112,7 +112,6 @@ def thaw(value: Any) -> Any:
     return value
 
 
-
 def task_expired(value: Any, cutoff_ms: int) -> bool:
     """Whether a stored task (frozen or not) is past retention; frozen ones are not decoded."""
     if type(value) is bytes:
@@ -186,7 +185,7 @@ def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: by
 #: record is packed, out of the Python heap: a finished task and a memory entry that left
 #: working memory are written once and read now and then (a lookup, a duplicate, a search
 #: hit), and a worker holds hundreds of thousands of them for the whole retention period
-#: (a memory entry took 690 bytes in the heap; as a :class:`ColdRow` it takes 80). Kept in
+#: (a memory entry took 690 bytes in the heap; a :class:`ColdRow` takes 56). Kept in
 #: the heap, they also pinned the allocator's arenas long after they were gone: the small
 #: objects that outlive them land in the same arenas.
 ROWS_IN_FILES = frozenset({"tasks", "memory_entries"})
@@ -358,12 +357,20 @@ class CachedTable:
             return self.row_file.keep(row)
         return row
 
-    def compact_row_file(self) -> None:
-        """Compact the table's row file if it holds as much dead as live; only between batches
-        (a row in the undo log may be the only one that still points at a dead row's bytes)."""
+    def wants_compaction(self) -> bool:
+        """Whether the table's row file holds as much dead as live and may be compacted now:
+        between batches (a row in the undo log may point at bytes no stored row does)."""
+        return self.row_file is not None and not self.undo and self.row_file.needs_compaction()
+
+    async def compact_row_file(self) -> None:
+        """Move the live rows to a new segment of the row file, on a thread (processing goes on)."""
         row_file = self.row_file
-        if row_file is not None and not self.undo and row_file.needs_compaction():
-            row_file.compact(row for row in self.rows.values() if type(row) is ColdRow)
+        assert row_file is not None
+        new = row_file.start_compaction()
+        # Taken here, on the event loop: the rows change only there.
+        live = [row for row in self.rows.values() if type(row) is ColdRow]
+        await asyncio.to_thread(row_file.move, live, new)
+        row_file.end_compaction()
 
     def freeze_changed(self) -> None:
         """Freeze the rows this batch changed that the table's rule freezes (at the batch's end),
@@ -524,6 +531,8 @@ class TableWriter:
         self._next_flush: asyncio.Future[None] | None = None
         #: Flushes whose records are on their way to the producer, oldest first.
         self._handovers: deque[asyncio.Future[None]] = deque()
+        #: Row file compactions in progress (see :meth:`CachedTable.compact_row_file`).
+        self._compactions: list[asyncio.Future[None]] = []
 
     def sends_for(self, partition: int) -> bool:
         """Whether rows of input partition ``partition`` may change now: under exactly-once,
@@ -597,8 +606,7 @@ class TableWriter:
         Returns how many records this flush sends.
         """
         outgoing = self._take_outgoing()
-        for table in self.tables.values():
-            table.compact_row_file()
+        self._compact_row_files()
         offsets, self._offsets = self._offsets, {}
         waiting, self._next_flush = self._next_flush, None
         while len(self._handovers) >= MAX_HANDOVERS:
@@ -607,8 +615,25 @@ class TableWriter:
         self._handovers.append(asyncio.ensure_future(self._send_all(outgoing, offsets, waiting, previous)))
         return sum(len(records) for records in outgoing.values()) // 2
 
+    def _compact_row_files(self) -> None:
+        """Start compacting the row files that need it; a compaction that failed fails the flush."""
+        running = []
+        for compaction in self._compactions:
+            if compaction.done():
+                compaction.result()
+            else:
+                running.append(compaction)
+        for table in self.tables.values():
+            if table.wants_compaction():
+                running.append(asyncio.ensure_future(table.compact_row_file()))
+        self._compactions = running
+
     async def sent(self) -> None:
-        """Wait until every flush so far is with the producer (raising the first failure)."""
+        """Wait until every flush so far is with the producer, and every compaction is done
+        (raising the first failure)."""
+        if self._compactions:
+            compactions, self._compactions = self._compactions, []
+            await asyncio.gather(*compactions)
         failure: Exception | None = None
         while self._handovers:
             try:
