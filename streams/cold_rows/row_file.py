@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 
 #: Bytes buffered before they are written to the file.
@@ -151,9 +150,3 @@ class RowFile:
             self._live = self.size
             self._compacting = False
             self.compactions += 1
-
-    def compact(self, live: Iterable[ColdRow]) -> None:
-        """A whole compaction at once: the ``live`` rows to a new segment."""
-        new = self.start_compaction()
-        self.move(list(live), new)
-        self.end_compaction()

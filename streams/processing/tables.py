@@ -191,6 +191,14 @@ def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: by
 ROWS_IN_FILES = frozenset({"tasks", "memory_entries"})
 
 
+def in_row_file(row_file: RowFile | None, row: Any) -> Any:
+    """A row as its table's store keeps it once its changelog record is packed (or restored):
+    in the table's row file if the row is frozen and the table has one, else as is."""
+    if row_file is not None and type(row) is bytes:
+        return row_file.keep(row)
+    return row
+
+
 #: Per table whose changelog values are arrays rather than maps: a row as its array.
 AS_ARRAY: dict[str, Callable[[dict[str, Any]], list[Any]]] = {"tasks": state.task_values}
 
@@ -350,16 +358,9 @@ class CachedTable:
         """``value`` frozen as ``packed`` if this table freezes it now, else as is."""
         return freeze(self.freeze_when, value, packed)
 
-    def stored(self, row: Any) -> Any:
-        """A row whose changelog record is packed, as the store keeps it from then on: in the
-        table's row file if it is frozen and the table has one."""
-        if self.row_file is not None and type(row) is bytes:
-            return self.row_file.keep(row)
-        return row
-
     def wants_compaction(self) -> bool:
         """Whether the table's row file holds as much dead as live and may be compacted now:
-        between batches (a row in the undo log may point at bytes no stored row does)."""
+        between batches, so that the rows to move are the store's alone."""
         return self.row_file is not None and not self.undo and self.row_file.needs_compaction()
 
     async def compact_row_file(self) -> None:
@@ -672,7 +673,7 @@ class TableWriter:
                 else:
                     packed = table.pack(value)
                     if freezes and not table.keeps_thawed(key):
-                        rows[key] = table.stored(table.frozen(value, packed))
+                        rows[key] = in_row_file(row_file, table.frozen(value, packed))
                 records.append(key.encode())
                 records.append(packed)
             table.dirty = {}

@@ -30,7 +30,7 @@ from aiokafka.errors import InvalidReplicationFactorError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from streams.processing.tables import FREEZE_WHEN, decode_row, freeze, newer
+from streams.processing.tables import FREEZE_WHEN, decode_row, freeze, in_row_file, newer
 from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings, SettingsError
 
@@ -360,8 +360,7 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> Any:
         row = decode_row(value)
         if not newer(row, rows.get(key)):
             continue
-        frozen = freeze(freeze_when, row, value)
-        rows[key] = row_file.keep(frozen) if row_file is not None and type(frozen) is bytes else frozen
+        rows[key] = in_row_file(row_file, freeze(freeze_when, row, value))
         key_partition[key] = partition
     offsets[tp] = fresh[-1].offset
     return fresh[-1]
