@@ -255,8 +255,8 @@ class Pipeline(Service):
             model = await asyncio.get_running_loop().run_in_executor(
                 None, ProcessEmbedder, self.settings.embedding_model
             )
-            embedder = CachedEmbedder(model, self.settings.embedding_cache_size)
-            queries = CachedEmbedder(load_embedder(self.settings.embedding_model), 1000)
+            embedder = CachedEmbedder(model, self.settings.embedding_cache_size, half=True)
+            queries = CachedEmbedder(load_embedder(self.settings.embedding_model, compact=True), 1000)
             vector_log = VectorLog(
                 self.settings,
                 vector_topic(self.settings.topic_prefix, embedder.name),

@@ -126,6 +126,7 @@ def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     """Run one worker in this process until it is stopped (SIGINT/SIGTERM); return its exit code."""
     from streams.app import create_app
     from streams.runtime.broker_health import BrokerHealth
+    from streams.runtime.heap_trim import HeapTrim
     from streams.runtime.membership import client_id, evict_predecessors
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,7 @@ def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     worker = _Worker(
         app,
         health,
+        HeapTrim(settings.heap_trim_interval),
         loglevel=settings.log_level.upper(),
         redirect_stdouts=False,
         logging_config=json_logs.logging_config(settings.log_level) if settings.log_format == "json" else None,

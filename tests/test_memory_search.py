@@ -123,6 +123,23 @@ def test_the_embedding_cache_embeds_each_text_once_and_forgets_the_oldest() -> N
     assert len(cache) == 2 and (cache.embedded, cache.hits) == (4, 4)
 
 
+def test_a_half_precision_cache_gives_back_the_vectors_rounded_as_the_index_keeps_them() -> None:
+    model = _CountingModel()
+    cache = CachedEmbedder(model, capacity=4, half=True)
+    first = cache.embed(["a", "bb"])
+    again = cache.embed(["a", "bb"])
+    assert model.calls == [["a", "bb"]]
+    assert again.dtype == np.float32
+    assert np.array_equal(again, first.astype(np.float16).astype(np.float32))
+
+
+def test_the_compact_model_gives_the_same_vectors_in_half_the_memory() -> None:
+    texts = ["where is my parcel being delivered", "the package ships to Berlin tomorrow", "", "I like apples"]
+    full, compact = WordLlamaEmbedder(), WordLlamaEmbedder(compact=True)
+    assert np.array_equal(full.embed(texts), compact.embed(texts))
+    assert compact._rows.nbytes * 2 == full._rows.nbytes
+
+
 def test_the_built_in_model_loads_offline_and_ranks_related_text_first() -> None:
     model = WordLlamaEmbedder()
     vectors = model.embed(

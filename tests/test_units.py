@@ -31,7 +31,7 @@ from streams.processing import processor as processor_module
 from streams.processing.log_continuity import BrokerLostData, fingerprint
 from streams.processing.metrics import Metrics
 from streams.processing.processor import BatchProcessor
-from streams.runtime import native
+from streams.runtime import heap_trim, native
 from streams.runtime.client_log import RepeatedClientMessages
 from streams.runtime.settings import Settings
 from streams.serve.peers import PartitionOwners
@@ -1517,3 +1517,45 @@ def test_sorted_keys_follow_the_rows_count_and_age() -> None:
     assert keys.get() == ["a", "b", "c"]
     keys.max_age = 0.0
     assert keys.get() == ["0", "b", "c"]
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(heap_trim.find_malloc_trim() is None, reason="the C library has no malloc_trim")
+def test_heap_trim_gives_freed_pages_in_the_heap_back() -> None:
+    # 64 KiB blocks come from the heap (below the mmap threshold); freeing every other one
+    # leaves 64 MB in holes of whole pages below blocks still in use, which only a trim returns.
+    blocks = [bytearray(65536) for _ in range(2_000)]
+    kept = blocks[1::2]
+    del blocks
+    before = _rss_mb()
+
+    async def run() -> heap_trim.HeapTrim:
+        service = heap_trim.HeapTrim(0.05)
+        await service.start()
+        deadline = time.monotonic() + 10
+        while service.trims == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await service.stop()
+        return service
+
+    service = asyncio.run(run())
+    assert service.trims >= 1
+    assert before - _rss_mb() > 40, (before, _rss_mb())
+    assert len(kept) == 1_000
+
+
+def test_heap_trim_off_does_nothing() -> None:
+    async def run() -> heap_trim.HeapTrim:
+        service = heap_trim.HeapTrim(0.0)
+        await service.start()
+        await asyncio.sleep(0.1)
+        await service.stop()
+        return service
+
+    assert asyncio.run(run()).trims == 0

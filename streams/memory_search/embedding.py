@@ -10,6 +10,7 @@ same text is embedded once.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import multiprocessing
 import os
@@ -45,6 +46,10 @@ class WordLlamaEmbedder:
     A text's vector is the mean of its tokens' rows of the model's embedding matrix, made
     unit length: what ``WordLlama.embed(norm=True)`` computes, here without padding every
     text of a batch to the longest one (the same vectors, in less time).
+
+    ``compact`` keeps the matrix in float16, as the wheel ships it (16 MB instead of 32),
+    and sums in float32: the same vectors, a quarter slower. Right for a worker's queries,
+    one text at a time, not for the stream's batches.
     """
 
     name = "wordllama-l2_supercat-256"
@@ -54,16 +59,20 @@ class WordLlamaEmbedder:
     #: between being gathered and summed, which doubles the speed over large chunks.
     pool_chunk = 128
 
-    def __init__(self) -> None:
-        import wordllama  # a large import, paid only by workers that embed
+    def __init__(self, compact: bool = False) -> None:
+        # Only the wheel's two files are read: its tokenizer and its float16 matrix. Importing
+        # the package itself would bring HTTP clients and training code (17 MB) to every worker.
+        from safetensors import safe_open
+        from tokenizers import Tokenizer
 
-        # The wheel ships the tokenizer where the loader's cache lookup finds it (under the
-        # package's own directory); pointing the cache there keeps the load offline.
-        package = Path(wordllama.__file__).parent
-        model = wordllama.WordLlama.load(cache_dir=package, disable_download=True, dim=self.dimensions)
-        self._tokenizer = model.tokenizer
+        package = _package_dir("wordllama")
+        self._tokenizer = Tokenizer.from_file(str(package / "tokenizers" / "l2_supercat_tokenizer_config.json"))
         self._tokenizer.no_padding()
-        self._rows = np.ascontiguousarray(model.embedding, dtype=np.float32)
+        self._tokenizer.no_truncation()
+        weights = package / "weights" / f"l2_supercat_{self.dimensions}.safetensors"
+        with safe_open(str(weights), framework="np") as tensors:
+            matrix = tensors.get_tensor("embedding.weight")
+        self._rows = np.ascontiguousarray(matrix, dtype=np.float16 if compact else np.float32)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dimensions), dtype=np.float32)
@@ -83,7 +92,9 @@ class WordLlamaEmbedder:
             present = np.flatnonzero(lengths[first:last]) + first
             if len(present):
                 begin, end = starts[first], starts[last]
-                out[present] = np.add.reduceat(self._rows[tokens[begin:end]], starts[present] - begin, axis=0)
+                out[present] = np.add.reduceat(
+                    self._rows[tokens[begin:end]], starts[present] - begin, axis=0, dtype=np.float32
+                )
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         out /= np.maximum(norms, 1e-12)
         return out
@@ -160,10 +171,18 @@ def _embed_in_child(texts: list[str]) -> np.ndarray:
     return _child_model.embed(texts)
 
 
-def load_embedder(model: str) -> Embedder:
-    """The embedder named by ``BLACKROAD_EMBEDDING_MODEL``."""
+def _package_dir(name: str) -> Path:
+    """Where an installed package's files are, without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the {name!r} package is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_embedder(model: str, compact: bool = False) -> Embedder:
+    """The embedder named by ``BLACKROAD_EMBEDDING_MODEL`` (``compact``: see :class:`WordLlamaEmbedder`)."""
     if model == "wordllama":
-        return WordLlamaEmbedder()
+        return WordLlamaEmbedder(compact)
     if model == "minilm":
         return MiniLmEmbedder()
     raise ValueError(f"unknown embedding model {model!r}; known: {list(MODELS)}")
@@ -180,10 +199,12 @@ class CachedEmbedder:
     One call embeds every text it has not seen in one batch of the model. The cache holds
     up to ``capacity`` vectors in one array, oldest out first; it costs a hash and a dict
     lookup per text, and array copies per call, so that its bookkeeping holds the GIL (and
-    the event loop) as little as the model.
+    the event loop) as little as the model. ``half`` keeps the vectors in float16, half the
+    memory: right for entries' vectors, which the index and the vector log keep in float16
+    anyway, not for queries, whose scores would then depend on whether they were cached.
     """
 
-    def __init__(self, model: Embedder, capacity: int) -> None:
+    def __init__(self, model: Embedder, capacity: int, half: bool = False) -> None:
         self.model = model
         self.name = model.name
         self.dimensions = model.dimensions
@@ -191,7 +212,7 @@ class CachedEmbedder:
         self.capacity = capacity
         self._slot_of: dict[bytes, int] = {}
         self._keys: list[bytes | None] = [None] * capacity
-        self._vectors = np.zeros((capacity, model.dimensions), dtype=np.float32)
+        self._vectors = np.zeros((capacity, model.dimensions), dtype=np.float16 if half else np.float32)
         self._next = 0
         #: Texts embedded by the model, and texts answered from the cache.
         self.embedded = 0

@@ -118,6 +118,9 @@ class Settings:
     #: Seconds a partition may have records waiting with none processed before the
     #: worker logs it as stalled (Faust's liveness check).
     stall_timeout: float = 300.0
+    #: Seconds between two returns of the C heap's free pages to the system (0: never;
+    #: :mod:`streams.runtime.heap_trim`).
+    heap_trim_interval: float = 30.0
     #: Seconds a finished task stays in the live tasks table (and GET /v1/tasks/{id}).
     task_retention: float = 600.0
     #: Copies of every topic the project creates (tasks, events, dead letters, changelogs).
@@ -469,6 +472,7 @@ class Settings:
         _check_range("POSTGRES_COMMAND_TIMEOUT", self.postgres_command_timeout, 0.1, 3600.0)
         _check_range("HISTORY_BATCH_ROWS", self.history_batch_rows, 1, 1_000_000)
         _check_range("HISTORY_AGENT_INTERVAL", self.history_agent_interval, 0.0, 3600.0)
+        _check_range("HEAP_TRIM_INTERVAL", self.heap_trim_interval, 0.0, 86400.0)
         if self.api_reads not in ("open", "token"):
             raise SettingsError("API_READS", f"expected open or token, got {self.api_reads!r}")
         if not self.api_token_list() and self.api_reads == "token":
