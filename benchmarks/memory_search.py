@@ -2,7 +2,7 @@
 
 Usage:
   python benchmarks/memory_search.py stream [--engine kafka] [--count 200000] [--agents 1000] [--processes 1]
-                                           [--reads 0.0]
+                                           [--reads 0.0] [--pack 1]
   python benchmarks/memory_search.py search [--engine kafka] [--count 1000000] [--agents 30000] [--rate 500]
   python benchmarks/memory_search.py recall [--count 1000000] [--workers 2]
 
@@ -12,7 +12,8 @@ Usage:
   the tasks changelog, as ``make bench`` does) to the last completion or, if later, the
   moment the workers' indexes hold every entry (``GET /v1/memory/stats``, polled).
   ``--reads``: that share of the operations recall the agent's last 10 entries instead
-  (the seed's "memory ops" count writes and reads).
+  (the seed's "memory ops" count writes and reads). ``--pack N``: the operations travel as
+  ``task.batch`` events of N per partition, as ``blackroad produce --pack`` sends tasks.
 * ``search``: ``--count`` entries over ``--agents`` agents written through two worker
   processes, then a load of ``--rate`` tasks/s (the demo mix) while one client searches
   over HTTP, one request at a time, without and with an agent filter: P50/P95/P99, and
@@ -81,7 +82,8 @@ def note(agents: list[str], number: int, texts: list[str], reads: float = 0.0) -
     )
 
 
-async def produce_notes(bootstrap: str, count: int, agents: int, reads: float = 0.0) -> None:
+async def produce_notes(bootstrap: str, count: int, agents: int, reads: float = 0.0, pack: int = 1) -> None:
+    """Send the operations, one ``task.created`` each, or ``task.batch`` events of ``pack`` per partition."""
     names = loadgen.agent_ids(agents)
     texts = sentences(min(count, 200_000), seed=11)
     await create_topic(bootstrap, bench.TOPIC, bench.PARTITIONS, None, 1)
@@ -89,12 +91,22 @@ async def produce_notes(bootstrap: str, count: int, agents: int, reads: float = 
     await producer.start()
     try:
         pending = []
+        packs: dict[int, list[TaskEvent]] = {}
         for number in range(count):
             event = note(names, number, texts, reads)
-            pending.append(await producer.send(bench.TOPIC, wire.encode_task(event), key=event.agent_id.encode()))
+            key = event.agent_id.encode()
+            if pack > 1:
+                partition = wire.partition_for(key, bench.PARTITIONS)
+                packed = packs.setdefault(partition, [])
+                packed.append(event)
+                if len(packed) >= pack:
+                    pending.extend(await loadgen.send_packs(producer, bench.TOPIC, packs, only=partition))
+            else:
+                pending.append(await producer.send(bench.TOPIC, wire.encode_task(event), key=key))
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)
                 pending.clear()
+        pending.extend(await loadgen.send_packs(producer, bench.TOPIC, packs))
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
@@ -152,13 +164,13 @@ def wait_indexed(port: int, count: int, timeout: float = 300.0) -> tuple[float, 
         time.sleep(0.05)
 
 
-def stream(engine: str, count: int, agents: int, processes: int, reads: float, tmp: Path) -> None:
+def stream(engine: str, count: int, agents: int, processes: int, reads: float, pack: int, tmp: Path) -> None:
     writes = sum(1 for number in range(count) if not is_read(number, reads))
     for search in ("on", "off"):
         workdir = tmp / f"stream-{search}"
         workdir.mkdir()
         with bench.running_broker(engine, workdir) as broker:
-            asyncio.run(produce_notes(broker.bootstrap, count, agents, reads))
+            asyncio.run(produce_notes(broker.bootstrap, count, agents, reads, pack))
             system = bench.Project(processes=processes, env={"BLACKROAD_MEMORY_SEARCH": search})
             process = system.start(broker, count, workdir)
             try:
@@ -172,6 +184,7 @@ def stream(engine: str, count: int, agents: int, processes: int, reads: float, t
         rate = count / max(1e-6, last - first)
         extra = f"; {stats['embedded']:,} embedded, {stats['embedding_cache_hits']:,} from the cache" if stats else ""
         what = f"{writes:,} memory writes" + (f" and {count - writes:,} recalls" if writes < count else "")
+        what += f" in task.batch events of {pack}" if pack > 1 else ""
         print(
             f"stream, memory search {search}, {processes} process(es): {what} over {agents:,} agents"
             f" in {last - first:.2f}s: {rate:,.0f} operations/s{extra}",
@@ -335,11 +348,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--reads", type=float, default=0.0, help="stream: the share of operations that recall")
+    parser.add_argument("--pack", type=int, default=1, help="stream: operations per task.batch event (per partition)")
     args = parser.parse_args()
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, {bench.machine()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="memory-search-") as tmp:
         if args.part == "stream":
-            stream(args.engine, args.count or 200_000, args.agents or 1000, args.processes, args.reads, Path(tmp))
+            count, agents = args.count or 200_000, args.agents or 1000
+            stream(args.engine, count, agents, args.processes, args.reads, args.pack, Path(tmp))
         elif args.part == "search":
             search_load(args.engine, args.count or 1_000_000, args.agents or 30_000, args.rate, args.queries, Path(tmp))
         else:

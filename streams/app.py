@@ -34,6 +34,7 @@ from streams.processing.retry_relay import RetryRelay, run_until_cancelled
 from streams.processing.state import stats_key
 from streams.processing.tables import (
     ROWS_IN_FILES,
+    THAWED_PER_PACKED,
     CachedTable,
     DirectSender,
     Tables,
@@ -235,7 +236,12 @@ class Pipeline(Service):
             sender = DirectSender(VerifiedProducer(self.producer), last=last)
             on_processed = consumer.mark_processed
         row_files = self.app.row_files
-        cached = {name: CachedTable(name, table, row_files.get(name)) for name, table in self.tables.all().items()}
+        # Working memory rows stay thawed up to the cache's estimated size (tables.THAWED_PER_PACKED).
+        hot_memory = int(self.settings.working_memory_cache_mb * 1e6 / THAWED_PER_PACKED)
+        cached = {
+            name: CachedTable(name, table, row_files.get(name), hot_memory if name == "memory" else 0)
+            for name, table in self.tables.all().items()
+        }
         partitions = self.settings.partitions
         self.processor = BatchProcessor(
             self.settings,

@@ -48,6 +48,7 @@ def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
         ("BLACKROAD_FETCH_MAX_WAIT_MS", "soon"),
         ("BLACKROAD_FETCH_MAX_WAIT_MS", "0"),
         ("BLACKROAD_MAX_CONCURRENT_TASKS", "-1"),
+        ("BLACKROAD_WORKING_MEMORY_CACHE_MB", "-1"),
         ("BLACKROAD_NO_SUCH_THING", "1"),
         ("BLACKROAD_BACKLOG_FLUSH_INTERVAL", "0.1"),  # shorter than the flush interval
         ("BLACKROAD_REPLICATION_FACTOR", "-1"),

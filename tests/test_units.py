@@ -592,15 +592,17 @@ def test_a_memory_row_freezes_when_its_batch_ends_and_thaws_into_a_private_copy_
 def test_the_memory_rows_changed_most_recently_stay_thawed_and_the_coolest_freeze() -> None:
     producer = _Producer()
     memory_table = _cached_table("memory")
-    memory_table.hot_limit = 2
+    # Room for two rows: new ones count as NEW_ROW_BYTES, packed ones as their changelog value.
+    memory_table.hot_limit = 2 * tables.NEW_ROW_BYTES + 100
     writer = tables.TableWriter(tables.DirectSender(producer), {"memory": memory_table})
     rows = {}
     for number, agent_id in enumerate(["agent_x_001", "agent_x_002", "agent_x_003"]):
         row = rows[agent_id] = state.new_memory()
-        memory.append(
-            row, agent_id, f"note {number}", role="user", memory_type="conversation", timestamp_ms=1, budget_tokens=100
-        )
+        note = f"note {number} " + "x" * 110
+        memory.append(row, agent_id, note, role="user", memory_type="conversation", timestamp_ms=1, budget_tokens=100)
         row["o"] = number
+    packed = len(memory_table.pack(rows["agent_x_001"]))
+    assert 2 * packed + 16 <= memory_table.hot_limit < 3 * packed  # frozen rows have a 16-byte header
 
     async def scenario() -> None:
         for agent_id, row in rows.items():  # one batch each, oldest first
@@ -612,6 +614,8 @@ def test_the_memory_rows_changed_most_recently_stay_thawed_and_the_coolest_freez
     asyncio.run(scenario())
     stored = memory_table.rows
     assert type(stored["agent_x_001"]) is bytes  # the coolest froze at its batch's end
+    assert memory_table.hot == {"agent_x_002": packed, "agent_x_003": packed}  # sizes known once packed
+    assert memory_table.hot_bytes == 2 * packed
     assert stored["agent_x_002"] is rows["agent_x_002"] and stored["agent_x_003"] is rows["agent_x_003"]
     sent = {key: value for _, _, key, value in producer.sent}
     assert sent == {agent_id.encode(): memory_table.pack(row) for agent_id, row in rows.items()}
@@ -631,6 +635,8 @@ def test_the_memory_rows_changed_most_recently_stay_thawed_and_the_coolest_freez
     asyncio.run(write_the_coolest())
     assert type(stored["agent_x_001"]) is dict and type(stored["agent_x_002"]) is bytes
     assert type(stored["agent_x_003"]) is dict
+    assert list(memory_table.hot) == ["agent_x_003", "agent_x_001"]
+    assert memory_table.hot_bytes == 2 * packed + 16  # agent_x_001 counts as its frozen bytes until packed
 
 
 def test_outgoing_records_leave_with_the_flush_and_a_rollback_drops_only_its_batch() -> None:

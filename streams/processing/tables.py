@@ -167,12 +167,15 @@ FREEZE_WHEN: dict[str, Callable[[Any], int | None]] = {
 #: that freeze are put frozen as they finish (:meth:`CachedTable.put_final`).
 FREEZE_AT_BATCH_END = frozenset({"memory"})
 
-#: Per table that freezes at the batch's end: how many of the rows changed most recently
-#: stay thawed. An agent that writes memory in batch after batch would otherwise have its
-#: working memory decoded at every batch, and decoding was a fifth of a memory-heavy
-#: stream's time; a bound keeps what thawed rows cost in memory small (about 50 KB each
-#: at the default working-memory budget).
-HOT_ROWS: dict[str, int] = {"memory": 1024}
+#: Rows of a table that freezes at the batch's end may stay thawed between batches (the
+#: ``hot_limit`` of its :class:`CachedTable`, in bytes of their changelog values): an agent
+#: that writes memory in batch after batch would otherwise have its working memory decoded
+#: and encoded again at every batch, which was a third of a memory-heavy stream's time over
+#: 30,000 agents. A new row counts as this many bytes until its first flush packs it.
+NEW_ROW_BYTES = 512
+#: What a thawed working-memory row takes in the heap, for its changelog value's size
+#: (measured: 2.6 times for 40 entries, 4.2 for one); see ``WORKING_MEMORY_CACHE_MB``.
+THAWED_PER_PACKED = 3
 
 
 def freeze(freeze_when: Callable[[Any], int | None] | None, row: Any, packed: bytes) -> Any:
@@ -277,6 +280,7 @@ class CachedTable:
         "dirty",
         "freeze_when",
         "hot",
+        "hot_bytes",
         "hot_limit",
         "name",
         "row_file",
@@ -284,15 +288,17 @@ class CachedTable:
         "undo",
     )
 
-    def __init__(self, name: str, table: Any, row_file: RowFile | None = None) -> None:
+    def __init__(self, name: str, table: Any, row_file: RowFile | None = None, hot_limit: int = 0) -> None:
         store = table.data
         self.name = name
         #: Where the table's frozen rows go, if not in the heap (see :data:`ROWS_IN_FILES`).
         self.row_file = row_file
         self.freeze_when = FREEZE_WHEN.get(name)
-        #: Keys of rows kept thawed, least recently changed first (see :data:`HOT_ROWS`).
-        self.hot: dict[str, None] = {}
-        self.hot_limit = HOT_ROWS.get(name, 0)
+        #: Rows kept thawed, least recently changed first, with their changelog values' size
+        #: when last packed (see :data:`NEW_ROW_BYTES`), up to ``hot_limit`` bytes in all.
+        self.hot: dict[str, int] = {}
+        self.hot_bytes = 0
+        self.hot_limit = hot_limit
         self._as_array = AS_ARRAY.get(name)
         self.rows: dict[str, Any] = store.data
         self._key_partition: dict[str, int] = store._key_partition  # noqa: SLF001
@@ -375,7 +381,8 @@ class CachedTable:
 
     def freeze_changed(self) -> None:
         """Freeze the rows this batch changed that the table's rule freezes (at the batch's end),
-        except the ``hot_limit`` changed most recently, which stay thawed until they cool.
+        except those changed most recently, which stay thawed until they cool: up to
+        ``hot_limit`` bytes of their changelog values.
 
         Frozen at once rather than at the flush, a second or more later under load: an
         agent's working memory is read and written again only by its next tasks, and
@@ -383,16 +390,26 @@ class CachedTable:
         """
         rows = self.rows
         hot = self.hot
-        for key in self.undo:
+        for key, (_, before) in self.undo.items():
             if type(rows.get(key)) is dict:
-                hot.pop(key, None)
-                hot[key] = None  # now the most recently changed
-        while len(hot) > self.hot_limit:
+                size = hot.pop(key, -1)
+                if size < 0:  # thawed by this batch, or new
+                    size = len(before) if type(before) is bytes else NEW_ROW_BYTES
+                    self.hot_bytes += size
+                hot[key] = size  # now the most recently changed
+        while self.hot_bytes > self.hot_limit and hot:
             key = next(iter(hot))
-            del hot[key]
+            self.hot_bytes -= hot.pop(key)
             value = rows.get(key)
             if type(value) is dict:
                 rows[key] = self.frozen(value, self.pack(value))
+
+    def packed_thawed(self, key: str, size: int) -> None:
+        """A row that stays thawed was packed for its changelog: its value's ``size`` counts now."""
+        before = self.hot.get(key)
+        if before is not None:
+            self.hot[key] = size
+            self.hot_bytes += size - before
 
     def keeps_thawed(self, key: str) -> bool:
         """Whether the row stays thawed after its changelog record is packed."""
@@ -672,7 +689,9 @@ class TableWriter:
                     packed = frozen_value(value.read())
                 else:
                     packed = table.pack(value)
-                    if freezes and not table.keeps_thawed(key):
+                    if freezes and table.keeps_thawed(key):
+                        table.packed_thawed(key, len(packed))
+                    elif freezes:
                         rows[key] = in_row_file(row_file, table.frozen(value, packed))
                 records.append(key.encode())
                 records.append(packed)

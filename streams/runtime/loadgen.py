@@ -104,7 +104,7 @@ async def produce(
                 packed = packs.setdefault(partition, [])
                 packed.append(event)
                 if len(packed) >= pack or sequence == count:
-                    pending.extend(await _send_packs(producer, topic, packs, only=partition))
+                    pending.extend(await send_packs(producer, topic, packs, only=partition))
             else:
                 pending.append(await producer.send(topic, wire.encode_task(event), key=agent_id.encode()))
             progress.sent = sequence
@@ -115,7 +115,7 @@ async def produce(
                 ahead = sequence / rate - (time.monotonic() - progress.started)
                 if ahead > 0.002:
                     await asyncio.sleep(ahead)
-        pending.extend(await _send_packs(producer, topic, packs))
+        pending.extend(await send_packs(producer, topic, packs))
         await asyncio.gather(*pending)
         await producer.flush()
     finally:
@@ -123,9 +123,10 @@ async def produce(
     return progress.sent
 
 
-async def _send_packs(
+async def send_packs(
     producer: AIOKafkaProducer, topic: str, packs: dict[int, list[TaskEvent]], only: int | None = None
 ) -> list[asyncio.Future[object]]:
+    """Send the packed tasks of partition ``only`` (or of every partition) as ``task.batch`` events."""
     sent = []
     for partition in [only] if only is not None else list(packs):
         events = packs.pop(partition, [])

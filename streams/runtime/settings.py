@@ -137,6 +137,9 @@ class Settings:
     stop_timeout: float = 4.0
     #: Token budget of an agent's working memory (about 4 characters per token).
     working_memory_tokens: int = 2048
+    #: Megabytes of working-memory rows a worker process keeps decoded between batches (the
+    #: agents that wrote memory most recently): the others are decoded again when next written.
+    working_memory_cache_mb: float = 32.0
     #: Consolidation, episodic -> semantic: once an agent holds more than this many episodic
     #: entries, those older than ``MEMORY_SEMANTIC_AFTER`` seconds become semantic.
     memory_episodic_limit: int = 1000
@@ -435,6 +438,7 @@ class Settings:
         _check_range("INGRESS_TIMEOUT", self.ingress_timeout, 0.1, 60.0)
         _check_range("STOP_TIMEOUT", self.stop_timeout, 1.0, 600.0)
         _check_range("WORKING_MEMORY_TOKENS", self.working_memory_tokens, 16, 10_000_000)
+        _check_range("WORKING_MEMORY_CACHE_MB", self.working_memory_cache_mb, 0.0, 1_000_000.0)
         _check_range("MEMORY_EPISODIC_LIMIT", self.memory_episodic_limit, 0, 1_000_000_000)
         _check_range("MEMORY_SEMANTIC_AFTER", self.memory_semantic_after, 1.0, 100 * 365 * 86400.0)
         _check_range("INFERENCE_P50_MS", self.inference_p50_ms, 0.0, 600_000.0)
