@@ -98,8 +98,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages) -> type:
     import faust
 
+    from streams.runtime.stack_dump import dump_stacks
+
     class Worker(faust.Worker):  # type: ignore[misc]
-        """Faust's worker with a bounded stop, the Kafka client's repeats filtered, and no spinner.
+        """Faust's worker with a bounded stop, the Kafka client's repeats filtered, no spinner,
+        and a dump of its stacks on SIGUSR1 and SIGUSR2 (:mod:`streams.runtime.stack_dump`).
 
         The spinner lowers the root logger to DEBUG for good, so every library builds
         a log record for each debug call on the hot path only to have it filtered out.
@@ -113,6 +116,12 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
         def _on_sigint(self) -> None:
             Interrupted.note(signal.SIGINT)
             super()._on_sigint()
+
+        def _on_sigusr1(self) -> None:
+            dump_stacks(sys.stderr, self.loop)
+
+        def _on_sigusr2(self) -> None:
+            dump_stacks(sys.stderr, self.loop)
 
         async def stop(self) -> None:
             # Whatever asked for the stop (a signal, a crash, a fatal condition), it is bounded.

@@ -187,7 +187,8 @@ class Worker(Web):
         pid = self.process.pid
         return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
-    def start(self) -> Worker:
+    def start(self, stdin: int | None = None) -> Worker:
+        """Start the processes (``stdin``: a file descriptor for their standard input)."""
         env = {
             **self.deployment.env,
             "BLACKROAD_WEB_PORT": str(self.port),
@@ -196,7 +197,7 @@ class Worker(Web):
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", self.command], cwd=ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "streams.cli", self.command], cwd=ROOT, env=env, stdin=stdin, stdout=log, stderr=log
         )
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import time
 
@@ -58,3 +59,47 @@ def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_success
 
     for worker in (first, restarted):  # the group settled: every partition is processed
         wait_until(lambda w=worker: all_completed(w), 30, what="tasks after the restart")
+
+
+def test_sigusr1_and_sigusr2_dump_the_stacks_and_leave_a_worker_with_a_terminal_serving(
+    deployment: Deployment,
+) -> None:
+    """Faust's service library answers SIGUSR1 with a dump that fails on compiled coroutines
+    and SIGUSR2 with a debugger that holds the event loop while a terminal is the worker's
+    standard input; a worker writes its threads' and tasks' stacks instead and goes on."""
+    terminal, worker_side = pty.openpty()
+    try:
+        worker = deployment.worker().start(stdin=worker_side).wait_ready()
+        for number, sig in enumerate((signal.SIGUSR1, signal.SIGUSR2), start=1):
+            worker.signal(sig)
+            wait_until(
+                lambda n=number: worker.log_path.read_text(errors="replace").count("=== stacks of the worker's threads")
+                >= n,
+                10,
+                what=f"the stacks after {sig.name}",
+            )
+            status, _ = worker.get("/v1/stats")
+            assert status == 200, f"no answer after {sig.name}; log:\n{worker.log()}"
+        assert "Starting debugger" not in worker.log() and "cr_frame" not in worker.log()
+        events = [task(f"agent_usr_{n:03d}") for n in range(5)]
+        produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
+        wait_until(lambda: worker.stats()["completed_tasks"] >= 5, 30, what="the tasks after the signals")
+    finally:
+        os.close(terminal)
+        os.close(worker_side)
+
+
+def test_a_supervisor_passes_sigusr1_on_to_its_workers_and_keeps_them(deployment: Deployment) -> None:
+    supervisor = deployment.worker(processes=2).start().wait_ready()
+    children = supervisor.children()
+    supervisor.signal(signal.SIGUSR1)
+    wait_until(
+        lambda: supervisor.log_path.read_text(errors="replace").count("=== stacks of the worker's threads") >= 2,
+        10,
+        what="both workers' stacks",
+    )
+    assert supervisor.process is not None and supervisor.process.poll() is None
+    assert supervisor.children() == children  # none restarted
+    for port in (supervisor.port, supervisor.port + 1):
+        status, _ = supervisor.at(port).get("/v1/stats")
+        assert status == 200

@@ -83,9 +83,17 @@ class Supervisor:
         Interrupted.note(signum)
         self._stopping = True
 
+    def forward(self, signum: int, _frame: object = None) -> None:
+        """Pass a signal on to every running worker (SIGUSR1/SIGUSR2: each dumps its stacks;
+        the read replicas have no such handler)."""
+        for child in self.children:
+            if child.kind == "worker" and child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signum)
+
     def run(self) -> int:
         """Start every worker and keep them running until SIGINT or SIGTERM."""
         previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous.update({sig: signal.signal(sig, self.forward) for sig in (signal.SIGUSR1, signal.SIGUSR2)})
         try:
             for child in self.children:
                 self._start(child)
