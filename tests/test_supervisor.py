@@ -78,8 +78,7 @@ def test_sigusr1_and_sigusr2_dump_the_stacks_and_leave_a_worker_with_a_terminal_
                 10,
                 what=f"the stacks after {sig.name}",
             )
-            status, _ = worker.get("/v1/stats")
-            assert status == 200, f"no answer after {sig.name}; log:\n{worker.log()}"
+            worker.stats()  # answers: the event loop runs
         assert "Starting debugger" not in worker.log() and "cr_frame" not in worker.log()
         events = [task(f"agent_usr_{n:03d}") for n in range(5)]
         produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
@@ -101,5 +100,4 @@ def test_a_supervisor_passes_sigusr1_on_to_its_workers_and_keeps_them(deployment
     assert supervisor.process is not None and supervisor.process.poll() is None
     assert supervisor.children() == children  # none restarted
     for port in (supervisor.port, supervisor.port + 1):
-        status, _ = supervisor.at(port).get("/v1/stats")
-        assert status == 200
+        supervisor.at(port).stats()  # answers (after the two processes' rebalance, if it is still on)
