@@ -94,15 +94,10 @@ async def produce_notes(bootstrap: str, count: int, agents: int, reads: float = 
         packs: dict[int, list[TaskEvent]] = {}
         for number in range(count):
             event = note(names, number, texts, reads)
-            key = event.agent_id.encode()
             if pack > 1:
-                partition = wire.partition_for(key, bench.PARTITIONS)
-                packed = packs.setdefault(partition, [])
-                packed.append(event)
-                if len(packed) >= pack:
-                    pending.extend(await loadgen.send_packs(producer, bench.TOPIC, packs, only=partition))
+                pending.extend(await loadgen.add_to_pack(producer, bench.TOPIC, packs, event, pack, bench.PARTITIONS))
             else:
-                pending.append(await producer.send(bench.TOPIC, wire.encode_task(event), key=key))
+                pending.append(await producer.send(bench.TOPIC, wire.encode_task(event), key=event.agent_id.encode()))
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)
                 pending.clear()

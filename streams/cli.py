@@ -120,8 +120,7 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
         def _on_sigusr1(self) -> None:
             dump_stacks(sys.stderr, self.loop)
 
-        def _on_sigusr2(self) -> None:
-            dump_stacks(sys.stderr, self.loop)
+        _on_sigusr2 = _on_sigusr1
 
         async def stop(self) -> None:
             # Whatever asked for the stop (a signal, a crash, a fatal condition), it is bounded.

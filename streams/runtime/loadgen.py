@@ -99,12 +99,7 @@ async def produce(
             agent_id = ids[(sequence - 1) % len(ids)]
             event = make_task(agent_id, sequence, rng, kind)
             if pack > 1:
-                key = agent_id.encode()
-                partition = partition_for(key, partitions)
-                packed = packs.setdefault(partition, [])
-                packed.append(event)
-                if len(packed) >= pack or sequence == count:
-                    pending.extend(await send_packs(producer, topic, packs, only=partition))
+                pending.extend(await add_to_pack(producer, topic, packs, event, pack, partitions))
             else:
                 pending.append(await producer.send(topic, wire.encode_task(event), key=agent_id.encode()))
             progress.sent = sequence
@@ -121,6 +116,22 @@ async def produce(
     finally:
         await producer.stop()
     return progress.sent
+
+
+async def add_to_pack(
+    producer: AIOKafkaProducer,
+    topic: str,
+    packs: dict[int, list[TaskEvent]],
+    event: TaskEvent,
+    pack: int,
+    partitions: int,
+) -> list[asyncio.Future[object]]:
+    """Add ``event`` to its partition's pack, and send the pack once it holds ``pack`` tasks
+    (:func:`send_packs` sends what is left at the end)."""
+    partition = partition_for(event.agent_id.encode(), partitions)
+    packed = packs.setdefault(partition, [])
+    packed.append(event)
+    return await send_packs(producer, topic, packs, only=partition) if len(packed) >= pack else []
 
 
 async def send_packs(
