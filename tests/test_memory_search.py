@@ -19,6 +19,7 @@ from benchmarks.memory_corpus import sentences
 from streams.memory_search.embedding import CachedEmbedder, WordLlamaEmbedder
 from streams.memory_search.index import VectorIndex
 from streams.memory_search.indexer import MemoryIndexer
+from streams.memory_search.rows_by_id import RowsById
 from streams.serve.web import ApiError, parse_search
 from tests.factories import record, task
 from tests.harness import Deployment, consume_all, produce, wait_until
@@ -92,6 +93,35 @@ def test_index_tiers_removal_partitions_and_compaction() -> None:
     index.add(["mem_2"], ["agent_a_002"], ["decision"], ["episodic"], [2], vectors[5:6])
     assert index.search(vectors[5], 1, -1.0, agent_id="agent_a_002")[0].entry_id == "mem_2"
     assert index.tier_of("mem_2") == "episodic"
+
+
+class _SameHash(str):
+    """An id whose hash every other such id shares."""
+
+    def __hash__(self) -> int:
+        return 7
+
+
+@pytest.mark.parametrize("merge_at", [1, 3, 1000])
+def test_rows_by_id_finds_each_live_id_and_only_it(monkeypatch: pytest.MonkeyPatch, merge_at: int) -> None:
+    monkeypatch.setattr("streams.memory_search.rows_by_id.MERGE_AT", merge_at)
+    ids: list[str | None] = []
+    rows = RowsById(ids)
+    named = [_SameHash(f"mem_{n}") for n in range(5)] + [f"mem_x{n}" for n in range(5)]
+    for entry_id in named:
+        ids.append(entry_id)
+        rows.add(entry_id, len(ids) - 1)
+    assert [rows.get(entry_id) for entry_id in named] == list(range(10))
+    assert rows.find([*named, _SameHash("mem_9"), "mem_y"]) == [*range(10), None, None]
+    ids[2] = None  # removed from the index: not found, with or without discard
+    rows.discard(named[3])
+    ids[3] = None
+    assert rows.get(named[2]) is None and rows.get(named[3]) is None
+    ids.append(named[2])  # added again at a new row
+    rows.add(named[2], 10)
+    assert rows.find(named[:5]) == [0, 1, 10, None, 4]
+    rows.rebuild([named[4], None, named[0]])  # renumbered
+    assert rows.find(named[:5]) == [2, None, None, None, 0]
 
 
 class _CountingModel:

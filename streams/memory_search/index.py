@@ -6,8 +6,9 @@ distance of codes (XOR and popcount over 64-bit words, 32 bytes a row at 256
 dimensions), takes the nearest ``candidates`` rows, scores them by cosine similarity
 with the float16 vectors, and keeps the top ``limit`` at or above the threshold. With an
 agent filter only that agent's rows are scored, all of them. Per entry that is
-``dimensions / 8 + 2 * dimensions + 11`` bytes of arrays (555 at 256 dimensions) plus the
-id and the bookkeeping of a Python dict and list.
+``dimensions / 8 + 2 * dimensions + 11`` bytes of arrays (555 at 256 dimensions), 16 more
+to find its row by id and by agent (:mod:`~streams.memory_search.rows_by_id`, arrays of
+rows per agent), and a pointer to its id string (shared with the tables).
 
 Rows are appended; a removed row is marked dead and the arrays are compacted once a
 quarter of them are dead.
@@ -15,9 +16,12 @@ quarter of them are dead.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
+
+from streams.memory_search.rows_by_id import RowsById
 
 TIERS = ("working", "episodic", "semantic")
 MEMORY_TYPES = ("conversation", "task_completion", "decision", "observation", "feedback", "error")
@@ -57,10 +61,11 @@ class VectorIndex:
         self.alive = np.zeros(0, dtype=np.bool_)
         self._resize(_MIN_CAPACITY)
         self.ids: list[str | None] = []
-        self._row_of: dict[str, int] = {}
+        self._row_of = RowsById(self.ids)
         self._agent_code: dict[str, int] = {}
         self._agent_names: list[str] = []
-        self._agent_rows: dict[int, list[int]] = {}
+        #: Each agent's rows, as C ints (4 bytes a row, no ``int`` object each).
+        self._agent_rows: dict[int, array[int]] = {}
 
     def _resize(self, capacity: int) -> None:
         used = self._size
@@ -77,12 +82,12 @@ class VectorIndex:
         return self._size - self._dead
 
     def __contains__(self, entry_id: str) -> bool:
-        return entry_id in self._row_of
+        return self._row_of.get(entry_id) is not None
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the index's arrays (its Python lists and dicts not included)."""
-        return int(self.codes.nbytes + sum(getattr(self, name).nbytes for name in _ROW_ARRAYS))
+        """Bytes held by the index's row arrays and id lookup (its Python lists and dicts not included)."""
+        return int(self.codes.nbytes + sum(getattr(self, name).nbytes for name in _ROW_ARRAYS) + self._row_of.nbytes)
 
     def add(
         self,
@@ -97,9 +102,11 @@ class VectorIndex:
         count = len(ids)
         if count == 0:
             return
-        for entry_id in ids:
-            if entry_id in self._row_of:
-                self._kill(self._row_of.pop(entry_id))
+        row_of = self._row_of
+        for entry_id, held in zip(ids, row_of.find(ids), strict=True):
+            if held is not None:
+                row_of.discard(entry_id)
+                self._kill(held)
         if self._size + count > len(self.alive):
             self._resize(max(2 * len(self.alive), self._size + count))
         start, end = self._size, self._size + count
@@ -115,12 +122,12 @@ class VectorIndex:
             if code is None:
                 code = self._agent_code[agent_id] = len(self._agent_names)
                 self._agent_names.append(agent_id)
-                self._agent_rows[code] = []
+                self._agent_rows[code] = array("i")
             row = start + offset
             agent_codes[offset] = code
             self._agent_rows[code].append(row)
-            self._row_of[entry_id] = row
             self.ids.append(entry_id)
+            row_of.add(entry_id, row)
         self._size = end
 
     def agent_entries(self, agent_id: str, tier: str | None = None) -> list[str]:
@@ -128,7 +135,7 @@ class VectorIndex:
         code = self._agent_code.get(agent_id)
         if code is None:
             return []
-        rows = np.asarray(self._agent_rows[code], dtype=np.int64)
+        rows = np.array(self._agent_rows[code], dtype=np.int64)
         keep = self.alive[rows]
         if tier is not None:
             keep &= self.tiers[rows] == _TIER_CODE.get(tier, -1)
@@ -153,11 +160,7 @@ class VectorIndex:
             row = row_of.get(entry_id)
             if row is not None:
                 self.tiers[row] = code
-                held = self.ids[row]
-                if held is not entry_id:
-                    del row_of[entry_id]
-                    row_of[entry_id] = row
-                    self.ids[row] = entry_id
+                self.ids[row] = entry_id
 
     def tier_of(self, entry_id: str) -> str | None:
         row = self._row_of.get(entry_id)
@@ -165,8 +168,9 @@ class VectorIndex:
 
     def remove(self, ids: list[str]) -> None:
         for entry_id in ids:
-            row = self._row_of.pop(entry_id, None)
+            row = self._row_of.get(entry_id)
             if row is not None:
+                self._row_of.discard(entry_id)
                 self._kill(row)
         self._maybe_compact()
 
@@ -179,7 +183,7 @@ class VectorIndex:
         for row in doomed.tolist():
             entry_id = self.ids[row]
             if entry_id is not None:
-                self._row_of.pop(entry_id, None)
+                self._row_of.discard(entry_id)
             self._kill(row)
         self._maybe_compact()
 
@@ -199,15 +203,17 @@ class VectorIndex:
         count = len(keep)
         self.codes[:, :count] = self.codes[:, keep]
         for name in _ROW_ARRAYS:
-            array = getattr(self, name)
-            array[:count] = array[keep]
+            values = getattr(self, name)
+            values[:count] = values[keep]
         self.alive[count : self._size] = False
         self.ids = [self.ids[row] for row in keep.tolist()]
-        self._row_of = {entry_id: row for row, entry_id in enumerate(self.ids) if entry_id is not None}
-        rows_by_agent: dict[int, list[int]] = {}
-        for row, code in enumerate(self.agents[:count].tolist()):
-            rows_by_agent.setdefault(code, []).append(row)
-        self._agent_rows = {code: rows_by_agent.get(code, []) for code in self._agent_rows}
+        self._row_of.rebuild(self.ids)
+        self._agent_rows = {code: array("i") for code in self._agent_rows}
+        agents = self.agents[:count]
+        by_agent = np.argsort(agents, kind="stable").astype(np.intc)
+        for rows in np.split(by_agent, np.flatnonzero(np.diff(agents[by_agent])) + 1):
+            if len(rows):
+                self._agent_rows[int(agents[rows[0]])] = array("i", rows.tobytes())
         self._size = count
         self._dead = 0
 
@@ -251,7 +257,7 @@ class VectorIndex:
         code = self._agent_code.get(agent_id)
         if code is None:
             return np.zeros(0, dtype=np.int64)
-        rows = np.asarray(self._agent_rows[code], dtype=np.int64)
+        rows = np.array(self._agent_rows[code], dtype=np.int64)
         keep = self.alive[rows]
         if memory_type is not None:
             keep &= self.types[rows] == _TYPE_CODE.get(memory_type, -1)
