@@ -70,7 +70,9 @@ def test_index_search_equals_exact_search_with_and_without_filters() -> None:
     assert index.search(query, 5, -1.0, agent_id="agent_nobody_001") == []
 
 
-def test_index_tiers_removal_partitions_and_compaction() -> None:
+@pytest.mark.parametrize("merge_at", [100, 16_384])  # ids found in the sorted hashes, or in the recent dict
+def test_index_tiers_removal_partitions_and_compaction(monkeypatch: pytest.MonkeyPatch, merge_at: int) -> None:
+    monkeypatch.setattr("streams.memory_search.rows_by_id.MERGE_AT", merge_at)
     index, vectors = _filled_index(2400)
     named = "".join(["mem_", "1"])  # equal to the index's id, not the same string
     index.set_tier([named, "mem_2"], "semantic")
