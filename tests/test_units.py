@@ -484,6 +484,28 @@ def test_a_task_finished_at_once_is_stored_frozen_as_its_changelog_array() -> No
     assert tables.decode_row(msgpack.packb(values[:-1])) == expected
 
 
+def _changelog_record(key: str, value: dict[str, Any] | None) -> types.SimpleNamespace:
+    return types.SimpleNamespace(key=key.encode(), value=None if value is None else wire.encode(value))
+
+
+@pytest.mark.parametrize("table", ["memory_entries", "agents"])
+def test_changelog_records_restore_the_newest_rows_frozen_as_their_table_keeps_them(tmp_path: Any, table: str) -> None:
+    entry = {"id": "mem_" + "a" * 20, "content": "Paper is stuck inside the copier on level three again.", "o": 7}
+    newer = {**entry, "tier": "semantic", "o": 9}
+    rows: dict[str, Any] = {}
+    where: dict[str, int] = {}
+    files = RowFile(tmp_path) if table == "memory_entries" else None
+    records = [_changelog_record("k1", entry), _changelog_record("k1", newer), _changelog_record("k2", entry)]
+    records += [_changelog_record("k1", entry), _changelog_record("k3", entry), _changelog_record("k3", None)]
+    tables.apply_changelog(table, rows, records, files, where, 3)  # k1's late older copy loses
+    assert {key: tables.thaw(row) for key, row in rows.items()} == {"k1": newer, "k2": entry}
+    assert where == {"k1": 3, "k2": 3}
+    if table == "memory_entries":  # kept frozen, in the file
+        assert type(rows["k1"]) is ColdRow and tables.row_offset(rows["k1"]) == 9
+    else:
+        assert rows["k1"] is not None and type(rows["k1"]) is dict
+
+
 def test_a_traceparent_is_read_as_w3c_trace_context_says() -> None:
     valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     assert trace_context.parse(valid) == valid

@@ -30,7 +30,7 @@ from aiokafka.errors import InvalidReplicationFactorError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from streams.processing.tables import FREEZE_WHEN, decode_row, freeze, in_row_file, newer
+from streams.processing.tables import apply_changelog
 from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings, SettingsError
 
@@ -345,23 +345,14 @@ def bulk_restore(recovery: Any, tp: TP, records: list[Any]) -> Any:
     recovery.flush_buffers()  # nothing should wait there (all records come this way); never after these
     table = recovery.tp_to_table[tp]
     store = table.data
-    rows = store.data
-    key_partition = store._key_partition  # noqa: SLF001 - the memory store's own index
-    partition = tp.partition
-    freeze_when = FREEZE_WHEN.get(table.name)
-    row_file = recovery.app.row_files.get(table.name)
-    for record in fresh:
-        key = record.key.decode()
-        value = record.value
-        if value is None:
-            rows.pop(key, None)
-            key_partition.pop(key, None)
-            continue
-        row = decode_row(value)
-        if not newer(row, rows.get(key)):
-            continue
-        rows[key] = in_row_file(row_file, freeze(freeze_when, row, value))
-        key_partition[key] = partition
+    apply_changelog(
+        table.name,
+        store.data,
+        fresh,
+        recovery.app.row_files.get(table.name),
+        store._key_partition,  # noqa: SLF001 - the memory store's own index
+        tp.partition,
+    )
     offsets[tp] = fresh[-1].offset
     return fresh[-1]
 

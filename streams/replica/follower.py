@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streams.processing.state import stats_key
-from streams.processing.tables import FREEZE_WHEN, TABLE_NAMES, decode_row, freeze, newer, row_offset
+from streams.processing.tables import TABLE_NAMES, apply_changelog, row_offset
 from streams.processing.transport import fetch_highwaters
 from streams.runtime import kafka_clients
 from streams.runtime.settings import Settings
@@ -46,20 +45,6 @@ _MEASURE_EVERY = 0.005
 def changelog_topic(settings: Settings, table: str) -> str:
     """A table's changelog topic (as :func:`streams.processing.tables.define_tables` names it)."""
     return f"{settings.app_id}-{table}-changelog"
-
-
-def apply_records(rows: dict[str, Any], table: str, records: Iterable[Any]) -> None:
-    """Apply one partition's changelog records to ``rows`` in offset order, as recovery does."""
-    freeze_when = FREEZE_WHEN.get(table)
-    for record in records:
-        key = record.key.decode()
-        value = record.value
-        if value is None:
-            rows.pop(key, None)
-            continue
-        row = decode_row(value)
-        if newer(row, rows.get(key)):
-            rows[key] = freeze(freeze_when, row, value)
 
 
 class ChangelogFollower:
@@ -127,7 +112,8 @@ class ChangelogFollower:
         while True:
             fetched = await consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
             for tp, records in fetched.items():
-                apply_records(self.tables[self._table_of[tp.topic]], self._table_of[tp.topic], records)
+                table = self._table_of[tp.topic]
+                apply_changelog(table, self.tables[table], records)  # as recovery does
             await self._note_positions(consumer)
             if not self.ready.is_set() and all(self.positions[tp] >= end for tp, end in self._targets.items()):
                 log.info("caught up with the changelogs")
