@@ -73,8 +73,9 @@ def test_sigusr1_and_sigusr2_dump_the_stacks_and_leave_a_worker_with_a_terminal_
         for number, sig in enumerate((signal.SIGUSR1, signal.SIGUSR2), start=1):
             worker.signal(sig)
             wait_until(
-                lambda n=number: worker.log_path.read_text(errors="replace").count("=== stacks of the worker's threads")
-                >= n,
+                lambda n=number: (
+                    worker.log_path.read_text(errors="replace").count("=== stacks of the worker's threads") >= n
+                ),
                 10,
                 what=f"the stacks after {sig.name}",
             )
@@ -101,3 +102,28 @@ def test_a_supervisor_passes_sigusr1_on_to_its_workers_and_keeps_them(deployment
     assert supervisor.children() == children  # none restarted
     for port in (supervisor.port, supervisor.port + 1):
         supervisor.at(port).stats()  # answers (after the two processes' rebalance, if it is still on)
+
+
+def test_workers_started_again_after_a_sigkill_stop_in_time_when_asked(deployment: Deployment) -> None:
+    """Right after a restart the retry relay's consumer is joining its group (on Kafka the dead
+    members held that join until their sessions ended; on Tansu a join takes seconds): a stop
+    meanwhile waited for the join, past the stop timeout, and warned that the broker might be
+    unreachable."""
+    supervisor = deployment.worker(processes=2).start()
+    for port in (supervisor.port, supervisor.port + 1):
+        supervisor.at(port).wait_ready(90)
+    for child in supervisor.children():
+        os.kill(child, signal.SIGKILL)
+    supervisor.kill()
+    again = deployment.worker(processes=2)
+    again.port, again.log_path = supervisor.port, supervisor.log_path
+    again.start()
+    for port in (again.port, again.port + 1):
+        again.at(port).wait_ready(90)
+    asked = time.monotonic()
+    again.signal(signal.SIGINT)
+    code = again.exited_within(10)
+    took = time.monotonic() - asked
+    assert code is not None, "the workers did not stop"
+    # Within BLACKROAD_STOP_TIMEOUT (4 s), so without its warning.
+    assert took < 4.0 and "did not stop within" not in again.log(), (took, again.log()[-3000:])

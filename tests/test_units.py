@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from streams.processing import processor as processor_module
 from streams.processing.log_continuity import BrokerLostData, fingerprint
 from streams.processing.metrics import Metrics
 from streams.processing.processor import BatchProcessor
-from streams.runtime import heap_trim, native
+from streams.runtime import heap_trim, native, stack_dump
 from streams.runtime.client_log import RepeatedClientMessages
 from streams.runtime.settings import Settings
 from streams.serve.peers import PartitionOwners
@@ -504,6 +505,29 @@ def test_changelog_records_restore_the_newest_rows_frozen_as_their_table_keeps_t
         assert type(rows["k1"]) is ColdRow and tables.row_offset(rows["k1"]) == 9
     else:
         assert rows["k1"] is not None and type(rows["k1"]) is dict
+
+
+def test_a_stack_dump_shows_where_each_task_waits_down_its_chain_of_awaits() -> None:
+    async def innermost(event: asyncio.Event) -> None:
+        await event.wait()
+
+    async def outer(event: asyncio.Event) -> None:
+        await innermost(event)
+
+    async def dump() -> str:
+        event = asyncio.Event()
+        task = asyncio.create_task(outer(event), name="waiting-task")
+        await asyncio.sleep(0)
+        out = io.StringIO()
+        stack_dump.dump_stacks(out, asyncio.get_running_loop())
+        event.set()
+        await task
+        return out.getvalue()
+
+    text = asyncio.run(dump())
+    task_lines = text[text.index("--- waiting-task: ") :].splitlines()[1:4]
+    assert [line.strip().split(" in ")[-1] for line in task_lines] == ["outer", "innermost", "wait"]
+    assert all(line.startswith("      awaits ") for line in task_lines[1:])
 
 
 def test_a_traceparent_is_read_as_w3c_trace_context_says() -> None:

@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 
 #: Longest a relay waits in one fetch, so a due event is relayed at most this late (seconds).
 FETCH_WAIT = 0.1
+#: Seconds the relay's consumer gets to leave its group when the relay stops. Its group
+#: (``<app id>-retries``) may be in a rebalance (after a SIGKILL of every worker, until the
+#: dead members' sessions end; on Tansu, a join takes seconds), and aiokafka's stop waits
+#: for the join to finish. Nothing is lost by not waiting: the relay commits an offset only
+#: once the records before it are delivered.
+STOP_WAIT = 0.5
 
 
 class _Pending(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -99,7 +105,7 @@ class RetryRelay:
                 consumer.subscribe([self.retries_topic], listener=self.pending)
                 await self._relay(consumer, producer)
             finally:
-                await consumer.stop()
+                await _stop_within(consumer, STOP_WAIT)
         finally:
             await producer.stop()
 
@@ -136,6 +142,13 @@ class RetryRelay:
             if points:
                 await consumer.commit({TopicPartition(self.retries_topic, p): o for p, o in points.items()})
                 committed.update(points)
+
+
+async def _stop_within(consumer: AIOKafkaConsumer, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(consumer.stop(), seconds)
+    except TimeoutError:
+        log.info("the retry relay's consumer did not leave its group within %g s; not waiting for it", seconds)
 
 
 def _now() -> float:

@@ -30,5 +30,24 @@ def dump_stacks(out: TextIO, loop: asyncio.AbstractEventLoop) -> None:
         # Compiled coroutines show no frames here; their task's name and coroutine still do.
         for frame in task.get_stack(limit=20):
             lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        lines.extend(awaited(coro))
     out.write("\n".join(lines) + "\n")
     out.flush()
+
+
+def awaited(coro: object, limit: int = 30) -> list[str]:
+    """Where a task's coroutine waits: each coroutine it awaits, down to the innermost one.
+
+    A task's stack shows only its own coroutine's frame; what holds it up (a service's
+    stop waiting for one of its tasks, say) is further down the chain of awaits.
+    """
+    lines: list[str] = []
+    current = getattr(coro, "cr_await", None)
+    while current is not None and len(lines) < limit:
+        frame = getattr(current, "cr_frame", None) or getattr(current, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"      awaits {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        else:
+            lines.append(f"      awaits {type(current).__qualname__}")
+        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
+    return lines
