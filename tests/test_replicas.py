@@ -80,6 +80,8 @@ def test_a_reader_serves_every_view_as_the_worker_does(deployment: Deployment) -
     for path in ("/healthz", "/readyz", "/openapi.json", "/dashboard"):
         assert reader.get(path)[0] == 200, path
     # Only workers hold the memory search index: a reader passes the view on to its worker.
+    # Compared once the worker's index is built: while it is, two requests see two states.
+    wait_until(lambda: worker.get("/v1/memory/stats")[1]["ready"], 60, what="the worker's memory index")
     assert reader.get("/v1/memory/stats") == worker.get("/v1/memory/stats")
 
     # Staleness: every GET says it; idle and caught up, it is 0.
