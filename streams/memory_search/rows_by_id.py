@@ -32,15 +32,15 @@ class RowsById:
         return int(self._hashes.nbytes + self._rows.nbytes)
 
     def get(self, entry_id: str) -> int | None:
-        row = self._recent.get(entry_id)
-        if row is not None and self._ids[row] == entry_id:
+        row = self._recent_row(entry_id)
+        if row is not None:
             return row
         key = hash(entry_id)
         return self._scan(entry_id, key, int(np.searchsorted(self._hashes, key)))
 
     def find(self, entry_ids: list[str]) -> list[int | None]:
         """:meth:`get` for many ids, with one search of the sorted hashes for all of them."""
-        found = [self.get_recent(entry_id) for entry_id in entry_ids]
+        found = [self._recent_row(entry_id) for entry_id in entry_ids]
         count = len(self._hashes)
         if count == 0:
             return found
@@ -52,7 +52,7 @@ class RowsById:
                 found[number] = self._scan(entry_ids[number], int(keys[number]), int(positions[number]))
         return found
 
-    def get_recent(self, entry_id: str) -> int | None:
+    def _recent_row(self, entry_id: str) -> int | None:
         row = self._recent.get(entry_id)
         return row if row is not None and self._ids[row] == entry_id else None
 
