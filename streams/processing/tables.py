@@ -219,7 +219,7 @@ def apply_changelog(
 
     A row is replaced only by a record at least as new (see :func:`newer`). A row of a table
     whose rows are all kept frozen is not decoded: only its ``"o"`` is read (its strings
-    left as bytes), which makes restoring a worker's memory entries several times cheaper.
+    left as bytes): 0.70 instead of 1.14 microseconds for a memory entry of 414 bytes.
     """
     freeze_when = FREEZE_WHEN.get(table)
     frozen = table in ALWAYS_FROZEN
