@@ -108,7 +108,8 @@ def test_workers_started_again_after_a_sigkill_stop_in_time_when_asked(deploymen
     """Right after a restart the retry relay's consumer is joining its group (on Kafka the dead
     members held that join until their sessions ended; on Tansu a join takes seconds): a stop
     meanwhile waited for the join, past the stop timeout, and warned that the broker might be
-    unreachable."""
+    unreachable. It is also the case of every process killed together: their members, removed
+    from the group one by one, left Tansu's group forming around a dead leader, for good."""
     supervisor = deployment.worker(processes=2).start()
     for port in (supervisor.port, supervisor.port + 1):
         supervisor.at(port).wait_ready(90)
