@@ -135,12 +135,16 @@ def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     from streams.app import create_app
     from streams.runtime.broker_health import BrokerHealth
     from streams.runtime.heap_trim import HeapTrim
-    from streams.runtime.membership import client_id, evict_predecessors, report_evicted
+    from streams.runtime.membership import client_id, evict_predecessors, takes_over_from_predecessors
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # A process that died here before left its member in the group: remove it, so the
-    # group rebalances at once instead of waiting out (or forever keeping) that member.
-    report_evicted(asyncio.run(evict_predecessors(settings, settings.app_id, [client_id(settings)])))
+    # group rebalances at once instead of waiting out that member's session.
+    evicted = []
+    if takes_over_from_predecessors(settings):
+        evicted = asyncio.run(evict_predecessors(settings, settings.app_id, client_id(settings)))
+    for member in evicted:
+        print(f"blackroad: removed the member {member} a previous worker process left in the group", flush=True)
     app = create_app(settings, stopping=stopping)
     client_messages = RepeatedClientMessages()
     _Worker = _worker_class(app.stopping, client_messages)

@@ -7,6 +7,8 @@ import pty
 import signal
 import time
 
+from streams.runtime.membership import takes_over_from_predecessors
+from streams.runtime.settings import Settings
 from tests.factories import record, task
 from tests.harness import Deployment, Worker, produce, wait_until
 
@@ -33,7 +35,8 @@ def test_a_worker_killed_again_and_again_is_started_again_at_once(deployment: De
     assert all(seconds < 1.0 for seconds in restarts), restarts
     log = supervisor.log_path.read_text()
     assert log.count("killed by signal 9; starting it again") == 3
-    assert "removed the member" in log  # the restarted process took its predecessor's place in the group
+    # The restarted process took its predecessor's place in the group (on Kafka; see the next tests).
+    assert ("removed the member" in log) == takes_over(deployment)
 
 
 def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_successor(deployment: Deployment) -> None:
@@ -49,7 +52,7 @@ def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_success
     restarted.log_path = joining.log_path
     restarted.start()
     restarted.wait_ready(30)
-    assert "removed the member" in restarted.log_path.read_text(), restarted.log()
+    assert ("removed the member" in restarted.log_path.read_text()) == takes_over(deployment), restarted.log()
     events = [task(f"agent_join_{i:03d}") for i in range(40)]
     produce(deployment.bootstrap, deployment.topic("tasks"), [record(e) for e in events])
 
@@ -59,6 +62,33 @@ def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_success
 
     for worker in (first, restarted):  # the group settled: every partition is processed
         wait_until(lambda w=worker: all_completed(w), 30, what="tasks after the restart")
+
+
+def test_the_groups_leader_killed_while_the_group_rebalances_is_replaced_and_the_group_forms_again(
+    deployment: Deployment,
+) -> None:
+    """Tansu's group coordinator keeps a member removed while the group is forming as its
+    leader, and then names that dead leader to every member that joins: removing the
+    killed leader's member on its successor's behalf, as on Kafka, left the group looping
+    for good. On Tansu the successor waits for the dead member's session to end instead."""
+    leader = deployment.worker().start().wait_ready(90)  # the first member leads the group
+    second = deployment.worker().start().wait_ready(90)
+    third = deployment.worker().start()
+    # The tasks' group (the retry relay's is ``<app id>-retries``): the rebalance has begun.
+    rebalancing = f"(Re-)joining group {deployment.env['BLACKROAD_APP_ID']} "
+    wait_until(lambda: rebalancing in third.log_path.read_text(), 60, 0.01, what="the third worker to join")
+    leader.kill()
+    successor = deployment.worker()  # the same web port, so the same client id as the killed one
+    successor.port, successor.log_path = leader.port, leader.log_path
+    successor.start()
+    for worker in (successor, second, third):
+        worker.wait_ready(60)
+    assert ("removed the member" in successor.log_path.read_text()) == takes_over(deployment)
+
+
+def takes_over(deployment: Deployment) -> bool:
+    """Whether a restarted worker removes its predecessor's member (not on Tansu)."""
+    return takes_over_from_predecessors(Settings.from_env(deployment.env))
 
 
 def test_sigusr1_and_sigusr2_dump_the_stacks_and_leave_a_worker_with_a_terminal_serving(
@@ -108,8 +138,7 @@ def test_workers_started_again_after_a_sigkill_stop_in_time_when_asked(deploymen
     """Right after a restart the retry relay's consumer is joining its group (on Kafka the dead
     members held that join until their sessions ended; on Tansu a join takes seconds): a stop
     meanwhile waited for the join, past the stop timeout, and warned that the broker might be
-    unreachable. It is also the case of every process killed together: their members, removed
-    from the group one by one, left Tansu's group forming around a dead leader, for good."""
+    unreachable."""
     supervisor = deployment.worker(processes=2).start()
     for port in (supervisor.port, supervisor.port + 1):
         supervisor.at(port).wait_ready(90)

@@ -11,7 +11,6 @@ likewise, and catches up with the changelogs again (:mod:`streams.replica`).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -96,7 +95,6 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         previous.update({sig: signal.signal(sig, self.forward) for sig in (signal.SIGUSR1, signal.SIGUSR2)})
         try:
-            self._evict_predecessors()
             for child in self.children:
                 self._start(child)
             while not self._stopping:
@@ -115,15 +113,6 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.exit_code
-
-    def _evict_predecessors(self) -> None:
-        """Remove from the group, in one request, the members that earlier processes on
-        these web ports left (see :mod:`streams.runtime.membership`)."""
-        from streams.runtime.membership import client_id, evict_predecessors, report_evicted
-
-        ports = [child.web_port for child in self.children if child.kind == "worker"]
-        names = [client_id(self.settings, port) for port in ports]
-        report_evicted(asyncio.run(evict_predecessors(self.settings, self.settings.app_id, names)))
 
     def _watch(self) -> None:
         now = time.monotonic()
