@@ -16,10 +16,8 @@ from tests.harness import Deployment
 
 @pytest.fixture
 def own_deployment(broker: Engine, tmp_path: Path) -> Iterator[Deployment]:
-    """A deployment on a fresh broker of the engine. On the suite's shared Tansu broker, after
-    many other tests, the six rebalances of this test can leave Tansu's group coordinator
-    handing both members the same generation in turn for minutes (a Tansu defect, see
-    README "Known limits of Tansu"); this test is about the workers, not that state."""
+    """A deployment on a fresh broker of the engine, so that its six kills and rebalances
+    meet no group state that other tests left on the shared broker."""
     running = new_broker(broker.engine, free_port(), tmp_path / "broker")
     running.start()
     try:
