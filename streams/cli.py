@@ -133,18 +133,20 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
 def run_worker(settings: Settings, stopping: WorkerStop | None = None) -> int:
     """Run one worker in this process until it is stopped (SIGINT/SIGTERM); return its exit code."""
     from streams.app import create_app
+    from streams.processing.retry_relay import relay_client_id, relay_group
     from streams.runtime.broker_health import BrokerHealth
     from streams.runtime.heap_trim import HeapTrim
     from streams.runtime.membership import client_id, evict_predecessors, takes_over_from_predecessors
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # A process that died here before left its member in the group: remove it, so the
-    # group rebalances at once instead of waiting out that member's session.
-    evicted = []
+    # A process that died here before left its members in the groups (the tasks' and the
+    # retry relay's): remove them, so the groups rebalance at once instead of waiting out
+    # those members' sessions.
     if takes_over_from_predecessors(settings):
-        evicted = asyncio.run(evict_predecessors(settings, settings.app_id, client_id(settings)))
-    for member in evicted:
-        print(f"blackroad: removed the member {member} a previous worker process left in the group", flush=True)
+        groups = ((settings.app_id, client_id(settings)), (relay_group(settings), relay_client_id(settings)))
+        for group, name in groups:
+            for member in asyncio.run(evict_predecessors(settings, group, name)):
+                print(f"blackroad: removed the member {member} a previous worker process left in {group}", flush=True)
     app = create_app(settings, stopping=stopping)
     client_messages = RepeatedClientMessages()
     _Worker = _worker_class(app.stopping, client_messages)

@@ -64,6 +64,34 @@ def test_a_process_killed_while_it_joined_the_group_does_not_hold_up_its_success
         wait_until(lambda w=worker: all_completed(w), 30, what="tasks after the restart")
 
 
+def test_workers_killed_together_leave_no_member_in_either_group_for_their_successors(deployment: Deployment) -> None:
+    """Each worker process is in two groups: the tasks' and the retry relay's. On Kafka its
+    successor removes its members from both, so neither group's join waits for the dead
+    members' sessions (the relay's used to: retries were held up meanwhile)."""
+    app = deployment.env["BLACKROAD_APP_ID"]
+    supervisor = deployment.worker(processes=2).start()
+    for port in (supervisor.port, supervisor.port + 1):
+        supervisor.at(port).wait_ready(90)
+    for group in (app, f"{app}-retries"):
+        wait_until(
+            lambda g=group: supervisor.log_path.read_text().count(f"Joined group '{g}'") >= 2,
+            60,
+            what=f"both processes to join {group}",
+        )
+    for child in supervisor.children():
+        os.kill(child, signal.SIGKILL)
+    supervisor.kill()
+    again = deployment.worker(processes=2)
+    again.port, again.log_path = supervisor.port, supervisor.log_path
+    again.start()
+    for port in (again.port, again.port + 1):
+        again.at(port).wait_ready(90)
+    log = again.log_path.read_text()
+    for group in (app, f"{app}-retries"):
+        removed = log.count(f"a previous worker process left in {group}\n")
+        assert removed == (2 if takes_over(deployment) else 0), (group, removed, log[-3000:])
+
+
 def test_the_groups_leader_killed_while_the_group_rebalances_is_replaced_and_the_group_forms_again(
     deployment: Deployment,
 ) -> None:

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from schemas import wire
 from streams.runtime import kafka_clients
+from streams.runtime.membership import client_id
 from streams.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,13 @@ class RetryRelay:
         self.pending = _Pending()  # what an earlier run read and did not relay is read again
         consumer = kafka_clients.consumer(
             settings,
-            group_id=f"{settings.app_id}-retries",
-            client_id=f"{settings.app_id}-retries",
+            group_id=relay_group(settings),
+            client_id=relay_client_id(settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
         )
-        producer = kafka_clients.producer(settings, acks="all", client_id=f"{settings.app_id}-retries")
+        producer = kafka_clients.producer(settings, acks="all", client_id=relay_client_id(settings))
         await producer.start()
         try:
             await consumer.start()
@@ -142,6 +143,18 @@ class RetryRelay:
             if points:
                 await consumer.commit({TopicPartition(self.retries_topic, p): o for p, o in points.items()})
                 committed.update(points)
+
+
+def relay_group(settings: Settings) -> str:
+    """The consumer group of the relays of every worker process."""
+    return f"{settings.app_id}-retries"
+
+
+def relay_client_id(settings: Settings) -> str:
+    """This process's relay consumer's client id: per worker process, like the tasks' group's
+    (:mod:`streams.runtime.membership`), so that a restarted process removes the member its
+    predecessor's relay left instead of the group's join waiting for that member's session."""
+    return f"{client_id(settings)}-retries"
 
 
 async def _stop_within(consumer: AIOKafkaConsumer, seconds: float) -> None:
