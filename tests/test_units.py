@@ -1025,6 +1025,24 @@ def test_repeated_kafka_client_messages_show_once_per_window_and_are_counted() -
     assert limiter.filter(record("aiokafka.conn", connect))  # once per window
 
 
+def test_a_groups_rebalance_warnings_are_hidden_when_repeated_but_not_counted_as_failures() -> None:
+    """A heartbeat answered "rebalancing" is the group at work: counted, it made the worker
+    warn after every restart that the client kept failing against a broker that was fine."""
+    limiter = RepeatedClientMessages(window=30.0, clock=lambda: 0.0)
+    rebalancing = "Heartbeat failed for group %s because it is rebalancing"
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("aiokafka.consumer.group_coordinator", logging.WARNING, __file__, 1, msg, ("g",), None)
+
+    assert limiter.filter(record(rebalancing))
+    assert not limiter.filter(record(rebalancing))  # still shown once per window
+    assert limiter.take_hidden() == (0, None)
+    connect = "Heartbeat send request failed: %s. Will retry."
+    assert limiter.filter(record(connect))
+    assert not limiter.filter(record(connect))  # a failure to reach the coordinator is counted
+    assert limiter.take_hidden()[0] == 1
+
+
 def test_a_log_that_restarted_below_the_processed_offset_is_noticed() -> None:
     tp = TP("t.tasks", 2)
 

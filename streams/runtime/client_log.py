@@ -20,6 +20,16 @@ from collections.abc import Callable
 CLIENT_LOGGERS = ("aiokafka", "faust", "mode")
 #: Those of them about talking to the broker (counted when hidden).
 BROKER_CLIENT_LOGGERS = ("aiokafka",)
+#: The client's warnings that its group is rebalancing (or was, under another generation):
+#: repeated on every heartbeat while a group rebalances, which is the group at work, not the
+#: client failing against the broker. Hidden when repeated, like the others, never counted.
+GROUP_AT_WORK = frozenset(
+    {
+        "Heartbeat failed for group %s because it is rebalancing",
+        "Heartbeat failed for group %s: generation id is not  current.",
+        "Heartbeat failed: local member_id was not recognized; resetting and re-joining group",
+    }
+)
 
 
 class RepeatedClientMessages(logging.Filter):
@@ -39,7 +49,7 @@ class RepeatedClientMessages(logging.Filter):
         now = self._clock()
         shown = self._shown.get(kind)
         if shown is not None and now - shown < self.window:
-            if record.name.startswith(BROKER_CLIENT_LOGGERS):
+            if record.name.startswith(BROKER_CLIENT_LOGGERS) and kind[2] not in GROUP_AT_WORK:
                 if not self._hidden:
                     self._first_hidden_at = record.created
                 self._hidden += 1
