@@ -78,14 +78,7 @@ def test_workers_killed_together_leave_no_member_in_either_group_for_their_succe
             60,
             what=f"both processes to join {group}",
         )
-    for child in supervisor.children():
-        os.kill(child, signal.SIGKILL)
-    supervisor.kill()
-    again = deployment.worker(processes=2)
-    again.port, again.log_path = supervisor.port, supervisor.log_path
-    again.start()
-    for port in (again.port, again.port + 1):
-        again.at(port).wait_ready(90)
+    again = _killed_together_and_started_again(deployment, supervisor)
     log = again.log_path.read_text()
     for group in (app, f"{app}-retries"):
         removed = log.count(f"a previous worker process left in {group}\n")
@@ -112,6 +105,20 @@ def test_the_groups_leader_killed_while_the_group_rebalances_is_replaced_and_the
     for worker in (successor, second, third):
         worker.wait_ready(60)
     assert ("removed the member" in successor.log_path.read_text()) == takes_over(deployment)
+
+
+def _killed_together_and_started_again(deployment: Deployment, supervisor: Worker) -> Worker:
+    """SIGKILL every process of a two-process ``supervisor`` and start them again on the same
+    ports (so the same client ids); returns the new supervisor once both processes serve."""
+    for child in supervisor.children():
+        os.kill(child, signal.SIGKILL)
+    supervisor.kill()
+    again = deployment.worker(processes=2)
+    again.port, again.log_path = supervisor.port, supervisor.log_path
+    again.start()
+    for port in (again.port, again.port + 1):
+        again.at(port).wait_ready(90)
+    return again
 
 
 def takes_over(deployment: Deployment) -> bool:
@@ -170,14 +177,7 @@ def test_workers_started_again_after_a_sigkill_stop_in_time_when_asked(deploymen
     supervisor = deployment.worker(processes=2).start()
     for port in (supervisor.port, supervisor.port + 1):
         supervisor.at(port).wait_ready(90)
-    for child in supervisor.children():
-        os.kill(child, signal.SIGKILL)
-    supervisor.kill()
-    again = deployment.worker(processes=2)
-    again.port, again.log_path = supervisor.port, supervisor.log_path
-    again.start()
-    for port in (again.port, again.port + 1):
-        again.at(port).wait_ready(90)
+    again = _killed_together_and_started_again(deployment, supervisor)
     asked = time.monotonic()
     again.signal(signal.SIGINT)
     code = again.exited_within(10)
