@@ -20,6 +20,7 @@ from streams.memory_search.embedding import CachedEmbedder, WordLlamaEmbedder
 from streams.memory_search.index import VectorIndex
 from streams.memory_search.indexer import MemoryIndexer
 from streams.memory_search.rows_by_id import RowsById
+from streams.memory_search.word_tokens import WordTokens
 from streams.serve.web import ApiError, parse_search
 from tests.factories import record, task
 from tests.harness import Deployment, consume_all, produce, wait_until
@@ -170,6 +171,45 @@ def test_the_compact_model_gives_the_same_vectors_in_half_the_memory() -> None:
     full, compact = WordLlamaEmbedder(), WordLlamaEmbedder(compact=True)
     assert np.array_equal(full.embed(texts), compact.embed(texts))
     assert compact._rows.nbytes * 2 == full._rows.nbytes
+
+
+_ODD_TEXTS = [
+    "  two  spaces here",
+    " leading space",
+    "trailing space ",
+    " ",
+    "",
+    "a  b",
+    "tab\there and a\nnewline",
+    "café naïve 日本語 😀 done",
+    "no\u00a0break space",
+    "don't stop-believing, e.g. U.S.A. 3.14 $5 #42 (order 4471)",
+    "▁already marked ▁ words",
+]
+
+
+def test_words_tokenized_once_give_the_tokenizers_ids_for_whole_texts() -> None:
+    """The word cache's ids equal the tokenizer's on whole texts, through many turns of the cache."""
+    tokenizer = WordLlamaEmbedder(words=0)._tokens
+    pairs = json.loads(LABELLED.read_text())["pairs"]
+    texts = sentences(3_000) + [p["query"] for p in pairs] + [p["memory"] for p in pairs] + _ODD_TEXTS
+    texts += [f"{text} (entry {number})" for number, text in enumerate(texts[:1_000])]
+    words = WordTokens(tokenizer._tokenizer, capacity=500)
+    expected = tokenizer.encode(texts)
+    for first in range(0, len(texts), 300):  # in batches, as the stream sends them
+        ids, lengths = words.encode(texts[first : first + 300])
+        starts = sum(expected[1][:first])
+        assert lengths == expected[1][first : first + 300]
+        assert ids == expected[0][starts : starts + sum(lengths)]
+        assert len(words) <= 2 * 500 + 300 * 20  # two generations, and a batch's words
+
+
+def test_the_model_with_its_word_cache_gives_the_same_vectors() -> None:
+    texts = sentences(2_000) + _ODD_TEXTS
+    cached, plain = WordLlamaEmbedder(), WordLlamaEmbedder(words=0)
+    assert np.array_equal(cached.embed(texts), plain.embed(texts))
+    assert np.array_equal(cached.embed(texts[::-1]), plain.embed(texts[::-1]))
+    assert not np.any(plain.embed(["", " "])[0])  # no token: a zero vector, which matches nothing
 
 
 def test_the_built_in_model_loads_offline_and_ranks_related_text_first() -> None:
