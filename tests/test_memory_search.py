@@ -210,6 +210,9 @@ def test_the_model_with_its_word_cache_gives_the_same_vectors() -> None:
     assert np.array_equal(cached.embed(texts), plain.embed(texts))
     assert np.array_equal(cached.embed(texts[::-1]), plain.embed(texts[::-1]))
     assert not np.any(plain.embed(["", " "])[0])  # no token: a zero vector, which matches nothing
+    # A text alone (a query) is summed in one call: the same vector as in a batch.
+    batch = plain.embed(texts[:40] + _ODD_TEXTS)
+    assert all(np.array_equal(plain.embed([text])[0], batch[n]) for n, text in enumerate(texts[:40] + _ODD_TEXTS))
 
 
 def test_the_built_in_model_loads_offline_and_ranks_related_text_first() -> None:
