@@ -104,9 +104,9 @@ class Settings:
     #: How long the broker may hold an empty fetch. Unset: per engine (fetch_wait_ms).
     fetch_max_wait_ms: int | None = None
     #: Seconds without a heartbeat after which the group gives a worker's partitions to
-    #: the others (a worker killed for good is noticed this late). Unset: 3 s on the
-    #: embedded Kafka engine (configured to allow it), else 6 s, the least a Kafka broker
-    #: accepts by default (``group.min.session.timeout.ms``).
+    #: the others (a worker killed for good is noticed this late). Unset: 3 s with the
+    #: embedded broker (its Kafka is configured to allow it; Tansu sets no least), else
+    #: 6 s, the least a Kafka broker accepts by default (``group.min.session.timeout.ms``).
     session_timeout: float | None = None
     #: Seconds between offset commits.
     commit_interval: float = 1.0
@@ -276,7 +276,7 @@ class Settings:
         """The consumer group session timeout in seconds: as set, else what suits the broker."""
         if self.session_timeout is not None:
             return self.session_timeout
-        return 3.0 if self.embedded and self.engine == "kafka" else 6.0
+        return 3.0 if self.embedded else 6.0
 
     @property
     def heartbeat_interval(self) -> float:
