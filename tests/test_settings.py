@@ -29,6 +29,14 @@ def test_the_fetch_wait_suits_the_engine_unless_set() -> None:
     assert settings.replace(engine="tansu").fetch_wait_ms == settings.replace(engine="kafka").fetch_wait_ms == 40
 
 
+def test_the_session_timeout_is_short_with_the_embedded_broker_unless_set() -> None:
+    assert Settings(engine="tansu").group_session_timeout == 3.0
+    assert Settings(engine="kafka").group_session_timeout == 3.0
+    assert Settings(engine="kafka", kafka_bootstrap="kafka:9092").group_session_timeout == 6.0  # Kafka's least
+    assert Settings(engine="tansu", session_timeout=10.0).group_session_timeout == 10.0
+    assert Settings(engine="tansu").heartbeat_interval == 1.0
+
+
 def test_kafka_bootstrap_switches_off_the_embedded_broker() -> None:
     settings = Settings.from_env({"BLACKROAD_KAFKA_BOOTSTRAP": "kafka1:9092,kafka2:9092"})
     assert not settings.embedded
