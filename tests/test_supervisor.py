@@ -7,6 +7,7 @@ import pty
 import signal
 import time
 
+from streams.processing.retry_relay import relay_group
 from streams.runtime.membership import takes_over_from_predecessors
 from streams.runtime.settings import Settings
 from tests.factories import record, task
@@ -68,11 +69,12 @@ def test_workers_killed_together_leave_no_member_in_either_group_for_their_succe
     """Each worker process is in two groups: the tasks' and the retry relay's. On Kafka its
     successor removes its members from both, so neither group's join waits for the dead
     members' sessions (the relay's used to: retries were held up meanwhile)."""
-    app = deployment.env["BLACKROAD_APP_ID"]
+    settings = Settings.from_env(deployment.env)
+    groups = (settings.app_id, relay_group(settings))
     supervisor = deployment.worker(processes=2).start()
     for port in (supervisor.port, supervisor.port + 1):
         supervisor.at(port).wait_ready(90)
-    for group in (app, f"{app}-retries"):
+    for group in groups:
         wait_until(
             lambda g=group: supervisor.log_path.read_text().count(f"Joined group '{g}'") >= 2,
             60,
@@ -80,7 +82,7 @@ def test_workers_killed_together_leave_no_member_in_either_group_for_their_succe
         )
     again = _killed_together_and_started_again(deployment, supervisor)
     log = again.log_path.read_text()
-    for group in (app, f"{app}-retries"):
+    for group in groups:
         removed = log.count(f"a previous worker process left in {group}\n")
         assert removed == (2 if takes_over(deployment) else 0), (group, removed, log[-3000:])
 
