@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import faust
 from aiokafka import AIOKafkaProducer
+from faust.tables import TableManager
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 from mode import Service
 from yarl import URL
@@ -79,6 +80,20 @@ class BlackroadWeb(AiohttpWeb):
         super().__init__(app, **kwargs)
         self.web_app.middlewares.append(router_errors_in_envelope)
         self._runner = EnvelopeRunner(self.web_app, access_log=None)
+
+
+class DeclaredTableManager(TableManager):
+    """Faust's table manager, for tables that are all declared before the app starts.
+
+    Faust's waits a second before it starts the tables, in case more are declared
+    meanwhile; every worker start paid that second. Here the tables are declared by
+    :func:`create_app` (and the manager refuses any declared after it started).
+    """
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
 
 class BlackroadApp(faust.App):
@@ -556,6 +571,7 @@ def create_app(
         # No standby copies: a worker's stores then hold only the partitions it owns,
         # which the agent list and task lookups rely on; recovery is bulk and quick.
         table_standby_replicas=0,
+        TableManager=DeclaredTableManager,
         producer_linger=0.0,
         stream_wait_empty=False,
         stream_processing_timeout=settings.stall_timeout,

@@ -95,6 +95,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+#: How long a stopping worker's event loop runs on after its services stopped (mode's default: 1 s).
+SENTINEL_SECONDS = 0.05
+
+
 def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages) -> type:
     import faust
 
@@ -126,6 +130,11 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
             # Whatever asked for the stop (a signal, a crash, a fatal condition), it is bounded.
             stopping.begin(crashed=self.crash_reason is not None)
             await super().stop()
+
+        async def _sentinel_task(self) -> None:
+            # The last turns of the loop before it closes, for the callbacks of closed
+            # connections. mode sleeps a whole second here, on every stop.
+            await asyncio.sleep(SENTINEL_SECONDS)
 
     return Worker
 
