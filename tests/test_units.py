@@ -1629,3 +1629,13 @@ def test_heap_trim_off_does_nothing() -> None:
         return service
 
     assert asyncio.run(run()).trims == 0
+
+
+def test_the_stats_document_has_every_field_before_the_first_refresh() -> None:
+    """``GET /v1/stats`` right after a worker starts serves the fields it serves later."""
+    from streams.serve.stats_view import StatsView
+
+    view = StatsView(Settings(), "stats-changelog")
+    before = set(view.snapshot)
+    view.refresh()
+    assert before == set(view.snapshot), set(view.snapshot) ^ before

@@ -48,7 +48,7 @@ class ReplicaSource:
         self.indexer: Any = None
         self.accesses: Any = None
         self._history = HistoryPool(settings)
-        self._stats: dict[str, Any] = summarize({}, 0)
+        self._stats: dict[str, Any] = {**summarize({}, 0), "history_lag": None}
         self._stats_at = 0.0
 
     def tables_ready(self) -> bool:

@@ -37,7 +37,6 @@ class StatsView(Service):
         self.settings = settings
         self.topic = changelog_topic
         self.rows: dict[int, dict[str, Any]] = {}
-        self.snapshot: dict[str, Any] = summarize({}, 0)
         #: Reads this worker's count of tasks inside handlers.
         self.in_progress: Callable[[], int] = lambda: 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -49,6 +48,8 @@ class StatsView(Service):
         self.history_lag: int | None = None
         #: Sets the Prometheus gauge of the history lag.
         self.on_history_lag: Callable[[int], None] = lambda lag: None
+        self.snapshot: dict[str, Any] = {}
+        self.refresh()
 
     async def on_start(self) -> None:
         self._consumer = kafka_clients.consumer(
