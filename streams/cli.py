@@ -97,6 +97,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 #: How long a stopping worker's event loop runs on after its services stopped (mode's default: 1 s).
 SENTINEL_SECONDS = 0.05
+#: How long a stopping worker waits for tasks left running after its services stopped (mode's: 1 s).
+GATHER_SECONDS = 0.1
 
 
 def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages) -> type:
@@ -131,9 +133,19 @@ def _worker_class(stopping: WorkerStop, client_messages: RepeatedClientMessages)
             stopping.begin(crashed=self.crash_reason is not None)
             await super().stop()
 
+        def _gather_all(self) -> None:
+            # Tasks still running once every service stopped were given up by a bounded
+            # stop (the retry relay's consumer still joining its group, a flush past its
+            # budget): a moment to end, then cancelled. mode gives them up to a second.
+            deadline = time.monotonic() + GATHER_SECONDS
+            while asyncio.all_tasks(self.loop) and time.monotonic() < deadline:
+                self.loop.run_until_complete(asyncio.sleep(0.01))
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+
         async def _sentinel_task(self) -> None:
             # The last turns of the loop before it closes, for the callbacks of closed
-            # connections. mode sleeps a whole second here, on every stop.
+            # connections and of the tasks just cancelled. mode sleeps a whole second here.
             await asyncio.sleep(SENTINEL_SECONDS)
 
     return Worker
