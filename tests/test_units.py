@@ -1639,3 +1639,17 @@ def test_the_stats_document_has_every_field_before_the_first_refresh() -> None:
     before = set(view.snapshot)
     view.refresh()
     assert before == set(view.snapshot), set(view.snapshot) ^ before
+
+
+def test_the_retry_relay_keeps_the_liveness_settings_of_the_tasks_group() -> None:
+    """A killed worker's relay partitions move as soon as its tasks' partitions do, and
+    Tansu, which holds a join for half the session, lets the relay join as soon too."""
+    from streams.processing.retry_relay import RetryRelay
+
+    async def check(settings: Settings) -> None:
+        consumer = RetryRelay(settings).consumer()  # not started: no broker needed
+        assert consumer._session_timeout_ms == settings.group_session_timeout * 1000
+        assert consumer._heartbeat_interval_ms == settings.heartbeat_interval * 1000
+
+    for settings in (Settings(), Settings(session_timeout=12.0)):
+        asyncio.run(check(settings))
