@@ -48,7 +48,7 @@ class ReplicaSource:
         self.indexer: Any = None
         self.accesses: Any = None
         self._history = HistoryPool(settings)
-        self._stats: dict[str, Any] = {**summarize({}, 0), "history_lag": None}
+        self._stats: dict[str, Any] = summarize({}, 0)
         self._stats_at = 0.0
 
     def tables_ready(self) -> bool:
@@ -70,7 +70,7 @@ class ReplicaSource:
         now = time.monotonic()
         if refresh or now - self._stats_at >= _STATS_REFRESH:
             rows = {int(row["partition"]): row for row in self.follower.tables["stats"].values()}
-            self._stats = {**summarize(rows, 0), "history_lag": None}
+            self._stats = summarize(rows, 0)
             self._stats_at = now
         return self._stats
 

@@ -48,8 +48,7 @@ class StatsView(Service):
         self.history_lag: int | None = None
         #: Sets the Prometheus gauge of the history lag.
         self.on_history_lag: Callable[[int], None] = lambda lag: None
-        self.snapshot: dict[str, Any] = {}
-        self.refresh()
+        self.snapshot: dict[str, Any] = summarize({}, 0)
 
     async def on_start(self) -> None:
         self._consumer = kafka_clients.consumer(
@@ -125,13 +124,12 @@ class StatsView(Service):
         return all(partition in rows and rows[partition]["o"] >= offset for partition, offset in token.items())
 
     def refresh(self) -> None:
-        snapshot = summarize(self.rows, self.in_progress())
-        snapshot["history_lag"] = self.history_lag
-        self.snapshot = snapshot
+        self.snapshot = summarize(self.rows, self.in_progress(), self.history_lag)
 
 
-def summarize(rows: dict[int, dict[str, Any]], in_progress: int) -> dict[str, Any]:
-    """Fold per-partition stats rows into the ``GET /v1/stats`` document."""
+def summarize(rows: dict[int, dict[str, Any]], in_progress: int, history_lag: int | None = None) -> dict[str, Any]:
+    """Fold per-partition stats rows into the ``GET /v1/stats`` document (``history_lag``:
+    changelog records the history sink has yet to write, None when off or not known)."""
     now_s = int(time.time())
     parts = list(rows.values())
     task_hist = histogram.merge(r["task_latency"] for r in parts)
@@ -161,5 +159,6 @@ def summarize(rows: dict[int, dict[str, Any]], in_progress: int) -> dict[str, An
         "task_latency_ms": {"p50": tp50, "p95": tp95, "p99": tp99},
         "handler_latency_ms": {"p50": hp50, "p95": hp95, "p99": hp99},
         "partitions_reporting": len(parts),
+        "history_lag": history_lag,
         "as_of": now_s,
     }
