@@ -1221,6 +1221,27 @@ def test_the_bench_kafka_broker_holds_a_new_groups_first_join(tmp_path: Path) ->
     assert KafkaBroker(broker.port, tmp_path).configuration(broker.port + 1)["group.initial.rebalance.delay.ms"] == "0"
 
 
+@pytest.mark.parametrize("pack", [1, 100])
+def test_the_processing_benchmark_times_every_task_and_builds_its_records(pack: int) -> None:
+    from benchmarks import processing
+
+    settings = Settings(partitions=1)
+    records = processing.task_records(settings.topic("tasks"), 1_000, 40, pack)
+    assert len(records) == (10 if pack == 100 else 1_000)
+    seconds, producer = asyncio.run(processing.one_round(records, 1_000, 60))
+    # Each task's finished row and task.completed event; each agent's row and wake-up event.
+    assert producer.records_by_topic == {
+        "tasks-changelog": 1_000,
+        settings.topic("events"): 1_000 + 40,
+        "agents-changelog": 40,
+        "stats-changelog": 1,
+    }
+    assert seconds > 0 and producer.batches >= len(producer.records_by_topic)  # a batch is one topic's
+    # A round checks the tasks it timed all finished.
+    with pytest.raises(RuntimeError, match="1000 of 1001 tasks finished"):
+        asyncio.run(processing.one_round(records, 1_001, 60))
+
+
 def _records(events: list[wire.TaskEvent], first_offset: int) -> list[Any]:
     return [
         types.SimpleNamespace(
