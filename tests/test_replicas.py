@@ -80,9 +80,14 @@ def test_a_reader_serves_every_view_as_the_worker_does(deployment: Deployment) -
     for path in ("/healthz", "/readyz", "/openapi.json", "/dashboard"):
         assert reader.get(path)[0] == 200, path
     # Only workers hold the memory search index: a reader passes the view on to its worker.
-    # Compared once the worker's index is built: while it is, two requests see two states.
+    # Compared once the worker's index is built and its vectors are on the broker (sent a
+    # moment after they are indexed): until then two requests may see two states.
     wait_until(lambda: worker.get("/v1/memory/stats")[1]["ready"], 60, what="the worker's memory index")
-    assert reader.get("/v1/memory/stats") == worker.get("/v1/memory/stats")
+    wait_until(
+        lambda: reader.get("/v1/memory/stats") == worker.get("/v1/memory/stats"),
+        10,
+        what="the reader's memory stats to be the worker's",
+    )
 
     # Staleness: every GET says it; idle and caught up, it is 0.
     for path in ("/v1/stats", f"/v1/agents/{agents[1]}", "/v1/agents", f"/v1/tasks/{task_ids[0]}", "/metrics"):
